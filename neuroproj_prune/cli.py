@@ -21,12 +21,18 @@ def _model_args(p, required=True):
 
 
 def _device_for_process(device: str) -> str:
-    """Under `accelerate launch` each process takes the device Accelerate assigns it."""
-    if device == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """Under `accelerate launch` (WORLD_SIZE > 1) initialise the process group and give each process the
+    device Accelerate assigns it. Without CUDA (or with --device cpu / ACCELERATE_USE_CPU) the processes
+    join a gloo group on the CPU: Accelerate only does that when asked with `cpu=True`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    import torch
+    from accelerate import PartialState
 
-        return str(PartialState().device)
-    return device
+    cpu = (device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+           or (device == "auto" and not torch.cuda.is_available()))
+    state = PartialState(cpu=cpu)
+    return str(state.device) if device == "auto" else device
 
 
 # ------------------------------------------------------------------------------------------- collect
@@ -98,8 +104,256 @@ def _run_info(a):
         print("  matches the model: yes")
 
 
+# ------------------------------------------------------------------------------------------- cluster
+def _add_cluster(sub):
+    p = sub.add_parser(
+        "cluster", help="cluster each layer's neurons into poles (DBSCAN / k-means) and pick representatives",
+        description="Cluster the projected neurons of each layer (or, with --space correlation, the full "
+                    "correlation distance 1-|rho|) with DBSCAN or k-means. Clusters are ranked by size and "
+                    "density (the poles); each gets a representative: the medoid, or with --model and --stats "
+                    "the member with the most activation energy E[h^2]*||w_out||^2. Writes one JSON file.")
+    p.add_argument("projections", nargs="?", default=None,
+                   help="PROJ.safetensors from `project` (optional with --space correlation)")
+    p.add_argument("--algo", default="dbscan", help="dbscan|kmeans (default dbscan)")
+    p.add_argument("--eps", type=float, default=None, help="DBSCAN radius (default: knee of the k-distance curve)")
+    p.add_argument("--min-samples", type=int, default=None, help="DBSCAN min_samples (default 5)")
+    p.add_argument("--k", type=int, default=None, help="k-means: clusters per layer (= neurons to keep)")
+    p.add_argument("--keep-fraction", type=float, default=None, help="k-means: k = round(F * neurons) per layer")
+    p.add_argument("--site", default="mlp.neurons", help="mlp.neurons|mlp.out|attn.out (default mlp.neurons)")
+    p.add_argument("--layers", default=None, help="layer SPEC such as 0-3,7 (default all in the input)")
+    p.add_argument("--space", default="projection",
+                   help="projection (the points) | correlation (1-|rho| from --stats, for comparison)")
+    p.add_argument("--stats", default=None, help="STATS.safetensors: correlation space, energy, --compare")
+    p.add_argument("--model", default=None, help="with --stats: energy representatives (" + MODEL_HELP + ")")
+    p.add_argument("--representative", default="auto",
+                   help="auto|medoid|centroid|energy (auto: energy with --model and --stats, else medoid)")
+    p.add_argument("--compare", action="store_true",
+                   help="also cluster 1-|rho| from --stats and report the adjusted Rand index per layer")
+    p.add_argument("--seed", type=int, default=0, help="k-means initialisation (default 0)")
+    p.add_argument("--out", required=True, help="output CLUSTERS.json")
+    p.set_defaults(func=_run_cluster)
+
+
+def _run_cluster(a):
+    from .clustering import cluster, summary_line
+
+    res = cluster(a.projections, algo=a.algo, eps=a.eps, min_samples=a.min_samples, k=a.k,
+                  keep_fraction=a.keep_fraction, site=a.site, layers=a.layers, stats=a.stats, model=a.model,
+                  space=a.space, representative=a.representative, seed=a.seed, compare=a.compare, out=a.out)
+    m = res.meta
+    print(f"wrote {a.out}: {m['algo']} in the {m['space']} space, site {m['site']}, {len(res)} layers, "
+          f"representatives: {m['params']['representative']}")
+    for i in res.layers:
+        print("  " + summary_line(i, res[i]))
+
+
+# ------------------------------------------------------------------------------------ project/heatmap
+def _add_project(sub):
+    p = sub.add_parser(
+        "project", help="place each neuron as a point in R^n with distance ≈ 1 - correlation",
+        description="exact: fit the whole-dataset correlation of a stats file (classical MDS, then SMACOF for "
+                    "q=2 or L-BFGS/Adam otherwise). minibatch: the seed method, per-batch correlations and Adam "
+                    "steps on a model and data (runs under `accelerate launch`).")
+    p.add_argument("stats", nargs="?", default=None, help="STATS.safetensors (required for exact mode)")
+    p.add_argument("--mode", choices=["exact", "minibatch"], default="exact")
+    p.add_argument("--dims", type=int, default=3, help="dimension n of the points (default 3; 1 gives an ordering)")
+    p.add_argument("--site", default="mlp.neurons", help="comma list of mlp.neurons,mlp.out,attn.out")
+    p.add_argument("--layers", default=None, help="layer SPEC such as 0-3,7 (default: all in the stats)")
+    p.add_argument("--norm-order", type=float, default=2.0, help="q of the distance ||p_i - p_j||_q (q >= 1, default 2)")
+    p.add_argument("--init", default=None, help="cmds|single_point|rand|randn (default: cmds exact, randn minibatch)")
+    p.add_argument("--refine", default=None, help="exact mode: smacof|lbfgs|adam (default smacof for q=2, else lbfgs)")
+    p.add_argument("--max-iter", type=int, default=300, help="exact mode: iteration limit (default 300)")
+    p.add_argument("--tol", type=float, default=1e-5, help="exact mode: stop at a relative stress decrease below this")
+    p.add_argument("--model", default=None, help="minibatch mode: " + MODEL_HELP)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default=None, help="minibatch mode: .txt/.jsonl file or datasets name")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch: windows per batch (default ~2048 tokens)")
+    p.add_argument("--lr", type=float, default=1e-2, help="minibatch: Adam learning rate (default 0.01)")
+    p.add_argument("--steps", type=int, default=None, help="minibatch: Adam steps (default: --epochs passes)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="minibatch: checkpoint every K steps")
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="minibatch: continue from the latest checkpoint")
+    p.add_argument("--log-dir", default=None, help="minibatch: loss.jsonl (and TensorBoard events if installed)")
+    p.add_argument("--out", required=True, help="output PROJ.safetensors")
+    p.set_defaults(func=_run_project)
+
+
+def _run_project(a):
+    from .projection import project
+
+    if a.mode == "exact" and a.stats is None:
+        raise NeuroprojError("exact mode needs STATS.safetensors (from `neuroproj-prune collect`)")
+    if a.mode == "minibatch" and (a.model is None or a.data is None):
+        raise NeuroprojError("minibatch mode needs --model and --data")
+    pr = project(a.stats, mode=a.mode, dims=a.dims, site=a.site, layers=a.layers, norm_order=a.norm_order,
+                 init=a.init, refine=a.refine, max_iter=a.max_iter, tol=a.tol, out=a.out, model=a.model,
+                 data=a.data, samples=a.samples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
+                 steps=a.steps, epochs=a.epochs, checkpoint_every=a.checkpoint_every,
+                 checkpoint_dir=a.checkpoint_dir, resume=a.resume, log_dir=a.log_dir, dtype=a.dtype,
+                 device=_device_for_process(a.device))
+    if int(os.environ.get("RANK", "0")) == 0:
+        s = list(pr.meta["stress"].values())
+        print(f"wrote {a.out}: {len(pr.layers)} layers x {pr.sites}, dims {pr.meta['dims']}, mode {a.mode}, "
+              f"normalised stress {min(s):.4f}-{max(s):.4f} (mean {sum(s) / len(s):.4f}), {pr.meta['seconds']:.1f} s")
+
+
+def _add_heatmap(sub):
+    p = sub.add_parser("heatmap", help="correlation heatmaps in original, projection and spectral order (PNG)")
+    p.add_argument("stats", help="STATS.safetensors")
+    p.add_argument("--projections", default=None,
+                   help="PROJ.safetensors; 1-D points give the order, otherwise a 1-D fit is computed")
+    p.add_argument("--layers", required=True, help="layer SPEC such as 0-3,7")
+    p.add_argument("--site", default="mlp.neurons")
+    p.add_argument("--band", type=int, default=None, help="band width of the reported mean |rho| (default N/32)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_run_heatmap)
+
+
+def _run_heatmap(a):
+    from .heatmap import heatmaps
+
+    paths = heatmaps(a.stats, projections=a.projections, layers=a.layers, site=a.site, out=a.out, band=a.band)
+    print(f"wrote {len(paths)} heatmap(s) to {a.out}")
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _add_eval(sub):
+    p = sub.add_parser(
+        "eval", help="perplexity (standard protocol) and lm-eval tasks of a model",
+        description="Perplexity: the whole text tokenized once, non-overlapping windows of --seqlen tokens, each "
+                    "scored on its own (seqlen-1 predicted tokens per window), exp(mean token NLL). lm-eval: the "
+                    "model in memory wrapped in HFLM; local task YAMLs in eval/tasks (local_wikitext2, local_c4, "
+                    "local_shakespeare, tag local_perplexity) work offline. Without --data and --tasks: perplexity "
+                    "on shared/data/wikitext2-test.txt.")
+    _model_args(p)
+    p.add_argument("--data", default=None, help=".txt/.jsonl file or datasets name for perplexity "
+                   "(default: shared/data/wikitext2-test.txt unless only --tasks are given)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="window length for perplexity and lm-eval's max_length (default min(2048, model context))")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first K windows (a quick look)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: ~8k tokens)")
+    p.add_argument("--tasks", default=None, help="comma list of lm-eval tasks, e.g. local_wikitext2,hellaswag")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: first N documents per task (fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(a):
+    from .evaluate import evaluate, format_summary
+
+    limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
+    res = evaluate(a.model, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows, tasks=a.tasks,
+                   batch_size=a.batch_size, limit=limit, num_fewshot=a.num_fewshot, json_out=a.json_out,
+                   dtype=a.dtype, device=a.device, progress=not a.quiet)
+    print(format_summary(res))
+    if a.json_out:
+        print(f"wrote {a.json_out}")
+
+
+# --------------------------------------------------------------------------------------------- prune
+def _add_prune(sub):
+    from .plan import SELECTORS
+    from .surgery import FOLDS
+
+    p = sub.add_parser(
+        "prune", help="remove MLP neurons and fold them into the kept ones; write a checkpoint",
+        description="Calibrate, choose the neurons to keep per layer, fold the removed ones into the kept ones "
+                    "and save a checkpoint. Uniform widths give a standard checkpoint that plain "
+                    "AutoModelForCausalLM.from_pretrained loads. Defaults: the best combination measured in "
+                    "eval/results/smollm2.md.")
+    _model_args(p)
+    p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl or datasets name)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of MLP neurons to remove, in [0, 1)")
+    p.add_argument("--keep", type=int, default=None, help="neurons to keep per layer (instead of --sparsity)")
+    p.add_argument("--stats", default=None, help="reuse a statistics file from collect (one-shot calibration)")
+    p.add_argument("--select", default="obs", help=f"selection method: {', '.join(SELECTORS)} (default obs)")
+    p.add_argument("--fold", default="lstsq", help=f"fold: {', '.join(FOLDS)} (default lstsq)")
+    p.add_argument("--allocation", default="uniform", help="uniform (standard checkpoint) or global (per-layer widths)")
+    p.add_argument("--calibration", default=None,
+                   help="sequential (layer by layer on the pruned model's own inputs; default) or oneshot "
+                        "(dense statistics; default when --stats is given)")
+    p.add_argument("--target", default="layer",
+                   help="sequential fold target: layer (its own output on the pruned inputs; default), dense (the dense "
+                        "model's MLP output) or residual (also repair the drift of the residual stream)")
+    p.add_argument("--multiple", type=int, default=64, help="round widths to a multiple (default 64; 1 = exact)")
+    p.add_argument("--add-bias", action="store_true",
+                   help="let folds write an MLP output bias on architectures without one (non-standard checkpoint "
+                        "except for llama-style configs with mlp_bias)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_run_prune)
+
+
+def _run_prune(a):
+    from .prune import prune
+
+    if a.sparsity is None and a.keep is None:
+        raise NeuroprojError("give --sparsity S (fraction in [0, 1)) or --keep K")
+    calibration = a.calibration or ("oneshot" if a.stats or a.allocation == "global" else "sequential")
+    _, _, s = prune(a.model, a.data, sparsity=a.sparsity, keep=a.keep, select=a.select, fold=a.fold,
+                    allocation=a.allocation, calibration=calibration, target=a.target, multiple=a.multiple,
+                    stats=a.stats, samples=a.samples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size,
+                    out=a.out, overwrite=a.overwrite, add_bias=True if a.add_bias else None,
+                    dtype=a.dtype, device=a.device)
+    kept = s["kept"]
+    print(f"pruned {s['model']} with {s['select']} + {s['fold']} ({s['calibration']}): "
+          f"{sum(kept)} of {s['mlp_macs_per_token_before'] and sum(kept) / (1 - s['actual_sparsity']):.0f} "
+          f"MLP neurons kept ({s['actual_sparsity']:.1%} removed)")
+    print("  kept per layer: " + " ".join(str(k) for k in kept))
+    print(f"  parameters {s['params_before']:,} -> {s['params_after']:,}; MLP MACs/token "
+          f"{s['mlp_macs_per_token_before']:,} -> {s['mlp_macs_per_token_after']:,}; {s['seconds']} s")
+    print(f"  wrote {a.out} (prune_summary.json, plan.json)")
+
+
+# --------------------------------------------------------------------------------------------- sweep
+def _add_sweep(sub):
+    p = sub.add_parser(
+        "sweep", help="perplexity / size tradeoff for every selection x fold x sparsity",
+        description="One statistics pass for one-shot cells, then every combination -> perplexity, parameters, "
+                    "MLP MACs/token, pruning time. Writes cells.jsonl (resumable), results.csv, results.md and "
+                    "tradeoff.png into --out.")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="calibration text")
+    p.add_argument("--eval-data", required=True, help="evaluation text (never the calibration text)")
+    p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5", help="comma list (default 0.1,...,0.5)")
+    p.add_argument("--select", default="obs", help="comma list of selection methods")
+    p.add_argument("--fold", default="lstsq", help="comma list of folds")
+    p.add_argument("--calibration", default="sequential", help="comma list of sequential,oneshot")
+    p.add_argument("--target", default="layer", help="sequential fold target (layer, dense, residual)")
+    p.add_argument("--multiple", type=int, default=64, help="round widths to a multiple (1 = exact sparsity)")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default min(2048, context))")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="sweep directory (resumed when it exists)")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(a):
+    from .sweep import sweep
+
+    rows = sweep(a.model, a.data, a.eval_data, sparsities=a.sparsities, select=a.select, fold=a.fold,
+                 calibration=a.calibration, target=a.target, multiple=a.multiple, samples=a.samples,
+                 seqlen=a.seqlen, eval_seqlen=a.eval_seqlen, max_windows=a.max_windows, seed=a.seed, out=a.out,
+                 dtype=a.dtype, device=a.device)
+    print((__import__("pathlib").Path(a.out) / "results.md").read_text())
+    print(f"wrote {a.out}/results.csv, results.md, tradeoff.png ({len(rows)} cells)")
+
+
 # ---------------------------------------------------------------------------------------------- main
-COMMANDS = [_add_collect, _add_info]
+COMMANDS = [_add_collect, _add_info, _add_prune, _add_sweep, _add_cluster, _add_project, _add_heatmap, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

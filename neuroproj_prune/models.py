@@ -72,6 +72,11 @@ class Adapter:
     def is_gated(self) -> bool:
         return False
 
+    def mlp_output_is_added(self, model) -> bool:
+        """True when the layer output is `residual + mlp_out` (no norm after the MLP): then a change of
+        the MLP output changes the layer output by exactly that much, which sequential pruning uses."""
+        return True
+
     def config_width(self, config) -> int:
         return getattr(config, self.width_key)
 
@@ -92,6 +97,31 @@ class Adapter:
         return (len(self.in_weights(model, 0)) + 1) * self.hidden_size(model)
 
     # -- surgery
+    def set_out_weight(self, model, i, W: torch.Tensor) -> None:
+        """Replace W (d_model × N) of layer i's output projection, in the storage's orientation and dtype."""
+        p = self.out_proj(model, i)
+        p.weight = nn.Parameter(W.to(p.weight.dtype).to(p.weight.device).contiguous(), requires_grad=False)
+
+    def out_bias(self, model, i) -> torch.Tensor | None:
+        b = self.out_proj(model, i).bias
+        return None if b is None else b.detach()
+
+    def set_out_bias(self, model, i, b: torch.Tensor) -> None:
+        """Set (adding it when absent) the bias of layer i's output projection."""
+        p = self.out_proj(model, i)
+        ref = p.weight
+        p.bias = nn.Parameter(b.to(ref.dtype).to(ref.device).contiguous(), requires_grad=False)
+
+    def config_can_express_out_bias(self, config) -> bool:
+        """Whether a standard config can say "the MLP has biases" (then plain from_pretrained loads it)."""
+        return self.out_has_bias_in_config(config)
+
+    def out_has_bias_in_config(self, config) -> bool:
+        return True  # plain MLPs (gpt2, opt, gpt_neox) always carry biases
+
+    def declare_out_bias(self, model) -> None:
+        """Make the config and modules of a standard checkpoint carry the MLP biases (no-op for plain MLPs)."""
+
     def select_neurons(self, model, i, keep: torch.Tensor) -> None:
         """Keep only neurons `keep` (sorted indices) of layer i: slice input rows/biases, output columns."""
         keep = torch.as_tensor(keep, dtype=torch.long)
@@ -114,10 +144,10 @@ def _slice_linear_(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
 
 
 class GatedAdapter(Adapter):
-    """llama, mistral, qwen2, qwen3, gemma, gemma2: `down(act(gate(x)) * up(x))`; neuron j = rows j of
+    """llama, mistral, qwen2, qwen3, gemma (gemma2 below): `down(act(gate(x)) * up(x))`; neuron j = rows j of
     gate and up, column j of down."""
 
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
     def layers(self, model):
         return model.model.layers
@@ -134,6 +164,33 @@ class GatedAdapter(Adapter):
 
     def is_gated(self):
         return True
+
+    def out_has_bias_in_config(self, config) -> bool:
+        # llama-style configs have `mlp_bias` (biases on gate, up and down); the others have no such switch
+        return "mlp_bias" in config.to_dict()
+
+    def declare_out_bias(self, model) -> None:
+        if not self.out_has_bias_in_config(model.config):
+            return
+        model.config.mlp_bias = True
+        for i in range(self.num_layers(model)):
+            for proj in self.in_projs(model, i):
+                if proj.bias is None:
+                    proj.bias = nn.Parameter(torch.zeros(proj.weight.shape[0], dtype=proj.weight.dtype,
+                                                         device=proj.weight.device), requires_grad=False)
+            out = self.out_proj(model, i)
+            if out.bias is None:
+                out.bias = nn.Parameter(torch.zeros(out.weight.shape[0], dtype=out.weight.dtype,
+                                                    device=out.weight.device), requires_grad=False)
+
+
+class Gemma2Adapter(GatedAdapter):
+    """gemma2: as llama, but the MLP output passes `post_feedforward_layernorm` before the residual add."""
+
+    model_types = ("gemma2",)
+
+    def mlp_output_is_added(self, model):
+        return False
 
 
 class Phi3Adapter(GatedAdapter):
@@ -182,6 +239,9 @@ class GPT2Adapter(Adapter):
     def in_weights(self, model, i):
         return [self.mlp(model, i).c_fc.weight.T]
 
+    def set_out_weight(self, model, i, W):
+        super().set_out_weight(model, i, W.T)
+
     def select_neurons(self, model, i, keep):
         keep = torch.as_tensor(keep, dtype=torch.long)
         c_fc, c_proj = self.mlp(model, i).c_fc, self.out_proj(model, i)
@@ -206,6 +266,9 @@ class OPTAdapter(Adapter):
 
     def mlp(self, model, i):
         return self.layers(model)[i].fc2
+
+    def mlp_output_is_added(self, model):
+        return bool(getattr(model.config, "do_layer_norm_before", True))  # OPT-350m norms after the add
 
     def attn(self, model, i):
         return self.layers(model)[i].self_attn
@@ -236,7 +299,7 @@ class GPTNeoXAdapter(Adapter):
 
 
 ADAPTERS: dict[str, Adapter] = {}
-for _cls in (GatedAdapter, Phi3Adapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter):
+for _cls in (GatedAdapter, Gemma2Adapter, Phi3Adapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter):
     for _t in _cls.model_types:
         ADAPTERS[_t] = _cls()
 

@@ -274,10 +274,12 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
         x = t.centred(h, cdt)
         s = t.add(x)
         if not torch.isfinite(s).all():
-            raise NeuroprojError(
-                f"non-finite activations at layer {i}, site {site}: the model overflows in {h.dtype}; "
-                f"load it with --dtype float32"
-            )
+            dt = str(h.dtype).replace("torch.", "")
+            if h.dtype in (torch.float16, torch.bfloat16):
+                hint = f"the model overflows in {dt}; load it with --dtype float32"
+            else:
+                hint = f"the model computes NaN/inf in {dt}; check its weights (NaN or huge values)"
+            raise NeuroprojError(f"non-finite activations at layer {i}, site {site}: {hint}")
         if site == "mlp.neurons" and K:
             for l in range(i - K, i):
                 if (l, i) in cross:
@@ -291,12 +293,14 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
     dist, rank, world = _dist()
     bar = tqdm(total=None, unit="tok", unit_scale=True, desc="collect", disable=not progress or rank != 0,
                dynamic_ncols=True)
-    with ActivationCapture(model, layers, sites, on_activation) as cap:
-        for input_ids, mask in batches:
-            cap.run(input_ids, mask)
-            recent.clear()
-            bar.update(int(mask.sum()) * world)
-    bar.close()
+    try:
+        with ActivationCapture(model, layers, sites, on_activation) as cap:
+            for input_ids, mask in batches:
+                cap.run(input_ids, mask)
+                recent.clear()
+                bar.update(int(mask.sum()) * world)
+    finally:
+        bar.close()  # also on an error: its message then starts on a line of its own
 
     if dist is not None:
         _all_reduce(dist, rank, totals, cross, dev)
@@ -305,8 +309,11 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
     return totals, cross
 
 
+@torch.inference_mode()
 def _all_reduce(dist, rank, totals, cross, dev):
-    """Re-centre every process's totals on rank 0's shift, then sum them: equal to a single process."""
+    """Re-centre every process's totals on rank 0's shift, then sum them: equal to a single process.
+    (Under inference mode: the totals were made inside the capture's inference mode, and in-place updates
+    of inference tensors are refused outside it.)"""
     for key, t in sorted(totals.items()):
         # a process that saw no batch holds zero totals, valid at any shift; learn the width from the others
         width = torch.tensor([0 if t.shift is None else t.shift.numel()], device=dev)

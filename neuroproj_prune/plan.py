@@ -1,0 +1,297 @@
+"""Removal plans: which MLP neurons each layer keeps, and into which kept neuron each removed one folds.
+
+A selection method is a function `select(m: LayerMoments, keep: int, seed: int) -> Selection`, registered
+in `SELECTORS`, so the project's methods and the baselines are interchangeable (one flag apart):
+
+    magnitude   score_j = ‖w_in,j‖·‖w_out,j‖                (weights only)
+    random      a uniformly random subset                     (seeded)
+    wanda-sp    score_j = ‖w_out,j‖ · sqrt(E[h_j²])
+    flap        score_j = Var(h_j) · ‖w_out,j‖²               (FLAP's fluctuation metric)
+    obs         greedy removal of the neurons whose loss, after the optimal least-squares refit of the kept
+                ones, grows least: Δ_j = ‖W_:,j‖² / [G⁻¹]_jj, then the exact downdate of W and G⁻¹
+                (structured OBS, ZipLM/SlimGPT style), in ≤ 64 blocks per layer. O(64·N²·b).
+    cluster     k-means (k = keep) of the neurons' projection (distance ≈ 1 − ρ): in each cluster the
+                member with most energy E[h²]·‖w_out‖² is kept; the others fold into it (the seed's poles).
+    corr-cluster the same, clustering the full correlation distance 1 − |ρ| (agglomerative, average link).
+
+Allocation across layers: `uniform` (the same width everywhere, rounded to a multiple) or `global`
+(per-layer widths from scores standardised within each layer, as FLAP does).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import NeuroprojError
+
+FORMAT = "neuroproj-prune/plan/1"
+
+
+# ------------------------------------------------------------------------------------------ per layer
+@dataclass
+class LayerMoments:
+    """What a selection method may look at for one layer (float64, CPU).
+
+    G: E[h hᵀ] (N×N, uncentred); mean: E[h]; W: the output map to preserve (d×N; the output projection,
+    or, in sequential calibration, the least-squares map onto the target); w_in: input row norms (N,).
+    """
+
+    layer: int
+    G: torch.Tensor
+    mean: torch.Tensor
+    W: torch.Tensor
+    w_in: torch.Tensor
+    points: torch.Tensor | None = None  # projection (N, n), when a method needs it
+    ridge: float = 1e-4
+
+    @property
+    def N(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.G.diagonal() - self.mean**2).clamp(min=0)
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        return self.W.norm(dim=0)
+
+    def correlation(self) -> torch.Tensor:
+        cov = self.G - torch.outer(self.mean, self.mean)
+        sd = self.var.sqrt().clamp(min=1e-30)
+        return (cov / torch.outer(sd, sd)).clamp(-1, 1)
+
+
+@dataclass
+class Selection:
+    keep: torch.Tensor                       # sorted kept indices
+    scores: torch.Tensor | None = None       # per-neuron importance (for global allocation)
+    representative: dict[int, int] | None = None  # removed neuron → kept neuron it folds into
+
+
+SELECTORS: dict = {}
+
+
+def register(name):
+    def deco(fn):
+        SELECTORS[name] = fn
+        return fn
+    return deco
+
+
+def _top(scores: torch.Tensor, keep: int) -> Selection:
+    idx = torch.topk(scores, keep).indices.sort().values
+    return Selection(idx, scores)
+
+
+@register("magnitude")
+def select_magnitude(m: LayerMoments, keep: int, seed: int = 0) -> Selection:
+    return _top(m.w_in * m.w_out, keep)
+
+
+@register("random")
+def select_random(m: LayerMoments, keep: int, seed: int = 0) -> Selection:
+    g = torch.Generator().manual_seed(seed * 100003 + m.layer)
+    return _top(torch.rand(m.N, generator=g, dtype=torch.float64), keep)
+
+
+@register("wanda-sp")
+def select_wanda_sp(m: LayerMoments, keep: int, seed: int = 0) -> Selection:
+    return _top(m.w_out * m.G.diagonal().clamp(min=0).sqrt(), keep)
+
+
+@register("flap")
+def select_flap(m: LayerMoments, keep: int, seed: int = 0) -> Selection:
+    return _top(m.var * m.w_out**2, keep)
+
+
+@register("obs")
+def select_obs(m: LayerMoments, keep: int, seed: int = 0, steps: int = 64) -> Selection:
+    """Greedy structured OBS on H = G + λ·mean(diag G)·I, removing the b cheapest neurons per step
+    (b = ⌈removals/steps⌉; b = 1 is the exact greedy) with the exact block downdate
+    W ← W − W_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,:  and  H⁻¹ ← H⁻¹ − H⁻¹_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,: .
+    Cost O(steps·N²·b) per layer. Scores: removal step (later = more important), kept = N + 1."""
+    N = m.N
+    H = m.G + m.ridge * m.G.diagonal().mean().clamp(min=1e-30) * torch.eye(N, dtype=m.G.dtype)
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    W = m.W.clone()
+    alive = torch.ones(N, dtype=torch.bool)
+    order = torch.zeros(N, dtype=torch.float64)
+    todo, step = N - keep, 0
+    b = max(1, -(-todo // steps))
+    while todo > 0:
+        cost = (W * W).sum(0) / Hinv.diagonal().clamp(min=1e-30)
+        cost[~alive] = float("inf")
+        B = torch.topk(cost, min(b, todo), largest=False).indices
+        S = torch.linalg.inv(Hinv[B][:, B])          # (b×b)
+        R = S @ Hinv[B, :]                            # (b×N)
+        W -= W[:, B] @ R
+        Hinv -= Hinv[:, B] @ R
+        alive[B] = False
+        step += 1
+        order[B] = step
+        Hinv[B, :] = 0
+        Hinv[:, B] = 0
+        Hinv[B, B] = 1.0  # removed indices: inert, with a positive diagonal (their cost is masked anyway)
+        todo -= B.numel()
+    order[alive] = step + 1  # kept neurons rank above every removed one
+    return Selection(alive.nonzero().flatten(), order)
+
+
+def _clusters_to_selection(m: LayerMoments, labels: torch.Tensor, keep: int) -> Selection:
+    """Keep the highest-energy member of each of the `keep` clusters; the others fold into it."""
+    energy = m.G.diagonal() * m.w_out**2
+    reps, rep_of = [], {}
+    for c in torch.unique(labels):
+        members = (labels == c).nonzero().flatten()
+        r = int(members[torch.argmax(energy[members])])
+        reps.append(r)
+        for j in members.tolist():
+            if j != r:
+                rep_of[j] = r
+    keep_idx = torch.tensor(sorted(reps), dtype=torch.long)
+    if keep_idx.numel() != keep:  # clustering can return fewer distinct clusters: top up by energy
+        extra = torch.ones(m.N, dtype=torch.bool)
+        extra[keep_idx] = False
+        cand = extra.nonzero().flatten()
+        add = cand[torch.topk(energy[cand], keep - keep_idx.numel()).indices]
+        keep_idx = torch.cat([keep_idx, add]).sort().values
+        for j in add.tolist():
+            rep_of.pop(j, None)
+    return Selection(keep_idx, energy, rep_of)
+
+
+@register("cluster")
+def select_cluster(m: LayerMoments, keep: int, seed: int = 0) -> Selection:
+    from sklearn.cluster import KMeans
+
+    if m.points is None:
+        raise NeuroprojError("select 'cluster' needs projections of the layer (run project, or let prune compute them)")
+    km = KMeans(n_clusters=keep, n_init=1, random_state=seed).fit(m.points.double().numpy())
+    return _clusters_to_selection(m, torch.as_tensor(km.labels_), keep)
+
+
+@register("corr-cluster")
+def select_corr_cluster(m: LayerMoments, keep: int, seed: int = 0) -> Selection:
+    from sklearn.cluster import AgglomerativeClustering
+
+    dist = (1 - m.correlation().abs()).clamp(min=0).numpy()
+    ag = AgglomerativeClustering(n_clusters=keep, metric="precomputed", linkage="average").fit(dist)
+    return _clusters_to_selection(m, torch.as_tensor(ag.labels_), keep)
+
+
+def nearest_kept(corr: torch.Tensor, keep: torch.Tensor) -> dict[int, int]:
+    """For each removed neuron, the kept neuron with the largest |ρ| (its representative)."""
+    N = corr.shape[0]
+    removed = torch.ones(N, dtype=torch.bool)
+    removed[keep] = False
+    rem = removed.nonzero().flatten()
+    if rem.numel() == 0:
+        return {}
+    best = corr[rem][:, keep].abs().argmax(1)
+    return {int(j): int(keep[b]) for j, b in zip(rem, best)}
+
+
+# ------------------------------------------------------------------------------------------ allocation
+def layer_width(N: int, sparsity: float | None = None, keep: int | None = None, multiple: int = 64) -> int:
+    """Kept width of a layer of N neurons: N·(1−s) (or `keep`), rounded to the nearest multiple of
+    `multiple` when at least `multiple` neurons remain; never 0, never more than N."""
+    k = keep if keep is not None else N * (1.0 - sparsity)
+    if multiple > 1 and k >= multiple:
+        k = multiple * round(k / multiple)
+    k = int(round(k))
+    if k < 1:
+        raise NeuroprojError(f"a layer of {N} neurons would be pruned to zero width: lower the sparsity")
+    return min(k, N)
+
+
+def check_sparsity(sparsity) -> float:
+    if sparsity is None or not (0.0 <= float(sparsity) < 1.0):
+        raise NeuroprojError(f"sparsity must be in [0, 1) (got {sparsity})")
+    return float(sparsity)
+
+
+def global_widths(scores: dict[int, torch.Tensor], total_keep: int, min_width: int = 1) -> dict[int, int]:
+    """Per-layer widths: scores standardised within each layer, the top `total_keep` kept overall."""
+    z = []
+    for i, s in scores.items():
+        s = torch.log(s.clamp(min=1e-30)) if (s > 0).all() else s
+        z.append(((s - s.mean()) / s.std().clamp(min=1e-30), i))
+    allz = torch.cat([a for a, _ in z])
+    thr = torch.topk(allz, total_keep).values[-1]
+    return {i: max(min_width, int((a >= thr).sum())) for a, i in z}
+
+
+# ---------------------------------------------------------------------------------------------- plans
+@dataclass
+class Plan:
+    """Per layer: kept neurons (sorted), removed neurons and each one's representative; JSON on disk."""
+
+    layers: dict[int, dict] = field(default_factory=dict)  # i -> {"keep": [...], "representative": {j: r}, "width": N}
+    meta: dict = field(default_factory=dict)
+
+    def keep(self, i) -> torch.Tensor:
+        return torch.tensor(self.layers[i]["keep"], dtype=torch.long)
+
+    def to_json(self) -> str:
+        doc = {"format": FORMAT, "meta": self.meta,
+               "layers": {str(i): {"width": d["width"], "keep": d["keep"],
+                                   "representative": {str(k): v for k, v in d["representative"].items()}}
+                          for i, d in sorted(self.layers.items())}}
+        return json.dumps(doc, indent=1)
+
+    def save(self, path) -> Path:
+        """Write atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        try:
+            doc = json.loads(Path(path).read_text())
+            assert doc.get("format") == FORMAT
+            layers = {int(i): {"width": d["width"], "keep": list(d["keep"]),
+                               "representative": {int(k): int(v) for k, v in d["representative"].items()}}
+                      for i, d in doc["layers"].items()}
+        except (OSError, json.JSONDecodeError, AssertionError, KeyError, TypeError, ValueError):
+            raise NeuroprojError(f"{path} is not a readable neuroproj-prune plan file") from None
+        return cls(layers, doc.get("meta", {}))
+
+    def check(self, model) -> None:
+        """Refuse a plan that does not fit the model (layer count, widths, indices)."""
+        from .models import adapter_for
+
+        a = adapter_for(model)
+        L = a.num_layers(model)
+        fp = self.meta.get("fingerprint")
+        for i, d in self.layers.items():
+            if not 0 <= i < L:
+                raise NeuroprojError(f"the plan prunes layer {i} but the model has {L} layers: it is for another model")
+            N = a.width(model, i)
+            if d["width"] != N:
+                raise NeuroprojError(f"the plan expects layer {i} to have {d['width']} neurons, the model has {N}: "
+                                     f"it is for another model")
+            k = d["keep"]
+            if not k:
+                raise NeuroprojError(f"the plan prunes layer {i} to zero width")
+            if min(k) < 0 or max(k) >= N or len(set(k)) != len(k):
+                raise NeuroprojError(f"the plan's kept indices for layer {i} are invalid")
+        if fp and getattr(model, "_neuroproj_fingerprint", fp) != fp:
+            raise NeuroprojError("the plan was made for another model (fingerprint differs)")
+
+
+def make_layer_plan(m: LayerMoments, sel: Selection) -> dict:
+    rep = sel.representative
+    keep = sel.keep.sort().values
+    full = nearest_kept(m.correlation(), keep)
+    if rep:
+        full.update({j: r for j, r in rep.items() if j in full})
+    return {"width": m.N, "keep": keep.tolist(), "representative": full}

@@ -1,0 +1,321 @@
+"""The `prune` pipeline: calibration → selection (plan) → fold (surgery) → checkpoint.
+
+Two calibrations:
+- `oneshot` — moments from a statistics file of the dense model (`collect`); every layer is planned from
+  the dense activations and folded to preserve its own output: C = W G.
+- `sequential` (default) — layer by layer, as SparseGPT/Wanda do: the calibration tokens' hidden states are
+  carried through the already-pruned layers, so each layer is planned and folded on the inputs it will
+  really see. The fold target is the layer's own output on those inputs (`target=layer`: C = W G̃), or the
+  dense model's MLP output on the dense inputs (`target=dense`: C = E[y_dense h̃ᵀ], correcting upstream
+  error too). The pruned layer's output is updated in closed form, out' = out − W h̃ + W' h̃_K, so the
+  whole run costs one forward pass (two with target=dense) plus one N×N Gram product per layer and token.
+  `target=residual` goes one step further: the MLP's target is its own output plus the gap between the
+  dense and the pruned residual streams, y* = W h̃ + (out_dense − out), so each pruned MLP also repairs the
+  drift that earlier layers left (architectures whose MLP output is added to the residual as is).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import NeuroprojError
+from .models import LoadedModel, adapter_for, load_model
+from .plan import (SELECTORS, LayerMoments, Plan, check_sparsity, global_widths, layer_width,
+                   make_layer_plan)
+from .surgery import FOLDS, RIDGE, apply_plan, fold_layer, prepare_out_dir, save_pruned
+
+CALIBRATIONS = ("sequential", "oneshot")
+TARGETS = ("layer", "dense", "residual")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _check_method(select, fold, allocation, calibration, target):
+    if select not in SELECTORS:
+        raise NeuroprojError(f"unknown selection method {select!r}: choose from {', '.join(SELECTORS)}")
+    if fold not in FOLDS:
+        raise NeuroprojError(f"unknown fold {fold!r}: choose from {', '.join(FOLDS)}")
+    if allocation not in ("uniform", "global"):
+        raise NeuroprojError(f"unknown allocation {allocation!r}: choose uniform or global")
+    if calibration not in CALIBRATIONS:
+        raise NeuroprojError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
+    if target not in TARGETS:
+        raise NeuroprojError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
+
+
+def _points(G, mean, dims=3, seed=0):
+    """Projection of one layer's neurons (distance ≈ 1 − ρ), for the `cluster` selection."""
+    from .projection import fit_exact
+
+    cov = G - torch.outer(mean, mean)
+    sd = cov.diagonal().clamp(min=0).sqrt()
+    rho = (cov / torch.outer(sd, sd).clamp(min=1e-30)).clamp(-1, 1)
+    rho[sd <= 0] = 0
+    rho.fill_diagonal_(1.0)
+    P, _ = fit_exact(rho, dims=dims)
+    return P.double().cpu()
+
+
+def _in_norms(adapter, model, i):
+    return torch.stack([w.detach().double().norm(dim=1) for w in adapter.in_weights(model, i)]).norm(dim=0).cpu()
+
+
+def mlp_macs_per_token(model) -> int:
+    a = adapter_for(model)
+    n_in = len(a.in_weights(model, 0))
+    return sum((n_in + 1) * a.hidden_size(model) * a.width(model, i) for i in range(a.num_layers(model)))
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------- sequential
+class _StopAt(Exception):
+    pass
+
+
+def _layer_inputs(model, adapter, batches):
+    """Hidden states entering layer 0 and the keyword arguments the model passes to its layers."""
+    first = adapter.layers(model)[0]
+    caught = []
+
+    def grab(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden.detach(), args[1:], dict(kwargs)))
+        raise _StopAt
+
+    h = first.register_forward_pre_hook(grab, with_kwargs=True)
+    dev = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(dev), use_cache=False)
+                except _StopAt:
+                    pass
+    finally:
+        h.remove()
+    return caught
+
+
+def _run_layer(layer, hidden, args, kwargs):
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
+                     target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
+                     progress: bool = True) -> Plan:
+    """Prune `lm.model` in place, layer by layer (see module docstring). Returns the plan it applied.
+
+    Memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with target=dense) and
+    one layer's neuron activations (tokens·N·4 bytes)."""
+    model, a = lm.model, lm.adapter
+    dev = next(model.parameters()).device
+    cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    batches = [ids[b:b + batch_size] for b in range(0, ids.shape[0], batch_size)]
+    states = _layer_inputs(model, a, batches)
+    hidden = [s[0].clone() for s in states]
+    dense = [s[0].clone() for s in states] if target in ("dense", "residual") else None
+    additive = a.mlp_output_is_added(model)
+    if target == "residual" and not additive:
+        raise NeuroprojError(f"target 'residual' needs an MLP whose output is added to the residual; "
+                             f"{model.config.model_type} normalises it first: use --target layer or dense")
+    plan = Plan()
+    bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not progress, dynamic_ncols=True)
+    for i, layer in enumerate(a.layers(model)):
+        out_proj = a.out_proj(model, i)
+        W = a.out_weight(model, i).detach().to(cdt)
+        b_old = a.out_bias(model, i)
+        N, d = W.shape[1], W.shape[0]
+        grab = {}
+        hook = out_proj.register_forward_pre_hook(lambda mod, args: grab.__setitem__("h", args[0]))
+        G = torch.zeros(N, N, dtype=torch.float64, device=dev)
+        s = torch.zeros(N, dtype=torch.float64, device=dev)
+        C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
+        c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
+        n = 0
+        acts, outs = [], []
+        with torch.inference_mode():
+            for bi, (_, args, kw) in enumerate(states):
+                out = _run_layer(layer, hidden[bi], args, kw)
+                h = grab["h"].reshape(-1, N).to(cdt)
+                G += (h.T @ h).double()
+                s += h.sum(0, dtype=torch.float64)
+                n += h.shape[0]
+                if dense is not None:
+                    dense_out = _run_layer(layer, dense[bi], args, kw)
+                    if target == "dense":   # the dense MLP output on the dense stream
+                        y = grab["h"].reshape(-1, N).to(cdt) @ W.T
+                    else:                   # residual: also close the gap between the two streams
+                        y = h @ W.T + (dense_out - out).reshape(-1, d).to(cdt)
+                    C += (y.T @ h).double()
+                    c += y.sum(0, dtype=torch.float64)
+                    dense[bi] = dense_out
+                if additive:
+                    acts.append(h)
+                    outs.append(out)
+        hook.remove()
+        G, mean = (G / n).cpu(), (s / n).cpu()
+        if not torch.isfinite(G).all():
+            raise NeuroprojError(f"non-finite activations at layer {i}: load the model with --dtype float32")
+        if dense is not None:
+            C, c = (C / n).cpu(), (c / n).cpu()
+            from .surgery import _chol_solve
+
+            W_eff = _chol_solve(G, C, ridge)  # the full-width least-squares map onto the target
+        else:
+            W_eff = W.double().cpu()
+        m = LayerMoments(i, G, mean, W_eff, _in_norms(a, model, i), ridge=ridge)
+        if select == "cluster":
+            m.points = _points(G, mean, seed=seed)
+        sel = SELECTORS[select](m, widths[i], seed)
+        plan.layers[i] = make_layer_plan(m, sel)
+        keep = plan.keep(i)
+        Wn, bn = fold_layer(fold, W.double().cpu(), keep, G=G, mean=mean,
+                            bias=None if b_old is None else b_old.double().cpu(), C=C, c=c,
+                            representative=plan.layers[i]["representative"], use_bias=b_old is not None,
+                            ridge=ridge)
+        a.select_neurons(model, i, keep)
+        a.set_out_weight(model, i, Wn)
+        if bn is not None:
+            a.set_out_bias(model, i, bn)
+        # carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when
+        # the MLP output is added to the residual as is; otherwise run the pruned layer again
+        with torch.inference_mode():
+            if not additive:
+                for bi, (_, args, kw) in enumerate(states):
+                    hidden[bi] = _run_layer(layer, hidden[bi], args, kw)
+            else:
+                Wn_c, keep_d = Wn.to(dev, cdt), keep.to(dev)
+                db = None if bn is None else (bn - b_old.double().cpu()).to(dev, cdt)
+                for bi in range(len(states)):
+                    h = acts[bi]
+                    delta = h[:, keep_d] @ Wn_c.T - h @ W.T
+                    if db is not None:
+                        delta += db
+                    hidden[bi] = (outs[bi].to(cdt) + delta.view(outs[bi].shape)).to(outs[bi].dtype)
+        del acts, outs
+        bar.update(1)
+    bar.close()
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ one-shot
+def plan(stats, model, *, sparsity: float | None = None, keep: int | None = None, select: str = "obs",
+         allocation: str = "uniform", multiple: int = 64, seed: int = 0, projections=None,
+         ridge: float = RIDGE) -> Plan:
+    """A removal plan from dense statistics (one-shot). `model`: LoadedModel or nn.Module (for weights)."""
+    lm_model = model.model if isinstance(model, LoadedModel) else model
+    a = adapter_for(lm_model)
+    if select not in SELECTORS:
+        raise NeuroprojError(f"unknown selection method {select!r}: choose from {', '.join(SELECTORS)}")
+    if keep is None:
+        check_sparsity(sparsity)
+    layers = range(a.num_layers(lm_model))
+    missing = [i for i in layers if i not in stats.layers or "mlp.neurons" not in stats.sites]
+    if missing:
+        raise NeuroprojError(f"the statistics lack mlp.neurons of layers {missing[:5]}...: collect all layers")
+    moments = {}
+    for i in layers:
+        m = LayerMoments(i, stats.second_moment(i), stats.mean(i), a.out_weight(lm_model, i).detach().double().cpu(),
+                         _in_norms(a, lm_model, i), ridge=ridge)
+        if select == "cluster":
+            m.points = (projections.get(i, "mlp.neurons").double() if projections is not None
+                        else _points(m.G, m.mean, seed=seed))
+        moments[i] = m
+    widths = _widths(moments, sparsity, keep, allocation, multiple, select, seed)
+    p = Plan()
+    for i, m in moments.items():
+        p.layers[i] = make_layer_plan(m, SELECTORS[select](m, widths[i], seed))
+    p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
+                   "multiple": multiple, "calibration": "oneshot", "stats": stats.path,
+                   "fingerprint": stats.meta.get("fingerprint")})
+    return p
+
+
+def _widths(moments: dict[int, LayerMoments], sparsity, keep, allocation, multiple, select, seed) -> dict[int, int]:
+    if allocation == "uniform":
+        return {i: layer_width(m.N, sparsity, keep, multiple) for i, m in moments.items()}
+    # global: scores standardised per layer; order-based methods (obs, clusters) allocate by FLAP's metric
+    score_fn = SELECTORS[select] if select in ("magnitude", "wanda-sp", "flap") else SELECTORS["flap"]
+    scores = {i: score_fn(m, m.N, seed).scores for i, m in moments.items()}
+    total = sum(layer_width(m.N, sparsity, keep, 1) for m in moments.values())
+    return global_widths(scores, total)
+
+
+# ------------------------------------------------------------------------------------------- the API
+def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = None, select: str = "obs",
+          fold: str = "lstsq", allocation: str = "uniform", calibration: str = "sequential",
+          target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
+          seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,
+          add_bias: bool | None = None, dtype="auto", device="auto", progress: bool = True):
+    """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
+
+    Cost: sequential — one forward over samples×seqlen tokens plus N² per token and layer for the Gram;
+    oneshot — the statistics pass (or none, with `stats`) plus the per-layer solves (O(N³))."""
+    _check_method(select, fold, allocation, calibration, target)
+    if keep is None:
+        check_sparsity(sparsity)
+    if out is not None:
+        prepare_out_dir(out, overwrite)  # refuse early, before any work
+    if calibration == "sequential" and allocation == "global":
+        raise NeuroprojError("global allocation needs all layers' scores first: use --calibration oneshot")
+    if calibration == "sequential" and fold in ("bias", "representative", "none") and target != "layer":
+        raise NeuroprojError(f"target {target!r} only changes the lstsq fold: use --fold lstsq or --target layer")
+    t0 = time.time()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    a = lm.adapter
+    before = {"params": num_params(lm.model), "macs": mlp_macs_per_token(lm.model)}
+    from .stats import load_stats
+
+    if calibration == "oneshot":
+        if stats is None:
+            if data is None:
+                raise NeuroprojError("give calibration --data or a --stats file")
+            from .stats import collect
+
+            st = collect(lm, data, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                         progress=progress)
+        else:
+            st = load_stats(stats) if not hasattr(stats, "second_moment") else stats
+            st.check_model(lm)
+        p = plan(st, lm, sparsity=sparsity, keep=keep, select=select, allocation=allocation,
+                 multiple=multiple, seed=seed)
+        apply_plan(lm.model, p, stats=st, fold=fold, add_bias=add_bias)
+        calib_desc = st.meta.get("data")
+    else:
+        if data is None:
+            raise NeuroprojError("sequential calibration needs --data (a stats file alone is not enough)")
+        from .data import calibration_samples
+
+        max_len = getattr(lm.model.config, "max_position_embeddings", None)
+        ids, calib_desc = calibration_samples(lm.tokenizer, str(data), samples, seqlen, seed, max_seqlen=max_len)
+        widths = {i: layer_width(a.width(lm.model, i), sparsity, keep, multiple) for i in range(a.num_layers(lm.model))}
+        p = sequential_prune(lm, ids, widths=widths, select=select, fold=fold, target=target,
+                             batch_size=batch_size or max(1, 4096 // seqlen), seed=seed, progress=progress)
+        p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
+                       "multiple": multiple, "calibration": "sequential", "target": target,
+                       "fingerprint": lm.fingerprint})
+        from .surgery import _update_config
+
+        _update_config(lm.model, p, added_bias=False)
+    after = {"params": num_params(lm.model), "macs": mlp_macs_per_token(lm.model)}
+    kept = [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]
+    total_before = sum(p.layers[i]["width"] for i in p.layers)
+    summary = {
+        "model": lm.spec, "sparsity": sparsity, "keep": keep, "actual_sparsity": 1 - sum(kept) / total_before,
+        "select": select, "fold": fold, "allocation": allocation, "calibration": calibration,
+        "target": target if calibration == "sequential" else None, "calibration_data": calib_desc,
+        "params_before": before["params"], "params_after": after["params"],
+        "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": after["macs"],
+        "kept": kept, "seconds": round(time.time() - t0, 1),
+    }
+    lm.fingerprint = None  # the weights changed
+    if out is not None:
+        save_pruned(lm.model, lm.tokenizer, out, summary=summary, overwrite=overwrite,
+                    extra_files={"plan.json": p.to_json()})
+    return lm, p, summary
+

@@ -1,0 +1,183 @@
+"""The tradeoff sweep: every (selection, fold, calibration, sparsity) cell → perplexity, size, time.
+
+One statistics pass serves every one-shot cell (saved as `stats.safetensors` in the sweep directory);
+sequential cells run their own layer-by-layer pass. Each finished cell is appended to `cells.jsonl`, so an
+interrupted or extended sweep recomputes nothing that is done. Outputs: `results.csv`, `results.md`
+(a per-cell table and a method × sparsity pivot of perplexity) and `tradeoff.png` (perplexity against
+sparsity, one line per method, log scale, the dense model as a dashed line).
+
+Cost: one dense evaluation plus, per cell, a copy of the model, the pruning and one evaluation.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import NeuroprojError
+from .models import LoadedModel, load_model
+
+
+def _parse_list(v, cast=str) -> list:
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    return [cast(x) for x in v]
+
+
+def cell_key(select, fold, calibration, sparsity) -> str:
+    return f"{select}+{fold}+{calibration}@{sparsity:g}"
+
+
+def sweep(model, data, eval_data, *, sparsities, select, fold, calibration="sequential", out,
+          samples: int = 128, seqlen: int = 512, seed: int = 0, eval_seqlen: int | None = None,
+          max_windows: int | None = None, multiple: int = 64, target: str = "layer", dtype="auto",
+          device="auto", progress: bool = True) -> list[dict]:
+    """Run (or resume) a sweep in directory `out`; returns all cells (dense first)."""
+    from .evaluate import model_context, perplexity
+    from .prune import prune
+    from .stats import collect, load_stats
+
+    sparsities = _parse_list(sparsities, float)
+    selects, folds, calibrations = _parse_list(select), _parse_list(fold), _parse_list(calibration)
+    from .plan import SELECTORS, check_sparsity
+    from .prune import CALIBRATIONS
+    from .surgery import FOLDS
+
+    for s in sparsities:
+        check_sparsity(s)
+    for name, allowed, got in (("select", SELECTORS, selects), ("fold", FOLDS, folds),
+                               ("calibration", CALIBRATIONS, calibrations)):
+        bad = [g for g in got if g not in allowed]
+        if bad:
+            raise NeuroprojError(f"unknown --{name} {bad}: choose from {', '.join(allowed)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "cells.jsonl"
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                c = json.loads(line)
+                done[c["key"]] = c
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    ctx = model_context(lm.model)
+    eval_seqlen = eval_seqlen or min(2048, ctx or 2048)
+    from .data import eval_windows
+
+    windows, eval_desc = eval_windows(lm.tokenizer, str(eval_data), eval_seqlen)
+    if max_windows:
+        windows = windows[:max_windows]
+
+    def record(cell):
+        cell["eval"] = {"data": eval_desc, "seqlen": eval_seqlen, "windows": int(windows.shape[0]),
+                        "max_windows": max_windows}
+        with log.open("a") as f:
+            f.write(json.dumps(cell) + "\n")
+        done[cell["key"]] = cell
+
+    from .prune import mlp_macs_per_token, num_params
+
+    if "dense" not in done:
+        r = perplexity(lm, windows, progress=progress)
+        record({"key": "dense", "method": "dense", "sparsity": 0.0, "actual_sparsity": 0.0, "ppl": r["value"],
+                "params": num_params(lm.model), "mlp_macs_per_token": mlp_macs_per_token(lm.model), "seconds": 0.0})
+    stats_path = out / "stats.safetensors"
+    cells = [(s, f, c, sp) for c in calibrations for s in selects for f in folds for sp in sparsities]
+    for sel, fo, cal, sp in cells:
+        key = cell_key(sel, fo, cal, sp)
+        if key in done:
+            continue
+        kw = {}
+        if cal == "oneshot":
+            if not stats_path.exists():
+                collect(lm, str(data), samples=samples, seqlen=seqlen, seed=seed, out=stats_path, progress=progress)
+            kw["stats"] = load_stats(stats_path)
+        work = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)
+        t0 = time.time()
+        try:
+            _, _, summary = prune(work, str(data), sparsity=sp, select=sel, fold=fo, calibration=cal,
+                                  target=target, multiple=multiple, samples=samples, seqlen=seqlen, seed=seed,
+                                  progress=progress, **kw)
+        except NeuroprojError as e:  # a combination that does not apply to this model: recorded, not fatal
+            record({"key": key, "method": f"{sel}+{fo}+{cal}", "sparsity": sp, "error": str(e)})
+            continue
+        seconds = time.time() - t0
+        r = perplexity(work, windows, progress=progress)
+        record({"key": key, "method": f"{sel}+{fo}+{cal}", "select": sel, "fold": fo, "calibration": cal,
+                "sparsity": sp, "actual_sparsity": summary["actual_sparsity"], "ppl": r["value"],
+                "params": summary["params_after"], "mlp_macs_per_token": summary["mlp_macs_per_token_after"],
+                "seconds": round(seconds, 1)})
+        del work
+    wanted = ["dense"] + [cell_key(*c) for c in cells]
+    rows = [done[k] for k in wanted if k in done]
+    write_reports(rows, out)
+    return rows
+
+
+def write_reports(rows: list[dict], out: Path) -> None:
+    """results.csv, results.md and tradeoff.png from the sweep's cells."""
+    out = Path(out)
+    fields = ["method", "sparsity", "actual_sparsity", "ppl", "params", "mlp_macs_per_token", "seconds", "error"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    (out / "results.csv").write_text(buf.getvalue())
+    (out / "results.md").write_text(markdown_table(rows))
+    plot(rows, out / "tradeoff.png")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    ev = rows[0].get("eval", {}) if rows else {}
+    lines = [f"Perplexity on {ev.get('data')} at seqlen {ev.get('seqlen')}, {ev.get('windows')} windows"
+             + (f" (first {ev['max_windows']})" if ev.get("max_windows") else " (whole text)") + ".", ""]
+    sps = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines.append("| method | " + " | ".join(f"{s:.0%}" for s in sps) + " |")
+    lines.append("|---|" + "---|" * len(sps))
+    if dense:
+        lines.append(f"| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in sps) + " |")
+    for m in methods:
+        cells = {r["sparsity"]: r for r in rows if r["method"] == m}
+        lines.append(f"| {m} | " + " | ".join(
+            (f"{cells[s]['ppl']:.2f}" if "ppl" in cells.get(s, {}) else ("n/a" if s in cells else "–")) for s in sps) + " |")
+    lines += ["", "| method | sparsity | removed | ppl | params | MLP MACs/token | prune s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ppl" in r:
+            lines.append(f"| {r['method']} | {r['sparsity']:.2f} | {r['actual_sparsity']:.3f} | {r['ppl']:.2f} | "
+                         f"{r['params']:,} | {r['mlp_macs_per_token']:,} | {r['seconds']} |")
+        else:
+            lines.append(f"| {r['method']} | {r['sparsity']:.2f} | – | n/a: {r.get('error', '')} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    for m in methods:
+        pts = sorted((r["actual_sparsity"], r["ppl"]) for r in rows if r["method"] == m and "ppl" in r)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense:
+        ax.axhline(dense["ppl"], color="k", ls="--", lw=1, label=f"dense ({dense['ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of MLP neurons removed")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

