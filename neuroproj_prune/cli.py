@@ -352,8 +352,134 @@ def _run_sweep(a):
     print(f"wrote {a.out}/results.csv, results.md, tradeoff.png ({len(rows)} cells)")
 
 
+# ----------------------------------------------------------------------------------------------- run
+def _add_run(sub):
+    p = sub.add_parser(
+        "run", help="run a whole YAML recipe end to end (stages whose inputs are unchanged are skipped)",
+        description="Validate the recipe, then run stats -> projection -> clustering -> heatmaps -> prune -> eval "
+                    "(-> sweep, skips, trace) -> report into its output_dir. run_state.json remembers each "
+                    "stage's settings hash, so a re-run recomputes exactly the stages whose inputs changed.")
+    p.add_argument("recipe", help="RECIPE.yaml (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set prune.sparsity=0.2 --set output_dir=runs/x")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(a):
+    from .run import run
+
+    res = run(a.recipe, a.overrides)
+    print(f"run finished in {res['output_dir']}: ran {', '.join(res['ran']) or 'nothing'}; "
+          f"up to date: {', '.join(res['skipped']) or 'none'}")
+
+
+# --------------------------------------------------------------------------------------------- skips
+def _add_skips(sub):
+    p = sub.add_parser(
+        "skips", help="find (and apply) neuron-level skip connections from cross-layer statistics",
+        description="For every MLP neuron, the best single earlier predictor h_m,j ≈ a·h_l,i + b (R² = ρ²) and a "
+                    "ridge predictor on the top-k earlier neurons, from a statistics file collected with "
+                    "--cross-layer-window K. With --model and --data, R² is measured on held-out tokens (--seed "
+                    "must differ from the statistics'). --apply removes the skipped neurons' input rows and feeds "
+                    "their output columns from the predictor (real modules, restored by load_pruned); it prints "
+                    "the MACs removed and the perplexity before/after (--eval-data).")
+    p.add_argument("--stats", required=True, help="STATS.safetensors with cross-layer blocks")
+    _model_args(p, required=False)
+    p.add_argument("--data", default=None, help="held-out text for R² (.txt/.jsonl or datasets name); needs --model")
+    p.add_argument("--samples", type=int, default=16, help="held-out windows (default 16)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per held-out window (default 512)")
+    p.add_argument("--seed", type=int, default=1, help="held-out window seed (default 1; the stats' seed is refused)")
+    p.add_argument("--min-r2", type=float, default=0.95, help="R² threshold for candidates and --apply (default 0.95)")
+    p.add_argument("--top-k", type=int, default=4, help="sources of the ridge predictor (default 4; 1 = single only)")
+    p.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to the mean source variance (default 1e-3)")
+    p.add_argument("--predictor", default="single", help="single or topk: the predictor --apply uses (default single)")
+    p.add_argument("--max-per-layer", type=int, default=None, help="at most k skipped neurons per target layer")
+    p.add_argument("--layers", default=None, help="target layer SPEC (default: every layer with a cross block)")
+    p.add_argument("--thresholds", default="0.9,0.95,0.99", help="R² thresholds of the report table")
+    p.add_argument("--apply", action="store_true", help="rewrite the model with the selected skips (needs --model, --out)")
+    p.add_argument("--out", default=None, help="output checkpoint directory for --apply")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--eval-data", default=None, help="text for perplexity before/after --apply")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default min(2048, context))")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first K perplexity windows")
+    p.add_argument("--report", required=True, help="output directory: skips.json, skips.csv, skips.md, skips.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_skips)
+
+
+def _run_skips(a):
+    from .skips import run_skips_command
+
+    run_skips_command(a)
+
+
+# ------------------------------------------------------------------------------------------ view/trace
+def _add_view(sub):
+    p = sub.add_parser(
+        "view", help="one self-contained HTML page exploring a run directory (projections, clusters, plan, trace, ...)",
+        description="Reads whatever the run directory holds (projections.safetensors, clusters.json, plan.json or "
+                    "pruned/plan.json, stats.safetensors, trace.safetensors, heatmaps/, pruned/prune_summary.json, "
+                    "eval.json, eval_dense.json, sweep/, skips/) and writes one HTML file with plotly.js embedded: "
+                    "it opens offline, without a server.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--model", default="auto",
+                   help="model for the energy E[h^2]*||w_out||^2 (default auto: the model the statistics name, when it "
+                        "loads locally; 'none': E[h^2] only)")
+    p.add_argument("--trace", default=None, help="trace file (default RUN_DIR/trace.safetensors)")
+    p.add_argument("--max-points", type=int, default=20000,
+                   help="neurons per layer and site beyond which an evenly spaced subset is drawn (default 20000)")
+    p.add_argument("--max-mb", type=float, default=20.0,
+                   help="page size to stay under: trace activations are quantized / thinned to fit (default 20)")
+    p.set_defaults(func=_run_view)
+
+
+def _run_view(a):
+    from pathlib import Path
+
+    from .view import view
+
+    out = a.out or str(Path(a.run_dir) / "report.html")
+    model = None if str(a.model).lower() in ("none", "") else a.model
+    path = view(a.run_dir, out, model=model, max_points=a.max_points, max_mb=a.max_mb, trace_file=a.trace)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+
+
+def _add_trace(sub):
+    p = sub.add_parser(
+        "trace", help="generate from a prompt and record every token's activations at the projected sites",
+        description="Generates (greedy by default, --sample with --seed), then runs one full forward pass over prompt "
+                    "+ generated tokens: row t of each stored matrix is the activation at position t. Stores every "
+                    "layer and site the projections have (float32), the token texts and which are prompt tokens.")
+    _model_args(p)
+    p.add_argument("--projections", required=True, help="PROJ.safetensors (its layers and sites are traced)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32; 0: prompt only)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sampling: nucleus probability")
+    p.add_argument("--layers", default=None, help="layer SPEC subset of the projections' layers")
+    p.add_argument("--sites", default=None, help="comma subset of the projections' sites")
+    p.add_argument("--out", required=True, help="output TRACE.safetensors (the viewer reads RUN_DIR/trace.safetensors)")
+    p.set_defaults(func=_run_trace)
+
+
+def _run_trace(a):
+    from .trace import trace
+
+    tr = trace(a.model, a.projections, a.prompt, max_new_tokens=a.max_new_tokens, sample=a.sample, seed=a.seed,
+               temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, layers=a.layers, sites=a.sites, out=a.out,
+               dtype=a.dtype, device=a.device)
+    gen = len(tr.tokens) - tr.n_prompt
+    print(f"wrote {a.out}: {len(tr.tokens)} tokens ({tr.n_prompt} prompt, {gen} generated, "
+          f"{'sampled' if a.sample else 'greedy'}), {len(tr.layers)} layers x {tr.sites}")
+    print("  generated: " + repr(tr.meta["generated"]))
+
+
 # ---------------------------------------------------------------------------------------------- main
-COMMANDS = [_add_collect, _add_info, _add_prune, _add_sweep, _add_cluster, _add_project, _add_heatmap, _add_eval]
+COMMANDS = [_add_collect, _add_info, _add_prune, _add_sweep, _add_run, _add_cluster, _add_project, _add_heatmap, _add_eval, _add_skips, _add_view, _add_trace]
 
 
 def build_parser() -> argparse.ArgumentParser:
