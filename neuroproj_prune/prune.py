@@ -24,6 +24,7 @@ from .errors import NeuroprojError
 from .models import LoadedModel, adapter_for, load_model
 from .plan import (SELECTORS, LayerMoments, Plan, check_sparsity, global_widths, layer_width,
                    make_layer_plan)
+from .stats import gram_lower_, mirror_lower_
 from .surgery import FOLDS, RIDGE, apply_plan, fold_layer, prepare_out_dir, save_pruned
 
 CALIBRATIONS = ("sequential", "oneshot")
@@ -142,7 +143,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
             for bi, (_, args, kw) in enumerate(states):
                 out = _run_layer(layer, hidden[bi], args, kw)
                 h = grab["h"].reshape(-1, N).to(cdt)
-                G += (h.T @ h).double()
+                gram_lower_(G, h)
                 s += h.sum(0, dtype=torch.float64)
                 n += h.shape[0]
                 if dense is not None:
@@ -158,7 +159,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
                     acts.append(h)
                     outs.append(out)
         hook.remove()
-        G, mean = (G / n).cpu(), (s / n).cpu()
+        G, mean = (mirror_lower_(G) / n).cpu(), (s / n).cpu()
         if not torch.isfinite(G).all():
             raise NeuroprojError(f"non-finite activations at layer {i}: load the model with --dtype float32")
         if dense is not None:

