@@ -1,0 +1,121 @@
+"""Recipes: one command from recipe to report; re-runs recompute exactly what changed; bad recipes fail early."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neuroproj_prune.cli import main
+from neuroproj_prune.run import load_recipe, run
+
+from conftest import C4, REPO, WIKI
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _recipe(tmp_path, model_dir, **over):
+    r = {
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "run"),
+        "calibration": {"data": str(C4), "samples": 8, "seqlen": 64},
+        "stats": {"sites": ["mlp.neurons", "mlp.out", "attn.out"]},
+        "clustering": {"algo": "kmeans", "keep_fraction": 0.5},
+        "heatmaps": {"layers": "0"},
+        "prune": {"sparsity": 0.25, "multiple": 8},
+        "eval": {"data": str(WIKI), "seqlen": 128, "max_windows": 2},
+        "trace": {"enabled": True, "prompt": "To be", "max_new_tokens": 3},
+    }
+    for k, v in over.items():
+        r[k] = v
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def test_recipe_runs_end_to_end_and_reruns_only_what_changed(tiny_dir, tmp_path):
+    recipe = _recipe(tmp_path, tiny_dir("llama"))
+    res = run(recipe, progress=False, log=lambda *a: None)
+    out = Path(res["output_dir"])
+    assert set(res["ran"]) >= {"stats", "projection", "clustering", "heatmaps", "prune", "eval_dense", "eval",
+                               "trace", "report"}
+    for f in ("stats.safetensors", "projections.safetensors", "clusters.json", "plan.json", "pruned/config.json",
+              "pruned/prune_summary.json", "eval.json", "eval_dense.json", "report.html", "run_state.json"):
+        assert (out / f).exists(), f
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["perplexity"]["value"] > 1 and ev["perplexity"]["seqlen"] == 128
+    # nothing changed: nothing but the report
+    res = run(recipe, progress=False, log=lambda *a: None)
+    assert res["ran"] == ["report"]
+    # only the sparsity changed: plan + surgery (prune) and the evaluation of the pruned model
+    res = run(recipe, ["prune.sparsity=0.5"], progress=False, log=lambda *a: None)
+    assert res["ran"] == ["prune", "eval", "report"], res
+    summary = json.loads((out / "pruned" / "prune_summary.json").read_text())
+    assert summary["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("override,key", [
+    ("prune.sparsityy=0.2", "prune"),            # unknown key (the error names the section it was looked up in)
+    ("prune.sparsity=high", "prune.sparsity"),   # wrong type
+    ("calibration.data=missing.jsonl", "calibration.data"),  # missing file
+    ("bogus=1", "bogus"),
+    ("prune.select=nope", "prune.select"),
+])
+def test_invalid_recipe_fails_before_loading_a_model(override, key, tmp_path, capsys, monkeypatch):
+    import neuroproj_prune.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    recipe = _recipe(tmp_path, tmp_path / "no-model-needed")
+    assert main(["run", str(recipe), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_recipes_are_valid():
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        for path in sorted((REPO / "recipes").glob("*.yaml")):
+            r = load_recipe(path)
+            assert r["model"] and r["output_dir"], path
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_reduced_default_recipe_on_smollm2(tmp_path):
+    """The shipped default recipe, reduced with --set, runs on the real model and writes the report."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code = main(["run", "recipes/smollm2-135m.yaml", "--set", f"output_dir={tmp_path / 'r'}",
+                     "--set", "calibration.samples=8", "--set", "calibration.seqlen=128",
+                     "--set", "stats.samples=4", "--set", "stats.sites=mlp.neurons", "--set", "stats.layers=0-1",
+                     "--set", "heatmaps.layers=0", "--set", "prune.sparsity=0.3",
+                     "--set", "eval.seqlen=256", "--set", "eval.max_windows=2", "--set", "trace.max_new_tokens=2"])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    out = tmp_path / "r"
+    for f in ("pruned/model.safetensors", "eval.json", "report.html"):
+        assert (out / f).exists(), f
+    dense = json.loads((out / "eval_dense.json").read_text())["perplexity"]["value"]
+    pruned = json.loads((out / "eval.json").read_text())["perplexity"]["value"]
+    assert dense < pruned < 3 * dense
