@@ -108,7 +108,7 @@ def _run_layer(layer, hidden, args, kwargs):
 
 def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
                      target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
-                     progress: bool = True) -> Plan:
+                     weighting: str = "none", progress: bool = True) -> Plan:
     """Prune `lm.model` in place, layer by layer (see module docstring). Returns the plan it applied.
 
     Memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with target=dense) and
@@ -137,23 +137,34 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
         s = torch.zeros(N, dtype=torch.float64, device=dev)
         C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
         c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
-        n = 0
+        n, n_w0 = 0, None
         acts, outs = [], []
         with torch.inference_mode():
             for bi, (_, args, kw) in enumerate(states):
                 out = _run_layer(layer, hidden[bi], args, kw)
                 h = grab["h"].reshape(-1, N).to(cdt)
-                gram_lower_(G, h)
-                s += h.sum(0, dtype=torch.float64)
-                n += h.shape[0]
+                if weighting == "rms":  # the next norm divides each token's residual by its rms
+                    w = 1.0 / (out.reshape(-1, d).to(cdt).pow(2).mean(-1) + 1e-6)
+                    if n_w0 is None:
+                        n_w0 = float(w.mean())  # one scale for all batches keeps the weights comparable
+                    w = (w / n_w0).unsqueeze(1)
+                    hs = h * w.sqrt()
+                    gram_lower_(G, hs)
+                    s += (h * w).sum(0, dtype=torch.float64)
+                    n += float(w.sum())
+                else:
+                    w, hs = None, h
+                    gram_lower_(G, h)
+                    s += h.sum(0, dtype=torch.float64)
+                    n += h.shape[0]
                 if dense is not None:
                     dense_out = _run_layer(layer, dense[bi], args, kw)
                     if target == "dense":   # the dense MLP output on the dense stream
                         y = grab["h"].reshape(-1, N).to(cdt) @ W.T
                     else:                   # residual: also close the gap between the two streams
                         y = h @ W.T + (dense_out - out).reshape(-1, d).to(cdt)
-                    C += (y.T @ h).double()
-                    c += y.sum(0, dtype=torch.float64)
+                    C += (y.T @ (h if w is None else h * w)).double()
+                    c += (y if w is None else y * w).sum(0, dtype=torch.float64)
                     dense[bi] = dense_out
                 if additive:
                     acts.append(h)
@@ -252,7 +263,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
           fold: str = "lstsq", allocation: str = "uniform", calibration: str = "sequential",
           target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
           seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,
-          add_bias: bool | None = None, dtype="auto", device="auto", progress: bool = True):
+          add_bias: bool | None = None, weighting: str = "none", ridge: float = RIDGE, dtype="auto",
+          device="auto", progress: bool = True):
     """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
 
     Cost: sequential — one forward over samples×seqlen tokens plus N² per token and layer for the Gram;
@@ -284,8 +296,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
             st = load_stats(stats) if not hasattr(stats, "second_moment") else stats
             st.check_model(lm)
         p = plan(st, lm, sparsity=sparsity, keep=keep, select=select, allocation=allocation,
-                 multiple=multiple, seed=seed)
-        apply_plan(lm.model, p, stats=st, fold=fold, add_bias=add_bias)
+                 multiple=multiple, seed=seed, ridge=ridge)
+        apply_plan(lm.model, p, stats=st, fold=fold, add_bias=add_bias, ridge=ridge)
         calib_desc = st.meta.get("data")
     else:
         if data is None:
@@ -296,7 +308,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         ids, calib_desc = calibration_samples(lm.tokenizer, str(data), samples, seqlen, seed, max_seqlen=max_len)
         widths = {i: layer_width(a.width(lm.model, i), sparsity, keep, multiple) for i in range(a.num_layers(lm.model))}
         p = sequential_prune(lm, ids, widths=widths, select=select, fold=fold, target=target,
-                             batch_size=batch_size or max(1, 4096 // seqlen), seed=seed, progress=progress)
+                             batch_size=batch_size or max(1, 4096 // seqlen), seed=seed, weighting=weighting,
+                             ridge=ridge, progress=progress)
         p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
                        "multiple": multiple, "calibration": "sequential", "target": target,
                        "fingerprint": lm.fingerprint})
