@@ -330,6 +330,9 @@ def _add_sweep(sub):
     p.add_argument("--select", default="obs", help="comma list of selection methods")
     p.add_argument("--fold", default="lstsq", help="comma list of folds")
     p.add_argument("--calibration", default="sequential", help="comma list of sequential,oneshot")
+    p.add_argument("--methods", default=None,
+                   help="explicit comma list of SELECT+FOLD[+CALIBRATION] (e.g. flap+bias+oneshot,obs+lstsq) "
+                        "instead of the --select x --fold x --calibration cross product")
     p.add_argument("--target", default="layer", help="sequential fold target (layer, dense, residual)")
     p.add_argument("--multiple", type=int, default=64, help="round widths to a multiple (1 = exact sparsity)")
     p.add_argument("--samples", type=int, default=128)
@@ -345,7 +348,7 @@ def _run_sweep(a):
     from .sweep import sweep
 
     rows = sweep(a.model, a.data, a.eval_data, sparsities=a.sparsities, select=a.select, fold=a.fold,
-                 calibration=a.calibration, target=a.target, multiple=a.multiple, samples=a.samples,
+                 calibration=a.calibration, methods=a.methods, target=a.target, multiple=a.multiple, samples=a.samples,
                  seqlen=a.seqlen, eval_seqlen=a.eval_seqlen, max_windows=a.max_windows, seed=a.seed, out=a.out,
                  dtype=a.dtype, device=a.device)
     print((__import__("pathlib").Path(a.out) / "results.md").read_text())

@@ -28,7 +28,6 @@ Definitions used throughout (and written to the JSON file):
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import NeuroprojError
+from .io import write_text
 
 FORMAT = "neuroproj-prune/clusters/1"
 ALGOS = ("dbscan", "kmeans")
@@ -148,19 +148,9 @@ class Clusters(dict):
 
     def save(self, path) -> Path:
         """Write one JSON file atomically (temporary file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.to_json(), f, allow_nan=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_text(path, json.dumps(self.to_json(), allow_nan=False) + "\n")
         self.path = str(path)
-        return path
+        return Path(path)
 
 
 def load_clusters(path) -> Clusters:

@@ -31,10 +31,8 @@ perplexity compare models with different tokenizers; token perplexity does not.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NeuroprojError
+from .io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SEQLEN = 2048
@@ -113,17 +112,7 @@ def _device_of(model) -> torch.device:
 
 def write_json_atomic(obj, path) -> None:
     """Write JSON to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, obj)
 
 
 # --------------------------------------------------------------------------------------- perplexity

@@ -20,13 +20,13 @@ Allocation across layers: `uniform` (the same width everywhere, rounded to a mul
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import NeuroprojError
+from .io import write_text
 
 FORMAT = "neuroproj-prune/plan/1"
 
@@ -246,12 +246,7 @@ class Plan:
 
     def save(self, path) -> Path:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path) -> "Plan":

@@ -41,10 +41,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import NeuroprojError
+from .io import load_tensors, save_tensors
 
 FORMAT = "neuroproj-prune/projection/1"
 INITS = ("cmds", "single_point", "rand", "randn")
@@ -354,18 +353,10 @@ class Projections:
         return P[:, 0].argsort()
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({k: v.contiguous().to(torch.float32) for k, v in self._t.items()}, str(tmp),
-                      metadata={"neuroproj_prune": json.dumps(self.meta)})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        """Write atomically (temporary file in the same directory, then rename)."""
+        save_tensors(path, {k: v.to(torch.float32) for k, v in self._t.items()}, self.meta)
         self.path = str(path)
-        return path
+        return Path(path)
 
     def __repr__(self):
         return (f"Projections(mode={self.meta.get('mode')}, dims={self.meta.get('dims')}, "
@@ -374,18 +365,7 @@ class Projections:
 
 def load_projections(path) -> Projections:
     """Read a projection file; a one-line NeuroprojError for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise NeuroprojError(f"projection file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["neuroproj_prune"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise NeuroprojError(f"{path} is not a readable projection file ({type(e).__name__}): re-run project") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise NeuroprojError(f"{path} is not a neuroproj-prune projection file (format {fmt!r})")
+    tensors, meta = load_tensors(path, FORMAT, "projection", "project")
     return Projections(tensors, meta, str(path))
 
 

@@ -108,7 +108,7 @@ def _run_layer(layer, hidden, args, kwargs):
 
 def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
                      target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
-                     weighting: str = "none", progress: bool = True) -> Plan:
+                     weighting: str = "none", add_bias: bool = False, progress: bool = True) -> Plan:
     """Prune `lm.model` in place, layer by layer (see module docstring). Returns the plan it applied.
 
     Memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with target=dense) and
@@ -188,7 +188,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
         keep = plan.keep(i)
         Wn, bn = fold_layer(fold, W.double().cpu(), keep, G=G, mean=mean,
                             bias=None if b_old is None else b_old.double().cpu(), C=C, c=c,
-                            representative=plan.layers[i]["representative"], use_bias=b_old is not None,
+                            representative=plan.layers[i]["representative"], use_bias=b_old is not None or add_bias,
                             ridge=ridge)
         a.select_neurons(model, i, keep)
         a.set_out_weight(model, i, Wn)
@@ -202,7 +202,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
                     hidden[bi] = _run_layer(layer, hidden[bi], args, kw)
             else:
                 Wn_c, keep_d = Wn.to(dev, cdt), keep.to(dev)
-                db = None if bn is None else (bn - b_old.double().cpu()).to(dev, cdt)
+                db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
                 for bi in range(len(states)):
                     h = acts[bi]
                     delta = h[:, keep_d] @ Wn_c.T - h @ W.T
@@ -281,6 +281,9 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
     t0 = time.time()
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     a = lm.adapter
+    had_bias = a.out_has_bias(lm.model)
+    if add_bias == "auto":  # a bias only where the checkpoint stays standard (llama-style `mlp_bias`)
+        add_bias = fold in ("lstsq", "bias") and (had_bias or a.config_can_express_out_bias(lm.model.config))
     before = {"params": num_params(lm.model), "macs": mlp_macs_per_token(lm.model)}
     from .stats import load_stats
 
@@ -309,13 +312,13 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         widths = {i: layer_width(a.width(lm.model, i), sparsity, keep, multiple) for i in range(a.num_layers(lm.model))}
         p = sequential_prune(lm, ids, widths=widths, select=select, fold=fold, target=target,
                              batch_size=batch_size or max(1, 4096 // seqlen), seed=seed, weighting=weighting,
-                             ridge=ridge, progress=progress)
+                             ridge=ridge, add_bias=bool(add_bias), progress=progress)
         p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
                        "multiple": multiple, "calibration": "sequential", "target": target,
                        "fingerprint": lm.fingerprint})
         from .surgery import _update_config
 
-        _update_config(lm.model, p, added_bias=False)
+        _update_config(lm.model, p, added_bias=bool(add_bias) and not had_bias)
     after = {"params": num_params(lm.model), "macs": mlp_macs_per_token(lm.model)}
     kept = [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]
     total_before = sum(p.layers[i]["width"] for i in p.layers)

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import os
 import re
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import NeuroprojError
+from .io import load_tensors, save_tensors
 from .models import Adapter, LoadedModel, adapter_for, load_model
 
 SITES = ("mlp.neurons", "mlp.out", "attn.out")
@@ -464,18 +461,9 @@ class Stats:
 
     def save(self, path) -> Path:
         """Write atomically (temporary file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({k: v.contiguous() for k, v in self._t.items()}, str(tmp),
-                      metadata={"neuroproj_prune": json.dumps(self.meta)})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        save_tensors(path, self._t, self.meta)
         self.path = str(path)
-        return path
+        return Path(path)
 
     # -- description
     @property
@@ -582,15 +570,5 @@ def file_sha256(path) -> str:
 
 def load_stats(path) -> Stats:
     """Read a statistics file written by `collect`; a one-line error for a missing or corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise NeuroprojError(f"statistics file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["neuroproj_prune"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise NeuroprojError(f"{path} is not a readable statistics file ({type(e).__name__}): re-run collect") from None
-    if meta.get("format") != FORMAT:
-        raise NeuroprojError(f"{path} is not a neuroproj-prune statistics file (format {meta.get('format')!r})")
+    tensors, meta = load_tensors(path, FORMAT, "statistics", "collect")
     return Stats(tensors, meta, str(path))

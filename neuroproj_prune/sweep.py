@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from .errors import NeuroprojError
 from .models import LoadedModel, load_model
@@ -33,7 +32,8 @@ def cell_key(select, fold, calibration, sparsity) -> str:
     return f"{select}+{fold}+{calibration}@{sparsity:g}"
 
 
-def sweep(model, data, eval_data, *, sparsities, select, fold, calibration="sequential", out,
+def sweep(model, data, eval_data, *, sparsities, select="obs", fold="lstsq", calibration="sequential", out,
+          methods=None,
           samples: int = 128, seqlen: int = 512, seed: int = 0, eval_seqlen: int | None = None,
           max_windows: int | None = None, multiple: int = 64, target: str = "layer", dtype="auto",
           device="auto", progress: bool = True) -> list[dict]:
@@ -44,6 +44,18 @@ def sweep(model, data, eval_data, *, sparsities, select, fold, calibration="sequ
 
     sparsities = _parse_list(sparsities, float)
     selects, folds, calibrations = _parse_list(select), _parse_list(fold), _parse_list(calibration)
+    if methods:  # explicit select+fold[+calibration] triples instead of the cross product
+        triples = []
+        for m in _parse_list(methods):
+            parts = m.split("+")
+            if len(parts) not in (2, 3):
+                raise NeuroprojError(f"method {m!r}: write SELECT+FOLD or SELECT+FOLD+CALIBRATION")
+            triples.append((parts[0], parts[1], parts[2] if len(parts) == 3 else calibrations[0]))
+        selects = list(dict.fromkeys(t[0] for t in triples))
+        folds = list(dict.fromkeys(t[1] for t in triples))
+        calibrations = list(dict.fromkeys(t[2] for t in triples))
+    else:
+        triples = [(s, f, c) for c in calibrations for s in selects for f in folds]
     from .plan import SELECTORS, check_sparsity
     from .prune import CALIBRATIONS
     from .surgery import FOLDS
@@ -87,7 +99,7 @@ def sweep(model, data, eval_data, *, sparsities, select, fold, calibration="sequ
         record({"key": "dense", "method": "dense", "sparsity": 0.0, "actual_sparsity": 0.0, "ppl": r["value"],
                 "params": num_params(lm.model), "mlp_macs_per_token": mlp_macs_per_token(lm.model), "seconds": 0.0})
     stats_path = out / "stats.safetensors"
-    cells = [(s, f, c, sp) for c in calibrations for s in selects for f in folds for sp in sparsities]
+    cells = [(s, f, c, sp) for s, f, c in triples for sp in sparsities]
     for sel, fo, cal, sp in cells:
         key = cell_key(sel, fo, cal, sp)
         if key in done:
@@ -143,7 +155,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines.append("| method | " + " | ".join(f"{s:.0%}" for s in sps) + " |")
     lines.append("|---|" + "---|" * len(sps))
     if dense:
-        lines.append(f"| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in sps) + " |")
+        lines.append("| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in sps) + " |")
     for m in methods:
         cells = {r["sparsity"]: r for r in rows if r["method"] == m}
         lines.append(f"| {m} | " + " | ".join(

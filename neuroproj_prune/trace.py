@@ -14,16 +14,13 @@ site the projections have; `input_ids` (T,) int64; metadata key `neuroproj_prune
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import NeuroprojError
+from .io import load_tensors, save_tensors
 
 FORMAT = "neuroproj-prune/trace/1"
 
@@ -66,18 +63,9 @@ class Trace:
 
     def save(self, path) -> Path:
         """Write atomically (temporary file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({k: v.contiguous() for k, v in self._t.items()}, str(tmp),
-                      metadata={"neuroproj_prune": json.dumps(self.meta)})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        save_tensors(path, self._t, self.meta)
         self.path = str(path)
-        return path
+        return Path(path)
 
     def __repr__(self):
         return (f"Trace({len(self.tokens)} tokens ({self.n_prompt} prompt), layers {self.layers[:3]}..., "
@@ -85,17 +73,7 @@ class Trace:
 
 
 def load_trace(path) -> Trace:
-    path = Path(path)
-    if not path.is_file():
-        raise NeuroprojError(f"trace file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["neuroproj_prune"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise NeuroprojError(f"{path} is not a readable trace file ({type(e).__name__}): re-run trace") from None
-    if meta.get("format") != FORMAT:
-        raise NeuroprojError(f"{path} is not a neuroproj-prune trace file (format {meta.get('format')!r})")
+    tensors, meta = load_tensors(path, FORMAT, "trace", "trace")
     return Trace(tensors, meta, str(path))
 
 

@@ -78,6 +78,21 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **kw):
     return model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models run on one thread: for many tiny ops, thread hand-offs cost more than they save (and on a
+    shared 2-core machine, ×30 more). Tests marked `slow` (the real model) keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -18,15 +18,6 @@ from conftest import REPO, SHAKESPEARE, WIKI, tiny_model
 SNIPPET = SHAKESPEARE.read_text()[:3000]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread. With the CPU shared, 2 threads were 100x slower (spin waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
     return tiny_model("llama"), tokenizer

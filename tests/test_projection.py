@@ -25,13 +25,6 @@ from conftest import SHAKESPEARE, tiny_model
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread avoids thread-pool contention on a shared machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def planted(N=240, seed=0):

@@ -13,16 +13,6 @@ from neuroproj_prune.run import load_recipe, run
 from conftest import C4, REPO, WIKI
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _recipe(tmp_path, model_dir, **over):
     r = {
         "model": str(model_dir),

@@ -17,14 +17,6 @@ from neuroproj_prune.stats import Stats, _Totals
 from conftest import SHAKESPEARE, tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ------------------------------------------------------------------------------------ synthetic stats
 def stats_from_activations(acts: dict[int, torch.Tensor], window: int, model_type="llama", hidden=16) -> Stats:
     """A Stats object built directly from per-layer activation matrices (tokens × N), shift 0."""

@@ -29,21 +29,6 @@ SITES = ("mlp.neurons", "mlp.out", "attn.out")
 GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models run on one thread: on a shared 2-core machine, thread hand-offs of many tiny ops cost far
-    more than they save (×30 slower under load). The real-model test keeps torch's default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------- references
 def _modules(model, family, i):
     """(output projection, MLP block, attention block) of layer i, by module name, per family."""

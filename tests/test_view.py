@@ -30,14 +30,6 @@ SITES = "mlp.neurons,mlp.out,attn.out"
 PROMPT = "To be, or not to be: that is"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------ the run
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_dir):

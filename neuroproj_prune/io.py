@@ -1,0 +1,69 @@
+"""Files of a run directory: written atomically, read with one-line errors.
+
+Every stage writes through these helpers: a temporary file in the target's directory, renamed when
+complete, so a failure never leaves a half-written output. Tensor files are safetensors whose metadata key
+`neuroproj_prune` holds a JSON object with a `format` tag; readers check the tag.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import NeuroprojError
+
+META_KEY = "neuroproj_prune"
+
+
+def atomic_write(path, write) -> Path:
+    """Call `write(tmp_path)`, then rename the temporary file onto `path`; remove it on any failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path, obj, **kw) -> Path:
+    return write_text(path, json.dumps(obj, indent=kw.pop("indent", 2), default=str, **kw) + "\n")
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """One safetensors file with `meta` (JSON) under the metadata key `neuroproj_prune`."""
+    from safetensors.torch import save_file
+
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata={META_KEY: json.dumps(meta)}))
+
+
+def load_tensors(path, fmt: str, what: str, remedy: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a file written by `save_tensors` with `meta["format"] == fmt`.
+    `what` names the kind of file and `remedy` the command that makes it, for the error messages."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NeuroprojError(f"{what} file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise NeuroprojError(f"{path} is not a readable {what} file ({type(e).__name__}): re-run {remedy}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise NeuroprojError(f"{path} is not a neuroproj-prune {what} file (format {found!r})")
+    return tensors, meta
