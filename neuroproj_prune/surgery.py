@@ -10,7 +10,8 @@ layer's own output):
     bias            W' = W_:,K,  b += W_:,R μ_R                                  (FLAP's compensation)
     lstsq           W' = C_:,K (G_KK + λI)⁻¹                 (augmented with a constant 1 when b exists)
 
-All solves in float64 (Cholesky; ridge λ = 1e-4·mean diag G). Cost per layer: O(N·K·d + K³).
+All solves in float64 (Cholesky; ridge λ = 1e-7·mean diag G: on SmolLM2 at 30 %, 1e-4 and 1e-6 gave the same perplexity
+and 1e-2 clearly worse; a near-zero ridge lets an exact duplicate fold away exactly). Cost per layer: O(N·K·d + K³).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .errors import NeuroprojError
 from .models import adapter_for
 
 FOLDS = ("none", "representative", "bias", "lstsq")
-RIDGE = 1e-4
+RIDGE = 1e-7
 
 
 def _chol_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
