@@ -72,6 +72,24 @@ class Adapter:
     def is_gated(self) -> bool:
         return False
 
+    def residual_norms(self, model, i) -> list[nn.Module]:
+        """The norm modules that read the residual stream after layer i's MLP (later layers and the final
+        norm); [] when unknown."""
+        return []
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """The per-dimension gain γ a norm applies (its weight; gemma stores γ − 1)."""
+        return norm.weight.detach()
+
+    def downstream_gain(self, model, i) -> torch.Tensor | None:
+        """sqrt of the mean γ² over the norms that read layer i's MLP output: how much an error in each hidden
+        dimension is seen downstream. None when the architecture does not say."""
+        norms = self.residual_norms(model, i)
+        if not norms:
+            return None
+        g2 = torch.stack([self.norm_gain(n).double().cpu() ** 2 for n in norms]).mean(0)
+        return g2.sqrt()
+
     def mlp_output_is_added(self, model) -> bool:
         """True when the layer output is `residual + mlp_out` (no norm after the MLP): then a change of
         the MLP output changes the layer output by exactly that much, which sequential pruning uses."""
@@ -164,6 +182,14 @@ class GatedAdapter(Adapter):
 
     def is_gated(self):
         return True
+
+    def residual_norms(self, model, i):
+        later = [m for l in self.layers(model)[i + 1:] for m in (l.input_layernorm, l.post_attention_layernorm)]
+        return later + [model.model.norm]
+
+    def norm_gain(self, norm):
+        w = norm.weight.detach()
+        return 1 + w if type(norm).__name__.startswith("Gemma") else w  # Gemma's RMSNorm scales by (1 + w)
 
     def out_has_bias_in_config(self, config) -> bool:
         # llama-style configs have `mlp_bias` (biases on gate, up and down); the others have no such switch

@@ -108,12 +108,18 @@ def _run_layer(layer, hidden, args, kwargs):
 
 def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
                      target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
-                     weighting: str = "none", add_bias: bool = False, progress: bool = True) -> Plan:
+                     weighting: str = "none", add_bias: bool = False, output_weighting: str = "none",
+                     progress: bool = True) -> Plan:
     """Prune `lm.model` in place, layer by layer (see module docstring). Returns the plan it applied.
 
     Memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with target=dense) and
     one layer's neuron activations (tokens·N·4 bytes)."""
     model, a = lm.model, lm.adapter
+    from .skips import get_skips
+
+    if get_skips(model):  # skip hooks hand activations from layer l to m within one forward pass
+        raise NeuroprojError("the model has applied skip connections, which layer-by-layer calibration cannot "
+                             "run: prune with --calibration oneshot, or prune before applying skips")
     dev = next(model.parameters()).device
     cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     batches = [ids[b:b + batch_size] for b in range(0, ids.shape[0], batch_size)]
@@ -180,7 +186,9 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
             W_eff = _chol_solve(G, C, ridge)  # the full-width least-squares map onto the target
         else:
             W_eff = W.double().cpu()
-        m = LayerMoments(i, G, mean, W_eff, _in_norms(a, model, i), ridge=ridge)
+        D = a.downstream_gain(model, i) if output_weighting == "norms" else None
+        # selection sees the output error as the downstream norms do; the fold's optimum does not depend on it
+        m = LayerMoments(i, G, mean, W_eff if D is None else D[:, None] * W_eff, _in_norms(a, model, i), ridge=ridge)
         if select == "cluster":
             m.points = _points(G, mean, seed=seed)
         sel = SELECTORS[select](m, widths[i], seed)
@@ -263,7 +271,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
           fold: str = "lstsq", allocation: str = "uniform", calibration: str = "sequential",
           target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
           seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,
-          add_bias: bool | None = None, weighting: str = "none", ridge: float = RIDGE, dtype="auto",
+          add_bias: bool | None = None, weighting: str = "none", output_weighting: str = "none",
+          ridge: float = RIDGE, dtype="auto",
           device="auto", progress: bool = True):
     """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
 
@@ -312,7 +321,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         widths = {i: layer_width(a.width(lm.model, i), sparsity, keep, multiple) for i in range(a.num_layers(lm.model))}
         p = sequential_prune(lm, ids, widths=widths, select=select, fold=fold, target=target,
                              batch_size=batch_size or max(1, 4096 // seqlen), seed=seed, weighting=weighting,
-                             ridge=ridge, add_bias=bool(add_bias), progress=progress)
+                             ridge=ridge, add_bias=bool(add_bias), output_weighting=output_weighting,
+                             progress=progress)
         p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
                        "multiple": multiple, "calibration": "sequential", "target": target,
                        "fingerprint": lm.fingerprint})

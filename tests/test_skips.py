@@ -211,6 +211,25 @@ def test_prune_after_skip_remaps_sources(exact, tmp_path):
         npp.apply_plan(model, bad, fold="none")
 
 
+def test_sequential_prune_after_skip_is_refused(exact):
+    """Layer-by-layer calibration cannot carry skip activations across layers: a clear refusal, model untouched."""
+    import copy
+
+    from neuroproj_prune.models import LoadedModel
+    from neuroproj_prune.prune import sequential_prune
+
+    lm, st, rep, x = exact
+    model = copy.deepcopy(lm.model)
+    npp.apply_skips(model, rep, min_r2=0.999)
+    ref = _logits(model, x)
+    a = npp.adapter_for(model)
+    widths = {i: a.width(model, i) // 2 for i in range(a.num_layers(model))}
+    with pytest.raises(NeuroprojError, match="oneshot"):
+        sequential_prune(LoadedModel(model, lm.tokenizer, "t", None), x, widths=widths, select="obs",
+                         fold="lstsq", progress=False)
+    assert torch.equal(_logits(model, x), ref)
+
+
 def test_skip_after_prune_and_refusals(exact):
     import copy
 
