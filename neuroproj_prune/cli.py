@@ -283,6 +283,9 @@ def _add_prune(sub):
                    help="sequential fold target: layer (its own output on the pruned inputs; default), dense (the dense "
                         "model's MLP output) or residual (also repair the drift of the residual stream)")
     p.add_argument("--multiple", type=int, default=64, help="round widths to a multiple (default 64; 1 = exact)")
+    p.add_argument("--weighting", default="rms",
+                   help="sequential calibration: weight token t by 1/mean(out_t^2), as the next norm sees its error "
+                        "(rms, default) or not at all (none)")
     p.add_argument("--add-bias", action="store_true",
                    help="let folds write an MLP output bias on architectures without one (non-standard checkpoint "
                         "except for llama-style configs with mlp_bias)")
@@ -304,7 +307,7 @@ def _run_prune(a):
     _, _, s = prune(a.model, a.data, sparsity=a.sparsity, keep=a.keep, select=a.select, fold=a.fold,
                     allocation=a.allocation, calibration=calibration, target=a.target, multiple=a.multiple,
                     stats=a.stats, samples=a.samples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size,
-                    out=a.out, overwrite=a.overwrite, add_bias=True if a.add_bias else None,
+                    out=a.out, overwrite=a.overwrite, add_bias=True if a.add_bias else None, weighting=a.weighting,
                     dtype=a.dtype, device=a.device)
     kept = s["kept"]
     print(f"pruned {s['model']} with {s['select']} + {s['fold']} ({s['calibration']}): "

@@ -12,6 +12,9 @@ Two calibrations:
   `target=residual` goes one step further: the MLP's target is its own output plus the gap between the
   dense and the pruned residual streams, y* = W h̃ + (out_dense − out), so each pruned MLP also repairs the
   drift that earlier layers left (architectures whose MLP output is added to the residual as is).
+  Token weighting (`weighting=rms`, default): every later layer reads the residual stream through a norm,
+  so an output error on token t is seen divided by rms(x_t); the moments weight token t by 1/mean(out_t²),
+  which stops the few massive-activation tokens (attention sinks) from dominating the fit.
 """
 from __future__ import annotations
 
@@ -271,7 +274,7 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
           fold: str = "lstsq", allocation: str = "uniform", calibration: str = "sequential",
           target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
           seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,
-          add_bias: bool | None = None, weighting: str = "none", output_weighting: str = "none",
+          add_bias: bool | None = None, weighting: str = "rms", output_weighting: str = "none",
           ridge: float = RIDGE, dtype="auto",
           device="auto", progress: bool = True):
     """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
@@ -283,6 +286,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         check_sparsity(sparsity)
     if out is not None:
         prepare_out_dir(out, overwrite)  # refuse early, before any work
+    if weighting not in ("rms", "none") or output_weighting not in ("norms", "none"):
+        raise NeuroprojError("--weighting takes rms or none; --output-weighting takes norms or none")
     if calibration == "sequential" and allocation == "global":
         raise NeuroprojError("global allocation needs all layers' scores first: use --calibration oneshot")
     if calibration == "sequential" and fold in ("bias", "representative", "none") and target != "layer":
