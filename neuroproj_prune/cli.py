@@ -311,8 +311,7 @@ def _run_prune(a):
                     dtype=a.dtype, device=a.device)
     kept = s["kept"]
     print(f"pruned {s['model']} with {s['select']} + {s['fold']} ({s['calibration']}): "
-          f"{sum(kept)} of {s['mlp_macs_per_token_before'] and sum(kept) / (1 - s['actual_sparsity']):.0f} "
-          f"MLP neurons kept ({s['actual_sparsity']:.1%} removed)")
+          f"{s['neurons_after']} of {s['neurons_before']} MLP neurons kept ({s['actual_sparsity']:.1%} removed)")
     print("  kept per layer: " + " ".join(str(k) for k in kept))
     print(f"  parameters {s['params_before']:,} -> {s['params_after']:,}; MLP MACs/token "
           f"{s['mlp_macs_per_token_before']:,} -> {s['mlp_macs_per_token_after']:,}; {s['seconds']} s")

@@ -343,7 +343,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         "target": target if calibration == "sequential" else None, "calibration_data": calib_desc,
         "params_before": before["params"], "params_after": after["params"],
         "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": after["macs"],
-        "kept": kept, "seconds": round(time.time() - t0, 1),
+        "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept,
+        "seconds": round(time.time() - t0, 1),
     }
     lm.fingerprint = None  # the weights changed
     if out is not None:
