@@ -273,6 +273,8 @@ def _add_prune(sub):
     p.add_argument("--sparsity", type=float, default=None, help="fraction of MLP neurons to remove, in [0, 1)")
     p.add_argument("--keep", type=int, default=None, help="neurons to keep per layer (instead of --sparsity)")
     p.add_argument("--stats", default=None, help="reuse a statistics file from collect (one-shot calibration)")
+    p.add_argument("--plan", default=None,
+                   help="apply this plan.json (e.g. one you edited) instead of selecting; folds use one-shot moments")
     p.add_argument("--select", default="obs", help=f"selection method: {', '.join(SELECTORS)} (default obs)")
     p.add_argument("--fold", default="lstsq", help=f"fold: {', '.join(FOLDS)} (default lstsq)")
     p.add_argument("--allocation", default="uniform", help="uniform (standard checkpoint) or global (per-layer widths)")
@@ -301,13 +303,14 @@ def _add_prune(sub):
 def _run_prune(a):
     from .prune import prune
 
-    if a.sparsity is None and a.keep is None:
-        raise NeuroprojError("give --sparsity S (fraction in [0, 1)) or --keep K")
+    if a.sparsity is None and a.keep is None and a.plan is None:
+        raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K or --plan PLAN.json")
     calibration = a.calibration or ("oneshot" if a.stats or a.allocation == "global" else "sequential")
     _, _, s = prune(a.model, a.data, sparsity=a.sparsity, keep=a.keep, select=a.select, fold=a.fold,
                     allocation=a.allocation, calibration=calibration, target=a.target, multiple=a.multiple,
                     stats=a.stats, samples=a.samples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size,
                     out=a.out, overwrite=a.overwrite, add_bias=True if a.add_bias else None, weighting=a.weighting,
+                    plan_file=a.plan,
                     dtype=a.dtype, device=a.device)
     kept = s["kept"]
     print(f"pruned {s['model']} with {s['select']} + {s['fold']} ({s['calibration']}): "

@@ -275,14 +275,16 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
           target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
           seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,
           add_bias: bool | None = None, weighting: str = "rms", output_weighting: str = "none",
-          ridge: float = RIDGE, dtype="auto",
+          ridge: float = RIDGE, plan_file=None, dtype="auto",
           device="auto", progress: bool = True):
     """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
 
     Cost: sequential — one forward over samples×seqlen tokens plus N² per token and layer for the Gram;
     oneshot — the statistics pass (or none, with `stats`) plus the per-layer solves (O(N³))."""
     _check_method(select, fold, allocation, calibration, target)
-    if keep is None:
+    if plan_file is not None:  # a plan the user wrote or edited: apply it as is (one-shot moments for the fold)
+        calibration, given_plan = "oneshot", Plan.load(plan_file)
+    elif keep is None:
         check_sparsity(sparsity)
     if out is not None:
         prepare_out_dir(out, overwrite)  # refuse early, before any work
@@ -312,8 +314,12 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         else:
             st = load_stats(stats) if not hasattr(stats, "second_moment") else stats
             st.check_model(lm)
-        p = plan(st, lm, sparsity=sparsity, keep=keep, select=select, allocation=allocation,
-                 multiple=multiple, seed=seed, ridge=ridge)
+        if plan_file is not None:
+            p = given_plan
+            p.check(lm.model)
+        else:
+            p = plan(st, lm, sparsity=sparsity, keep=keep, select=select, allocation=allocation,
+                     multiple=multiple, seed=seed, ridge=ridge)
         apply_plan(lm.model, p, stats=st, fold=fold, add_bias=add_bias, ridge=ridge)
         calib_desc = st.meta.get("data")
     else:
@@ -336,7 +342,7 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         _update_config(lm.model, p, added_bias=bool(add_bias) and not had_bias)
     after = {"params": num_params(lm.model), "macs": mlp_macs_per_token(lm.model)}
     kept = [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]
-    total_before = sum(p.layers[i]["width"] for i in p.layers)
+    total_before = sum(p.layers[i]["width"] if i in p.layers else kept[i] for i in range(len(kept)))
     summary = {
         "model": lm.spec, "sparsity": sparsity, "keep": keep, "actual_sparsity": 1 - sum(kept) / total_before,
         "select": select, "fold": fold, "allocation": allocation, "calibration": calibration,

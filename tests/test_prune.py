@@ -262,3 +262,24 @@ def test_stats_of_another_model_are_refused(tokenizer):
     st = collect(lm, _ids(0), progress=False)
     with pytest.raises(npp.NeuroprojError, match="re-run collect"):
         prune(other, None, sparsity=0.5, calibration="oneshot", stats=st, progress=False)
+
+
+def test_an_edited_plan_is_applied_as_written(tiny_dir, tmp_path):
+    d = str(tiny_dir("llama"))
+    common = ["--model", d, "--data", str(C4), "--samples", "4", "--seqlen", "32"]
+    assert main(["prune", *common, "--sparsity", "0.5", "--multiple", "1", "--out", str(tmp_path / "a")]) == 0
+    doc = json.loads((tmp_path / "a" / "plan.json").read_text())
+    doc["layers"]["0"]["keep"] = list(range(40))           # the user keeps a different set in layer 0
+    doc["layers"]["0"]["representative"] = {}
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(doc))
+    assert main(["prune", *common, "--plan", str(edited), "--out", str(tmp_path / "b")]) == 0
+    model = npp.load_model(str(tmp_path / "b"), device="cpu").model
+    a = adapter_for(model)
+    assert [a.width(model, i) for i in range(3)] == [40, 32, 32]
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["layers"]["0"]["keep"] == list(range(40))
+    # a plan for another model is refused before anything is written
+    doc["layers"]["0"]["width"] = 99
+    edited.write_text(json.dumps(doc))
+    assert main(["prune", *common, "--plan", str(edited), "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
