@@ -323,9 +323,10 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
     finally:
         bar.close()  # also on an error: its message then starts on a line of its own
 
-    for t in totals.values():
-        if t.gram is not None:
-            mirror_lower_(t.gram)
+    with torch.inference_mode():  # the totals were made inside the capture's inference mode
+        for t in totals.values():
+            if t.gram is not None:
+                mirror_lower_(t.gram)
     if dist is not None:
         _all_reduce(dist, rank, totals, cross, dev)
     if any(t.n == 0 for t in totals.values()):

@@ -369,3 +369,28 @@ def test_cli_subprocess_exit_code(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("neuroproj-prune: error: model ")
     assert not out.exists()
+
+
+def test_wide_layers_use_the_blocked_gram(tokenizer):
+    """Widths above the Gram block (384): the lower-triangle accumulation, mirrored, equals numpy."""
+    from neuroproj_prune.models import LoadedModel, model_fingerprint
+    from neuroproj_prune.stats import GRAM_BLOCK, collect, gram_lower_, mirror_lower_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 1000, generator=g, dtype=torch.float64)
+    G = torch.zeros(1000, 1000, dtype=torch.float64)
+    gram_lower_(G, x[:100])
+    gram_lower_(G, x[100:])
+    assert torch.allclose(mirror_lower_(G), x.T @ x, rtol=1e-12, atol=1e-9)
+
+    model = tiny_model("llama", dtype=torch.float64, inter=GRAM_BLOCK + 136)
+    ids = torch.randint(0, 384, (6, 40), generator=g)
+    st = collect(LoadedModel(model, tokenizer, "t", model_fingerprint(model)), ids, progress=False, batch_size=2)
+    acts = []
+    h = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for b in range(0, 6, 2):
+            model(ids[b:b + 2])
+    h.remove()
+    H = torch.cat(acts).numpy()
+    np.testing.assert_allclose(st.correlation(1).numpy(), np.corrcoef(H.T), rtol=1e-10, atol=1e-10)
