@@ -125,7 +125,8 @@ def validate(r: dict, path) -> None:
         raise NeuroprojError("recipe key 'calibration.data' is required")
     for section, key in (("calibration", "data"), ("eval", "data")):
         v = r[section][key]
-        if v and (str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or "/" in str(v)) and not Path(v).is_file():
+        looks_like_file = str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or str(v).startswith((".", "/", "~"))
+        if v and looks_like_file and not Path(v).expanduser().is_file():  # else: a `datasets` name
             raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
     p = r["prune"]
     if p["select"] not in SELECTORS:
