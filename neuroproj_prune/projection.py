@@ -615,7 +615,8 @@ def project(stats_or_path=None, *, mode: str = "exact", dims: int = 3, site=DEFA
         missing = [s for s in sites if s not in stats.sites]
         if missing:
             raise NeuroprojError(f"the statistics have no site(s) {missing} (sites {stats.sites}): re-run collect with --sites")
-        lay = parse_layers(layers, stats.meta.get("num_layers", max(stats.layers) + 1))
+        # default: every layer the statistics hold (a file collected with --layers holds a subset)
+        lay = stats.layers if layers is None else parse_layers(layers, stats.meta.get("num_layers", max(stats.layers) + 1))
         absent = [i for i in lay if i not in stats.layers]
         if absent:
             raise NeuroprojError(f"the statistics have no layers {absent} (layers {stats.layers})")

@@ -228,3 +228,17 @@ def test_heatmaps_api_computes_a_one_dim_fit(tiny_setup, tmp_path):
     p3 = npp.project(stats, dims=3, progress=False)
     paths = heatmaps(stats, projections=p3, layers="0", out=tmp_path, progress=False)
     assert [p.name for p in paths] == ["layer0-mlp.neurons.png"]
+
+
+def test_exact_projects_the_layers_the_statistics_hold(tiny_dir, tmp_path):
+    """A statistics file collected for a subset of layers projects exactly that subset by default."""
+    from neuroproj_prune.cli import main
+    from neuroproj_prune.projection import load_projections
+
+    from conftest import C4
+
+    stats = tmp_path / "s.safetensors"
+    assert main(["collect", "--model", str(tiny_dir("llama")), "--data", str(C4), "--samples", "4", "--seqlen", "32",
+                 "--layers", "1", "--out", str(stats)]) == 0
+    assert main(["project", str(stats), "--mode", "exact", "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert load_projections(tmp_path / "p.safetensors").layers == [1]
