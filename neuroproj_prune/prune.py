@@ -212,11 +212,13 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
                 for bi, (_, args, kw) in enumerate(states):
                     hidden[bi] = _run_layer(layer, hidden[bi], args, kw)
             else:
-                Wn_c, keep_d = Wn.to(dev, cdt), keep.to(dev)
+                # one matmul per batch: h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
+                dW = -W.clone()
+                dW[:, keep.to(dev)] += Wn.to(dev, cdt)
+                dWt = dW.T.contiguous()
                 db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
                 for bi in range(len(states)):
-                    h = acts[bi]
-                    delta = h[:, keep_d] @ Wn_c.T - h @ W.T
+                    delta = acts[bi] @ dWt
                     if db is not None:
                         delta += db
                     hidden[bi] = (outs[bi].to(cdt) + delta.view(outs[bi].shape)).to(outs[bi].dtype)

@@ -283,3 +283,21 @@ def test_an_edited_plan_is_applied_as_written(tiny_dir, tmp_path):
     edited.write_text(json.dumps(doc))
     assert main(["prune", *common, "--plan", str(edited), "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequential_closed_form_equals_rerunning_layers(family, tokenizer, monkeypatch):
+    """out' = out − W h + W' h_K (the closed-form carry) gives the same plan and weights as re-running each
+    pruned layer, which is what architectures with a norm after the MLP do."""
+    from neuroproj_prune.prune import sequential_prune
+
+    ids = _ids(2, n=8)
+    widths = {i: 40 for i in range(3)}
+    fast = _lm(tiny_model(family), tokenizer)
+    p_fast = sequential_prune(fast, ids, widths=widths, select="wanda-sp", fold="lstsq", progress=False)
+    slow = _lm(tiny_model(family), tokenizer)
+    monkeypatch.setattr(type(adapter_for(slow.model)), "mlp_output_is_added", lambda self, model: False)
+    p_slow = sequential_prune(slow, ids, widths=widths, select="wanda-sp", fold="lstsq", progress=False)
+    assert [p_fast.layers[i]["keep"] for i in range(3)] == [p_slow.layers[i]["keep"] for i in range(3)]
+    held = _ids(5, n=2)
+    assert torch.allclose(fast.model(held).logits, slow.model(held).logits, atol=1e-4, rtol=1e-4)
