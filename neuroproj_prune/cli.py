@@ -275,7 +275,8 @@ def _add_prune(sub):
     p.add_argument("--stats", default=None, help="reuse a statistics file from collect (one-shot calibration)")
     p.add_argument("--plan", default=None,
                    help="apply this plan.json (e.g. one you edited) instead of selecting; folds use one-shot moments")
-    p.add_argument("--select", default="obs", help=f"selection method: {', '.join(SELECTORS)} (default obs)")
+    p.add_argument("--select", default="wanda-sp",
+                   help=f"selection method: {', '.join(SELECTORS)} (default wanda-sp: best measured, eval/results/smollm2.md)")
     p.add_argument("--fold", default="lstsq", help=f"fold: {', '.join(FOLDS)} (default lstsq)")
     p.add_argument("--allocation", default="uniform", help="uniform (standard checkpoint) or global (per-layer widths)")
     p.add_argument("--calibration", default=None,
@@ -332,7 +333,7 @@ def _add_sweep(sub):
     p.add_argument("--data", required=True, help="calibration text")
     p.add_argument("--eval-data", required=True, help="evaluation text (never the calibration text)")
     p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5", help="comma list (default 0.1,...,0.5)")
-    p.add_argument("--select", default="obs", help="comma list of selection methods")
+    p.add_argument("--select", default="wanda-sp", help="comma list of selection methods")
     p.add_argument("--fold", default="lstsq", help="comma list of folds")
     p.add_argument("--calibration", default="sequential", help="comma list of sequential,oneshot")
     p.add_argument("--methods", default=None,

@@ -229,7 +229,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
 
 
 # ------------------------------------------------------------------------------------------ one-shot
-def plan(stats, model, *, sparsity: float | None = None, keep: int | None = None, select: str = "obs",
+def plan(stats, model, *, sparsity: float | None = None, keep: int | None = None, select: str = "wanda-sp",
          allocation: str = "uniform", multiple: int = 64, seed: int = 0, projections=None,
          ridge: float = RIDGE) -> Plan:
     """A removal plan from dense statistics (one-shot). `model`: LoadedModel or nn.Module (for weights)."""
@@ -272,7 +272,7 @@ def _widths(moments: dict[int, LayerMoments], sparsity, keep, allocation, multip
 
 
 # ------------------------------------------------------------------------------------------- the API
-def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = None, select: str = "obs",
+def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = None, select: str = "wanda-sp",
           fold: str = "lstsq", allocation: str = "uniform", calibration: str = "sequential",
           target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
           seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,

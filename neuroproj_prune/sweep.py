@@ -32,7 +32,7 @@ def cell_key(select, fold, calibration, sparsity) -> str:
     return f"{select}+{fold}+{calibration}@{sparsity:g}"
 
 
-def sweep(model, data, eval_data, *, sparsities, select="obs", fold="lstsq", calibration="sequential", out,
+def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq", calibration="sequential", out,
           methods=None,
           samples: int = 128, seqlen: int = 512, seed: int = 0, eval_seqlen: int | None = None,
           max_windows: int | None = None, multiple: int = 64, target: str = "layer", dtype="auto",
