@@ -1,0 +1,70 @@
+"""Quick ablations of `prune` on SmolLM2: each config prunes a fresh copy and prints perplexity on the first
+windows of WikiText-2 (seqlen 1024). Cheaper than the sweep protocol; only the ranking is meant to be read.
+
+    OMP_NUM_THREADS=1 python eval/ablate.py --samples 32 --windows 10 --multiple 1 \
+        --configs 'dense;wanda-sp:lstsq:sequential:layer:0.3:weighting="rms";obs:lstsq:oneshot:layer:0.3'
+
+A config is SELECT:FOLD:CALIBRATION:TARGET:SPARSITY[:key=value...], extra keys passed to `prune` (values
+parsed as Python literals: weighting="rms", ridge=1e-6, add_bias=True, output_weighting="norms").
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import neuroproj_prune as npp
+from neuroproj_prune.data import eval_windows
+from neuroproj_prune.prune import prune
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def ppl(model, tok, n):
+    """exp(mean NLL) over the first n windows of 1024 tokens (the sweep's protocol, fewer windows)."""
+    w, _ = eval_windows(tok, str(DATA / "wikitext2-test.txt"), 1024)
+    w, nll, cnt = w[:n], 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(w), 2):
+            x = w[i:i + 2]
+            logits = model(input_ids=x).logits.double()
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+            nll -= lp.sum().item()
+            cnt += lp.numel()
+    return math.exp(nll / cnt)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", required=True, help="';'-separated configs (see above), or 'dense'")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--windows", type=int, default=10)
+    ap.add_argument("--multiple", type=int, default=1)
+    a = ap.parse_args()
+    for cfg in a.configs.split(";"):
+        if cfg == "dense":
+            lm = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
+            print("dense", round(ppl(lm.model, lm.tokenizer, a.windows), 3), flush=True)
+            continue
+        sel, fold, cal, tgt, sp, *rest = cfg.split(":")
+        extra = {}
+        for kv in rest:
+            k, v = kv.split("=", 1)
+            try:
+                extra[k] = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                extra[k] = v
+        t = time.time()
+        lm, _, s = prune("smollm2-135m", str(DATA / "c4-train-sample-1000.jsonl"), sparsity=float(sp), select=sel,
+                         fold=fold, calibration=cal, target=tgt, samples=a.samples, seqlen=512,
+                         multiple=a.multiple, progress=False, **extra)
+        print(cfg, "ppl", round(ppl(lm.model, lm.tokenizer, a.windows), 3), "removed",
+              round(s["actual_sparsity"], 4), "prune s", round(time.time() - t, 1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
