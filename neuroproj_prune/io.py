@@ -67,3 +67,25 @@ def load_tensors(path, fmt: str, what: str, remedy: str) -> tuple[dict[str, torc
         found = meta.get("format") if isinstance(meta, dict) else None
         raise NeuroprojError(f"{path} is not a neuroproj-prune {what} file (format {found!r})")
     return tensors, meta
+
+
+class TensorFile:
+    """A tagged safetensors file held in memory: tensors by key and the JSON `meta` (with `layers`, `sites`).
+    `Stats`, `Projections` and `Trace` are such files."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, path: str | None = None):
+        self._t, self.meta, self.path = tensors, meta, path
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.meta["sites"])
+
+    def save(self, path) -> Path:
+        """Write atomically (temporary file in the same directory, then rename)."""
+        save_tensors(path, self._t, self.meta)
+        self.path = str(path)
+        return Path(path)

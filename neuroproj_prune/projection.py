@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .errors import NeuroprojError
-from .io import load_tensors, save_tensors
+from .io import TensorFile, load_tensors
 
 FORMAT = "neuroproj-prune/projection/1"
 INITS = ("cmds", "single_point", "rand", "randn")
@@ -315,20 +315,12 @@ def normalised_stress(P: torch.Tensor, rho: torch.Tensor, norm_order: float = 2.
 
 
 # --------------------------------------------------------------------------------------- projections
-class Projections:
+class Projections(TensorFile):
     """Points per (layer, site): `get(layer, site)` → (N, n) float32 tensor, `stress(layer, site)` →
     normalised stress, `layers`, `sites`, `meta` (the file's JSON metadata), `path`."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, path: str | None = None):
-        self._t, self.meta, self.path = tensors, meta, path
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.meta["layers"])
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self.meta["sites"])
+        super().__init__({k: v.to(torch.float32) for k, v in tensors.items()}, meta, path)
 
     @property
     def dims(self) -> int:
@@ -351,12 +343,6 @@ class Projections:
         if P.shape[1] != 1:
             raise NeuroprojError(f"an ordering needs 1-D projections (these have dims {P.shape[1]}): project --dims 1")
         return P[:, 0].argsort()
-
-    def save(self, path) -> Path:
-        """Write atomically (temporary file in the same directory, then rename)."""
-        save_tensors(path, {k: v.to(torch.float32) for k, v in self._t.items()}, self.meta)
-        self.path = str(path)
-        return Path(path)
 
     def __repr__(self):
         return (f"Projections(mode={self.meta.get('mode')}, dims={self.meta.get('dims')}, "

@@ -22,13 +22,12 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import NeuroprojError
-from .io import load_tensors, save_tensors
+from .io import TensorFile, load_tensors
 from .models import Adapter, LoadedModel, adapter_for, load_model
 
 SITES = ("mlp.neurons", "mlp.out", "attn.out")
@@ -435,7 +434,7 @@ def _calibration(tokenizer, spec, samples, seqlen, seed, max_len):
 
 
 # --------------------------------------------------------------------------------------------- loading
-class Stats:
+class Stats(TensorFile):
     """Statistics of one collection: raw shifted totals plus derived moments, per (layer, site).
 
     All derived quantities are float64 on the CPU:
@@ -443,9 +442,6 @@ class Stats:
     unit diagonal for live neurons), `dead` (variance ≤ 1e-12·max variance of the layer, or exactly 0),
     `cross_covariance(l, m)` / `cross_correlation(l, m)` for collected cross-layer blocks.
     """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, path: str | None = None):
-        self._t, self.meta, self.path = tensors, meta, path
 
     # -- construction
     @classmethod
@@ -460,21 +456,7 @@ class Stats:
             t[f"cross.{l}.{m}.gram"] = blk.cpu()
         return cls(t, meta)
 
-    def save(self, path) -> Path:
-        """Write atomically (temporary file in the same directory, then rename)."""
-        save_tensors(path, self._t, self.meta)
-        self.path = str(path)
-        return Path(path)
-
     # -- description
-    @property
-    def layers(self) -> list[int]:
-        return list(self.meta["layers"])
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self.meta["sites"])
-
     @property
     def cross_pairs(self) -> list[tuple[int, int]]:
         return sorted(tuple(int(x) for x in k.split(".")[1:3]) for k in self._t if k.startswith("cross."))

@@ -15,29 +15,17 @@ site the projections have; `input_ids` (T,) int64; metadata key `neuroproj_prune
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from .errors import NeuroprojError
-from .io import load_tensors, save_tensors
+from .io import TensorFile, load_tensors
 
 FORMAT = "neuroproj-prune/trace/1"
 
 
-class Trace:
+class Trace(TensorFile):
     """A prompt trace: `get(layer, site)` → (T, width) float32 activations; `tokens`, `n_prompt`, `meta`."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, path: str | None = None):
-        self._t, self.meta, self.path = tensors, meta, path
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.meta["layers"])
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self.meta["sites"])
 
     @property
     def tokens(self) -> list[str]:
@@ -60,12 +48,6 @@ class Trace:
 
     def has(self, layer: int, site: str) -> bool:
         return f"layer.{int(layer)}.{site}" in self._t
-
-    def save(self, path) -> Path:
-        """Write atomically (temporary file in the same directory, then rename)."""
-        save_tensors(path, self._t, self.meta)
-        self.path = str(path)
-        return Path(path)
 
     def __repr__(self):
         return (f"Trace({len(self.tokens)} tokens ({self.n_prompt} prompt), layers {self.layers[:3]}..., "
