@@ -28,7 +28,7 @@ from .models import LoadedModel, adapter_for, load_model
 from .plan import (SELECTORS, LayerMoments, Plan, check_sparsity, global_widths, layer_width,
                    make_layer_plan)
 from .stats import gram_lower_, mirror_lower_
-from .surgery import FOLDS, RIDGE, apply_plan, fold_layer, prepare_out_dir, save_pruned
+from .surgery import FOLDS, RIDGE, apply_plan, effective_ridge, fold_layer, prepare_out_dir, save_pruned
 
 CALIBRATIONS = ("sequential", "oneshot")
 TARGETS = ("layer", "dense", "residual")
@@ -180,18 +180,21 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
                     outs.append(out)
         hook.remove()
         G, mean = (mirror_lower_(G) / n).cpu(), (s / n).cpu()
+        tokens = sum(h.shape[0] for h in acts) if additive else int(n)
+        layer_ridge = effective_ridge(ridge, tokens, N)
         if not torch.isfinite(G).all():
             raise NeuroprojError(f"non-finite activations at layer {i}: load the model with --dtype float32")
         if dense is not None:
             C, c = (C / n).cpu(), (c / n).cpu()
             from .surgery import _chol_solve
 
-            W_eff = _chol_solve(G, C, ridge)  # the full-width least-squares map onto the target
+            W_eff = _chol_solve(G, C, layer_ridge)  # the full-width least-squares map onto the target
         else:
             W_eff = W.double().cpu()
         D = a.downstream_gain(model, i) if output_weighting == "norms" else None
         # selection sees the output error as the downstream norms do; the fold's optimum does not depend on it
-        m = LayerMoments(i, G, mean, W_eff if D is None else D[:, None] * W_eff, _in_norms(a, model, i), ridge=ridge)
+        m = LayerMoments(i, G, mean, W_eff if D is None else D[:, None] * W_eff, _in_norms(a, model, i),
+                         ridge=layer_ridge)
         if select == "cluster":
             m.points = _points(G, mean, seed=seed)
         sel = SELECTORS[select](m, widths[i], seed)
@@ -200,7 +203,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
         Wn, bn = fold_layer(fold, W.double().cpu(), keep, G=G, mean=mean,
                             bias=None if b_old is None else b_old.double().cpu(), C=C, c=c,
                             representative=plan.layers[i]["representative"], use_bias=b_old is not None or add_bias,
-                            ridge=ridge)
+                            ridge=layer_ridge)
         a.select_neurons(model, i, keep)
         a.set_out_weight(model, i, Wn)
         if bn is not None:

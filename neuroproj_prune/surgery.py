@@ -15,8 +15,10 @@ and 1e-2 clearly worse; a near-zero ridge lets an exact duplicate fold away exac
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +30,22 @@ from .models import adapter_for
 
 FOLDS = ("none", "representative", "bias", "lstsq")
 RIDGE = 1e-7
+
+
+def effective_ridge(ridge: float, tokens: int, N: int) -> float:
+    """The ridge for a layer of N neurons calibrated on `tokens` tokens. With fewer than 2·N tokens the
+    Gram matrix is (nearly) singular and a near-zero ridge lets the refit explode on new text, so it is raised
+    to 1e-2 (measured on SmolLM2: worse than 1e-7 with ample data, but safe); use more calibration tokens."""
+    if tokens < 2 * N and ridge < 1e-2:
+        _warn_few_tokens(tokens, N)
+        return 1e-2
+    return ridge
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_few_tokens(tokens: int, N: int) -> None:  # once per (tokens, width), not once per layer
+    print(f"neuroproj-prune: warning: {tokens} calibration tokens for {N} neurons: ridge raised to 1e-2; give at "
+          f"least {2 * N} tokens (--samples x --seqlen) for the full least-squares refit", file=sys.stderr)
 
 
 def _chol_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -117,14 +135,16 @@ def apply_plan(model, plan, *, stats=None, fold: str = "lstsq", moments=None, ad
         if fold == "none" and not add_bias:
             a.select_neurons(model, i, keep)
             continue
+        layer_ridge = ridge
         if moments is not None and i in moments:
             mo = moments[i]
         elif stats is not None:
             mo = {"G": stats.second_moment(i), "mean": stats.mean(i)}
+            layer_ridge = effective_ridge(ridge, stats.count(i), W.shape[1])
         else:
             raise NeuroprojError(f"fold {fold!r} needs activation statistics of layer {i}")
         Wn, bn = fold_layer(fold, W, keep, G=mo["G"], mean=mo["mean"], bias=bias, C=mo.get("C"), c=mo.get("c"),
-                            representative=d["representative"], use_bias=has_bias or add_bias, ridge=ridge)
+                            representative=d["representative"], use_bias=has_bias or add_bias, ridge=layer_ridge)
         a.select_neurons(model, i, keep)
         a.set_out_weight(model, i, Wn)
         if bn is not None:

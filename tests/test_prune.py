@@ -301,3 +301,12 @@ def test_sequential_closed_form_equals_rerunning_layers(family, tokenizer, monke
     assert [p_fast.layers[i]["keep"] for i in range(3)] == [p_slow.layers[i]["keep"] for i in range(3)]
     held = _ids(5, n=2)
     assert torch.allclose(fast.model(held).logits, slow.model(held).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_too_few_calibration_tokens_raise_the_ridge(capsys):
+    """Fewer than 2·N tokens: the refit is (nearly) underdetermined, so the ridge goes up to 1e-2, with a warning."""
+    from neuroproj_prune.surgery import RIDGE, effective_ridge
+
+    assert effective_ridge(RIDGE, tokens=4096, N=1536) == RIDGE
+    assert effective_ridge(RIDGE, tokens=1024, N=1536) == 1e-2
+    assert "ridge raised" in capsys.readouterr().err
