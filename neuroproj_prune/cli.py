@@ -278,7 +278,19 @@ def _add_prune(sub):
     p.add_argument("--select", default="wanda-sp",
                    help=f"selection method: {', '.join(SELECTORS)} (default wanda-sp: best measured, eval/results/smollm2.md)")
     p.add_argument("--fold", default="lstsq", help=f"fold: {', '.join(FOLDS)} (default lstsq)")
-    p.add_argument("--allocation", default="uniform", help="uniform (standard checkpoint) or global (per-layer widths)")
+    p.add_argument("--allocation", default="uniform",
+                   help="uniform (same width everywhere) or global (per-layer widths: sequential calibration "
+                        "minimises the summed refit error of the dense layers, measured on --alloc-samples windows)")
+    p.add_argument("--alloc-samples", type=int, default=32, help="global allocation: calibration windows used to "
+                   "measure the per-layer error curves (default 32)")
+    p.add_argument("--max-shift", type=float, default=1.0, help="global allocation: each layer's sparsity stays "
+                   "within ± this of the mean one (default 1.0: unbounded)")
+    p.add_argument("--alloc-weights", default="grad", help="global allocation: token weights of the error curves, "
+                   "grad (‖∂loss/∂x‖², loss units; one backward pass; default) or rms (1/mean(x²), no backward)")
+    p.add_argument("--compute-dtype", default="auto",
+                   help="matmul precision of the calibration forward passes of a float32 model: auto (default: "
+                        "bfloat16 autocast where the hardware has fast bfloat16 matmuls — CPUs with AVX512-BF16/AMX, "
+                        "CUDA — else float32), float32 or bfloat16. Grams and solves stay float64.")
     p.add_argument("--calibration", default=None,
                    help="sequential (layer by layer on the pruned model's own inputs; default) or oneshot "
                         "(dense statistics; default when --stats is given)")
@@ -306,13 +318,13 @@ def _run_prune(a):
 
     if a.sparsity is None and a.keep is None and a.plan is None:
         raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K or --plan PLAN.json")
-    calibration = a.calibration or ("oneshot" if a.stats or a.allocation == "global" else "sequential")
+    calibration = a.calibration or ("oneshot" if a.stats else "sequential")
     _, _, s = prune(a.model, a.data, sparsity=a.sparsity, keep=a.keep, select=a.select, fold=a.fold,
                     allocation=a.allocation, calibration=calibration, target=a.target, multiple=a.multiple,
                     stats=a.stats, samples=a.samples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size,
                     out=a.out, overwrite=a.overwrite, add_bias=True if a.add_bias else None, weighting=a.weighting,
-                    plan_file=a.plan,
-                    dtype=a.dtype, device=a.device)
+                    plan_file=a.plan, alloc_samples=a.alloc_samples, max_shift=a.max_shift,
+                    alloc_weights=a.alloc_weights, compute_dtype=a.compute_dtype, dtype=a.dtype, device=a.device)
     kept = s["kept"]
     print(f"pruned {s['model']} with {s['select']} + {s['fold']} ({s['calibration']}): "
           f"{s['neurons_after']} of {s['neurons_before']} MLP neurons kept ({s['actual_sparsity']:.1%} removed)")
@@ -337,8 +349,9 @@ def _add_sweep(sub):
     p.add_argument("--fold", default="lstsq", help="comma list of folds")
     p.add_argument("--calibration", default="sequential", help="comma list of sequential,oneshot")
     p.add_argument("--methods", default=None,
-                   help="explicit comma list of SELECT+FOLD[+CALIBRATION] (e.g. flap+bias+oneshot,obs+lstsq) "
-                        "instead of the --select x --fold x --calibration cross product")
+                   help="explicit comma list of SELECT+FOLD[+CALIBRATION[+ALLOCATION]] (e.g. flap+bias+oneshot,"
+                        "obs+lstsq,wanda-sp+lstsq+sequential+global) instead of the --select x --fold x "
+                        "--calibration cross product (allocation uniform unless named)")
     p.add_argument("--target", default="layer", help="sequential fold target (layer, dense, residual)")
     p.add_argument("--multiple", type=int, default=64, help="round widths to a multiple (1 = exact sparsity)")
     p.add_argument("--samples", type=int, default=128)

@@ -14,8 +14,9 @@ in `SELECTORS`, so the project's methods and the baselines are interchangeable (
                 member with most energy E[h²]·‖w_out‖² is kept; the others fold into it (the seed's poles).
     corr-cluster the same, clustering the full correlation distance 1 − |ρ| (agglomerative, average link).
 
-Allocation across layers: `uniform` (the same width everywhere, rounded to a multiple) or `global`
-(per-layer widths from scores standardised within each layer, as FLAP does).
+Allocation across layers: `uniform` (the same width everywhere, rounded to a multiple) or `global`:
+per-layer widths that minimise the summed refit error curves (`error_curve`, `allocate_by_error`; sequential
+calibration), or, one-shot, from scores standardised within each layer, as FLAP does (`global_widths`).
 """
 from __future__ import annotations
 
@@ -207,6 +208,63 @@ def layer_width(N: int, sparsity: float | None = None, keep: int | None = None, 
     if k < 1:
         raise NeuroprojError(f"a layer of {N} neurons would be pruned to zero width: lower the sparsity")
     return min(k, N)
+
+
+def error_curve(m: LayerMoments, scores: torch.Tensor) -> torch.Tensor:
+    """e(k), k = 0..N: the layer's output error E‖W h − W' h_K‖² after the least-squares refit, when K is the
+    top-k of `scores`. With π the descending order and L = chol(G_ππ) (ridge as in the fold), the refit's
+    error is the Schur complement of the kept block, so e(k) = Σ_{j≥k} ‖(W_:,π L)_:,j‖²: one Cholesky and
+    one d×N×N product give the whole curve. O(N³)."""
+    order = torch.argsort(scores, descending=True)
+    G = m.G[order][:, order]
+    G = G + m.ridge * G.diagonal().mean().clamp(min=1e-30) * torch.eye(m.N, dtype=G.dtype)
+    c = (m.W[:, order] @ torch.linalg.cholesky(G)).pow(2).sum(0)
+    return torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1)])
+
+
+def allocate_by_error(curves: dict[int, torch.Tensor], total_keep: int, multiple: int = 1,
+                      max_shift: float = 1.0) -> dict[int, int]:
+    """Per-layer widths k_i minimising Σ_i e_i(k_i) subject to Σ_i k_i ≈ total_keep (exact when
+    multiple = 1), each layer's sparsity within ±max_shift of the mean one and k_i a multiple of `multiple`.
+
+    Lagrangian: k_i(λ) = argmin_k e_i(k) + λ·k, λ bisected (log scale) until Σ k_i(λ) reaches the budget,
+    then the remainder is taken greedily at the smallest marginal error. O(60·Σ N_i)."""
+    Ns = {i: c.numel() - 1 for i, c in curves.items()}
+    s = 1 - total_keep / sum(Ns.values())
+    grids = {}
+    for i, N in Ns.items():
+        lo = max(1, int(N * (1 - min(1.0, s + max_shift))))
+        hi = min(N, int(round(N * (1 - max(0.0, s - max_shift)))))
+        k = torch.arange(lo, hi + 1)
+        if multiple > 1:
+            k = k[(k % multiple == 0) | (k == N)] if (k % multiple == 0).any() else k
+        grids[i] = k
+
+    def widths(lam):
+        return {i: int(grids[i][torch.argmin(curves[i][grids[i]] + lam * grids[i])]) for i in curves}
+
+    lo_l, hi_l = -60.0, 20.0  # log10 λ: tiny λ keeps (almost) everything, huge λ keeps the minimum
+    scale = max(float(c[0]) for c in curves.values()) / max(1, max(Ns.values()))
+    for _ in range(60):
+        mid = (lo_l + hi_l) / 2
+        if sum(widths(scale * 10**mid).values()) > total_keep:
+            lo_l = mid
+        else:
+            hi_l = mid
+    k = widths(scale * 10**lo_l)  # the widest allocation still at or above the budget
+    pos = {i: int((grids[i] == k[i]).nonzero()[0]) for i in k}
+    while sum(k.values()) > total_keep:  # trim: the cheapest next step down, one grid step at a time
+        best, bi = None, None
+        for i in k:
+            if pos[i] > 0:
+                cost = float(curves[i][grids[i][pos[i] - 1]] - curves[i][k[i]]) / max(1, k[i] - int(grids[i][pos[i] - 1]))
+                if best is None or cost < best:
+                    best, bi = cost, i
+        if bi is None or (multiple > 1 and sum(k.values()) - (k[bi] - int(grids[bi][pos[bi] - 1])) < total_keep - multiple / 2):
+            break
+        pos[bi] -= 1
+        k[bi] = int(grids[bi][pos[bi]])
+    return k
 
 
 def check_sparsity(sparsity) -> float:

@@ -15,6 +15,13 @@ Two calibrations:
   Token weighting (`weighting=rms`, default): every later layer reads the residual stream through a norm,
   so an output error on token t is seen divided by rms(x_t); the moments weight token t by 1/mean(out_t²),
   which stops the few massive-activation tokens (attention sinks) from dominating the fit.
+
+Per-layer widths (`allocation=global`, sequential): before the pass, `error_curves` measures on a subsample
+(`alloc_samples` windows) every dense layer's refit error e_i(k) for every width k, in units of loss (tokens
+weighted by ‖∂loss/∂x_i‖², one backward pass), and `plan.allocate_by_error` picks the widths minimising
+Σ_i e_i(k_i) at the requested total. Layers whose errors the loss barely sees give up more neurons. The
+checkpoint then has per-layer widths (`load_pruned`). One-shot global allocation uses FLAP's standardised
+scores instead.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .errors import NeuroprojError
 from .models import LoadedModel, adapter_for, load_model
-from .plan import (SELECTORS, LayerMoments, Plan, check_sparsity, global_widths, layer_width,
+from .plan import (SELECTORS, LayerMoments, Plan, allocate_by_error, check_sparsity, global_widths, layer_width,
                    make_layer_plan)
 from .stats import gram_lower_, mirror_lower_
 from .surgery import FOLDS, RIDGE, apply_plan, effective_ridge, fold_layer, prepare_out_dir, save_pruned
@@ -104,15 +111,39 @@ def _layer_inputs(model, adapter, batches):
     return caught
 
 
-def _run_layer(layer, hidden, args, kwargs):
-    out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+def _run_layer(layer, hidden, args, kwargs, compute=None):
+    """One decoder layer; with `compute` (e.g. torch.bfloat16) its matmuls run under autocast, the residual
+    stream it returns keeps the model's dtype."""
+    with torch.autocast(hidden.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None):
+        out = layer(hidden, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(hidden.dtype)
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype_for(name: str, model) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards (None: the model's own). `auto`: bfloat16 for a float32
+    model on hardware with fast bfloat16 matmuls (CUDA with bf16, CPUs with AVX512-BF16/AMX), else none."""
+    if name not in COMPUTE_DTYPES:
+        raise NeuroprojError(f"unknown compute dtype {name!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+    p = next(model.parameters())
+    if name == "float32" or p.dtype != torch.float32:
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if p.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if p.device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
 
 
 def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
                      target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
                      weighting: str = "none", add_bias: bool = False, output_weighting: str = "none",
-                     progress: bool = True) -> Plan:
+                     compute=None, token_weights=None, progress: bool = True) -> Plan:
     """Prune `lm.model` in place, layer by layer (see module docstring). Returns the plan it applied.
 
     Memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with target=dense) and
@@ -146,14 +177,18 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
         s = torch.zeros(N, dtype=torch.float64, device=dev)
         C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
         c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
-        n, n_w0 = 0, None
+        n, n_w0, tok = 0, None, 0
         acts, outs = [], []
         with torch.inference_mode():
             for bi, (_, args, kw) in enumerate(states):
-                out = _run_layer(layer, hidden[bi], args, kw)
+                out = _run_layer(layer, hidden[bi], args, kw, compute)
                 h = grab["h"].reshape(-1, N).to(cdt)
-                if weighting == "rms":  # the next norm divides each token's residual by its rms
-                    w = 1.0 / (out.reshape(-1, d).to(cdt).pow(2).mean(-1) + 1e-6)
+                if weighting in ("rms", "grad"):
+                    if weighting == "rms":  # the next norm divides each token's residual by its rms
+                        w = 1.0 / (out.reshape(-1, d).to(cdt).pow(2).mean(-1) + 1e-6)
+                    else:  # the loss's sensitivity to this token's residual (dense model's gradient)
+                        w = token_weights[i][tok:tok + h.shape[0]].to(dev, cdt)
+                        tok += h.shape[0]
                     if n_w0 is None:
                         n_w0 = float(w.mean())  # one scale for all batches keeps the weights comparable
                     w = (w / n_w0).unsqueeze(1)
@@ -167,7 +202,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
                     s += h.sum(0, dtype=torch.float64)
                     n += h.shape[0]
                 if dense is not None:
-                    dense_out = _run_layer(layer, dense[bi], args, kw)
+                    dense_out = _run_layer(layer, dense[bi], args, kw, compute)
                     if target == "dense":   # the dense MLP output on the dense stream
                         y = grab["h"].reshape(-1, N).to(cdt) @ W.T
                     else:                   # residual: also close the gap between the two streams
@@ -213,7 +248,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
         with torch.inference_mode():
             if not additive:
                 for bi, (_, args, kw) in enumerate(states):
-                    hidden[bi] = _run_layer(layer, hidden[bi], args, kw)
+                    hidden[bi] = _run_layer(layer, hidden[bi], args, kw, compute)
             else:
                 # one matmul per batch: h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
                 dW = -W.clone()
@@ -229,6 +264,92 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
         bar.update(1)
     bar.close()
     return plan
+
+
+def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
+                 seed: int = 0, ridge: float = RIDGE, compute=None, progress: bool = True) -> dict[int, torch.Tensor]:
+    """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
+    top-k neurons of `select` (see `plan.error_curve`), with token t weighted so that all layers share one
+    unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
+    the residual stream after layer i; under an isotropic Fisher approximation an error δ_t there costs
+    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `rms`: w_t = 1/mean(x_i,t²), the error as the next
+    norm sees it (no backward pass, blind to how much later layers and the head amplify it).
+    Cost: one forward (and with grad one backward) of the dense model over `ids`, one N² Gram per token and
+    layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams."""
+    from .plan import error_curve
+
+    model, a = lm.model, lm.adapter
+    dev = next(model.parameters()).device
+    L = a.num_layers(model)
+    acts, outs = {}, {}
+    G = [None] * L
+    s = [None] * L
+    wsum, n = [0.0] * L, 0
+
+    def grab_h(i):
+        return lambda mod, args: acts.__setitem__(i, args[0].detach())
+
+    def grab_out(i):
+        def hook(mod, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            if x.requires_grad:
+                x.retain_grad()
+            outs[i] = x
+        return hook
+
+    hooks = [a.out_proj(model, i).register_forward_pre_hook(grab_h(i)) for i in range(L)]
+    hooks += [layer.register_forward_hook(grab_out(i)) for i, layer in enumerate(a.layers(model))]
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients flow to the activations only
+    batches = range(0, ids.shape[0], batch_size)
+    try:
+        for b in tqdm(batches, desc="allocate", unit="batch", disable=not progress, dynamic_ncols=True):
+            x = ids[b:b + batch_size].to(dev)
+            amp = torch.autocast(dev.type, dtype=compute or torch.bfloat16, enabled=compute is not None)
+            if weights == "grad":
+                with torch.enable_grad(), amp:
+                    emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
+                    logits = model(inputs_embeds=emb, use_cache=False).logits
+                    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
+                                                      reduction="sum").backward()
+                    del logits
+            else:
+                with torch.inference_mode(), amp:
+                    model(input_ids=x, use_cache=False)
+            with torch.no_grad():
+                for i in range(L):
+                    o = outs[i]
+                    if weights == "grad":
+                        w = o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
+                    else:
+                        w = 1.0 / (o.detach().reshape(-1, o.shape[-1]).float().pow(2).mean(-1, keepdim=True) + 1e-6)
+                    h = acts[i].reshape(w.shape[0], -1).float()
+                    if G[i] is None:
+                        G[i] = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=dev)
+                        s[i] = torch.zeros(h.shape[1], dtype=torch.float64, device=dev)
+                    gram_lower_(G[i], h * w.sqrt())
+                    s[i] += (h * w).sum(0, dtype=torch.float64)
+                    wsum[i] += float(w.sum())
+                n += x.numel()
+            acts.clear()
+            outs.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    curves = {}
+    for i in range(L):
+        Gi, mean = (mirror_lower_(G[i]) / wsum[i]).cpu(), (s[i] / wsum[i]).cpu()
+        W = a.out_weight(model, i).detach().double().cpu()
+        N = W.shape[1]
+        # a ridge that keeps the Cholesky stable on few tokens, without the fold's warning
+        m = LayerMoments(i, Gi, mean, W, _in_norms(a, model, i), ridge=ridge if n >= 2 * N else 1e-2)
+        if select == "cluster":
+            m.points = _points(Gi, mean, seed=seed)
+        curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (wsum[i] / n)
+    return curves
 
 
 # ------------------------------------------------------------------------------------------ one-shot
@@ -280,7 +401,8 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
           target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
           seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,
           add_bias: bool | None = None, weighting: str = "rms", output_weighting: str = "none",
-          ridge: float = RIDGE, plan_file=None, dtype="auto",
+          ridge: float = RIDGE, plan_file=None, dtype="auto", alloc_samples: int = 32, max_shift: float = 1.0,
+          alloc_weights: str = "grad", compute_dtype: str = "auto",
           device="auto", progress: bool = True):
     """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
 
@@ -293,10 +415,14 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         check_sparsity(sparsity)
     if out is not None:
         prepare_out_dir(out, overwrite)  # refuse early, before any work
-    if weighting not in ("rms", "none") or output_weighting not in ("norms", "none"):
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise NeuroprojError(f"unknown compute dtype {compute_dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+    if alloc_weights not in ("rms", "grad"):
+        raise NeuroprojError(f"unknown allocation weights {alloc_weights!r}: choose rms or grad")
+    if allocation == "global" and not 0.0 < max_shift <= 1.0:
+        raise NeuroprojError(f"max_shift must be in (0, 1] (got {max_shift})")
+    if weighting not in ("rms", "grad", "none") or output_weighting not in ("norms", "none"):
         raise NeuroprojError("--weighting takes rms or none; --output-weighting takes norms or none")
-    if calibration == "sequential" and allocation == "global":
-        raise NeuroprojError("global allocation needs all layers' scores first: use --calibration oneshot")
     if calibration == "sequential" and fold in ("bias", "representative", "none") and target != "layer":
         raise NeuroprojError(f"target {target!r} only changes the lstsq fold: use --fold lstsq or --target layer")
     t0 = time.time()
@@ -334,11 +460,21 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
 
         max_len = getattr(lm.model.config, "max_position_embeddings", None)
         ids, calib_desc = calibration_samples(lm.tokenizer, str(data), samples, seqlen, seed, max_seqlen=max_len)
-        widths = {i: layer_width(a.width(lm.model, i), sparsity, keep, multiple) for i in range(a.num_layers(lm.model))}
+        L = a.num_layers(lm.model)
+        bs = batch_size or max(1, 4096 // seqlen)
+        if allocation == "global":  # widths from the dense layers' refit-error curves, on a subsample
+            n_alloc = min(ids.shape[0], alloc_samples)
+            curves = error_curves(lm, ids[:n_alloc], select=select, weights=alloc_weights, seed=seed, ridge=ridge,
+                                  batch_size=max(1, 2048 // ids.shape[1]), compute=compute_dtype_for(compute_dtype, lm.model),
+                                  progress=progress)
+            total = sum(layer_width(a.width(lm.model, i), sparsity, keep, 1) for i in range(L))
+            widths = allocate_by_error(curves, total, multiple, max_shift)
+        else:
+            widths = {i: layer_width(a.width(lm.model, i), sparsity, keep, multiple) for i in range(L)}
         p = sequential_prune(lm, ids, widths=widths, select=select, fold=fold, target=target,
-                             batch_size=batch_size or max(1, 4096 // seqlen), seed=seed, weighting=weighting,
+                             batch_size=bs, seed=seed, weighting=weighting,
                              ridge=ridge, add_bias=bool(add_bias), output_weighting=output_weighting,
-                             progress=progress)
+                             compute=compute_dtype_for(compute_dtype, lm.model), progress=progress)
         p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
                        "multiple": multiple, "calibration": "sequential", "target": target,
                        "fingerprint": lm.fingerprint})

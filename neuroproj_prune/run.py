@@ -36,7 +36,8 @@ DEFAULTS: dict = {
     "clustering": {"enabled": True, "algo": "kmeans", "keep_fraction": 0.7, "eps": None, "min_samples": None},
     "heatmaps": {"enabled": True, "layers": "0,-1"},
     "prune": {"enabled": True, "sparsity": 0.3, "select": "wanda-sp", "fold": "lstsq", "calibration": "sequential",
-              "target": "layer", "allocation": "uniform", "multiple": 64},
+              "target": "layer", "allocation": "uniform", "multiple": 64, "alloc_samples": 32, "max_shift": 1.0,
+              "alloc_weights": "grad", "compute_dtype": "auto"},
     "eval": {"enabled": True, "data": None, "seqlen": 1024, "max_windows": None, "tasks": [], "limit": None,
              "dense": True},
     "sweep": {"enabled": False, "sparsities": [0.1, 0.2, 0.3, 0.4, 0.5], "select": ["wanda-sp"], "fold": ["lstsq"],
@@ -276,6 +277,8 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
         prune(lm_p, cal["data"], sparsity=Pr["sparsity"], select=Pr["select"], fold=Pr["fold"],
               allocation=Pr["allocation"], calibration=Pr["calibration"], target=Pr["target"],
               multiple=Pr["multiple"], samples=cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
+              alloc_samples=Pr["alloc_samples"], max_shift=Pr["max_shift"], alloc_weights=Pr["alloc_weights"],
+              compute_dtype=Pr["compute_dtype"],
               out=pruned_d, overwrite=True, progress=progress)
         shutil.copy(pruned_d / "plan.json", out / "plan.json")
 

@@ -28,8 +28,12 @@ def _parse_list(v, cast=str) -> list:
     return [cast(x) for x in v]
 
 
-def cell_key(select, fold, calibration, sparsity) -> str:
-    return f"{select}+{fold}+{calibration}@{sparsity:g}"
+def method_name(select, fold, calibration, allocation="uniform") -> str:
+    return f"{select}+{fold}+{calibration}" + ("" if allocation == "uniform" else f"+{allocation}")
+
+
+def cell_key(select, fold, calibration, sparsity, allocation="uniform") -> str:
+    return f"{method_name(select, fold, calibration, allocation)}@{sparsity:g}"
 
 
 def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq", calibration="sequential", out,
@@ -44,18 +48,19 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
 
     sparsities = _parse_list(sparsities, float)
     selects, folds, calibrations = _parse_list(select), _parse_list(fold), _parse_list(calibration)
-    if methods:  # explicit select+fold[+calibration] triples instead of the cross product
+    if methods:  # explicit select+fold[+calibration[+allocation]] instead of the cross product
         triples = []
         for m in _parse_list(methods):
             parts = m.split("+")
-            if len(parts) not in (2, 3):
-                raise NeuroprojError(f"method {m!r}: write SELECT+FOLD or SELECT+FOLD+CALIBRATION")
-            triples.append((parts[0], parts[1], parts[2] if len(parts) == 3 else calibrations[0]))
+            if len(parts) not in (2, 3, 4) or (len(parts) == 4 and parts[3] not in ("uniform", "global")):
+                raise NeuroprojError(f"method {m!r}: write SELECT+FOLD[+CALIBRATION[+uniform|global]]")
+            triples.append((parts[0], parts[1], parts[2] if len(parts) >= 3 else calibrations[0],
+                            parts[3] if len(parts) == 4 else "uniform"))
         selects = list(dict.fromkeys(t[0] for t in triples))
         folds = list(dict.fromkeys(t[1] for t in triples))
         calibrations = list(dict.fromkeys(t[2] for t in triples))
     else:
-        triples = [(s, f, c) for c in calibrations for s in selects for f in folds]
+        triples = [(s, f, c, "uniform") for c in calibrations for s in selects for f in folds]
     from .plan import SELECTORS, check_sparsity
     from .prune import CALIBRATIONS
     from .surgery import FOLDS
@@ -99,9 +104,9 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
         record({"key": "dense", "method": "dense", "sparsity": 0.0, "actual_sparsity": 0.0, "ppl": r["value"],
                 "params": num_params(lm.model), "mlp_macs_per_token": mlp_macs_per_token(lm.model), "seconds": 0.0})
     stats_path = out / "stats.safetensors"
-    cells = [(s, f, c, sp) for s, f, c in triples for sp in sparsities]
-    for sel, fo, cal, sp in cells:
-        key = cell_key(sel, fo, cal, sp)
+    cells = [(s, f, c, sp, al) for s, f, c, al in triples for sp in sparsities]
+    for sel, fo, cal, sp, al in cells:
+        key, name = cell_key(sel, fo, cal, sp, al), method_name(sel, fo, cal, al)
         if key in done:
             continue
         kw = {}
@@ -112,15 +117,15 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
         work = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)
         t0 = time.time()
         try:
-            _, _, summary = prune(work, str(data), sparsity=sp, select=sel, fold=fo, calibration=cal,
+            _, _, summary = prune(work, str(data), sparsity=sp, select=sel, fold=fo, calibration=cal, allocation=al,
                                   target=target, multiple=multiple, samples=samples, seqlen=seqlen, seed=seed,
                                   progress=progress, **kw)
         except NeuroprojError as e:  # a combination that does not apply to this model: recorded, not fatal
-            record({"key": key, "method": f"{sel}+{fo}+{cal}", "sparsity": sp, "error": str(e)})
+            record({"key": key, "method": name, "sparsity": sp, "error": str(e)})
             continue
         seconds = time.time() - t0
         r = perplexity(work, windows, progress=progress)
-        record({"key": key, "method": f"{sel}+{fo}+{cal}", "select": sel, "fold": fo, "calibration": cal,
+        record({"key": key, "method": name, "select": sel, "fold": fo, "calibration": cal, "allocation": al,
                 "sparsity": sp, "actual_sparsity": summary["actual_sparsity"], "ppl": r["value"],
                 "params": summary["params_after"], "mlp_macs_per_token": summary["mlp_macs_per_token_after"],
                 "seconds": round(seconds, 1)})

@@ -310,3 +310,84 @@ def test_too_few_calibration_tokens_raise_the_ridge(capsys):
     assert effective_ridge(RIDGE, tokens=4096, N=1536) == RIDGE
     assert effective_ridge(RIDGE, tokens=1024, N=1536) == 1e-2
     assert "ridge raised" in capsys.readouterr().err
+
+
+def test_error_curve_equals_the_refit_error_for_every_width(tokenizer):
+    """e(k) from one Cholesky equals the least-squares refit error computed directly for each k (numpy)."""
+    import numpy as np
+
+    from neuroproj_prune.plan import LayerMoments, error_curve
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    G, W = X.T @ X / 400, torch.randn(8, 24, generator=g, dtype=torch.float64)
+    m = LayerMoments(0, G, X.mean(0), W, torch.ones(24), ridge=1e-9)
+    scores = torch.rand(24, generator=g, dtype=torch.float64)
+    e = error_curve(m, scores)
+    order = np.argsort(-scores.numpy())
+    Xn, Y = X.numpy(), (X @ W.T).numpy()
+    for k in (0, 1, 5, 12, 23, 24):
+        K = order[:k]
+        if k:
+            B = np.linalg.lstsq(Xn[:, K], Y, rcond=None)[0]
+            r = Y - Xn[:, K] @ B
+        else:
+            r = Y
+        assert abs(float(e[k]) - (r**2).sum() / 400) < 1e-6 * (1 + float(e[0]))
+
+
+def test_allocation_meets_the_budget_and_beats_uniform():
+    """Σ k_i equals the budget (multiple 1), widths respect ±max_shift, and the total error is no larger than
+    uniform widths'; on convex curves it equals the brute-force optimum."""
+    import itertools
+
+    from neuroproj_prune.plan import allocate_by_error
+
+    g = torch.Generator().manual_seed(0)
+    curves = {}
+    for i in range(3):
+        c = (torch.rand(10, generator=g, dtype=torch.float64) * (i + 1)).sort(descending=True).values
+        curves[i] = torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1)])  # convex, decreasing
+    k = allocate_by_error(curves, 15, 1, 1.0)
+    assert sum(k.values()) == 15
+    total = sum(float(curves[i][k[i]]) for i in k)
+    best = min(sum(float(curves[i][w]) for i, w in enumerate(ws))
+               for ws in itertools.product(range(1, 11), repeat=3) if sum(ws) == 15)
+    assert abs(total - best) < 1e-12
+    assert total <= sum(float(curves[i][5]) for i in k)
+    k = allocate_by_error(curves, 15, 1, 0.1)  # mean sparsity 0.5: every layer within [0.4, 0.6]
+    assert sum(k.values()) == 15 and all(4 <= w <= 6 for w in k.values())
+
+
+@pytest.mark.parametrize("weights", ["rms", "grad"])
+def test_sequential_global_allocation(weights, tokenizer, tmp_path):
+    """Per-layer widths from the error curves: the budget is met exactly, the widths differ, and the
+    checkpoint reloads to the same logits."""
+    lm = _lm(tiny_model("llama"), tokenizer)
+    _, p, s = prune(lm, C4, sparsity=0.4, allocation="global", alloc_weights=weights, multiple=1, samples=16,
+                    seqlen=64, max_shift=0.3, progress=False, out=tmp_path / "g")
+    assert s["neurons_after"] == 3 * round(0.6 * 64) and len(set(s["kept"])) > 1
+    assert all(0.1 * 64 <= k <= 0.9 * 64 for k in s["kept"])
+    ids = _ids(7, n=2)
+    assert torch.equal(load_pruned(tmp_path / "g")(ids).logits, lm.model(ids).logits)
+
+
+def test_bfloat16_compute_changes_little(tokenizer):
+    """Calibration matmuls under bfloat16 autocast: the pruned model's held-out loss stays within 2 % of the
+    float32 run's, and the model keeps its float32 weights."""
+    held = _ids(9, n=4)
+
+    def loss(model):
+        with torch.no_grad():
+            logits = model(held).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), held[:, 1:].flatten()).item()
+
+    out = {}
+    for cd in ("float32", "bfloat16"):
+        lm = _lm(tiny_model("llama"), tokenizer)
+        prune(lm, C4, sparsity=0.5, multiple=1, samples=16, seqlen=64, compute_dtype=cd, progress=False)
+        assert next(lm.model.parameters()).dtype == torch.float32
+        out[cd] = loss(lm.model)
+    assert abs(out["bfloat16"] - out["float32"]) < 0.02 * out["float32"]
+    with pytest.raises(npp.NeuroprojError, match="compute dtype"):
+        prune(_lm(tiny_model("llama"), tokenizer), C4, sparsity=0.5, compute_dtype="int8", progress=False)

@@ -50,3 +50,18 @@ def test_sweep_two_methods_two_sparsities_and_resume(tiny_dir, tmp_path, monkeyp
     i = args.index("--sparsities")
     assert main([*args[:i + 1], "0.25,0.5,0.75", *args[i + 2:]]) == 0
     assert sorted(calls) == [0.75, 0.75]
+
+
+def test_sweep_global_allocation_cell(tiny_dir, tmp_path):
+    """A method with +global prunes with per-layer widths and is its own line in the table."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(tiny_dir("llama")), "--data", str(C4), "--eval-data", str(WIKI),
+            "--sparsities", "0.5", "--methods", "wanda-sp+lstsq+sequential+global,wanda-sp+lstsq+sequential",
+            "--multiple", "1", "--samples", "4", "--seqlen", "64", "--eval-seqlen", "128", "--max-windows", "2",
+            "--out", str(out)]
+    assert main(args) == 0
+    cells = {c["key"]: c for c in map(json.loads, (out / "cells.jsonl").read_text().splitlines())}
+    assert set(cells) == {"dense", "wanda-sp+lstsq+sequential+global@0.5", "wanda-sp+lstsq+sequential@0.5"}
+    assert cells["wanda-sp+lstsq+sequential+global@0.5"]["allocation"] == "global"
+    assert abs(cells["wanda-sp+lstsq+sequential+global@0.5"]["actual_sparsity"] - 0.5) < 0.02
+    assert "| wanda-sp+lstsq+sequential+global |" in (out / "results.md").read_text()
