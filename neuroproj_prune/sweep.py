@@ -183,13 +183,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    # collapsed methods (ppl in the millions) would flatten the ones worth comparing: cap the axis at 20× dense
+    top = 20 * dense["ppl"] if dense else None
     for m in methods:
         pts = sorted((r["actual_sparsity"], r["ppl"]) for r in rows if r["method"] == m and "ppl" in r)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
-    dense = next((r for r in rows if r["method"] == "dense"), None)
+            off = top is not None and max(p for _, p in pts) > top
+            ax.plot(*zip(*pts), marker="o", label=m + (" (partly above the plot)" if off else ""))
     if dense:
         ax.axhline(dense["ppl"], color="k", ls="--", lw=1, label=f"dense ({dense['ppl']:.2f})")
+        ax.set_ylim(0.9 * dense["ppl"], top)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of MLP neurons removed")
     ax.set_ylabel("perplexity (log scale)")
