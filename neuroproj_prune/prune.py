@@ -143,7 +143,7 @@ def compute_dtype_for(name: str, model) -> torch.dtype | None:
 def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
                      target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
                      weighting: str = "none", add_bias: bool = False, output_weighting: str = "none",
-                     compute=None, token_weights=None, progress: bool = True) -> Plan:
+                     compute=None, progress: bool = True) -> Plan:
     """Prune `lm.model` in place, layer by layer (see module docstring). Returns the plan it applied.
 
     Memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with target=dense) and
@@ -177,18 +177,14 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
         s = torch.zeros(N, dtype=torch.float64, device=dev)
         C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
         c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
-        n, n_w0, tok = 0, None, 0
+        n, n_w0 = 0, None
         acts, outs = [], []
         with torch.inference_mode():
             for bi, (_, args, kw) in enumerate(states):
                 out = _run_layer(layer, hidden[bi], args, kw, compute)
                 h = grab["h"].reshape(-1, N).to(cdt)
-                if weighting in ("rms", "grad"):
-                    if weighting == "rms":  # the next norm divides each token's residual by its rms
-                        w = 1.0 / (out.reshape(-1, d).to(cdt).pow(2).mean(-1) + 1e-6)
-                    else:  # the loss's sensitivity to this token's residual (dense model's gradient)
-                        w = token_weights[i][tok:tok + h.shape[0]].to(dev, cdt)
-                        tok += h.shape[0]
+                if weighting == "rms":  # the next norm divides each token's residual by its rms
+                    w = 1.0 / (out.reshape(-1, d).to(cdt).pow(2).mean(-1) + 1e-6)
                     if n_w0 is None:
                         n_w0 = float(w.mean())  # one scale for all batches keeps the weights comparable
                     w = (w / n_w0).unsqueeze(1)
@@ -415,18 +411,17 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         check_sparsity(sparsity)
     if out is not None:
         prepare_out_dir(out, overwrite)  # refuse early, before any work
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise NeuroprojError(f"unknown compute dtype {compute_dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
     if alloc_weights not in ("rms", "grad"):
         raise NeuroprojError(f"unknown allocation weights {alloc_weights!r}: choose rms or grad")
     if allocation == "global" and not 0.0 < max_shift <= 1.0:
         raise NeuroprojError(f"max_shift must be in (0, 1] (got {max_shift})")
-    if weighting not in ("rms", "grad", "none") or output_weighting not in ("norms", "none"):
+    if weighting not in ("rms", "none") or output_weighting not in ("norms", "none"):
         raise NeuroprojError("--weighting takes rms or none; --output-weighting takes norms or none")
     if calibration == "sequential" and fold in ("bias", "representative", "none") and target != "layer":
         raise NeuroprojError(f"target {target!r} only changes the lstsq fold: use --fold lstsq or --target layer")
     t0 = time.time()
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    compute = compute_dtype_for(compute_dtype, lm.model)  # autocast of the sequential passes (validated here)
     a = lm.adapter
     had_bias = a.out_has_bias(lm.model)
     if add_bias == "auto":  # a bias only where the checkpoint stays standard (llama-style `mlp_bias`)
@@ -465,8 +460,7 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         if allocation == "global":  # widths from the dense layers' refit-error curves, on a subsample
             n_alloc = min(ids.shape[0], alloc_samples)
             curves = error_curves(lm, ids[:n_alloc], select=select, weights=alloc_weights, seed=seed, ridge=ridge,
-                                  batch_size=max(1, 2048 // ids.shape[1]), compute=compute_dtype_for(compute_dtype, lm.model),
-                                  progress=progress)
+                                  batch_size=max(1, 2048 // ids.shape[1]), compute=compute, progress=progress)
             total = sum(layer_width(a.width(lm.model, i), sparsity, keep, 1) for i in range(L))
             widths = allocate_by_error(curves, total, multiple, max_shift)
         else:
@@ -474,7 +468,7 @@ def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = 
         p = sequential_prune(lm, ids, widths=widths, select=select, fold=fold, target=target,
                              batch_size=bs, seed=seed, weighting=weighting,
                              ridge=ridge, add_bias=bool(add_bias), output_weighting=output_weighting,
-                             compute=compute_dtype_for(compute_dtype, lm.model), progress=progress)
+                             compute=compute, progress=progress)
         p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
                        "multiple": multiple, "calibration": "sequential", "target": target,
                        "fingerprint": lm.fingerprint})
