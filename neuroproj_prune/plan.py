@@ -253,17 +253,17 @@ def allocate_by_error(curves: dict[int, torch.Tensor], total_keep: int, multiple
             hi_l = mid
     k = widths(scale * 10**lo_l)  # the widest allocation still at or above the budget
     pos = {i: int((grids[i] == k[i]).nonzero()[0]) for i in k}
-    while sum(k.values()) > total_keep:  # trim: the cheapest next step down, one grid step at a time
-        best, bi = None, None
-        for i in k:
-            if pos[i] > 0:
-                cost = float(curves[i][grids[i][pos[i] - 1]] - curves[i][k[i]]) / max(1, k[i] - int(grids[i][pos[i] - 1]))
-                if best is None or cost < best:
-                    best, bi = cost, i
-        if bi is None or (multiple > 1 and sum(k.values()) - (k[bi] - int(grids[bi][pos[bi] - 1])) < total_keep - multiple / 2):
+    excess = sum(k.values()) - total_keep
+    while excess > 0:  # trim one grid step at a time, the cheapest per neuron first
+        steps = {i: k[i] - int(grids[i][pos[i] - 1]) for i in k if pos[i] > 0}
+        if not steps:
             break
-        pos[bi] -= 1
-        k[bi] = int(grids[bi][pos[bi]])
+        i = min(steps, key=lambda j: float(curves[j][grids[j][pos[j] - 1]] - curves[j][k[j]]) / steps[j])
+        if steps[i] >= 2 * excess:  # the step would overshoot more than it closes (multiple > 1)
+            break
+        pos[i] -= 1
+        k[i] = int(grids[i][pos[i]])
+        excess -= steps[i]
     return k
 
 

@@ -38,6 +38,7 @@ from .stats import gram_lower_, mirror_lower_
 from .surgery import FOLDS, RIDGE, apply_plan, effective_ridge, fold_layer, prepare_out_dir, save_pruned
 
 CALIBRATIONS = ("sequential", "oneshot")
+ALLOCATIONS = ("uniform", "global")
 TARGETS = ("layer", "dense", "residual")
 
 
@@ -47,8 +48,8 @@ def _check_method(select, fold, allocation, calibration, target):
         raise NeuroprojError(f"unknown selection method {select!r}: choose from {', '.join(SELECTORS)}")
     if fold not in FOLDS:
         raise NeuroprojError(f"unknown fold {fold!r}: choose from {', '.join(FOLDS)}")
-    if allocation not in ("uniform", "global"):
-        raise NeuroprojError(f"unknown allocation {allocation!r}: choose uniform or global")
+    if allocation not in ALLOCATIONS:
+        raise NeuroprojError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATIONS)}")
     if calibration not in CALIBRATIONS:
         raise NeuroprojError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
     if target not in TARGETS:
@@ -109,6 +110,12 @@ def _layer_inputs(model, adapter, batches):
     finally:
         h.remove()
     return caught
+
+
+def rms_token_weights(x: torch.Tensor) -> torch.Tensor:
+    """w_t = 1/mean(x_t²) for residual-stream rows x_t (last dim d): the next norm divides token t by its rms,
+    so an error δ_t there is seen as ‖δ_t‖²·w_t. Shape: x's without the last dim."""
+    return 1.0 / (x.pow(2).mean(-1) + 1e-6)
 
 
 def _run_layer(layer, hidden, args, kwargs, compute=None):
@@ -184,7 +191,7 @@ def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, in
                 out = _run_layer(layer, hidden[bi], args, kw, compute)
                 h = grab["h"].reshape(-1, N).to(cdt)
                 if weighting == "rms":  # the next norm divides each token's residual by its rms
-                    w = 1.0 / (out.reshape(-1, d).to(cdt).pow(2).mean(-1) + 1e-6)
+                    w = rms_token_weights(out.reshape(-1, d).to(cdt))
                     if n_w0 is None:
                         n_w0 = float(w.mean())  # one scale for all batches keeps the weights comparable
                     w = (w / n_w0).unsqueeze(1)
@@ -319,7 +326,7 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
                     if weights == "grad":
                         w = o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
                     else:
-                        w = 1.0 / (o.detach().reshape(-1, o.shape[-1]).float().pow(2).mean(-1, keepdim=True) + 1e-6)
+                        w = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1)
                     h = acts[i].reshape(w.shape[0], -1).float()
                     if G[i] is None:
                         G[i] = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=dev)
@@ -340,8 +347,8 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
         Gi, mean = (mirror_lower_(G[i]) / wsum[i]).cpu(), (s[i] / wsum[i]).cpu()
         W = a.out_weight(model, i).detach().double().cpu()
         N = W.shape[1]
-        # a ridge that keeps the Cholesky stable on few tokens, without the fold's warning
-        m = LayerMoments(i, Gi, mean, W, _in_norms(a, model, i), ridge=ridge if n >= 2 * N else 1e-2)
+        # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
+        m = LayerMoments(i, Gi, mean, W, _in_norms(a, model, i), ridge=effective_ridge(ridge, n, N, warn=False))
         if select == "cluster":
             m.points = _points(Gi, mean, seed=seed)
         curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (wsum[i] / n)

@@ -32,12 +32,13 @@ FOLDS = ("none", "representative", "bias", "lstsq")
 RIDGE = 1e-7
 
 
-def effective_ridge(ridge: float, tokens: int, N: int) -> float:
+def effective_ridge(ridge: float, tokens: int, N: int, warn: bool = True) -> float:
     """The ridge for a layer of N neurons calibrated on `tokens` tokens. With fewer than 2·N tokens the
     Gram matrix is (nearly) singular and a near-zero ridge lets the refit explode on new text, so it is raised
     to 1e-2 (measured on SmolLM2: worse than 1e-7 with ample data, but safe); use more calibration tokens."""
     if tokens < 2 * N and ridge < 1e-2:
-        _warn_few_tokens(tokens, N)
+        if warn:
+            _warn_few_tokens(tokens, N)
         return 1e-2
     return ridge
 

@@ -48,21 +48,22 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
 
     sparsities = _parse_list(sparsities, float)
     selects, folds, calibrations = _parse_list(select), _parse_list(fold), _parse_list(calibration)
+    from .prune import ALLOCATIONS, CALIBRATIONS
+
     if methods:  # explicit select+fold[+calibration[+allocation]] instead of the cross product
-        triples = []
+        combos = []
         for m in _parse_list(methods):
             parts = m.split("+")
-            if len(parts) not in (2, 3, 4) or (len(parts) == 4 and parts[3] not in ("uniform", "global")):
-                raise NeuroprojError(f"method {m!r}: write SELECT+FOLD[+CALIBRATION[+uniform|global]]")
-            triples.append((parts[0], parts[1], parts[2] if len(parts) >= 3 else calibrations[0],
+            if len(parts) not in (2, 3, 4) or (len(parts) == 4 and parts[3] not in ALLOCATIONS):
+                raise NeuroprojError(f"method {m!r}: write SELECT+FOLD[+CALIBRATION[+{'|'.join(ALLOCATIONS)}]]")
+            combos.append((parts[0], parts[1], parts[2] if len(parts) >= 3 else calibrations[0],
                             parts[3] if len(parts) == 4 else "uniform"))
-        selects = list(dict.fromkeys(t[0] for t in triples))
-        folds = list(dict.fromkeys(t[1] for t in triples))
-        calibrations = list(dict.fromkeys(t[2] for t in triples))
+        selects = list(dict.fromkeys(t[0] for t in combos))
+        folds = list(dict.fromkeys(t[1] for t in combos))
+        calibrations = list(dict.fromkeys(t[2] for t in combos))
     else:
-        triples = [(s, f, c, "uniform") for c in calibrations for s in selects for f in folds]
+        combos = [(s, f, c, "uniform") for c in calibrations for s in selects for f in folds]
     from .plan import SELECTORS, check_sparsity
-    from .prune import CALIBRATIONS
     from .surgery import FOLDS
 
     for s in sparsities:
@@ -104,7 +105,7 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
         record({"key": "dense", "method": "dense", "sparsity": 0.0, "actual_sparsity": 0.0, "ppl": r["value"],
                 "params": num_params(lm.model), "mlp_macs_per_token": mlp_macs_per_token(lm.model), "seconds": 0.0})
     stats_path = out / "stats.safetensors"
-    cells = [(s, f, c, sp, al) for s, f, c, al in triples for sp in sparsities]
+    cells = [(s, f, c, sp, al) for s, f, c, al in combos for sp in sparsities]
     for sel, fo, cal, sp, al in cells:
         key, name = cell_key(sel, fo, cal, sp, al), method_name(sel, fo, cal, al)
         if key in done:
