@@ -4,8 +4,9 @@ windows of WikiText-2 (seqlen 1024). Cheaper than the sweep protocol; only the r
     OMP_NUM_THREADS=1 python eval/ablate.py --samples 32 --windows 10 --multiple 1 \
         --configs 'dense;wanda-sp:lstsq:sequential:layer:0.3:weighting="rms";obs:lstsq:oneshot:layer:0.3'
 
-A config is SELECT:FOLD:CALIBRATION:TARGET:SPARSITY[:key=value...], extra keys passed to `prune` (values
-parsed as Python literals: weighting="rms", ridge=1e-6, add_bias=True, output_weighting="norms").
+A config is SELECT:FOLD:CALIBRATION:TARGET:SPARSITY[:key=value...]: the first five and the extra keys are
+fields of `neuroproj_prune.PruneConfig` (values parsed as Python literals: weighting="rms", ridge=1e-6,
+add_bias=True, output_weighting="norms"); a config is validated before any work.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 import neuroproj_prune as npp
 from neuroproj_prune.data import eval_windows
-from neuroproj_prune.prune import prune
+from neuroproj_prune.prune import PruneConfig, prune
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -45,10 +46,9 @@ def main():
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--multiple", type=int, default=1)
     a = ap.parse_args()
-    for cfg in a.configs.split(";"):
+    configs = {}
+    for cfg in a.configs.split(";"):  # all validated first: a typo fails before hours of pruning
         if cfg == "dense":
-            lm = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
-            print("dense", round(ppl(lm.model, lm.tokenizer, a.windows), 3), flush=True)
             continue
         sel, fold, cal, tgt, sp, *rest = cfg.split(":")
         extra = {}
@@ -58,10 +58,15 @@ def main():
                 extra[k] = ast.literal_eval(v)
             except (ValueError, SyntaxError):
                 extra[k] = v
+        configs[cfg] = PruneConfig.make(select=sel, fold=fold, calibration=cal, target=tgt, sparsity=float(sp),
+                                        samples=a.samples, seqlen=512, multiple=a.multiple, **extra)
+    for cfg in a.configs.split(";"):
+        if cfg == "dense":
+            lm = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
+            print("dense", round(ppl(lm.model, lm.tokenizer, a.windows), 3), flush=True)
+            continue
         t = time.time()
-        lm, _, s = prune("smollm2-135m", str(DATA / "c4-train-sample-1000.jsonl"), sparsity=float(sp), select=sel,
-                         fold=fold, calibration=cal, target=tgt, samples=a.samples, seqlen=512,
-                         multiple=a.multiple, progress=False, **extra)
+        lm, _, s = prune("smollm2-135m", str(DATA / "c4-train-sample-1000.jsonl"), configs[cfg], progress=False)
         print(cfg, "ppl", round(ppl(lm.model, lm.tokenizer, a.windows), 3), "removed",
               round(s["actual_sparsity"], 4), "prune s", round(time.time() - t, 1), flush=True)
 

@@ -9,8 +9,21 @@ import json
 import os
 import sys
 
+from .clustering import cluster, summary_line
 from .errors import NeuroprojError
+from .evaluate import evaluate, format_summary
+from .heatmap import heatmaps
+from .models import load_model
+from .projection import project
+from .prune import PruneConfig, prune
+from .run import run
+from .skips import run_skips_command
+from .stats import collect, load_stats
+from .sweep import sweep
+from .trace import trace
+from .view import view
 
+SWEPT = ("sparsity", "keep", "select", "fold", "calibration", "allocation")  # sweep's own (list) flags
 MODEL_HELP = "hub id, local directory, .gguf file, pruned directory, or 'smollm2-135m' (offline default)"
 
 
@@ -58,8 +71,6 @@ def _add_collect(sub):
 
 
 def _run_collect(a):
-    from .stats import collect
-
     stats = collect(
         a.model, a.data, samples=a.samples, seqlen=a.seqlen, seed=a.seed, sites=a.sites, layers=a.layers,
         cross_layer_window=a.cross_layer_window, batch_size=a.batch_size, out=a.out, dtype=a.dtype,
@@ -82,12 +93,8 @@ def _add_info(sub):
 
 
 def _run_info(a):
-    from .stats import load_stats
-
     st = load_stats(a.stats)
     if a.model:
-        from .models import load_model
-
         st.check_model(load_model(a.model, dtype=a.dtype, device=a.device))
     if a.json:
         print(json.dumps(st.meta, indent=2))
@@ -135,8 +142,6 @@ def _add_cluster(sub):
 
 
 def _run_cluster(a):
-    from .clustering import cluster, summary_line
-
     res = cluster(a.projections, algo=a.algo, eps=a.eps, min_samples=a.min_samples, k=a.k,
                   keep_fraction=a.keep_fraction, site=a.site, layers=a.layers, stats=a.stats, model=a.model,
                   space=a.space, representative=a.representative, seed=a.seed, compare=a.compare, out=a.out)
@@ -184,8 +189,6 @@ def _add_project(sub):
 
 
 def _run_project(a):
-    from .projection import project
-
     if a.mode == "exact" and a.stats is None:
         raise NeuroprojError("exact mode needs STATS.safetensors (from `neuroproj-prune collect`)")
     if a.mode == "minibatch" and (a.model is None or a.data is None):
@@ -215,8 +218,6 @@ def _add_heatmap(sub):
 
 
 def _run_heatmap(a):
-    from .heatmap import heatmaps
-
     paths = heatmaps(a.stats, projections=a.projections, layers=a.layers, site=a.site, out=a.out, band=a.band)
     print(f"wrote {len(paths)} heatmap(s) to {a.out}")
 
@@ -246,8 +247,6 @@ def _add_eval(sub):
 
 
 def _run_eval(a):
-    from .evaluate import evaluate, format_summary
-
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
     res = evaluate(a.model, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows, tasks=a.tasks,
                    batch_size=a.batch_size, limit=limit, num_fewshot=a.num_fewshot, json_out=a.json_out,
@@ -259,72 +258,32 @@ def _run_eval(a):
 
 # --------------------------------------------------------------------------------------------- prune
 def _add_prune(sub):
-    from .plan import SELECTORS
-    from .surgery import FOLDS
-
     p = sub.add_parser(
         "prune", help="remove MLP neurons and fold them into the kept ones; write a checkpoint",
         description="Calibrate, choose the neurons to keep per layer, fold the removed ones into the kept ones "
                     "and save a checkpoint. Uniform widths give a standard checkpoint that plain "
                     "AutoModelForCausalLM.from_pretrained loads. Defaults: the best combination measured in "
-                    "eval/results/smollm2.md.")
+                    "eval/results/smollm2.md. The method flags are the fields of neuroproj_prune.PruneConfig.")
     _model_args(p)
     p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl or datasets name)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of MLP neurons to remove, in [0, 1)")
-    p.add_argument("--keep", type=int, default=None, help="neurons to keep per layer (instead of --sparsity)")
     p.add_argument("--stats", default=None, help="reuse a statistics file from collect (one-shot calibration)")
     p.add_argument("--plan", default=None,
                    help="apply this plan.json (e.g. one you edited) instead of selecting; folds use one-shot moments")
-    p.add_argument("--select", default="wanda-sp",
-                   help=f"selection method: {', '.join(SELECTORS)} (default wanda-sp: best measured, eval/results/smollm2.md)")
-    p.add_argument("--fold", default="lstsq", help=f"fold: {', '.join(FOLDS)} (default lstsq)")
-    p.add_argument("--allocation", default="uniform",
-                   help="uniform (same width everywhere) or global (per-layer widths: sequential calibration "
-                        "minimises the summed refit error of the dense layers, measured on --alloc-samples windows)")
-    p.add_argument("--alloc-samples", type=int, default=32, help="global allocation: calibration windows used to "
-                   "measure the per-layer error curves (default 32)")
-    p.add_argument("--max-shift", type=float, default=1.0, help="global allocation: each layer's sparsity stays "
-                   "within ± this of the mean one (default 1.0: unbounded)")
-    p.add_argument("--alloc-weights", default="grad", help="global allocation: token weights of the error curves, "
-                   "grad (‖∂loss/∂x‖², loss units; one backward pass; default) or rms (1/mean(x²), no backward)")
-    p.add_argument("--compute-dtype", default="auto",
-                   help="matmul precision of the calibration forward passes of a float32 model: auto (default: "
-                        "bfloat16 autocast where the hardware has fast bfloat16 matmuls — CPUs with AVX512-BF16/AMX, "
-                        "CUDA — else float32), float32 or bfloat16. Grams and solves stay float64.")
-    p.add_argument("--calibration", default=None,
-                   help="sequential (layer by layer on the pruned model's own inputs; default) or oneshot "
-                        "(dense statistics; default when --stats is given)")
-    p.add_argument("--target", default="layer",
-                   help="sequential fold target: layer (its own output on the pruned inputs; default), dense (the dense "
-                        "model's MLP output) or residual (also repair the drift of the residual stream)")
-    p.add_argument("--multiple", type=int, default=64, help="round widths to a multiple (default 64; 1 = exact)")
-    p.add_argument("--weighting", default="rms",
-                   help="sequential calibration: weight token t by 1/mean(out_t^2), as the next norm sees its error "
-                        "(rms, default) or not at all (none)")
-    p.add_argument("--add-bias", action="store_true",
-                   help="let folds write an MLP output bias on architectures without one (non-standard checkpoint "
-                        "except for llama-style configs with mlp_bias)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--clusters", default=None,
+                   help="apply a clusters.json from `cluster` as written: keep each pole's representative (and "
+                        "unclustered neurons), fold the other members into it; folds use one-shot moments")
+    PruneConfig.add_arguments(p, defaults={"sparsity": None})
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_run_prune)
 
 
 def _run_prune(a):
-    from .prune import prune
-
-    if a.sparsity is None and a.keep is None and a.plan is None:
-        raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K or --plan PLAN.json")
-    calibration = a.calibration or ("oneshot" if a.stats else "sequential")
-    _, _, s = prune(a.model, a.data, sparsity=a.sparsity, keep=a.keep, select=a.select, fold=a.fold,
-                    allocation=a.allocation, calibration=calibration, target=a.target, multiple=a.multiple,
-                    stats=a.stats, samples=a.samples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size,
-                    out=a.out, overwrite=a.overwrite, add_bias=True if a.add_bias else None, weighting=a.weighting,
-                    plan_file=a.plan, alloc_samples=a.alloc_samples, max_shift=a.max_shift,
-                    alloc_weights=a.alloc_weights, compute_dtype=a.compute_dtype, dtype=a.dtype, device=a.device)
+    if a.sparsity is None and a.keep is None and a.plan is None and a.clusters is None:
+        raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K, --plan PLAN.json or --clusters FILE")
+    cfg = PruneConfig.from_args(a, calibration=a.calibration or ("oneshot" if a.stats else None))
+    _, _, s = prune(a.model, a.data, cfg, stats=a.stats, plan_file=a.plan, clusters=a.clusters, out=a.out,
+                    overwrite=a.overwrite, dtype=a.dtype, device=a.device)
     kept = s["kept"]
     print(f"pruned {s['model']} with {s['select']} + {s['fold']} ({s['calibration']}): "
           f"{s['neurons_after']} of {s['neurons_before']} MLP neurons kept ({s['actual_sparsity']:.1%} removed)")
@@ -352,24 +311,17 @@ def _add_sweep(sub):
                    help="explicit comma list of SELECT+FOLD[+CALIBRATION[+ALLOCATION]] (e.g. flap+bias+oneshot,"
                         "obs+lstsq,wanda-sp+lstsq+sequential+global) instead of the --select x --fold x "
                         "--calibration cross product (allocation uniform unless named)")
-    p.add_argument("--target", default="layer", help="sequential fold target (layer, dense, residual)")
-    p.add_argument("--multiple", type=int, default=64, help="round widths to a multiple (1 = exact sparsity)")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    PruneConfig.add_arguments(p, exclude=SWEPT)  # the settings every cell shares
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default min(2048, context))")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="sweep directory (resumed when it exists)")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(a):
-    from .sweep import sweep
-
     rows = sweep(a.model, a.data, a.eval_data, sparsities=a.sparsities, select=a.select, fold=a.fold,
-                 calibration=a.calibration, methods=a.methods, target=a.target, multiple=a.multiple, samples=a.samples,
-                 seqlen=a.seqlen, eval_seqlen=a.eval_seqlen, max_windows=a.max_windows, seed=a.seed, out=a.out,
-                 dtype=a.dtype, device=a.device)
+                 calibration=a.calibration, methods=a.methods, eval_seqlen=a.eval_seqlen, max_windows=a.max_windows,
+                 out=a.out, dtype=a.dtype, device=a.device, config=PruneConfig.from_args(a, sparsity=None))
     print((__import__("pathlib").Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.csv, results.md, tradeoff.png ({len(rows)} cells)")
 
@@ -388,8 +340,6 @@ def _add_run(sub):
 
 
 def _run_run(a):
-    from .run import run
-
     res = run(a.recipe, a.overrides)
     print(f"run finished in {res['output_dir']}: ran {', '.join(res['ran']) or 'nothing'}; "
           f"up to date: {', '.join(res['skipped']) or 'none'}")
@@ -430,8 +380,6 @@ def _add_skips(sub):
 
 
 def _run_skips(a):
-    from .skips import run_skips_command
-
     run_skips_command(a)
 
 
@@ -459,7 +407,6 @@ def _add_view(sub):
 def _run_view(a):
     from pathlib import Path
 
-    from .view import view
 
     out = a.out or str(Path(a.run_dir) / "report.html")
     model = None if str(a.model).lower() in ("none", "") else a.model
@@ -489,8 +436,6 @@ def _add_trace(sub):
 
 
 def _run_trace(a):
-    from .trace import trace
-
     tr = trace(a.model, a.projections, a.prompt, max_new_tokens=a.max_new_tokens, sample=a.sample, seed=a.seed,
                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, layers=a.layers, sites=a.sites, out=a.out,
                dtype=a.dtype, device=a.device)

@@ -37,6 +37,10 @@ import torch
 
 from .errors import NeuroprojError
 from .io import write_text
+from .models import LoadedModel, load_model
+from .moments import energy
+from .projection import load_projections
+from .stats import Stats, load_stats, parse_layers
 
 FORMAT = "neuroproj-prune/clusters/1"
 ALGOS = ("dbscan", "kmeans")
@@ -416,7 +420,6 @@ def _load_projections(p):
     path = Path(p)
     if not path.is_file():
         raise NeuroprojError(f"projections file {path} not found")
-    from .projection import load_projections
 
     try:
         return load_projections(path), str(path)
@@ -430,7 +433,6 @@ def _select_layers(spec, available: list[int], what: str, num_layers: int | None
     """A layer SPEC (`0-3,7`, a list, None = all) restricted to the layers `available` in the input."""
     if spec is None or spec == "all" or spec == "":
         return sorted(available)
-    from .stats import parse_layers
 
     num = max(int(num_layers or 0), max(available, default=-1) + 1)
     try:
@@ -462,7 +464,7 @@ def _energy(st, lm, layer, site, N):
     if W.shape[1] != N or e2.shape[0] != N:
         raise NeuroprojError(f"layer {layer}: the model has {W.shape[1]} neurons, the statistics {e2.shape[0]}, "
                              f"the clustering input {N}")
-    return (e2 * (W * W).sum(0)).numpy()
+    return energy(e2, W).numpy()
 
 
 def cluster(projections=None, *, algo: str = "dbscan", eps: float | None = None, min_samples: int | None = None,
@@ -503,8 +505,6 @@ def cluster(projections=None, *, algo: str = "dbscan", eps: float | None = None,
         raise NeuroprojError("clustering in the projection space needs a projections file")
     st = None
     if stats is not None:
-        from .stats import Stats, load_stats
-
         st = stats if isinstance(stats, Stats) else load_stats(stats)
     if space == "correlation" and st is None:
         raise NeuroprojError("clustering on the correlation distance needs the statistics (--stats)")
@@ -512,8 +512,6 @@ def cluster(projections=None, *, algo: str = "dbscan", eps: float | None = None,
         raise NeuroprojError("compare needs the statistics (--stats) and the projection space")
     lm = None
     if model is not None:
-        from .models import LoadedModel, load_model
-
         if st is None and representative in ("auto", "energy"):
             raise NeuroprojError("energy representatives need the statistics (--stats) as well as the model")
         lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32", device="cpu")

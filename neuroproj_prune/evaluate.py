@@ -39,8 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .adapters import context_length
+from .data import eval_windows, read_text, tokenize
 from .errors import NeuroprojError
 from .io import write_json
+from .models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SEQLEN = 2048
@@ -75,13 +78,8 @@ def default_eval_data() -> str:
 
 
 def model_context(model) -> int | None:
-    """The model's maximum sequence length from its config (None when it does not say)."""
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    """The model's maximum sequence length (None when its config does not say); see `Adapter.context_length`."""
+    return context_length(model)
 
 
 def default_batch_size(seqlen: int, vocab: int) -> int:
@@ -91,8 +89,6 @@ def default_batch_size(seqlen: int, vocab: int) -> int:
 
 def _unpack(model, tokenizer=None):
     """(model, tokenizer, name, fingerprint) from a LoadedModel, a (model, tokenizer) pair or a bare model."""
-    from .models import LoadedModel
-
     if isinstance(model, LoadedModel):
         return model.model, tokenizer or model.tokenizer, model.spec, model.fingerprint
     if isinstance(model, (tuple, list)) and len(model) == 2:
@@ -135,8 +131,6 @@ def perplexity(model, tokenizer=None, data=None, *, seqlen: int | None = None, m
     the model's device; the result does not depend on the batch size beyond float rounding.
     Returns {value, nll, seqlen, windows, tokens, data, windows_total, [max_windows], batch_size, seconds, protocol}.
     """
-    from .data import eval_windows, tokenize
-
     if data is None and tokenizer is not None and isinstance(tokenizer, (str, os.PathLike, torch.Tensor)):
         data, tokenizer = tokenizer, None          # perplexity(loaded, data)
     model, tokenizer, _, _ = _unpack(model, tokenizer)
@@ -410,15 +404,11 @@ def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows
     "lm_eval": {"tasks": ..., "groups": ..., "protocol": ...} | None, "model": {...}}`;
     `json_out` writes it (atomically).
     """
-    from .models import LoadedModel, load_model
-
     task_objs = load_tasks(tasks, include_path) if tasks else None
     run_ppl = data is not None or not tasks
     if run_ppl and data is None:
         data = default_eval_data()
     if run_ppl and not isinstance(data, torch.Tensor):
-        from .data import read_text
-
         p = Path(str(data)).expanduser()
         if p.suffix in (".txt", ".raw", ".jsonl", ".json") and not p.is_file():
             read_text(str(data))   # raises the standard "not found" error before the model is loaded

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from .errors import NeuroprojError
+from .projection import Projections, fit_exact, load_projections
+from .stats import Stats, load_stats, parse_layers
 
 
 def band_score(rho: torch.Tensor, order: torch.Tensor | None = None, band: int | None = None) -> float:
@@ -43,7 +45,6 @@ def projection_order(rho: torch.Tensor, P: torch.Tensor | None = None, **fit_kw)
     """argsort of a 1-D projection: P when it is 1-D, else a dims=1 exact fit of ρ computed now."""
     if P is not None and P.shape[1] == 1:
         return P[:, 0].argsort()
-    from .projection import fit_exact
 
     P1, _ = fit_exact(rho, 1, **fit_kw)
     return P1[:, 0].argsort()
@@ -58,8 +59,6 @@ def heatmaps(stats_or_path, *, projections=None, layers=None, site: str = "mlp.n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .projection import Projections, load_projections
-    from .stats import Stats, load_stats, parse_layers
 
     stats = stats_or_path if isinstance(stats_or_path, Stats) else load_stats(stats_or_path)
     proj = None

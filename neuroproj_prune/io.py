@@ -6,8 +6,10 @@ complete, so a failure never leaves a half-written output. Tensor files are safe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,19 +20,69 @@ from .errors import NeuroprojError
 META_KEY = "neuroproj_prune"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write) -> Path:
-    """Call `write(tmp_path)`, then rename the temporary file onto `path`; remove it on any failure."""
+    """Call `write(tmp_path)`, then rename the temporary file onto `path`; remove it on any failure.
+    The file gets the usual mode (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NeuroprojError(f"cannot write {path}: a parent of it is a file, not a directory") from None
+    except OSError as e:
+        raise NeuroprojError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def prepare_out_dir(out, overwrite: bool) -> None:
+    """Refuse an existing non-empty output directory (or a file in its place) unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise NeuroprojError(f"output {out} exists and is not empty: choose another --out or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_dir(out, overwrite: bool = False):
+    """`with atomic_dir(out) as tmp:` — fill the temporary directory `tmp` beside `out`; on success it
+    replaces `out` (an old one only at the last moment), on any failure it is removed. Mode 0777 less umask."""
+    out = Path(out)
+    prepare_out_dir(out, overwrite)
+    _make_parent(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise NeuroprojError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text(path, text: str) -> Path:

@@ -10,9 +10,13 @@ in `SELECTORS`, so the project's methods and the baselines are interchangeable (
     obs         greedy removal of the neurons whose loss, after the optimal least-squares refit of the kept
                 ones, grows least: Δ_j = ‖W_:,j‖² / [G⁻¹]_jj, then the exact downdate of W and G⁻¹
                 (structured OBS, ZipLM/SlimGPT style), in ≤ 64 blocks per layer. O(64·N²·b).
-    cluster     k-means (k = keep) of the neurons' projection (distance ≈ 1 − ρ): in each cluster the
-                member with most energy E[h²]·‖w_out‖² is kept; the others fold into it (the seed's poles).
+    cluster     k-means (k = keep) of the neurons' projection (distance ≈ 1 − ρ; the exact projection of
+                the layer's ρ unless `m.points` holds one): in each cluster the member with most energy
+                E[h²]·‖w_out‖² is kept; the others fold into it (the seed's poles).
     corr-cluster the same, clustering the full correlation distance 1 − |ρ| (agglomerative, average link).
+
+To add a method: write such a function and decorate it with `@register("name")`. A clustering written by
+`neuroproj-prune cluster` becomes a plan as it is written with `Plan.from_clusters`.
 
 Allocation across layers: `uniform` (the same width everywhere, rounded to a multiple) or `global`:
 per-layer widths that minimise the summed refit error curves (`error_curve`, `allocate_by_error`; sequential
@@ -26,8 +30,11 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_for
 from .errors import NeuroprojError
 from .io import write_text
+from .moments import correlation, energy
+from .projection import fit_exact
 
 FORMAT = "neuroproj-prune/plan/1"
 
@@ -62,9 +69,11 @@ class LayerMoments:
         return self.W.norm(dim=0)
 
     def correlation(self) -> torch.Tensor:
-        cov = self.G - torch.outer(self.mean, self.mean)
-        sd = self.var.sqrt().clamp(min=1e-30)
-        return (cov / torch.outer(sd, sd)).clamp(-1, 1)
+        return correlation(self.G - torch.outer(self.mean, self.mean))
+
+    @property
+    def energy(self) -> torch.Tensor:
+        return energy(self.G, self.W)
 
 
 @dataclass
@@ -145,7 +154,7 @@ def select_obs(m: LayerMoments, keep: int, seed: int = 0, steps: int = 64) -> Se
 
 def _clusters_to_selection(m: LayerMoments, labels: torch.Tensor, keep: int) -> Selection:
     """Keep the highest-energy member of each of the `keep` clusters; the others fold into it."""
-    energy = m.G.diagonal() * m.w_out**2
+    energy = m.energy
     reps, rep_of = [], {}
     for c in torch.unique(labels):
         members = (labels == c).nonzero().flatten()
@@ -170,8 +179,8 @@ def _clusters_to_selection(m: LayerMoments, labels: torch.Tensor, keep: int) -> 
 def select_cluster(m: LayerMoments, keep: int, seed: int = 0) -> Selection:
     from sklearn.cluster import KMeans
 
-    if m.points is None:
-        raise NeuroprojError("select 'cluster' needs projections of the layer (run project, or let prune compute them)")
+    if m.points is None:  # the exact 3-D projection of this layer's correlation
+        m.points = fit_exact(m.correlation(), dims=3)[0].double().cpu()
     km = KMeans(n_clusters=keep, n_init=1, random_state=seed).fit(m.points.double().numpy())
     return _clusters_to_selection(m, torch.as_tensor(km.labels_), keep)
 
@@ -318,10 +327,27 @@ class Plan:
             raise NeuroprojError(f"{path} is not a readable neuroproj-prune plan file") from None
         return cls(layers, doc.get("meta", {}))
 
+    @classmethod
+    def from_clusters(cls, clusters, model) -> "Plan":
+        """The plan a clustering describes, as written: each layer keeps its poles' representatives and its
+        unclustered neurons; every other member folds into its pole's representative. Layers the clustering
+        does not cover keep all their neurons."""
+        a = adapter_for(model)
+        p = cls(meta={"select": "clusters", "clusters": getattr(clusters, "path", None)})
+        for i in clusters.layers:
+            lc = clusters[i]
+            N = a.width(model, i) if 0 <= i < a.num_layers(model) else lc.n_neurons
+            if lc.n_neurons != N:
+                raise NeuroprojError(f"the clustering of layer {i} has {lc.n_neurons} neurons, the model {N}: "
+                                     f"it is for another model")
+            keep = [int(j) for j in lc.keep()]
+            kept, rep_of = set(keep), lc.representative_of()
+            p.layers[i] = {"width": N, "keep": keep,
+                           "representative": {j: int(rep_of[j]) for j in range(N) if j not in kept}}
+        return p
+
     def check(self, model) -> None:
         """Refuse a plan that does not fit the model (layer count, widths, indices)."""
-        from .models import adapter_for
-
         a = adapter_for(model)
         L = a.num_layers(model)
         fp = self.meta.get("fingerprint")

@@ -44,6 +44,8 @@ import torch
 
 from .errors import NeuroprojError
 from .io import TensorFile, load_tensors
+from .models import LoadedModel, adapter_for, load_model
+from .stats import ActivationCapture, Stats, _batches, calibration_ids, load_stats, parse_layers, parse_sites
 
 FORMAT = "neuroproj-prune/projection/1"
 INITS = ("cmds", "single_point", "rand", "randn")
@@ -461,18 +463,11 @@ def _dist():
 
 def _minibatch(lm, data, keys, *, dims, init, norm_order, lr, steps, epochs, samples, seqlen, seed, batch_size,
                checkpoint_every, checkpoint_dir, resume, progress, log_dir, device):
-    from .data import calibration_samples
-    from .models import adapter_for
-    from .stats import ActivationCapture, _batches
-
     m = lm.model
     adapter = adapter_for(m)
     dist, rank, world = _dist()
     if isinstance(data, (str, os.PathLike)):
-        max_len = getattr(m.config, "max_position_embeddings", None) or getattr(m.config, "n_positions", None)
-        if max_len is not None and seqlen > max_len:
-            raise NeuroprojError(f"--seqlen {seqlen} exceeds the model's context of {max_len} tokens")
-        ids, desc = calibration_samples(lm.tokenizer, str(data), samples, seqlen, seed)
+        ids, desc = calibration_ids(lm, data, samples, seqlen, seed)
     elif data is None:
         raise NeuroprojError("minibatch mode needs --model and --data")
     else:
@@ -584,8 +579,6 @@ def project(stats_or_path=None, *, mode: str = "exact", dims: int = 3, site=DEFA
     (`resume=True` continues).  With a stats file too, layers default to its layers and the reported stress
     is against its whole-dataset ρ; without, against the mean per-batch ρ of the last epoch.
     """
-    from .stats import Stats, load_stats, parse_layers, parse_sites
-
     if mode not in ("exact", "minibatch"):
         raise NeuroprojError(f"unknown --mode {mode!r}: choose exact or minibatch")
     sites = parse_sites(site)
@@ -619,8 +612,6 @@ def project(stats_or_path=None, *, mode: str = "exact", dims: int = 3, site=DEFA
         extra = {"refine": refine or ("smacof" if float(norm_order) == 2 else "lbfgs"), "max_iter": max_iter,
                  "tol": tol, "iterations": iters, "stress_reference": "stats correlation"}
     else:
-        from .models import LoadedModel, adapter_for, load_model
-
         if model is None or data is None:
             raise NeuroprojError("minibatch mode needs --model and --data")
         init = init or "randn"

@@ -1,502 +1,327 @@
-"""The `prune` pipeline: calibration → selection (plan) → fold (surgery) → checkpoint.
+"""The `prune` stage: one config, then calibration → allocation → (select → fold → slice) per layer → checkpoint.
 
-Two calibrations:
-- `oneshot` — moments from a statistics file of the dense model (`collect`); every layer is planned from
-  the dense activations and folded to preserve its own output: C = W G.
-- `sequential` (default) — layer by layer, as SparseGPT/Wanda do: the calibration tokens' hidden states are
-  carried through the already-pruned layers, so each layer is planned and folded on the inputs it will
-  really see. The fold target is the layer's own output on those inputs (`target=layer`: C = W G̃), or the
-  dense model's MLP output on the dense inputs (`target=dense`: C = E[y_dense h̃ᵀ], correcting upstream
-  error too). The pruned layer's output is updated in closed form, out' = out − W h̃ + W' h̃_K, so the
-  whole run costs one forward pass (two with target=dense) plus one N×N Gram product per layer and token.
-  `target=residual` goes one step further: the MLP's target is its own output plus the gap between the
-  dense and the pruned residual streams, y* = W h̃ + (out_dense − out), so each pruned MLP also repairs the
-  drift that earlier layers left (architectures whose MLP output is added to the residual as is).
-  Token weighting (`weighting=rms`, default): every later layer reads the residual stream through a norm,
-  so an output error on token t is seen divided by rms(x_t); the moments weight token t by 1/mean(out_t²),
-  which stops the few massive-activation tokens (attention sinks) from dominating the fit.
+    cfg = PruneConfig(sparsity=0.3)                       # every method choice of a run, validated once
+    calib = CALIBRATIONS[cfg.calibration](lm, cfg, ...)   # where moments come from (calibrate.py)
+    widths = ALLOCATIONS[cfg.allocation](calib, cfg)      # how many neurons each layer keeps
+    for work in calib.layers():                           # layer by layer
+        prune_layer(lm.model, work, cfg, widths[i])       # SELECTORS (plan.py) → FOLDS (surgery.py) → slice
+    save_pruned(...)                                      # checkpoint.py
 
-Per-layer widths (`allocation=global`, sequential): before the pass, `error_curves` measures on a subsample
-(`alloc_samples` windows) every dense layer's refit error e_i(k) for every width k, in units of loss (tokens
-weighted by ‖∂loss/∂x_i‖², one backward pass), and `plan.allocate_by_error` picks the widths minimising
-Σ_i e_i(k_i) at the requested total. Layers whose errors the loss barely sees give up more neurons. The
-checkpoint then has per-layer widths (`load_pruned`). One-shot global allocation uses FLAP's standardised
-scores instead.
+`PruneConfig` is the single description of a run: the CLI flags (`add_arguments`), the recipe's `prune`
+section (`recipe_defaults`), `sweep`, `eval/ablate.py` and the keyword arguments of `prune()` are all made
+from its fields. Every method kind is a registry with one signature: `plan.SELECTORS`, `surgery.FOLDS`,
+`calibrate.CALIBRATIONS`, `ALLOCATIONS` (here).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
+from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
+from .adapters import adapter_for, num_params
+from .calibrate import CALIBRATIONS, COMPUTE_DTYPES, TARGETS, Calibration, Sequential, compute_dtype_for  # noqa: F401
+from .calibrate import error_curves, rms_token_weights  # noqa: F401 (re-exported)
+from .checkpoint import prepare_out_dir, save_pruned, skip_source_remapper, update_config
+from .clustering import load_clusters
 from .errors import NeuroprojError
-from .models import LoadedModel, adapter_for, load_model
-from .plan import (SELECTORS, LayerMoments, Plan, allocate_by_error, check_sparsity, global_widths, layer_width,
-                   make_layer_plan)
-from .stats import gram_lower_, mirror_lower_
-from .surgery import FOLDS, RIDGE, apply_plan, effective_ridge, fold_layer, prepare_out_dir, save_pruned
-
-CALIBRATIONS = ("sequential", "oneshot")
-ALLOCATIONS = ("uniform", "global")
-TARGETS = ("layer", "dense", "residual")
+from .models import LoadedModel, load_model
+from .plan import SELECTORS, LayerMoments, Plan, layer_width, make_layer_plan
+from .surgery import FOLDS, RIDGE, fold_and_slice
 
 
-# ------------------------------------------------------------------------------------------- helpers
-def _check_method(select, fold, allocation, calibration, target):
-    if select not in SELECTORS:
-        raise NeuroprojError(f"unknown selection method {select!r}: choose from {', '.join(SELECTORS)}")
-    if fold not in FOLDS:
-        raise NeuroprojError(f"unknown fold {fold!r}: choose from {', '.join(FOLDS)}")
-    if allocation not in ALLOCATIONS:
-        raise NeuroprojError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATIONS)}")
-    if calibration not in CALIBRATIONS:
-        raise NeuroprojError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
-    if target not in TARGETS:
-        raise NeuroprojError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
+# -------------------------------------------------------------------------------------------- config
+class ConfigError(NeuroprojError):
+    """A bad PruneConfig value; `field` names the setting (recipes say `prune.FIELD`, the CLI `--field`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
-def _points(G, mean, dims=3, seed=0):
-    """Projection of one layer's neurons (distance ≈ 1 − ρ), for the `cluster` selection."""
-    from .projection import fit_exact
-
-    cov = G - torch.outer(mean, mean)
-    sd = cov.diagonal().clamp(min=0).sqrt()
-    rho = (cov / torch.outer(sd, sd).clamp(min=1e-30)).clamp(-1, 1)
-    rho[sd <= 0] = 0
-    rho.fill_diagonal_(1.0)
-    P, _ = fit_exact(rho, dims=dims)
-    return P.double().cpu()
+def _opt(default, help, choices=None, kind=None, optional=False):
+    """A config field: its default, its help text, its allowed values (a tuple, or a callable returning a
+    registry), its value type when the default does not say (None defaults), and whether None is allowed
+    (always for None defaults)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "kind": kind,
+                                            "optional": optional or default is None})
 
 
-def _in_norms(adapter, model, i):
-    return torch.stack([w.detach().double().norm(dim=1) for w in adapter.in_weights(model, i)]).norm(dim=0).cpu()
+@dataclass
+class PruneConfig:
+    """Every method choice of one prune. Validated when made; `replace(**changes)` makes a validated copy."""
 
+    sparsity: float | None = _opt(0.3, "fraction of MLP neurons to remove, in [0, 1)", kind=float, optional=True)
+    keep: int | None = _opt(None, "neurons to keep per layer (instead of sparsity)", kind=int)
+    select: str = _opt("wanda-sp", "selection method (best measured: wanda-sp, eval/results/smollm2.md)",
+                       lambda: SELECTORS)
+    fold: str = _opt("lstsq", "how removed neurons fold into the kept ones", lambda: FOLDS)
+    calibration: str = _opt("sequential", "sequential (layer by layer on the pruned model's own inputs) or "
+                            "oneshot (dense statistics; the default when a stats file is given)", lambda: CALIBRATIONS)
+    allocation: str = _opt("uniform", "uniform (same width everywhere: a standard checkpoint) or global "
+                           "(per-layer widths from measured per-layer importance)", lambda: ALLOCATIONS)
+    target: str = _opt("layer", "sequential fold target: layer (its own output on the pruned inputs), dense "
+                       "(the dense model's MLP output) or residual (also repair the residual stream's drift)", TARGETS)
+    weighting: str = _opt("rms", "sequential token weights: rms (1/mean(out_t^2), as the next norm sees an "
+                          "error) or none", ("rms", "none"))
+    output_weighting: str = _opt("none", "selection sees output errors scaled by the downstream norms' gains "
+                                 "(norms) or not (none)", ("none", "norms"))
+    multiple: int = _opt(64, "round widths to a multiple (1 = exact)")
+    ridge: float = _opt(RIDGE, "relative ridge of the least-squares solves (raised to 1e-2 on too few tokens)")
+    add_bias: bool | None = _opt(None, "let folds write an MLP output bias on architectures without one "
+                                 "(default: only for the bias fold)", kind=bool)
+    samples: int = _opt(128, "calibration windows")
+    seqlen: int = _opt(512, "tokens per calibration window")
+    seed: int = _opt(0, "which calibration windows are drawn; selection seeds")
+    batch_size: int | None = _opt(None, "calibration windows per forward pass (default ~4096 tokens)", kind=int)
+    alloc_samples: int = _opt(32, "global allocation: calibration windows that measure the error curves")
+    max_shift: float = _opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one")
+    alloc_weights: str = _opt("grad", "global allocation token weights: grad (loss units, one backward pass) or "
+                              "rms (no backward)", ("grad", "rms"))
+    compute_dtype: str = _opt("auto", "matmul precision of the calibration forwards of a float32 model: auto "
+                              "(bfloat16 where fast: CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; "
+                              "Grams and solves stay float64", COMPUTE_DTYPES)
 
-def mlp_macs_per_token(model) -> int:
-    a = adapter_for(model)
-    n_in = len(a.in_weights(model, 0))
-    return sum((n_in + 1) * a.hidden_size(model) * a.width(model, i) for i in range(a.num_layers(model)))
+    def __post_init__(self):
+        self.validate()
 
+    # -- validation (the one place)
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v, md = getattr(self, f.name), f.metadata
+            kind = md["kind"] or type(f.default)
+            if v is None and md["optional"]:
+                continue
+            if kind is bool:
+                if not isinstance(v, bool):
+                    raise ConfigError(f.name, f"{f.name} must be true or false, got {v!r}")
+                continue
+            if kind is int:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+                    raise ConfigError(f.name, f"{f.name} must be a whole number, got {v!r}")
+                setattr(self, f.name, int(v))
+            elif kind is float:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ConfigError(f.name, f"{f.name} must be a finite number, got {v!r}")
+                setattr(self, f.name, float(v))
+            elif not isinstance(v, str):
+                raise ConfigError(f.name, f"{f.name} must be a string, got {v!r}")
+            choices = md["choices"]() if callable(md["choices"]) else md["choices"]
+            if choices is not None and v not in choices:
+                raise ConfigError(f.name, f"unknown {f.name.replace('_', ' ')} {v!r}: choose from {', '.join(choices)}")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError("sparsity", f"sparsity must be in [0, 1) (got {self.sparsity})")
+        if self.sparsity is not None and self.keep is not None:
+            raise ConfigError("keep", "give sparsity or keep, not both")
+        if self.keep is not None and self.keep < 1:
+            raise ConfigError("keep", f"keep {self.keep}: a layer would be pruned to zero width; keep at least 1 neuron")
+        for name, lo in (("multiple", 1), ("samples", 1), ("seqlen", 2), ("batch_size", 1),
+                         ("alloc_samples", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if v is not None and v < lo:
+                raise ConfigError(name, f"{name} must be at least {lo} (got {v})")
+        if self.ridge < 0:
+            raise ConfigError("ridge", f"ridge must be >= 0 (got {self.ridge})")
+        if not 0.0 < self.max_shift <= 1.0:
+            raise ConfigError("max_shift", f"max_shift must be in (0, 1] (got {self.max_shift})")
+        if self.calibration == "sequential" and self.fold != "lstsq" and self.target != "layer":
+            raise ConfigError("target", f"target {self.target!r} only changes the lstsq fold: use fold lstsq or target layer")
 
-def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # -- construction from the outside
+    @classmethod
+    def make(cls, **given) -> "PruneConfig":
+        """From keyword arguments (None means: the default). Giving `keep` and no `sparsity` drops the default
+        sparsity."""
+        given = {k: v for k, v in given.items() if v is not None}
+        unknown = set(given) - set(cls.field_names())
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], f"unknown prune setting(s) {sorted(unknown)}: known are {', '.join(cls.field_names())}")
+        if "keep" in given and "sparsity" not in given:
+            given["sparsity"] = None
+        return cls(**given)
 
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
 
-# --------------------------------------------------------------------------------------- sequential
-class _StopAt(Exception):
-    pass
+    def replace(self, **changes) -> "PruneConfig":
+        return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
-def _layer_inputs(model, adapter, batches):
-    """Hidden states entering layer 0 and the keyword arguments the model passes to its layers."""
-    first = adapter.layers(model)[0]
-    caught = []
+    @classmethod
+    def recipe_defaults(cls, exclude=()) -> dict:
+        """The recipe section: every field and its default."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
 
-    def grab(mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden.detach(), args[1:], dict(kwargs)))
-        raise _StopAt
-
-    h = first.register_forward_pre_hook(grab, with_kwargs=True)
-    dev = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for ids in batches:
-                try:
-                    model(input_ids=ids.to(dev), use_cache=False)
-                except _StopAt:
-                    pass
-    finally:
-        h.remove()
-    return caught
-
-
-def rms_token_weights(x: torch.Tensor) -> torch.Tensor:
-    """w_t = 1/mean(x_t²) for residual-stream rows x_t (last dim d): the next norm divides token t by its rms,
-    so an error δ_t there is seen as ‖δ_t‖²·w_t. Shape: x's without the last dim."""
-    return 1.0 / (x.pow(2).mean(-1) + 1e-6)
-
-
-def _run_layer(layer, hidden, args, kwargs, compute=None):
-    """One decoder layer; with `compute` (e.g. torch.bfloat16) its matmuls run under autocast, the residual
-    stream it returns keeps the model's dtype."""
-    with torch.autocast(hidden.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None):
-        out = layer(hidden, *args, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    return out.to(hidden.dtype)
-
-
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-
-
-def compute_dtype_for(name: str, model) -> torch.dtype | None:
-    """The autocast dtype of the calibration forwards (None: the model's own). `auto`: bfloat16 for a float32
-    model on hardware with fast bfloat16 matmuls (CUDA with bf16, CPUs with AVX512-BF16/AMX), else none."""
-    if name not in COMPUTE_DTYPES:
-        raise NeuroprojError(f"unknown compute dtype {name!r}: choose from {', '.join(COMPUTE_DTYPES)}")
-    p = next(model.parameters())
-    if name == "float32" or p.dtype != torch.float32:
-        return None
-    if name == "bfloat16":
-        return torch.bfloat16
-    if p.device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if p.device.type == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return None
-
-
-def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
-                     target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
-                     weighting: str = "none", add_bias: bool = False, output_weighting: str = "none",
-                     compute=None, progress: bool = True) -> Plan:
-    """Prune `lm.model` in place, layer by layer (see module docstring). Returns the plan it applied.
-
-    Memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with target=dense) and
-    one layer's neuron activations (tokens·N·4 bytes)."""
-    model, a = lm.model, lm.adapter
-    from .skips import get_skips
-
-    if get_skips(model):  # skip hooks hand activations from layer l to m within one forward pass
-        raise NeuroprojError("the model has applied skip connections, which layer-by-layer calibration cannot "
-                             "run: prune with --calibration oneshot, or prune before applying skips")
-    dev = next(model.parameters()).device
-    cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    batches = [ids[b:b + batch_size] for b in range(0, ids.shape[0], batch_size)]
-    states = _layer_inputs(model, a, batches)
-    hidden = [s[0].clone() for s in states]
-    dense = [s[0].clone() for s in states] if target in ("dense", "residual") else None
-    additive = a.mlp_output_is_added(model)
-    if target == "residual" and not additive:
-        raise NeuroprojError(f"target 'residual' needs an MLP whose output is added to the residual; "
-                             f"{model.config.model_type} normalises it first: use --target layer or dense")
-    plan = Plan()
-    bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not progress, dynamic_ncols=True)
-    for i, layer in enumerate(a.layers(model)):
-        out_proj = a.out_proj(model, i)
-        W = a.out_weight(model, i).detach().to(cdt)
-        b_old = a.out_bias(model, i)
-        N, d = W.shape[1], W.shape[0]
-        grab = {}
-        hook = out_proj.register_forward_pre_hook(lambda mod, args: grab.__setitem__("h", args[0]))
-        G = torch.zeros(N, N, dtype=torch.float64, device=dev)
-        s = torch.zeros(N, dtype=torch.float64, device=dev)
-        C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
-        c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
-        n, n_w0 = 0, None
-        acts, outs = [], []
-        with torch.inference_mode():
-            for bi, (_, args, kw) in enumerate(states):
-                out = _run_layer(layer, hidden[bi], args, kw, compute)
-                h = grab["h"].reshape(-1, N).to(cdt)
-                if weighting == "rms":  # the next norm divides each token's residual by its rms
-                    w = rms_token_weights(out.reshape(-1, d).to(cdt))
-                    if n_w0 is None:
-                        n_w0 = float(w.mean())  # one scale for all batches keeps the weights comparable
-                    w = (w / n_w0).unsqueeze(1)
-                    hs = h * w.sqrt()
-                    gram_lower_(G, hs)
-                    s += (h * w).sum(0, dtype=torch.float64)
-                    n += float(w.sum())
-                else:
-                    w, hs = None, h
-                    gram_lower_(G, h)
-                    s += h.sum(0, dtype=torch.float64)
-                    n += h.shape[0]
-                if dense is not None:
-                    dense_out = _run_layer(layer, dense[bi], args, kw, compute)
-                    if target == "dense":   # the dense MLP output on the dense stream
-                        y = grab["h"].reshape(-1, N).to(cdt) @ W.T
-                    else:                   # residual: also close the gap between the two streams
-                        y = h @ W.T + (dense_out - out).reshape(-1, d).to(cdt)
-                    C += (y.T @ (h if w is None else h * w)).double()
-                    c += (y if w is None else y * w).sum(0, dtype=torch.float64)
-                    dense[bi] = dense_out
-                if additive:
-                    acts.append(h)
-                    outs.append(out)
-        hook.remove()
-        G, mean = (mirror_lower_(G) / n).cpu(), (s / n).cpu()
-        tokens = sum(h.shape[0] for h in acts) if additive else int(n)
-        layer_ridge = effective_ridge(ridge, tokens, N)
-        if not torch.isfinite(G).all():
-            raise NeuroprojError(f"non-finite activations at layer {i}: load the model with --dtype float32")
-        if dense is not None:
-            C, c = (C / n).cpu(), (c / n).cpu()
-            from .surgery import _chol_solve
-
-            W_eff = _chol_solve(G, C, layer_ridge)  # the full-width least-squares map onto the target
-        else:
-            W_eff = W.double().cpu()
-        D = a.downstream_gain(model, i) if output_weighting == "norms" else None
-        # selection sees the output error as the downstream norms do; the fold's optimum does not depend on it
-        m = LayerMoments(i, G, mean, W_eff if D is None else D[:, None] * W_eff, _in_norms(a, model, i),
-                         ridge=layer_ridge)
-        if select == "cluster":
-            m.points = _points(G, mean, seed=seed)
-        sel = SELECTORS[select](m, widths[i], seed)
-        plan.layers[i] = make_layer_plan(m, sel)
-        keep = plan.keep(i)
-        Wn, bn = fold_layer(fold, W.double().cpu(), keep, G=G, mean=mean,
-                            bias=None if b_old is None else b_old.double().cpu(), C=C, c=c,
-                            representative=plan.layers[i]["representative"], use_bias=b_old is not None or add_bias,
-                            ridge=layer_ridge)
-        a.select_neurons(model, i, keep)
-        a.set_out_weight(model, i, Wn)
-        if bn is not None:
-            a.set_out_bias(model, i, bn)
-        # carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when
-        # the MLP output is added to the residual as is; otherwise run the pruned layer again
-        with torch.inference_mode():
-            if not additive:
-                for bi, (_, args, kw) in enumerate(states):
-                    hidden[bi] = _run_layer(layer, hidden[bi], args, kw, compute)
+    @classmethod
+    def add_arguments(cls, parser, exclude=(), defaults: dict | None = None) -> None:
+        """One `--flag` per field (`max_shift` → `--max-shift`), default None so that unset flags keep the
+        config's defaults (`from_args`)."""
+        for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
+            md = f.metadata
+            kind = md["kind"] or type(f.default)
+            choices = md["choices"]() if callable(md["choices"]) else md["choices"]
+            default = (defaults or {}).get(f.name, f.default)
+            help = md["help"] + (f" ({', '.join(choices)})" if choices else "") + \
+                (f"; default {default}" if default is not None else "")
+            flag = "--" + f.name.replace("_", "-")
+            if kind is bool:
+                parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help)
             else:
-                # one matmul per batch: h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
-                dW = -W.clone()
-                dW[:, keep.to(dev)] += Wn.to(dev, cdt)
-                dWt = dW.T.contiguous()
-                db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
-                for bi in range(len(states)):
-                    delta = acts[bi] @ dWt
-                    if db is not None:
-                        delta += db
-                    hidden[bi] = (outs[bi].to(cdt) + delta.view(outs[bi].shape)).to(outs[bi].dtype)
-        del acts, outs
-        bar.update(1)
-    bar.close()
-    return plan
+                parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help)
+
+    @classmethod
+    def from_args(cls, args, **extra) -> "PruneConfig":
+        """The config of parsed CLI arguments (flags made by `add_arguments`) plus `extra` settings."""
+        given = {n: getattr(args, n) for n in cls.field_names() if hasattr(args, n)}
+        given.update(extra)
+        return cls.make(**given)
 
 
-def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
-                 seed: int = 0, ridge: float = RIDGE, compute=None, progress: bool = True) -> dict[int, torch.Tensor]:
-    """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
-    top-k neurons of `select` (see `plan.error_curve`), with token t weighted so that all layers share one
-    unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
-    the residual stream after layer i; under an isotropic Fisher approximation an error δ_t there costs
-    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `rms`: w_t = 1/mean(x_i,t²), the error as the next
-    norm sees it (no backward pass, blind to how much later layers and the head amplify it).
-    Cost: one forward (and with grad one backward) of the dense model over `ids`, one N² Gram per token and
-    layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams."""
-    from .plan import error_curve
-
-    model, a = lm.model, lm.adapter
-    dev = next(model.parameters()).device
-    L = a.num_layers(model)
-    acts, outs = {}, {}
-    G = [None] * L
-    s = [None] * L
-    wsum, n = [0.0] * L, 0
-
-    def grab_h(i):
-        return lambda mod, args: acts.__setitem__(i, args[0].detach())
-
-    def grab_out(i):
-        def hook(mod, args, out):
-            x = out[0] if isinstance(out, tuple) else out
-            if x.requires_grad:
-                x.retain_grad()
-            outs[i] = x
-        return hook
-
-    hooks = [a.out_proj(model, i).register_forward_pre_hook(grab_h(i)) for i in range(L)]
-    hooks += [layer.register_forward_hook(grab_out(i)) for i, layer in enumerate(a.layers(model))]
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients flow to the activations only
-    batches = range(0, ids.shape[0], batch_size)
-    try:
-        for b in tqdm(batches, desc="allocate", unit="batch", disable=not progress, dynamic_ncols=True):
-            x = ids[b:b + batch_size].to(dev)
-            amp = torch.autocast(dev.type, dtype=compute or torch.bfloat16, enabled=compute is not None)
-            if weights == "grad":
-                with torch.enable_grad(), amp:
-                    emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=emb, use_cache=False).logits
-                    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
-                                                      reduction="sum").backward()
-                    del logits
-            else:
-                with torch.inference_mode(), amp:
-                    model(input_ids=x, use_cache=False)
-            with torch.no_grad():
-                for i in range(L):
-                    o = outs[i]
-                    if weights == "grad":
-                        w = o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
-                    else:
-                        w = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1)
-                    h = acts[i].reshape(w.shape[0], -1).float()
-                    if G[i] is None:
-                        G[i] = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=dev)
-                        s[i] = torch.zeros(h.shape[1], dtype=torch.float64, device=dev)
-                    gram_lower_(G[i], h * w.sqrt())
-                    s[i] += (h * w).sum(0, dtype=torch.float64)
-                    wsum[i] += float(w.sum())
-                n += x.numel()
-            acts.clear()
-            outs.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-    curves = {}
-    for i in range(L):
-        Gi, mean = (mirror_lower_(G[i]) / wsum[i]).cpu(), (s[i] / wsum[i]).cpu()
-        W = a.out_weight(model, i).detach().double().cpu()
-        N = W.shape[1]
-        # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
-        m = LayerMoments(i, Gi, mean, W, _in_norms(a, model, i), ridge=effective_ridge(ridge, n, N, warn=False))
-        if select == "cluster":
-            m.points = _points(Gi, mean, seed=seed)
-        curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (wsum[i] / n)
-    return curves
+# ---------------------------------------------------------------------------------------- allocation
+def allocate_uniform(calib: Calibration, cfg: PruneConfig) -> dict[int, int]:
+    """Every layer keeps N·(1 − sparsity) (or `keep`) neurons, rounded to the multiple."""
+    return {i: layer_width(N, cfg.sparsity, cfg.keep, cfg.multiple) for i, N in calib.widths().items()}
 
 
-# ------------------------------------------------------------------------------------------ one-shot
+def allocate_global(calib: Calibration, cfg: PruneConfig) -> dict[int, int]:
+    """Per-layer widths at the same total, from the per-layer importance the calibration measures."""
+    total = sum(layer_width(N, cfg.sparsity, cfg.keep, 1) for N in calib.widths().values())
+    return calib.global_widths(cfg, total)
+
+
+ALLOCATIONS = {"uniform": allocate_uniform, "global": allocate_global}
+
+
+# ------------------------------------------------------------------------------------ the shared step
+def select_layer(model, m: LayerMoments, width: int, cfg: PruneConfig) -> dict:
+    """The layer plan {"width", "keep", "representative"} that `cfg.select` makes for `width` kept neurons.
+    With `output_weighting=norms` the selection sees output errors as the downstream norms do (the fold's
+    optimum does not depend on it)."""
+    D = adapter_for(model).downstream_gain(model, m.layer) if cfg.output_weighting == "norms" else None
+    if D is not None:
+        m = dataclasses.replace(m, W=D[:, None] * m.W)
+    return make_layer_plan(m, SELECTORS[cfg.select](m, width, cfg.seed))
+
+
+def prune_layer(model, work, cfg: PruneConfig, width: int | None = None, layer_plan: dict | None = None) -> dict:
+    """Select (unless `layer_plan` is given) → fold → slice layer `work.layer` of `model` in place; fills
+    `work.keep/W_new/b_new` for the calibration and returns the layer plan."""
+    i = work.layer
+    if layer_plan is None:
+        layer_plan = select_layer(model, work.moments, width, cfg)
+    keep = torch.tensor(layer_plan["keep"], dtype=torch.long)
+    remap = skip_source_remapper(model, {i: keep})  # pruning after skips: refuse dropping a skip source
+    work.fold.representative = layer_plan["representative"]
+    add_bias = cfg.fold == "bias" if cfg.add_bias is None else cfg.add_bias
+    work.keep = keep
+    work.W_new, work.b_new = fold_and_slice(model, i, keep, cfg.fold, work.fold, add_bias=add_bias)
+    if remap is not None:
+        remap()
+    return layer_plan
+
+
+# ---------------------------------------------------------------------------------------------- API
 def plan(stats, model, *, sparsity: float | None = None, keep: int | None = None, select: str = "wanda-sp",
          allocation: str = "uniform", multiple: int = 64, seed: int = 0, projections=None,
          ridge: float = RIDGE) -> Plan:
-    """A removal plan from dense statistics (one-shot). `model`: LoadedModel or nn.Module (for weights)."""
-    lm_model = model.model if isinstance(model, LoadedModel) else model
-    a = adapter_for(lm_model)
-    if select not in SELECTORS:
-        raise NeuroprojError(f"unknown selection method {select!r}: choose from {', '.join(SELECTORS)}")
-    if keep is None:
-        check_sparsity(sparsity)
-    layers = range(a.num_layers(lm_model))
-    missing = [i for i in layers if i not in stats.layers or "mlp.neurons" not in stats.sites]
-    if missing:
-        raise NeuroprojError(f"the statistics lack mlp.neurons of layers {missing[:5]}...: collect all layers")
-    moments = {}
-    for i in layers:
-        m = LayerMoments(i, stats.second_moment(i), stats.mean(i), a.out_weight(lm_model, i).detach().double().cpu(),
-                         _in_norms(a, lm_model, i), ridge=ridge)
-        if select == "cluster":
-            m.points = (projections.get(i, "mlp.neurons").double() if projections is not None
-                        else _points(m.G, m.mean, seed=seed))
-        moments[i] = m
-    widths = _widths(moments, sparsity, keep, allocation, multiple, select, seed)
-    p = Plan()
-    for i, m in moments.items():
-        p.layers[i] = make_layer_plan(m, SELECTORS[select](m, widths[i], seed))
-    p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
-                   "multiple": multiple, "calibration": "oneshot", "stats": stats.path,
-                   "fingerprint": stats.meta.get("fingerprint")})
+    """A removal plan from dense statistics (one-shot), nothing applied. `model`: LoadedModel or nn.Module."""
+    if sparsity is None and keep is None:
+        raise NeuroprojError("sparsity must be in [0, 1) (got None)")
+    cfg = PruneConfig.make(sparsity=sparsity, keep=keep, select=select, allocation=allocation, multiple=multiple,
+                           seed=seed, ridge=ridge, calibration="oneshot")
+    lm = model if isinstance(model, LoadedModel) else LoadedModel(model, None, "", None)
+    calib = CALIBRATIONS["oneshot"](lm, cfg, stats=stats, projections=projections)
+    widths = ALLOCATIONS[cfg.allocation](calib, cfg)
+    p = Plan(meta={**_plan_meta(cfg), **calib.meta})
+    for work in calib.layers():
+        p.layers[work.layer] = select_layer(lm.model, work.moments, widths[work.layer], cfg)
     return p
 
 
-def _widths(moments: dict[int, LayerMoments], sparsity, keep, allocation, multiple, select, seed) -> dict[int, int]:
-    if allocation == "uniform":
-        return {i: layer_width(m.N, sparsity, keep, multiple) for i, m in moments.items()}
-    # global: scores standardised per layer; order-based methods (obs, clusters) allocate by FLAP's metric
-    score_fn = SELECTORS[select] if select in ("magnitude", "wanda-sp", "flap") else SELECTORS["flap"]
-    scores = {i: score_fn(m, m.N, seed).scores for i, m in moments.items()}
-    total = sum(layer_width(m.N, sparsity, keep, 1) for m in moments.values())
-    return global_widths(scores, total)
+def _plan_meta(cfg: PruneConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("select", "fold", "allocation", "sparsity", "keep", "multiple", "calibration")}
 
 
-# ------------------------------------------------------------------------------------------- the API
-def prune(model, data=None, *, sparsity: float | None = 0.3, keep: int | None = None, select: str = "wanda-sp",
-          fold: str = "lstsq", allocation: str = "uniform", calibration: str = "sequential",
-          target: str = "layer", multiple: int = 64, stats=None, samples: int = 128, seqlen: int = 512,
-          seed: int = 0, batch_size: int | None = None, out=None, overwrite: bool = False,
-          add_bias: bool | None = None, weighting: str = "rms", output_weighting: str = "none",
-          ridge: float = RIDGE, plan_file=None, dtype="auto", alloc_samples: int = 32, max_shift: float = 1.0,
-          alloc_weights: str = "grad", compute_dtype: str = "auto",
-          device="auto", progress: bool = True):
+def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, plan_file=None, clusters=None,
+          out=None, overwrite: bool = False, dtype="auto", device="auto", progress: bool = True, **settings):
     """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
 
-    Cost: sequential — one forward over samples×seqlen tokens plus N² per token and layer for the Gram;
-    oneshot — the statistics pass (or none, with `stats`) plus the per-layer solves (O(N³))."""
-    _check_method(select, fold, allocation, calibration, target)
-    if plan_file is not None:  # a plan the user wrote or edited: apply it as is (one-shot moments for the fold)
-        calibration, given_plan = "oneshot", Plan.load(plan_file)
-    elif keep is None:
-        check_sparsity(sparsity)
+    `config` (or `PruneConfig` fields as keyword arguments, e.g. `sparsity=0.3, select="flap"`) says how;
+    `plan_file` or `clusters` (a `cluster` JSON) give the kept sets as written instead of a selection (their
+    folds use one-shot moments). Cost: sequential — one forward over samples×seqlen tokens plus N² per token
+    and layer for the Gram; oneshot — the statistics pass (none with `stats`) plus the per-layer solves (O(N³))."""
+    cfg = config.replace(**settings) if config is not None else PruneConfig.make(**settings)
+    given = None
+    if plan_file is not None or clusters is not None:
+        if plan_file is not None and clusters is not None:
+            raise NeuroprojError("give a plan or a clustering, not both")
+        cfg = cfg.replace(calibration="oneshot")
+        given = Plan.load(plan_file) if plan_file is not None else clusters
+    elif cfg.sparsity is None and cfg.keep is None:
+        raise NeuroprojError("give a sparsity in [0, 1), keep K or a plan")
     if out is not None:
         prepare_out_dir(out, overwrite)  # refuse early, before any work
-    if alloc_weights not in ("rms", "grad"):
-        raise NeuroprojError(f"unknown allocation weights {alloc_weights!r}: choose rms or grad")
-    if allocation == "global" and not 0.0 < max_shift <= 1.0:
-        raise NeuroprojError(f"max_shift must be in (0, 1] (got {max_shift})")
-    if weighting not in ("rms", "none") or output_weighting not in ("norms", "none"):
-        raise NeuroprojError("--weighting takes rms or none; --output-weighting takes norms or none")
-    if calibration == "sequential" and fold in ("bias", "representative", "none") and target != "layer":
-        raise NeuroprojError(f"target {target!r} only changes the lstsq fold: use --fold lstsq or --target layer")
     t0 = time.time()
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    compute = compute_dtype_for(compute_dtype, lm.model)  # autocast of the sequential passes (validated here)
     a = lm.adapter
+    if given is not None and not isinstance(given, Plan):
+        given = Plan.from_clusters(load_clusters(given) if not hasattr(given, "layers") else given, lm.model)
+    if given is not None:
+        given.check(lm.model)
     had_bias = a.out_has_bias(lm.model)
-    if add_bias == "auto":  # a bias only where the checkpoint stays standard (llama-style `mlp_bias`)
-        add_bias = fold in ("lstsq", "bias") and (had_bias or a.config_can_express_out_bias(lm.model.config))
-    before = {"params": num_params(lm.model), "macs": mlp_macs_per_token(lm.model)}
-    from .stats import load_stats
-
-    if calibration == "oneshot":
-        if stats is None:
-            if data is None:
-                raise NeuroprojError("give calibration --data or a --stats file")
-            from .stats import collect
-
-            st = collect(lm, data, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                         progress=progress)
-        else:
-            st = load_stats(stats) if not hasattr(stats, "second_moment") else stats
-            st.check_model(lm)
-        if plan_file is not None:
-            p = given_plan
-            p.check(lm.model)
-        else:
-            p = plan(st, lm, sparsity=sparsity, keep=keep, select=select, allocation=allocation,
-                     multiple=multiple, seed=seed, ridge=ridge)
-        apply_plan(lm.model, p, stats=st, fold=fold, add_bias=add_bias, ridge=ridge)
-        calib_desc = st.meta.get("data")
-    else:
-        if data is None:
-            raise NeuroprojError("sequential calibration needs --data (a stats file alone is not enough)")
-        from .data import calibration_samples
-
-        max_len = getattr(lm.model.config, "max_position_embeddings", None)
-        ids, calib_desc = calibration_samples(lm.tokenizer, str(data), samples, seqlen, seed, max_seqlen=max_len)
-        L = a.num_layers(lm.model)
-        bs = batch_size or max(1, 4096 // seqlen)
-        if allocation == "global":  # widths from the dense layers' refit-error curves, on a subsample
-            n_alloc = min(ids.shape[0], alloc_samples)
-            curves = error_curves(lm, ids[:n_alloc], select=select, weights=alloc_weights, seed=seed, ridge=ridge,
-                                  batch_size=max(1, 2048 // ids.shape[1]), compute=compute, progress=progress)
-            total = sum(layer_width(a.width(lm.model, i), sparsity, keep, 1) for i in range(L))
-            widths = allocate_by_error(curves, total, multiple, max_shift)
-        else:
-            widths = {i: layer_width(a.width(lm.model, i), sparsity, keep, multiple) for i in range(L)}
-        p = sequential_prune(lm, ids, widths=widths, select=select, fold=fold, target=target,
-                             batch_size=bs, seed=seed, weighting=weighting,
-                             ridge=ridge, add_bias=bool(add_bias), output_weighting=output_weighting,
-                             compute=compute, progress=progress)
-        p.meta.update({"select": select, "allocation": allocation, "sparsity": sparsity, "keep": keep,
-                       "multiple": multiple, "calibration": "sequential", "target": target,
-                       "fingerprint": lm.fingerprint})
-        from .surgery import _update_config
-
-        _update_config(lm.model, p, added_bias=bool(add_bias) and not had_bias)
-    after = {"params": num_params(lm.model), "macs": mlp_macs_per_token(lm.model)}
-    kept = [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]
-    total_before = sum(p.layers[i]["width"] if i in p.layers else kept[i] for i in range(len(kept)))
-    summary = {
-        "model": lm.spec, "sparsity": sparsity, "keep": keep, "actual_sparsity": 1 - sum(kept) / total_before,
-        "select": select, "fold": fold, "allocation": allocation, "calibration": calibration,
-        "target": target if calibration == "sequential" else None, "calibration_data": calib_desc,
-        "params_before": before["params"], "params_after": after["params"],
-        "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": after["macs"],
-        "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept,
-        "seconds": round(time.time() - t0, 1),
-    }
+    before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model)}
+    calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress)
+    widths = ALLOCATIONS[cfg.allocation](calib, cfg) if given is None else {}
+    p = Plan(meta={**_plan_meta(cfg), **calib.meta}) if given is None else given
+    for work in calib.layers():
+        i = work.layer
+        if given is None:
+            p.layers[i] = prune_layer(lm.model, work, cfg, widths[i])
+        elif i in given.layers:
+            prune_layer(lm.model, work, cfg, layer_plan=given.layers[i])
+    add_bias = cfg.fold == "bias" if cfg.add_bias is None else cfg.add_bias
+    update_config(lm.model, added_bias=add_bias and not had_bias)
+    summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
     lm.fingerprint = None  # the weights changed
     if out is not None:
         save_pruned(lm.model, lm.tokenizer, out, summary=summary, overwrite=overwrite,
                     extra_files={"plan.json": p.to_json()})
     return lm, p, summary
 
+
+def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:
+    a = lm.adapter
+    kept = [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]
+    total_before = sum(p.layers[i]["width"] if i in p.layers else kept[i] for i in range(len(kept)))
+    return {
+        "model": lm.spec, "sparsity": cfg.sparsity, "keep": cfg.keep, "actual_sparsity": 1 - sum(kept) / total_before,
+        "select": cfg.select, "fold": cfg.fold, "allocation": cfg.allocation, "calibration": cfg.calibration,
+        "target": cfg.target if cfg.calibration == "sequential" else None, "calibration_data": calib_desc,
+        "config": cfg.to_dict(),
+        "params_before": before["params"], "params_after": num_params(lm.model),
+        "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": a.mlp_macs_per_token(lm.model),
+        "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept, "seconds": round(seconds, 1),
+    }
+
+
+def sequential_prune(lm: LoadedModel, ids: torch.Tensor, *, widths: dict[int, int], select: str, fold: str,
+                     target: str = "layer", batch_size: int = 8, seed: int = 0, ridge: float = RIDGE,
+                     weighting: str = "none", add_bias: bool = False, output_weighting: str = "none",
+                     compute=None, progress: bool = True) -> Plan:
+    """Prune `lm.model` in place, layer by layer on token ids `ids`, to the given per-layer `widths`
+    (the sequential calibration without allocation). Returns the plan it applied."""
+    cfg = PruneConfig.make(select=select, fold=fold, target=target, batch_size=batch_size, seed=seed, ridge=ridge,
+                           weighting=weighting, add_bias=add_bias, output_weighting=output_weighting,
+                           compute_dtype="bfloat16" if compute == torch.bfloat16 else "float32")
+    p = Plan(meta=_plan_meta(cfg))
+    for work in Sequential(lm, cfg, ids=ids, progress=progress).layers():
+        p.layers[work.layer] = prune_layer(lm.model, work, cfg, widths[work.layer])
+    update_config(lm.model, added_bias=add_bias and not lm.adapter.out_has_bias(lm.model))
+    return p

@@ -15,13 +15,26 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import yaml
 
+from .clustering import cluster
 from .errors import NeuroprojError
+from .evaluate import default_eval_data, evaluate
+from .heatmap import heatmaps
+from .io import write_json, write_text
+from .models import LoadedModel, load_model
+from .projection import project
+from .prune import ConfigError, PruneConfig, prune
+from .skips import run_skips
+from .stats import collect, load_stats, parse_layers, parse_sites
+from .sweep import sweep
+from .trace import trace
+from .view import view
+
+CALIBRATION_KEYS = ("samples", "seqlen", "seed")
 
 # Every key a recipe may hold, with its default. Types are checked against the default's type
 # (None: anything; a list default accepts a list or a comma string).
@@ -35,9 +48,8 @@ DEFAULTS: dict = {
     "projection": {"enabled": True, "mode": "exact", "dims": 3, "sites": None, "norm_order": 2.0},
     "clustering": {"enabled": True, "algo": "kmeans", "keep_fraction": 0.7, "eps": None, "min_samples": None},
     "heatmaps": {"enabled": True, "layers": "0,-1"},
-    "prune": {"enabled": True, "sparsity": 0.3, "select": "wanda-sp", "fold": "lstsq", "calibration": "sequential",
-              "target": "layer", "allocation": "uniform", "multiple": 64, "alloc_samples": 32, "max_shift": 1.0,
-              "alloc_weights": "grad", "compute_dtype": "auto"},
+    # every PruneConfig field (samples, seqlen and seed come from the calibration section)
+    "prune": {"enabled": True, **PruneConfig.recipe_defaults(exclude=CALIBRATION_KEYS)},
     "eval": {"enabled": True, "data": None, "seqlen": 1024, "max_windows": None, "tasks": [], "limit": None,
              "dense": True},
     "sweep": {"enabled": False, "sparsities": [0.1, 0.2, 0.3, 0.4, 0.5], "select": ["wanda-sp"], "fold": ["lstsq"],
@@ -47,6 +59,16 @@ DEFAULTS: dict = {
     "report": {"enabled": True},
 }
 FILES = {"data": ("calibration", "data"), "eval": ("eval", "data")}
+
+
+def prune_config(r: dict) -> PruneConfig:
+    """The recipe's prune settings as one validated config."""
+    p = {k: v for k, v in r["prune"].items() if k != "enabled"}
+    try:
+        return PruneConfig.make(**p, **{k: r["calibration"][k] for k in CALIBRATION_KEYS})
+    except ConfigError as e:
+        section = "calibration" if e.field in CALIBRATION_KEYS else "prune"
+        raise NeuroprojError(f"recipe key '{section}.{e.field}': {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -76,6 +98,8 @@ def load_recipe(path, overrides=()) -> dict:
         k, v = o.split("=", 1)
         _set(raw, k.strip(), yaml.safe_load(v))
     recipe = _merge(copy.deepcopy(DEFAULTS), raw, "")
+    if "keep" in (raw.get("prune") or {}) and "sparsity" not in raw["prune"]:
+        recipe["prune"]["sparsity"] = None  # keep K replaces the default sparsity
     validate(recipe, path)
     return recipe
 
@@ -115,10 +139,6 @@ def _check_type(name, default, v):
 
 
 def validate(r: dict, path) -> None:
-    from .plan import SELECTORS
-    from .prune import CALIBRATIONS, TARGETS
-    from .surgery import FOLDS
-
     for key in ("model", "output_dir"):
         if not r[key]:
             raise NeuroprojError(f"recipe key {key!r} is required")
@@ -129,21 +149,12 @@ def validate(r: dict, path) -> None:
         looks_like_file = str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or str(v).startswith((".", "/", "~"))
         if v and looks_like_file and not Path(v).expanduser().is_file():  # else: a `datasets` name
             raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
-    p = r["prune"]
-    if p["select"] not in SELECTORS:
-        raise NeuroprojError(f"recipe key 'prune.select': unknown method {p['select']!r} ({', '.join(SELECTORS)})")
-    if p["fold"] not in FOLDS:
-        raise NeuroprojError(f"recipe key 'prune.fold': unknown fold {p['fold']!r} ({', '.join(FOLDS)})")
-    if p["calibration"] not in CALIBRATIONS:
-        raise NeuroprojError(f"recipe key 'prune.calibration' must be one of {', '.join(CALIBRATIONS)}")
-    if p["target"] not in TARGETS:
-        raise NeuroprojError(f"recipe key 'prune.target' must be one of {', '.join(TARGETS)}")
-    if not 0 <= float(p["sparsity"]) < 1:
-        raise NeuroprojError(f"recipe key 'prune.sparsity' must be in [0, 1), got {p['sparsity']}")
+    prune_config(r)
+    if r["skips"]["enabled"] and not r["stats"]["cross_layer_window"]:
+        raise NeuroprojError("recipe stage 'skips' needs cross-layer statistics: set stats.cross_layer_window >= 1")
     for s in r["sweep"]["sparsities"]:
         if not 0 <= float(s) < 1:
             raise NeuroprojError(f"recipe key 'sweep.sparsities' must lie in [0, 1), got {s}")
-    from .stats import parse_sites
 
     try:
         parse_sites(r["stats"]["sites"])
@@ -175,9 +186,7 @@ class _State:
         self.data[stage] = {"hash": h, "outputs": [str(o) for o in outputs], "seconds": round(seconds, 1),
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.ran.append(stage)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -187,14 +196,12 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     r = load_recipe(recipe, overrides) if not isinstance(recipe, dict) else recipe
     out = Path(r["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(r, sort_keys=False))
+    write_text(out / "recipe.yaml", yaml.safe_dump(r, sort_keys=False))
     st = _State(out)
     lm_cache = {}
 
     def lm():
         if "lm" not in lm_cache:
-            from .models import load_model
-
             lm_cache["lm"] = load_model(r["model"], dtype=r["dtype"], device=r["device"])
         return lm_cache["lm"]
 
@@ -218,8 +225,6 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     h_stats = _hash("stats", model_key, cal, S)
 
     def do_stats():
-        from .stats import collect
-
         collect(lm(), cal["data"], samples=S["samples"] or cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
                 sites=S["sites"], layers=S["layers"], cross_layer_window=S["cross_layer_window"], out=stats_f,
                 progress=progress)
@@ -231,8 +236,6 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     h_proj = _hash("projection", h_stats, P)
 
     def do_projection():
-        from .projection import project
-
         project(stats_f, mode="exact", dims=P["dims"], site=P["sites"] or S["sites"], norm_order=P["norm_order"],
                 out=proj_f, progress=progress)
 
@@ -243,8 +246,6 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     h_clu = _hash("clustering", h_proj, C)
 
     def do_clustering():
-        from .clustering import cluster
-
         kw = {"keep_fraction": C["keep_fraction"]} if C["algo"] == "kmeans" else {"eps": C["eps"]}
         cluster(proj_f, algo=C["algo"], min_samples=C["min_samples"], stats=stats_f, model=lm(), out=clusters_f, **kw)
 
@@ -255,9 +256,6 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     h_heat = _hash("heatmaps", h_stats, h_proj, Hm)
 
     def do_heatmaps():
-        from .heatmap import heatmaps
-        from .stats import load_stats, parse_layers
-
         s = load_stats(stats_f)
         layers = [i for i in parse_layers(str(Hm["layers"]), s.meta["num_layers"]) if i in s.layers]
         heatmaps(s, projections=proj_f if proj_f.exists() else None, layers=layers, out=heat_d, progress=progress)
@@ -271,15 +269,9 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     def do_prune():
         import shutil
 
-        from .prune import prune
 
         lm_p = _fresh_copy(lm())
-        prune(lm_p, cal["data"], sparsity=Pr["sparsity"], select=Pr["select"], fold=Pr["fold"],
-              allocation=Pr["allocation"], calibration=Pr["calibration"], target=Pr["target"],
-              multiple=Pr["multiple"], samples=cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
-              alloc_samples=Pr["alloc_samples"], max_shift=Pr["max_shift"], alloc_weights=Pr["alloc_weights"],
-              compute_dtype=Pr["compute_dtype"],
-              out=pruned_d, overwrite=True, progress=progress)
+        prune(lm_p, cal["data"], prune_config(r), out=pruned_d, overwrite=True, progress=progress)
         shutil.copy(pruned_d / "plan.json", out / "plan.json")
 
     stage("prune", Pr["enabled"], h_prune, [pruned_d, out / "plan.json"], do_prune)
@@ -287,20 +279,14 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     E = r["eval"]
     eval_data = E["data"]
     if E["enabled"] and not eval_data:
-        from .evaluate import default_eval_data
-
         eval_data = default_eval_data()
     ekw = dict(data=eval_data, seqlen=E["seqlen"], max_windows=E["max_windows"], tasks=E["tasks"] or None,
                limit=E["limit"], progress=progress)
 
     def do_eval_dense():
-        from .evaluate import evaluate
-
         evaluate(lm(), json_out=out / "eval_dense.json", **ekw)
 
     def do_eval():
-        from .evaluate import evaluate
-
         evaluate(str(pruned_d), json_out=out / "eval.json", dtype=r["dtype"], device=r["device"], **ekw)
 
     stage("eval_dense", E["enabled"] and E["dense"], _hash("eval", model_key, E), [out / "eval_dense.json"], do_eval_dense)
@@ -309,38 +295,31 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     Sw = r["sweep"]
 
     def do_sweep():
-        from .sweep import sweep
-
         sweep(lm(), cal["data"], eval_data, sparsities=Sw["sparsities"], select=Sw["select"], fold=Sw["fold"],
-              calibration=Sw["calibration"], samples=cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
-              eval_seqlen=E["seqlen"], max_windows=Sw["max_windows"] or E["max_windows"],
-              multiple=Pr["multiple"], out=out / "sweep", progress=progress)
+              calibration=Sw["calibration"], eval_seqlen=E["seqlen"], max_windows=Sw["max_windows"] or E["max_windows"],
+              config=prune_config(r), out=out / "sweep", progress=progress)
 
-    stage("sweep", Sw["enabled"], _hash("sweep", model_key, cal, Sw, E), [out / "sweep" / "results.csv"], do_sweep)
+    stage("sweep", Sw["enabled"], _hash("sweep", model_key, cal, Pr, Sw, E), [out / "sweep" / "results.csv"],
+          do_sweep)
 
     Sk = r["skips"]
 
     def do_skips():
-        from .skips import run_skips
-
         run_skips(stats_f, lm(), report=out / "skips", min_r2=Sk["min_r2"], top_k=Sk["top_k"],
-                  apply_out=(out / "skipped") if Sk["apply"] else None, progress=progress)
+                  apply_out=(out / "skipped") if Sk["apply"] else None, overwrite=True, progress=progress)
 
-    stage("skips", Sk["enabled"] and S["enabled"], _hash("skips", h_stats, Sk), [out / "skips"], do_skips)
+    skip_outputs = [out / "skips"] + ([out / "skipped"] if Sk["apply"] else [])
+    stage("skips", Sk["enabled"] and S["enabled"], _hash("skips", h_stats, Sk), skip_outputs, do_skips)
 
     T = r["trace"]
 
     def do_trace():
-        from .trace import trace
-
         trace(lm(), projections=proj_f, prompt=T["prompt"], max_new_tokens=T["max_new_tokens"],
               out=out / "trace.safetensors")
 
     stage("trace", T["enabled"] and proj_f.exists(), _hash("trace", h_proj, T), [out / "trace.safetensors"], do_trace)
 
     def do_report():
-        from .view import view
-
         view(out, out=out / "report.html")
 
     if r["report"]["enabled"]:  # cheap, and it reads everything: always rendered
@@ -352,6 +331,4 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
 
 def _fresh_copy(lm):
     """A pruning copy of the loaded model, so later stages still see the dense one."""
-    from .models import LoadedModel
-
     return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)

@@ -37,8 +37,8 @@ calls `attach_skips` to rebuild the modules and hooks, then loads the weights st
 """
 from __future__ import annotations
 
+import copy
 import csv
-import functools
 import io
 import json
 import math
@@ -49,179 +49,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import adapter_for, mlp_macs, num_params
+from .checkpoint import (SKIPS_ATTR, SkipModule, attach_skips, detach_skips, get_skips,  # noqa: F401 (re-exported)
+                         prepare_out_dir, save_pruned, skip_macs_per_token, skips_spec, total_mlp_macs_per_token,
+                         update_config, SECTION, CHECKPOINT_FORMAT)
 from .errors import NeuroprojError
-from .models import adapter_for
+from .evaluate import perplexity
+from .io import atomic_dir
+from .models import LoadedModel, load_model
+from .stats import ActivationCapture, _batches, calibration_ids, load_stats, parse_layers
 
-SKIPS_ATTR = "neuroproj_skips"
 PREDICTORS = ("single", "topk")
 DEFAULT_THRESHOLDS = (0.9, 0.95, 0.99)
-
-
-# ------------------------------------------------------------------------------------------- modules
-class SkipModule(nn.Module):
-    """The skip connections into one target layer m (see the module docstring)."""
-
-    def __init__(self, target: int, sources: list, count: int, k: int, hidden: int, dtype=torch.float32):
-        super().__init__()
-        self.target, self.count, self.k, self.hidden = int(target), int(count), int(k), int(hidden)
-        # sources: [[layer, n_stored, layer_width], ...] in increasing layer order
-        self.sources = [[int(l), int(n), int(w)] for l, n, w in sources]
-        for l, n, _ in self.sources:
-            self.register_buffer(f"idx_{l}", torch.zeros(n, dtype=torch.long))
-        self.register_buffer("pos", torch.zeros(self.count, self.k, dtype=torch.long))
-        self.coef = nn.Parameter(torch.zeros(self.count, self.k, dtype=dtype), requires_grad=False)
-        self.intercept = nn.Parameter(torch.zeros(self.count, dtype=dtype), requires_grad=False)
-        self.weight = nn.Parameter(torch.zeros(self.hidden, self.count, dtype=dtype), requires_grad=False)
-        self._cache: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-
-    def spec(self) -> dict:
-        return {"target": self.target, "sources": [list(s) for s in self.sources], "count": self.count,
-                "k": self.k, "hidden": self.hidden}
-
-    def macs_per_token(self) -> int:
-        """Output columns (d·s) plus the predictors (s·k)."""
-        return self.hidden * self.count + self.count * self.k
-
-    def stored_per_token(self) -> int:
-        """Source activations held from layer l to layer m, per token (values)."""
-        return sum(n for _, n, _ in self.sources)
-
-    # -- hooks
-    def _store(self, layer: int, width: int, mod, args):
-        h = args[0]
-        if h.shape[-1] != width:
-            raise NeuroprojError(
-                f"layer {layer} has {h.shape[-1]} neurons but the skip connections into layer {self.target} were "
-                f"attached at width {width}: it was sliced outside apply_plan (e.g. sequential pruning after "
-                f"skipping); prune before applying skips, or prune with --calibration oneshot")
-        self._cache[layer] = h.index_select(-1, getattr(self, f"idx_{layer}"))
-
-    def _add(self, mod, args, out):
-        try:
-            z = torch.cat([self._cache.pop(l) for l, _, _ in self.sources], dim=-1)
-        except KeyError:
-            raise NeuroprojError(f"skip connections into layer {self.target}: a source layer did not run "
-                                 f"before it") from None
-        pred = (z[..., self.pos] * self.coef).sum(-1) + self.intercept       # (..., s)
-        if isinstance(out, tuple):
-            return (out[0] + (pred @ self.weight.T).to(out[0].dtype),) + tuple(out[1:])
-        return out + (pred @ self.weight.T).to(out.dtype)
-
-    def attach(self, model) -> None:
-        a = adapter_for(model)
-        self.detach()
-        for l, _, w in self.sources:
-            self._handles.append(a.out_proj(model, l).register_forward_pre_hook(
-                functools.partial(self._store, l, w)))
-        self._handles.append(a.mlp(model, self.target).register_forward_hook(self._add))
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._cache.clear()
-
-    def extra_repr(self) -> str:
-        return (f"target={self.target}, sources={[l for l, _, _ in self.sources]}, skipped={self.count}, "
-                f"k={self.k}, stored={self.stored_per_token()}")
-
-
-def get_skips(model) -> nn.ModuleDict | None:
-    return getattr(model, SKIPS_ATTR, None)
-
-
-def skips_spec(model) -> dict | None:
-    mods = get_skips(model)
-    if not mods:
-        return None
-    return {"modules": [mods[k].spec() for k in sorted(mods, key=int)]}
-
-
-def attach_skips(model, spec: dict):
-    """Create the skip modules described by `spec` (values zero: the state dict fills them) and register
-    their hooks. Used by `load_pruned` before the strict state-dict load."""
-    if not spec or not spec.get("modules"):
-        return model
-    a = adapter_for(model)
-    L = a.num_layers(model)
-    dtype = next(model.parameters()).dtype
-    dev = next(model.parameters()).device
-    detach_skips(model)
-    mods = nn.ModuleDict()
-    for s in spec["modules"]:
-        t = int(s["target"])
-        if not 0 <= t < L or any(not 0 <= int(l) < t for l, _, _ in s["sources"]):
-            raise NeuroprojError(f"skip spec {s} does not fit a model of {L} layers")
-        mods[str(t)] = SkipModule(t, s["sources"], s["count"], s["k"], s.get("hidden", a.hidden_size(model)),
-                                  dtype=dtype).to(dev)
-    setattr(model, SKIPS_ATTR, mods)
-    for m in mods.values():
-        m.attach(model)
-    return model
-
-
-def detach_skips(model) -> None:
-    """Remove the hooks and the modules (the skipped neurons stay removed)."""
-    mods = get_skips(model)
-    if mods is not None:
-        for m in mods.values():
-            m.detach()
-        delattr(model, SKIPS_ATTR)
-
-
-def skip_macs_per_token(model) -> int:
-    mods = get_skips(model)
-    return sum(m.macs_per_token() for m in mods.values()) if mods else 0
-
-
-def total_mlp_macs_per_token(model) -> int:
-    """MLP MACs per token including the skip modules (what `prune.mlp_macs_per_token` does not see)."""
-    from .prune import mlp_macs_per_token
-
-    return mlp_macs_per_token(model) + skip_macs_per_token(model)
-
-
-def skip_source_remapper(model, keeps: dict):
-    """For pruning after skipping: check that no kept-set in `keeps` (layer → kept old indices) drops a
-    neuron that a skip reads, and return a function that remaps the index buffers (call it after the
-    layers are sliced), or None when the model has no skips."""
-    mods = get_skips(model)
-    if not mods:
-        return None
-    new_index = {}
-    for l, keep in keeps.items():
-        keep = torch.as_tensor(keep, dtype=torch.long).cpu()
-        for mod in mods.values():
-            for sl, _, w in mod.sources:
-                if sl != int(l):
-                    continue
-                mp = torch.full((w,), -1, dtype=torch.long)
-                mp[keep] = torch.arange(keep.numel())
-                idx = getattr(mod, f"idx_{sl}").cpu()
-                new = mp[idx]
-                if (new < 0).any():
-                    lost = idx[new < 0].tolist()[:5]
-                    raise NeuroprojError(
-                        f"the plan removes neuron(s) {lost} of layer {sl} that the skip connections into layer "
-                        f"{mod.target} read: keep them, or prune before applying skips")
-                new_index[(mod.target, sl)] = (new, keep.numel())
-
-    def remap():
-        for (t, sl), (new, width) in new_index.items():
-            mod = mods[str(t)]
-            buf = getattr(mod, f"idx_{sl}")
-            buf.copy_(new.to(buf.device))
-            for s in mod.sources:
-                if s[0] == sl:
-                    s[2] = int(width)
-            mod.attach(model)
-        section = dict(getattr(model.config, "neuroproj_prune", None) or {})
-        section["skips"] = skips_spec(model)
-        section["format"] = "neuroproj-prune/checkpoint/1"
-        model.config.neuroproj_prune = section
-
-    return remap
 
 
 # ------------------------------------------------------------------------------------------- analysis
@@ -342,24 +181,24 @@ class SkipReport:
     def save(self, out_dir, *, min_r2: float = 0.9, thresholds=DEFAULT_THRESHOLDS, extra: dict | None = None) -> Path:
         """skips.json (meta, per-layer counts per threshold, selected candidates at min_r2), skips.csv (every
         neuron), skips.md, skips.png (layer×layer candidate counts, histogram of best R² per layer)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         table = self.summary_table(thresholds)
         cands = {p: self.select(min_r2, p) for p in table}
         doc = {"meta": self.meta, "thresholds": list(thresholds), "min_r2": min_r2, "counts": table,
                "cost_at_min_r2": {p: self.plan_cost(c) for p, c in cands.items()},
                "candidates": cands, **(extra or {})}
-        (out / "skips.json").write_text(json.dumps(doc, indent=1, default=_json_default))
         rows = list(self.rows())
-        with open(out / "skips.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["layer"])
-            w.writeheader()
-            w.writerows(rows)
-        (out / "skips.md").write_text(self.markdown(table, thresholds, cands, min_r2, extra))
-        try:
-            self.plot(out / "skips.png", min_r2)
-        except ImportError:  # matplotlib missing: the tables are complete without the picture
-            pass
+        with atomic_dir(out_dir, overwrite=True) as out:  # a report directory is replaced as a whole
+            (out / "skips.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+            with open(out / "skips.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["layer"])
+                w.writeheader()
+                w.writerows(rows)
+            (out / "skips.md").write_text(self.markdown(table, thresholds, cands, min_r2, extra))
+            try:
+                self.plot(out / "skips.png", min_r2)
+            except ImportError:  # matplotlib missing: the tables are complete without the picture
+                pass
+        out = Path(out_dir)
         return out
 
     def markdown(self, table, thresholds, cands, min_r2, extra=None) -> str:
@@ -452,7 +291,6 @@ def find_skips(stats, *, min_r2: float = 0.9, top_k: int = 4, ridge: float = 1e-
 
     Cost: O(Σ_l N_l·N_m) per target layer for ρ and the best source; O(N_m·k³) for the ridge solves;
     memory: the concatenated source covariance, (K·N)² float64 per target layer (K = window)."""
-    from .stats import load_stats, parse_layers
 
     if not hasattr(stats, "cross_pairs"):
         stats = load_stats(stats)
@@ -468,20 +306,18 @@ def find_skips(stats, *, min_r2: float = 0.9, top_k: int = 4, ridge: float = 1e-
         targets = [m for m in targets if m in want]
     by_target = {m: sorted(l for l, mm in pairs if mm == m) for m in targets}
     model_type = meta_s.get("model_type")
-    from .models import ADAPTERS
-
-    ad = ADAPTERS.get(model_type)
-    gated = ad.is_gated() if ad is not None else True
+    # input row blocks per neuron, recorded by collect (older files: from the architecture's adapter)
+    n_in = int(meta_s.get("mlp_in_blocks") or adapter_for(model_type).in_blocks())
+    gated = n_in == 2
     d = int(meta_s["hidden_size"])
     widths = list(meta_s["widths"])
-    n_in = 2 if gated else 1
     rep = SkipReport(meta={
         "model": meta_s.get("model"), "model_type": model_type, "fingerprint": meta_s.get("fingerprint"),
         "num_layers": int(meta_s["num_layers"]), "hidden_size": d, "widths": widths, "gated": gated, "n_in": n_in,
         "window": int(meta_s.get("cross_layer_window") or max(m - l for l, m in pairs)),
         "stats_tokens": meta_s.get("tokens"), "stats_data": meta_s.get("data"), "stats_seed": meta_s.get("seed"),
         "top_k": int(top_k), "ridge": ridge, "min_r2": min_r2,
-        "dense_mlp_macs_per_token": int(sum((n_in + 1) * d * w for w in widths)),
+        "dense_mlp_macs_per_token": mlp_macs(n_in, d, widths),
     })
     t0 = time.time()
     for m in targets:
@@ -532,8 +368,6 @@ def find_skips(stats, *, min_r2: float = 0.9, top_k: int = 4, ridge: float = 1e-
 @torch.inference_mode()
 def _heldout(rep, stats, by_target, model, data, samples, seqlen, seed, progress):
     """Stream held-out tokens and measure R² = 1 − SSE/SST of both predictors per neuron."""
-    from .models import LoadedModel, load_model
-    from .stats import ActivationCapture, _batches, _calibration
 
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32", device="cpu")
     stats.check_model(lm)
@@ -541,8 +375,7 @@ def _heldout(rep, stats, by_target, model, data, samples, seqlen, seed, progress
     if isinstance(data, torch.Tensor):
         ids, desc = data, f"in-memory token ids ({len(data)} sequences)"
     else:
-        max_len = getattr(m_.config, "max_position_embeddings", None)
-        ids, desc = _calibration(lm.tokenizer, str(data), samples, seqlen, seed, max_len)
+        ids, desc = calibration_ids(lm, data, samples, seqlen, seed)
         if desc == stats.meta.get("data") and seed == stats.meta.get("seed"):
             raise NeuroprojError(f"held-out tokens are the fitting tokens ({desc}, seed {seed}): use another --seed "
                                  f"or other --data")
@@ -604,7 +437,6 @@ def apply_skips(model, report: SkipReport | None = None, *, chosen: list[dict] |
     and feed their output columns from the stored predictor (see the module docstring). `chosen` defaults
     to `report.select(min_r2, predictor, max_per_layer)`. Returns a summary with the MLP MACs per token
     before and after (counted from the modules) and the stored activations per token."""
-    from .models import LoadedModel
 
     if isinstance(model, LoadedModel):
         if report is not None and report.meta.get("fingerprint") and model.fingerprint \
@@ -698,83 +530,96 @@ def apply_skips(model, report: SkipReport | None = None, *, chosen: list[dict] |
 
 
 def _write_config(model) -> None:
-    from .surgery import _update_config
-
-    _update_config(model, None, added_bias=False)
+    update_config(model)
     spec = skips_spec(model)
-    section = dict(getattr(model.config, "neuroproj_prune", None) or {})
+    section = dict(getattr(model.config, SECTION, None) or {})
     if spec:
         a = adapter_for(model)
         section["widths"] = [a.width(model, i) for i in range(a.num_layers(model))]  # always explicit
         section["skips"] = spec
-        section["format"] = "neuroproj-prune/checkpoint/1"
+        section["format"] = CHECKPOINT_FORMAT
     if section:
-        model.config.neuroproj_prune = section
+        setattr(model.config, SECTION, section)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def run_skips(stats, model, *, report, min_r2: float = 0.95, top_k: int = 4, ridge: float = 1e-3,
+              predictor: str = "single", max_per_layer: int | None = None, thresholds=DEFAULT_THRESHOLDS,
+              layers=None, data=None, samples: int = 16, seqlen: int = 512, seed: int = 1, apply_out=None,
+              overwrite: bool = False, eval_data=None, eval_seqlen: int | None = None,
+              max_windows: int | None = None, progress: bool = True) -> tuple[SkipReport, dict]:
+    """The `skips` stage: find the skips (held-out R² with `data`), optionally apply them to a copy of the
+    model and save it to `apply_out` (perplexity before/after on `eval_data`), and write the report
+    directory. Returns (report, applied summary or {})."""
+    if predictor not in PREDICTORS:
+        raise NeuroprojError(f"unknown predictor {predictor!r}: choose single or topk")
+    if predictor == "topk" and top_k < 2:
+        raise NeuroprojError("--predictor topk needs --top-k >= 2")
+    if not 0.0 <= min_r2 <= 1.0:
+        raise NeuroprojError(f"min_r2 must be in [0, 1] (got {min_r2})")
+    if apply_out is not None:
+        if model is None:
+            raise NeuroprojError("applying skips needs --model")
+        prepare_out_dir(Path(apply_out), overwrite)
+    if eval_data is not None and apply_out is None:
+        raise NeuroprojError("--eval-data measures an applied model: add --apply")
+    stats = load_stats(stats) if not hasattr(stats, "cross_pairs") else stats
+    lm = None
+    if model is not None:
+        lm = model if isinstance(model, LoadedModel) else load_model(model)
+        stats.check_model(lm)
+    elif data is not None:
+        raise NeuroprojError("held-out --data needs --model")
+    rep = find_skips(stats, min_r2=min_r2, top_k=top_k, ridge=ridge, model=lm if data is not None else None,
+                     data=data, samples=samples, seqlen=seqlen, seed=seed, layers=layers, progress=progress)
+    info = {}
+    if apply_out is not None:
+        work = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)
+
+        def ppl():
+            return perplexity(work, eval_data, seqlen=eval_seqlen, max_windows=max_windows, progress=progress)
+
+        before = ppl() if eval_data is not None else None
+        t0 = time.time()
+        info = apply_skips(work, rep, min_r2=min_r2, predictor=predictor, max_per_layer=max_per_layer)
+        info["apply_seconds"] = round(time.time() - t0, 2)
+        if eval_data is not None:
+            after = ppl()
+            info.update({"perplexity_before": before["value"], "perplexity_after": after["value"],
+                         "perplexity_seqlen": after["seqlen"], "perplexity_windows": after["windows"],
+                         "perplexity_tokens": after["tokens"], "perplexity_data": after["data"]})
+        info.update({"min_r2": min_r2, "max_per_layer": max_per_layer, "top_k": top_k})
+        save_pruned(work.model, work.tokenizer, apply_out, overwrite=overwrite,
+                    summary={"model": lm.spec, "skips": info, "params_after": num_params(work.model),
+                             "mlp_macs_per_token_before": info["mlp_macs_per_token_before"],
+                             "mlp_macs_per_token_after": info["mlp_macs_per_token_after"]})
+    rep.save(report, min_r2=min_r2, thresholds=thresholds, extra={"applied": info} if info else {})
+    return rep, info
+
+
 def run_skips_command(a) -> dict:
     """`neuroproj-prune skips` (arguments from cli._add_skips). Returns the applied summary (or {})."""
-    from .evaluate import perplexity
-    from .models import load_model
-    from .stats import load_stats
-    from .surgery import prepare_out_dir, save_pruned
-
-    if a.predictor not in PREDICTORS:
-        raise NeuroprojError(f"unknown predictor {a.predictor!r}: choose single or topk")
     try:
         thresholds = tuple(float(t) for t in a.thresholds.split(","))
     except ValueError:
         raise NeuroprojError(f"bad --thresholds {a.thresholds!r}: use e.g. 0.9,0.95,0.99") from None
-    if a.apply and (a.model is None or a.out is None):
+    if a.apply and (a.out is None or a.model is None):
         raise NeuroprojError("--apply needs --model and --out")
-    if a.data is not None and a.model is None:
-        raise NeuroprojError("held-out --data needs --model")
-    if a.eval_data is not None and not a.apply:
-        raise NeuroprojError("--eval-data measures an applied model: add --apply")
-    if a.predictor == "topk" and a.top_k < 2:
-        raise NeuroprojError("--predictor topk needs --top-k >= 2")
     if a.apply:
-        prepare_out_dir(Path(a.out), a.overwrite)
-    stats = load_stats(a.stats)
-    lm = None
-    if a.model is not None:
-        lm = load_model(a.model, dtype=a.dtype, device=a.device)
-        stats.check_model(lm)
-    rep = find_skips(stats, min_r2=a.min_r2, top_k=a.top_k, ridge=a.ridge, model=lm if a.data else None,
-                     data=a.data, samples=a.samples, seqlen=a.seqlen, seed=a.seed, layers=a.layers,
-                     progress=not a.quiet)
-    extra = {}
-    if a.apply:
-        ppl_before = ppl_after = None
-        if a.eval_data:
-            ppl_before = perplexity(lm, a.eval_data, seqlen=a.eval_seqlen, max_windows=a.max_windows,
-                                    progress=not a.quiet)
-        t0 = time.time()
-        info = apply_skips(lm, rep, min_r2=a.min_r2, predictor=a.predictor, max_per_layer=a.max_per_layer)
-        info["apply_seconds"] = round(time.time() - t0, 2)
-        if a.eval_data:
-            ppl_after = perplexity(lm, a.eval_data, seqlen=a.eval_seqlen, max_windows=a.max_windows,
-                                   progress=not a.quiet)
-            info.update({"perplexity_before": ppl_before["value"], "perplexity_after": ppl_after["value"],
-                         "perplexity_seqlen": ppl_after["seqlen"], "perplexity_windows": ppl_after["windows"],
-                         "perplexity_tokens": ppl_after["tokens"], "perplexity_data": ppl_after["data"]})
-        info.update({"min_r2": a.min_r2, "max_per_layer": a.max_per_layer, "top_k": a.top_k})
-        from .prune import num_params
-
-        save_pruned(lm.model, lm.tokenizer, a.out, overwrite=a.overwrite,
-                    summary={"model": lm.spec, "skips": info, "params_after": num_params(lm.model),
-                             "mlp_macs_per_token_before": info["mlp_macs_per_token_before"],
-                             "mlp_macs_per_token_after": info["mlp_macs_per_token_after"]})
-        extra["applied"] = info
-    rep.save(a.report, min_r2=a.min_r2, thresholds=thresholds, extra=extra)
+        prepare_out_dir(Path(a.out), a.overwrite)  # refuse before loading anything
+    lm = load_model(a.model, dtype=a.dtype, device=a.device) if a.model is not None else None
+    rep, info = run_skips(a.stats, lm, report=a.report, min_r2=a.min_r2, top_k=a.top_k, ridge=a.ridge,
+                          predictor=a.predictor, max_per_layer=a.max_per_layer, thresholds=thresholds,
+                          layers=a.layers, data=a.data, samples=a.samples, seqlen=a.seqlen, seed=a.seed,
+                          apply_out=a.out if a.apply else None, overwrite=a.overwrite, eval_data=a.eval_data,
+                          eval_seqlen=a.eval_seqlen, max_windows=a.max_windows, progress=not a.quiet)
     table = rep.summary_table(thresholds)
     for p, t in table.items():
         print(f"{p} predictor (R² {t['r2_source']}): neurons with R² >= "
               + ", ".join(f"{th}: {n}" for th, n in zip(thresholds, t["total"]))
               + f" (of {sum(rep.single[m]['r2'].numel() for m in rep.targets)} in {len(rep.targets)} target layers)")
     if a.apply:
-        i = extra["applied"]
+        i = info
         print(f"applied {i['skipped']} skips ({a.predictor}, R² >= {a.min_r2}) in layers {i['layers']}: MLP MACs/token "
               f"{i['mlp_macs_per_token_before']:,} -> {i['mlp_macs_per_token_after']:,} "
               f"(removed {i['macs_removed_per_token']:,}, "
@@ -785,4 +630,4 @@ def run_skips_command(a) -> dict:
                   f"({i['perplexity_windows']} windows x {i['perplexity_seqlen']} tokens of {i['perplexity_data']})")
         print(f"wrote {a.out}")
     print(f"wrote {a.report}/skips.json, skips.csv, skips.md, skips.png")
-    return extra.get("applied", {})
+    return info

@@ -27,8 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NeuroprojError
+from .data import calibration_samples
 from .io import TensorFile, load_tensors
 from .models import Adapter, LoadedModel, adapter_for, load_model
+from .moments import GRAM_BLOCK, correlation, dead_neurons, gram_lower_, mirror_lower_  # noqa: F401
 
 SITES = ("mlp.neurons", "mlp.out", "attn.out")
 FORMAT = "neuroproj-prune/stats/1"
@@ -142,30 +144,6 @@ class ActivationCapture:
 
 
 # ------------------------------------------------------------------------------------------ accumulate
-GRAM_BLOCK = 384
-
-
-def gram_lower_(G: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
-    """G += xᵀx on the lower block triangle only (column blocks of `block`): (nb+1)/(2nb) of the full
-    product's multiply-adds. Products in x's dtype, totals in G's dtype. Call `mirror_lower_` once at the end."""
-    N = x.shape[1]
-    if N <= block:
-        G += (x.T @ x).to(G.dtype)
-        return
-    for i in range(0, N, block):
-        xi = x[:, i:i + block]
-        G[i:i + block, :i + block] += (xi.T @ x[:, :i + block]).to(G.dtype)
-
-
-def mirror_lower_(G: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """Complete a Gram accumulated by `gram_lower_`: copy the lower block triangle to the upper one."""
-    N = G.shape[0]
-    if N > block:
-        for i in range(0, N, block):
-            G[i:i + block, i + block:] = G[i + block:, i:i + block].T
-    return G
-
-
 @dataclass
 class _Totals:
     """Running float64 totals for one (layer, site), shifted by the first batch's mean."""
@@ -382,9 +360,8 @@ def collect(model, data, *, samples: int = 128, seqlen: int = 512, seed: int = 0
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     m = lm.model
-    max_len = getattr(m.config, "max_position_embeddings", None) or getattr(m.config, "n_positions", None)
     if isinstance(data, (str, os.PathLike)):
-        ids, desc = _calibration(lm.tokenizer, str(data), samples, seqlen, seed, max_len)
+        ids, desc = calibration_ids(lm, data, samples, seqlen, seed)
     else:
         ids = data
         desc = f"in-memory token ids ({len(ids)} sequences)"
@@ -406,6 +383,7 @@ def collect(model, data, *, samples: int = 128, seqlen: int = 512, seed: int = 0
         "fingerprint": lm.fingerprint,
         "num_layers": adapter.num_layers(m),
         "hidden_size": adapter.hidden_size(m),
+        "mlp_in_blocks": adapter.in_blocks(),
         "widths": [adapter.width(m, i) for i in range(adapter.num_layers(m))],
         "layers": sorted({i for i, _ in totals}),
         "sites": list(parse_sites(sites)),
@@ -427,10 +405,10 @@ def collect(model, data, *, samples: int = 128, seqlen: int = 512, seed: int = 0
     return stats
 
 
-def _calibration(tokenizer, spec, samples, seqlen, seed, max_len):
-    from .data import calibration_samples
-
-    return calibration_samples(tokenizer, spec, samples, seqlen, seed, max_seqlen=max_len)
+def calibration_ids(lm: LoadedModel, data, samples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+    """`samples` windows of `seqlen` tokens of `data` drawn with `seed`, refused beyond the model's context."""
+    return calibration_samples(lm.tokenizer, str(data), samples, seqlen, seed,
+                               max_seqlen=lm.adapter.context_length(lm.model.config))
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -495,12 +473,10 @@ class Stats(TensorFile):
         return self.covariance(layer, site).diagonal().clamp(min=0)
 
     def dead(self, layer, site="mlp.neurons") -> torch.Tensor:
-        var = self.variance(layer, site)
-        return (var <= 0) | (var <= 1e-12 * var.max())
+        return dead_neurons(self.variance(layer, site))
 
     def correlation(self, layer, site="mlp.neurons") -> torch.Tensor:
-        cov = self.covariance(layer, site)
-        return _correlation(cov, self.dead(layer, site), cov.diagonal(), cov.diagonal())
+        return correlation(self.covariance(layer, site))
 
     def cross_covariance(self, l, m) -> torch.Tensor:
         """Cov(h_l, h_m), shape (N_l, N_m), from the cross block and both layers' totals."""
@@ -512,12 +488,7 @@ class Stats(TensorFile):
                                               self._get(m, "mlp.neurons", "sum") / n)
 
     def cross_correlation(self, l, m) -> torch.Tensor:
-        c = self.cross_covariance(l, m)
-        vl, vm = self.variance(l), self.variance(m)
-        rho = c / torch.sqrt(torch.outer(vl, vm)).clamp(min=1e-300)
-        rho[self.dead(l)] = 0
-        rho[:, self.dead(m)] = 0
-        return rho.clamp(-1, 1)
+        return correlation(self.cross_covariance(l, m), self.variance(l), self.variance(m), self.dead(l), self.dead(m))
 
     # -- checks
     def check_model(self, lm: LoadedModel) -> None:
@@ -531,16 +502,6 @@ class Stats(TensorFile):
 
     def file_hash(self) -> str | None:
         return file_sha256(self.path) if self.path else None
-
-
-def _correlation(cov, dead, var_rows, var_cols):
-    d = torch.sqrt(torch.outer(var_rows.clamp(min=0), var_cols.clamp(min=0))).clamp(min=1e-300)
-    rho = (cov / d).clamp(-1, 1)
-    rho[dead] = 0
-    rho[:, dead] = 0
-    idx = torch.arange(rho.shape[0])
-    rho[idx, idx] = (~dead).to(rho.dtype)
-    return rho
 
 
 def file_sha256(path) -> str:

@@ -1,8 +1,9 @@
-"""Apply a plan: slice neurons, fold the removed ones into the kept ones, save and reload checkpoints.
+"""Folds: remove a layer's neurons and fold their work into the kept ones; apply a whole plan.
 
 MLP output `y = W h + b` (W: d_model × N). Keeping K, removing R, with moments over calibration tokens
 (G = E[h hᵀ], μ = E[h]); a *target* cross-moment C = E[y* hᵀ] (one-shot: C = W G, i.e. preserve this
-layer's own output):
+layer's own output). A fold is a function `fold(W, keep, removed, b, f: FoldInputs) -> (W', b')`, registered
+in `FOLDS`:
 
     none            W' = W_:,K
     representative  w_r += a_j w_j for each removed j folding into r, a_j = E[h_j h_r]/E[h_r²]
@@ -10,25 +11,23 @@ layer's own output):
     bias            W' = W_:,K,  b += W_:,R μ_R                                  (FLAP's compensation)
     lstsq           W' = C_:,K (G_KK + λI)⁻¹                 (augmented with a constant 1 when b exists)
 
-All solves in float64 (Cholesky; ridge λ = 1e-7·mean diag G: on SmolLM2 at 30 %, 1e-4 and 1e-6 gave the same perplexity
-and 1e-2 clearly worse; a near-zero ridge lets an exact duplicate fold away exactly). Cost per layer: O(N·K·d + K³).
+To add a fold: write such a function and decorate it with `@register_fold("name")`.
+All solves in float64 (Cholesky; ridge λ = 1e-7·mean diag G: on SmolLM2 at 30 %, 1e-4 and 1e-6 gave the same
+perplexity and 1e-2 clearly worse; a near-zero ridge lets an exact duplicate fold away exactly).
+Cost per layer: O(N·K·d + K³).
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
-import shutil
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
+from .adapters import adapter_for
+from .checkpoint import load_pruned, save_pruned, skip_source_remapper, update_config  # noqa: F401 (re-exported)
 from .errors import NeuroprojError
-from .models import adapter_for
 
-FOLDS = ("none", "representative", "bias", "lstsq")
 RIDGE = 1e-7
 
 
@@ -49,7 +48,7 @@ def _warn_few_tokens(tokens: int, N: int) -> None:  # once per (tokens, width), 
           f"least {2 * N} tokens (--samples x --seqlen) for the full least-squares refit", file=sys.stderr)
 
 
-def _chol_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
+def chol_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
     """X with X A = B (A symmetric PSD, ridge-regularised), i.e. B A⁻¹."""
     lam = ridge * A.diagonal().mean().clamp(min=1e-30)
     L, info = torch.linalg.cholesky_ex(A + lam * torch.eye(A.shape[0], dtype=A.dtype))
@@ -58,57 +57,116 @@ def _chol_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.cholesky_solve(B.T, L).T
 
 
+# ---------------------------------------------------------------------------------------------- folds
+@dataclass
+class FoldInputs:
+    """What a fold may use for one layer (float64, CPU): moments G = E[h hᵀ], mean = E[h]; the target
+    moments C = E[y* hᵀ], c = E[y*] (None: the layer's own output, C = W G, c = W μ); each removed
+    neuron's representative; the ridge."""
+
+    G: torch.Tensor
+    mean: torch.Tensor
+    C: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+    representative: dict | None = None
+    ridge: float = RIDGE
+
+
+FOLDS: dict = {}
+
+
+def register_fold(name):
+    def deco(fn):
+        FOLDS[name] = fn
+        return fn
+    return deco
+
+
+@register_fold("none")
+def fold_none(W, keep, removed, b, f: FoldInputs):
+    return W[:, keep].clone(), b
+
+
+@register_fold("bias")
+def fold_bias(W, keep, removed, b, f: FoldInputs):
+    if b is None:
+        raise NeuroprojError("fold 'bias' needs an output bias: allow adding one (--add-bias) or use lstsq")
+    return W[:, keep].clone(), b + W[:, removed] @ f.mean[removed]
+
+
+@register_fold("representative")
+def fold_representative(W, keep, removed, b, f: FoldInputs):
+    Wk = W.clone()
+    pos = {int(j): p for p, j in enumerate(keep.tolist())}
+    var = (f.G.diagonal() - f.mean**2).clamp(min=0)
+    for j, r in (f.representative or {}).items():
+        if j not in pos and r in pos:
+            if b is not None:
+                a = (f.G[j, r] - f.mean[j] * f.mean[r]) / var[r].clamp(min=1e-30)
+                b += W[:, j] * (f.mean[j] - a * f.mean[r])
+            else:
+                a = f.G[j, r] / f.G[r, r].clamp(min=1e-30)
+            Wk[:, r] += a * W[:, j]
+    return Wk[:, keep], b
+
+
+@register_fold("lstsq")
+def fold_lstsq(W, keep, removed, b, f: FoldInputs):
+    C, c = (W @ f.G, W @ f.mean) if f.C is None else (f.C, f.c)
+    if c is None:
+        raise NeuroprojError("a target cross-moment C needs its mean c")
+    if b is None:  # no bias: y ≈ W' h_K
+        return chol_solve(f.G[keep][:, keep], C[:, keep], f.ridge), None
+    # with a bias: regress on [h_K, 1]; the constant column's moments are μ_K and 1
+    K = keep.numel()
+    A = torch.empty(K + 1, K + 1, dtype=f.G.dtype)
+    A[:K, :K] = f.G[keep][:, keep]
+    A[:K, K] = A[K, :K] = f.mean[keep]
+    A[K, K] = 1.0
+    X = chol_solve(A, torch.cat([C[:, keep], c[:, None]], dim=1), f.ridge)
+    return X[:, :K], b + X[:, K]  # targets exclude the bias: the old bias stays, the fitted constant adds
+
+
 def fold_layer(fold: str, W: torch.Tensor, keep: torch.Tensor, *, G: torch.Tensor, mean: torch.Tensor,
                bias: torch.Tensor | None = None, C: torch.Tensor | None = None, c: torch.Tensor | None = None,
                representative: dict[int, int] | None = None, use_bias: bool = False, ridge: float = RIDGE):
-    """New (W', b') for one layer. W: (d, N) float64; G, mean: moments of h; C (d, N), c (d,): target
-    moments E[y* hᵀ], E[y*] (default: this layer's own output, C = W G, c = W μ). `use_bias`: a bias may be
-    written (the layer has one, or one is added). Returns (W' (d, K), b' (d,) or None)."""
+    """New (W', b') for one layer. W: (d, N) float64; `use_bias`: a bias may be written (the layer has one,
+    or one is added). Returns (W' (d, K), b' (d,) or None). Keeping every neuron with the layer's own
+    output as target returns W unchanged, bit for bit."""
     if fold not in FOLDS:
         raise NeuroprojError(f"unknown fold {fold!r}: choose from {', '.join(FOLDS)}")
     keep = torch.as_tensor(keep, dtype=torch.long)
-    N = W.shape[1]
-    removed = torch.ones(N, dtype=torch.bool)
+    removed = torch.ones(W.shape[1], dtype=torch.bool)
     removed[keep] = False
     R = removed.nonzero().flatten()
     b = None if bias is None else bias.clone()
     if use_bias and b is None:
         b = torch.zeros(W.shape[0], dtype=W.dtype)
-    if fold == "none" or (R.numel() == 0 and C is None):  # nothing removed: bit-exact identity
+    if R.numel() == 0 and C is None:  # nothing removed: bit-exact identity
         return W[:, keep].clone(), b
-    if fold == "bias":
-        if b is None:
-            raise NeuroprojError("fold 'bias' needs an output bias: allow adding one (--add-bias) or use lstsq")
-        return W[:, keep].clone(), b + W[:, R] @ mean[R]
-    if fold == "representative":
-        Wk = W.clone()
-        pos = {int(j): p for p, j in enumerate(keep.tolist())}
-        var = (G.diagonal() - mean**2).clamp(min=0)
-        for j, r in (representative or {}).items():
-            if j not in pos and r in pos:
-                if b is not None:
-                    a = (G[j, r] - mean[j] * mean[r]) / var[r].clamp(min=1e-30)
-                    b += W[:, j] * (mean[j] - a * mean[r])
-                else:
-                    a = G[j, r] / G[r, r].clamp(min=1e-30)
-                Wk[:, r] += a * W[:, j]
-        return Wk[:, keep], b
-    # lstsq
-    if C is None:
-        C, c = W @ G, W @ mean
-    elif c is None:
-        raise NeuroprojError("a target cross-moment C needs its mean c")
-    if b is None:  # no bias: y ≈ W' h_K
-        return _chol_solve(G[keep][:, keep], C[:, keep], ridge), None
-    # with a bias: regress on [h_K, 1]; the constant column's moments are μ_K and 1
-    K = keep.numel()
-    A = torch.empty(K + 1, K + 1, dtype=G.dtype)
-    A[:K, :K] = G[keep][:, keep]
-    A[:K, K] = A[K, :K] = mean[keep]
-    A[K, K] = 1.0
-    B = torch.cat([C[:, keep], c[:, None]], dim=1)
-    X = _chol_solve(A, B, ridge)
-    return X[:, :K], b + X[:, K]  # targets exclude the bias: the old bias stays, the fitted constant adds
+    return FOLDS[fold](W, keep, R, b, FoldInputs(G, mean, C, c, representative, ridge))
+
+
+def fold_and_slice(model, i: int, keep: torch.Tensor, fold: str, f: FoldInputs | None, *, add_bias: bool = False):
+    """Prune layer i of `model` in place to the neurons `keep`, folding the removed ones by `fold` (moments
+    `f`; None only for fold `none` without an added bias). Returns (W', b') as written."""
+    a = adapter_for(model)
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    if f is None:
+        if fold != "none" or add_bias:
+            raise NeuroprojError(f"fold {fold!r} needs activation statistics of layer {i}")
+        a.select_neurons(model, i, keep)
+        return None, None
+    W = a.out_weight(model, i).detach().double().cpu()
+    bias = a.out_bias(model, i)
+    Wn, bn = fold_layer(fold, W, keep, G=f.G, mean=f.mean, bias=None if bias is None else bias.double().cpu(),
+                        C=f.C, c=f.c, representative=f.representative,
+                        use_bias=bias is not None or add_bias, ridge=f.ridge)
+    a.select_neurons(model, i, keep)
+    a.set_out_weight(model, i, Wn)
+    if bn is not None:
+        a.set_out_bias(model, i, bn)
+    return Wn, bn
 
 
 def apply_plan(model, plan, *, stats=None, fold: str = "lstsq", moments=None, add_bias: bool | None = None,
@@ -116,167 +174,26 @@ def apply_plan(model, plan, *, stats=None, fold: str = "lstsq", moments=None, ad
     """Prune `model` in place by `plan` and fold removed neurons (see module docstring).
 
     Moments per layer come from `stats` (a Stats: one-shot calibration) or `moments` (dict layer →
-    dict(G, mean[, C, c])), e.g. from sequential calibration. `add_bias`: write an output bias on
-    architectures without one (None: only for the `bias` fold). Returns the model."""
+    dict(G, mean[, C, c])). `add_bias`: write an output bias on architectures without one (None: only for
+    the `bias` fold). Returns the model."""
     if fold not in FOLDS:
         raise NeuroprojError(f"unknown fold {fold!r}: choose from {', '.join(FOLDS)}")
     a = adapter_for(model)
     plan.check(model)
-    if add_bias is None:
-        add_bias = fold == "bias"
+    add_bias = fold == "bias" if add_bias is None else add_bias
     has_bias = a.out_has_bias(model)
-    from .skips import skip_source_remapper  # prune after skip: refuse removing a skip source, remap the rest
-
+    # prune after skip: refuse removing a skip source, remap the rest
     remap_skips = skip_source_remapper(model, {i: plan.keep(i) for i in plan.layers})
     for i, d in sorted(plan.layers.items()):
-        keep = plan.keep(i)
-        W = a.out_weight(model, i).detach().double().cpu()
-        bias = a.out_bias(model, i)
-        bias = None if bias is None else bias.double().cpu()
-        if fold == "none" and not add_bias:
-            a.select_neurons(model, i, keep)
-            continue
-        layer_ridge = ridge
+        f = None
         if moments is not None and i in moments:
             mo = moments[i]
-        elif stats is not None:
-            mo = {"G": stats.second_moment(i), "mean": stats.mean(i)}
-            layer_ridge = effective_ridge(ridge, stats.count(i), W.shape[1])
-        else:
-            raise NeuroprojError(f"fold {fold!r} needs activation statistics of layer {i}")
-        Wn, bn = fold_layer(fold, W, keep, G=mo["G"], mean=mo["mean"], bias=bias, C=mo.get("C"), c=mo.get("c"),
-                            representative=d["representative"], use_bias=has_bias or add_bias, ridge=layer_ridge)
-        a.select_neurons(model, i, keep)
-        a.set_out_weight(model, i, Wn)
-        if bn is not None:
-            a.set_out_bias(model, i, bn)
+            f = FoldInputs(mo["G"], mo["mean"], mo.get("C"), mo.get("c"), d["representative"], ridge)
+        elif stats is not None and (fold != "none" or add_bias):
+            f = FoldInputs(stats.second_moment(i), stats.mean(i), representative=d["representative"],
+                           ridge=effective_ridge(ridge, stats.count(i), a.width(model, i)))
+        fold_and_slice(model, i, plan.keep(i), fold, f, add_bias=add_bias)
     if remap_skips is not None:
         remap_skips()
-    _update_config(model, plan, added_bias=add_bias and not has_bias)
-    return model
-
-
-def _update_config(model, plan, added_bias: bool):
-    a = adapter_for(model)
-    L = a.num_layers(model)
-    widths = [a.width(model, i) for i in range(L)]
-    section = dict(getattr(model.config, "neuroproj_prune", None) or {})
-    if len(set(widths)) == 1:
-        a.set_config_width(model.config, widths[0])
-        section.pop("widths", None)
-    else:
-        a.set_config_width(model.config, max(widths))
-        section["widths"] = widths
-    if added_bias:
-        if a.config_can_express_out_bias(model.config):
-            a.declare_out_bias(model)
-        else:
-            section["out_bias"] = True
-    if section:
-        section["format"] = "neuroproj-prune/checkpoint/1"
-        model.config.neuroproj_prune = section
-    elif hasattr(model.config, "neuroproj_prune"):
-        del model.config.neuroproj_prune
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-def save_pruned(model, tokenizer, out, *, summary: dict | None = None, extra_files: dict | None = None,
-                overwrite: bool = False) -> Path:
-    """Write the checkpoint atomically: a temporary directory beside `out`, renamed when complete.
-    Uniform widths and no added bias → a standard checkpoint (plain `from_pretrained`); otherwise the
-    config carries a `neuroproj_prune` section and `load_pruned` rebuilds the modules."""
-    out = Path(out)
-    prepare_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if summary is not None:
-            (tmp / "prune_summary.json").write_text(json.dumps(summary, indent=2))
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise NeuroprojError(f"output {out} exists and is not empty: choose another --out or pass --overwrite")
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory to `out`, replacing an old one only at the last moment."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
-    """Rebuild a checkpoint whose config has a `neuroproj_prune` section (per-layer widths, added MLP
-    biases, applied skips) and load its weights strictly; refuse what cannot be reproduced exactly."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise NeuroprojError(f"cannot read the checkpoint config in {path}: {str(e).splitlines()[0][:200]}") from None
-    section = getattr(config, "neuroproj_prune", None) or {}
-    if section and section.get("format") != "neuroproj-prune/checkpoint/1":
-        raise NeuroprojError(f"{path}: unknown neuroproj_prune checkpoint format {section.get('format')!r}; "
-                             f"upgrade neuroproj-prune")
-    unknown = set(section) - {"format", "widths", "out_bias", "skips"}
-    if unknown:
-        raise NeuroprojError(f"{path}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
-    dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
-    model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    a = adapter_for(model)
-    widths = section.get("widths")
-    if widths is not None:
-        if len(widths) != a.num_layers(model):
-            raise NeuroprojError(f"{path}: {len(widths)} widths for {a.num_layers(model)} layers")
-        for i, w in enumerate(widths):
-            a.select_neurons(model, i, torch.arange(int(w)))
-    if section.get("out_bias"):
-        for i in range(a.num_layers(model)):
-            if a.out_bias(model, i) is None:
-                a.set_out_bias(model, i, torch.zeros(a.hidden_size(model)))
-    if section.get("skips"):
-        from .skips import attach_skips  # applied skip connections (issue: skips)
-
-        attach_skips(model, section["skips"])
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise NeuroprojError(f"{path} holds no .safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    if getattr(config, "tie_word_embeddings", False):
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise NeuroprojError(f"{path}: the checkpoint does not match its neuroproj_prune section "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    model.to(device or "cpu").eval()
-    model.requires_grad_(False)
-    if return_tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            tok = None
-        return model, tok
+    update_config(model, added_bias=add_bias and not has_bias)
     return model

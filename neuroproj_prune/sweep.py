@@ -17,15 +17,22 @@ import json
 import time
 from pathlib import Path
 
-
+from .adapters import num_params
+from .data import eval_windows
 from .errors import NeuroprojError
+from .evaluate import model_context, perplexity
 from .models import LoadedModel, load_model
+from .prune import ALLOCATIONS, PruneConfig, prune
+from .stats import collect, load_stats
 
 
 def _parse_list(v, cast=str) -> list:
     if isinstance(v, str):
         v = [x.strip() for x in v.split(",") if x.strip()]
-    return [cast(x) for x in v]
+    try:
+        return [cast(x) for x in v]
+    except (TypeError, ValueError):
+        raise NeuroprojError(f"cannot read {v!r} as a comma list of {cast.__name__} values") from None
 
 
 def method_name(select, fold, calibration, allocation="uniform") -> str:
@@ -37,42 +44,28 @@ def cell_key(select, fold, calibration, sparsity, allocation="uniform") -> str:
 
 
 def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq", calibration="sequential", out,
-          methods=None,
-          samples: int = 128, seqlen: int = 512, seed: int = 0, eval_seqlen: int | None = None,
-          max_windows: int | None = None, multiple: int = 64, target: str = "layer", dtype="auto",
-          device="auto", progress: bool = True) -> list[dict]:
-    """Run (or resume) a sweep in directory `out`; returns all cells (dense first)."""
-    from .evaluate import model_context, perplexity
-    from .prune import prune
-    from .stats import collect, load_stats
-
+          methods=None, eval_seqlen: int | None = None, max_windows: int | None = None, dtype="auto",
+          device="auto", progress: bool = True, config: PruneConfig | None = None, **settings) -> list[dict]:
+    """Run (or resume) a sweep in directory `out`; returns all cells (dense first). Each cell is `config`
+    (or the `PruneConfig` fields in `settings`: multiple, target, samples, ...) with its own selection, fold,
+    calibration, allocation and sparsity."""
+    base = config.replace(**settings) if config is not None else PruneConfig.make(**settings)
     sparsities = _parse_list(sparsities, float)
     selects, folds, calibrations = _parse_list(select), _parse_list(fold), _parse_list(calibration)
-    from .prune import ALLOCATIONS, CALIBRATIONS
-
     if methods:  # explicit select+fold[+calibration[+allocation]] instead of the cross product
         combos = []
         for m in _parse_list(methods):
             parts = m.split("+")
-            if len(parts) not in (2, 3, 4) or (len(parts) == 4 and parts[3] not in ALLOCATIONS):
+            if len(parts) not in (2, 3, 4):
                 raise NeuroprojError(f"method {m!r}: write SELECT+FOLD[+CALIBRATION[+{'|'.join(ALLOCATIONS)}]]")
             combos.append((parts[0], parts[1], parts[2] if len(parts) >= 3 else calibrations[0],
                             parts[3] if len(parts) == 4 else "uniform"))
-        selects = list(dict.fromkeys(t[0] for t in combos))
-        folds = list(dict.fromkeys(t[1] for t in combos))
-        calibrations = list(dict.fromkeys(t[2] for t in combos))
     else:
         combos = [(s, f, c, "uniform") for c in calibrations for s in selects for f in folds]
-    from .plan import SELECTORS, check_sparsity
-    from .surgery import FOLDS
-
-    for s in sparsities:
-        check_sparsity(s)
-    for name, allowed, got in (("select", SELECTORS, selects), ("fold", FOLDS, folds),
-                               ("calibration", CALIBRATIONS, calibrations)):
-        bad = [g for g in got if g not in allowed]
-        if bad:
-            raise NeuroprojError(f"unknown --{name} {bad}: choose from {', '.join(allowed)}")
+    cells = [(s, f, c, sp, al) for s, f, c, al in combos for sp in sparsities]
+    # every cell's config is validated before any work (unknown methods, sparsities out of range)
+    configs = {cell: base.replace(select=cell[0], fold=cell[1], calibration=cell[2], sparsity=cell[3],
+                                  allocation=cell[4], keep=None) for cell in cells}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "cells.jsonl"
@@ -85,8 +78,6 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     ctx = model_context(lm.model)
     eval_seqlen = eval_seqlen or min(2048, ctx or 2048)
-    from .data import eval_windows
-
     windows, eval_desc = eval_windows(lm.tokenizer, str(eval_data), eval_seqlen)
     if max_windows:
         windows = windows[:max_windows]
@@ -98,29 +89,28 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
             f.write(json.dumps(cell) + "\n")
         done[cell["key"]] = cell
 
-    from .prune import mlp_macs_per_token, num_params
-
     if "dense" not in done:
         r = perplexity(lm, windows, progress=progress)
         record({"key": "dense", "method": "dense", "sparsity": 0.0, "actual_sparsity": 0.0, "ppl": r["value"],
-                "params": num_params(lm.model), "mlp_macs_per_token": mlp_macs_per_token(lm.model), "seconds": 0.0})
+                "params": num_params(lm.model), "mlp_macs_per_token": lm.adapter.mlp_macs_per_token(lm.model),
+                "seconds": 0.0})
     stats_path = out / "stats.safetensors"
-    cells = [(s, f, c, sp, al) for s, f, c, al in combos for sp in sparsities]
-    for sel, fo, cal, sp, al in cells:
+    for cell in cells:
+        sel, fo, cal, sp, al = cell
         key, name = cell_key(sel, fo, cal, sp, al), method_name(sel, fo, cal, al)
         if key in done:
             continue
-        kw = {}
-        if cal == "oneshot":
+        cfg = configs[cell]
+        stats = None
+        if cal == "oneshot":  # one statistics pass serves every one-shot cell
             if not stats_path.exists():
-                collect(lm, str(data), samples=samples, seqlen=seqlen, seed=seed, out=stats_path, progress=progress)
-            kw["stats"] = load_stats(stats_path)
+                collect(lm, str(data), samples=cfg.samples, seqlen=cfg.seqlen, seed=cfg.seed, out=stats_path,
+                        progress=progress)
+            stats = load_stats(stats_path)
         work = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)
         t0 = time.time()
         try:
-            _, _, summary = prune(work, str(data), sparsity=sp, select=sel, fold=fo, calibration=cal, allocation=al,
-                                  target=target, multiple=multiple, samples=samples, seqlen=seqlen, seed=seed,
-                                  progress=progress, **kw)
+            _, _, summary = prune(work, str(data), cfg, stats=stats, progress=progress)
         except NeuroprojError as e:  # a combination that does not apply to this model: recorded, not fatal
             record({"key": key, "method": name, "sparsity": sp, "error": str(e)})
             continue

@@ -20,6 +20,9 @@ import torch
 
 from .errors import NeuroprojError
 from .io import TensorFile, load_tensors
+from .models import LoadedModel, load_model
+from .projection import Projections, load_projections
+from .stats import ActivationCapture, parse_layers, parse_sites
 
 FORMAT = "neuroproj-prune/trace/1"
 
@@ -78,8 +81,6 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 def capture_activations(model, input_ids: torch.Tensor, layers, sites) -> dict[tuple[int, str], torch.Tensor]:
     """One forward pass over `input_ids` (1, T); returns {(layer, site): (T, width) float32 CPU}."""
-    from .stats import ActivationCapture
-
     acts: dict[tuple[int, str], torch.Tensor] = {}
 
     def on(i, site, h):
@@ -96,10 +97,6 @@ def trace(model, projections, prompt: str, *, max_new_tokens: int = 32, sample: 
     """Generate from `prompt` and record the per-token activations of every layer and site the projections
     have (or `layers`/`sites`, a subset). `model`: a LoadedModel or a spec; `projections`: a Projections or
     a path (its widths must match the model's). Greedy unless `sample=True` (then seeded with `seed`)."""
-    from .models import LoadedModel, load_model
-    from .projection import Projections, load_projections
-    from .stats import parse_layers, parse_sites
-
     if max_new_tokens < 0:
         raise NeuroprojError("--max-new-tokens must be >= 0")
     if not prompt:

@@ -36,7 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .clustering import load_clusters
 from .errors import NeuroprojError
+from .io import write_text
+from .models import LoadedModel, load_model
+from .plan import Plan
+from .projection import load_projections
+from .stats import load_stats
+from .trace import load_trace
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SITE_ORDER = ("mlp.neurons", "mlp.out", "attn.out")
@@ -154,7 +161,6 @@ def _energy_weights(model, stats, notes):
     name, only when it is a local directory or the offline alias and its fingerprint matches."""
     if model is None or model is False or stats is None:
         return None
-    from .models import LoadedModel, load_model
 
     try:
         if isinstance(model, LoadedModel):
@@ -183,24 +189,18 @@ def _energy_weights(model, stats, notes):
 
 
 def _points_section(run: Path, model, max_points: int, notes: list[str]):
-    from .projection import load_projections
-
     pf = run / "projections.safetensors"
     if not pf.is_file():
         return None, {}
     proj = load_projections(pf)
     stats = None
     if (run / "stats.safetensors").is_file():
-        from .stats import load_stats
-
         try:
             stats = load_stats(run / "stats.safetensors")
         except NeuroprojError as e:
             notes.append(f"stats.safetensors not readable ({e}): no activation energy")
     clusters = None
     if (run / "clusters.json").is_file():
-        from .clustering import load_clusters
-
         try:
             clusters = load_clusters(run / "clusters.json")
         except NeuroprojError as e:
@@ -208,8 +208,6 @@ def _points_section(run: Path, model, max_points: int, notes: list[str]):
     plan, plan_src = None, None
     for cand in (run / "plan.json", run / "pruned" / "plan.json"):
         if cand.is_file():
-            from .plan import Plan
-
             try:
                 plan, plan_src = Plan.load(cand), str(cand.relative_to(run))
                 break
@@ -288,8 +286,6 @@ def _points_section(run: Path, model, max_points: int, notes: list[str]):
 
 
 def _trace_section(run: Path, idx_of: dict, budget: int, notes: list[str], trace_file=None, encoding="auto"):
-    from .trace import load_trace
-
     tf = Path(trace_file) if trace_file else run / "trace.safetensors"
     if not tf.is_file():
         return None
@@ -633,9 +629,4 @@ def view(run_dir, out="report.html", *, model="auto", max_points: int = 20000, m
     data = build_data(run_dir, model=model, max_points=max_points, max_mb=max_mb, trace_file=trace_file,
                       trace_encoding=trace_encoding)
     page = render(data)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text(out, page)

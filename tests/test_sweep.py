@@ -36,17 +36,17 @@ def test_sweep_two_methods_two_sparsities_and_resume(tiny_dir, tmp_path, monkeyp
     def boom(*a, **k):
         raise AssertionError("recomputed a finished cell")
 
-    prune_mod, eval_mod, stats_mod = (sys.modules[f"neuroproj_prune.{m}"] for m in ("prune", "evaluate", "stats"))
-    monkeypatch.setattr(prune_mod, "prune", boom)
-    monkeypatch.setattr(eval_mod, "perplexity", boom)
-    monkeypatch.setattr(stats_mod, "collect", boom)
+    sweep_mod = sys.modules["neuroproj_prune.sweep"]  # the names the sweep calls
+    monkeypatch.setattr(sweep_mod, "prune", boom)
+    monkeypatch.setattr(sweep_mod, "perplexity", boom)
+    monkeypatch.setattr(sweep_mod, "collect", boom)
     assert main(args) == 0
     assert len((out / "cells.jsonl").read_text().splitlines()) == len(cells)
     # extending the sweep computes only the new cells
     monkeypatch.undo()
     calls = []
-    orig = prune_mod.prune
-    monkeypatch.setattr(prune_mod, "prune", lambda *a, **k: calls.append(k["sparsity"]) or orig(*a, **k))
+    orig = sweep_mod.prune
+    monkeypatch.setattr(sweep_mod, "prune", lambda *a, **k: calls.append(a[2].sparsity) or orig(*a, **k))
     i = args.index("--sparsities")
     assert main([*args[:i + 1], "0.25,0.5,0.75", *args[i + 2:]]) == 0
     assert sorted(calls) == [0.75, 0.75]

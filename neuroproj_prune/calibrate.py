@@ -1,0 +1,386 @@
+"""Calibrations: where each layer's moments come from. Two implementations of one interface, in `CALIBRATIONS`.
+
+A calibration yields, layer by layer, a `LayerWork`: the moments a selection reads (`moments`) and those a
+fold uses (`fold`). The caller prunes that layer in place (select → fold → slice, `prune.prune_layer`) and
+records the kept set and new weights in the work item before asking for the next layer, so a calibration
+that runs the model (sequential) sees the already-pruned layers.
+
+- `oneshot` — moments of the dense model from a statistics file (`collect`, or one pass made here); every
+  layer is planned and folded to preserve its own dense output: C = W G. Cost: one statistics pass (none
+  with a given file) plus O(N³) per layer.
+- `sequential` (default) — layer by layer, as SparseGPT/Wanda do: the calibration tokens' hidden states are
+  carried through the already-pruned layers, so each layer is planned and folded on the inputs it will
+  really see. The fold target is the layer's own output on those inputs (`target=layer`: C = W G̃), or the
+  dense model's MLP output on the dense inputs (`target=dense`: C = E[y_dense h̃ᵀ], correcting upstream
+  error too), or (`target=residual`) its own output plus the gap between the dense and the pruned residual
+  streams, y* = W h̃ + (out_dense − out), so each MLP also repairs earlier layers' drift. The pruned layer's
+  output is updated in closed form, out' = out − W h̃ + W' h̃_K, when the MLP output is added to the residual
+  as is (else the layer runs again). Token weighting (`weighting=rms`, default): every later layer reads
+  the residual stream through a norm, so an output error on token t is seen divided by rms(x_t); the
+  moments weight token t by 1/mean(out_t²), which stops the few massive-activation tokens (attention sinks)
+  from dominating the fit. Cost: one forward pass (two with a dense target) plus one N×N Gram per layer and
+  token; memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with a dense target)
+  and one layer's neuron activations (tokens·N·4 bytes).
+
+Each calibration also measures per-layer importance its own way for `allocation=global`
+(`global_widths`): one-shot from FLAP's standardised scores, sequential from the dense layers' refit-error
+curves in units of loss (`error_curves`).
+
+To add a calibration: subclass `Calibration`, implement `layers` and `global_widths`, and register it with
+`@register_calibration("name")`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import get_skips
+from .errors import NeuroprojError
+from .models import LoadedModel
+from .moments import Moments
+from .plan import SELECTORS, LayerMoments, allocate_by_error, error_curve, global_widths
+from .stats import calibration_ids, collect, load_stats
+from .surgery import FoldInputs, chol_solve, effective_ridge
+
+TARGETS = ("layer", "dense", "residual")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class LayerWork:
+    """One layer handed to the shared select → fold → slice step; the step fills `keep`, `W_new`, `b_new`."""
+
+    layer: int
+    moments: LayerMoments        # what selection reads
+    fold: FoldInputs             # what the fold uses
+    keep: torch.Tensor | None = None
+    W_new: torch.Tensor | None = None
+    b_new: torch.Tensor | None = None
+
+
+CALIBRATIONS: dict = {}
+
+
+def register_calibration(name):
+    def deco(cls):
+        cls.name = name
+        CALIBRATIONS[name] = cls
+        return cls
+    return deco
+
+
+class Calibration:
+    """The interface: `layers()` yields LayerWork in layer order; `global_widths(cfg, total)` gives
+    per-layer widths summing to about `total`; `description` names the calibration data; `meta` goes
+    into the plan."""
+
+    name = ""
+
+    def __init__(self, lm: LoadedModel, cfg, *, data=None, stats=None, projections=None, progress: bool = True):
+        self.lm, self.cfg, self.progress = lm, cfg, progress
+        self.description, self.meta = None, {}
+
+    def widths(self) -> dict[int, int]:
+        a, m = self.lm.adapter, self.lm.model
+        return {i: a.width(m, i) for i in range(a.num_layers(m))}
+
+    def layers(self) -> Iterator[LayerWork]:
+        raise NotImplementedError
+
+    def global_widths(self, cfg, total: int) -> dict[int, int]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------- one-shot
+@register_calibration("oneshot")
+class OneShot(Calibration):
+    """Dense moments from a statistics file (or one `collect` pass over `data`)."""
+
+    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True):
+        super().__init__(lm, cfg, progress=progress)
+        if stats is None:
+            if data is None:
+                raise NeuroprojError("give calibration --data or a --stats file")
+            stats = collect(lm, data, samples=cfg.samples, seqlen=cfg.seqlen, seed=cfg.seed,
+                            batch_size=cfg.batch_size, progress=progress)
+        else:
+            stats = load_stats(stats) if not hasattr(stats, "second_moment") else stats
+            if lm.fingerprint is not None:
+                stats.check_model(lm)
+        a, m = lm.adapter, lm.model
+        missing = [i for i in range(a.num_layers(m)) if i not in stats.layers or "mlp.neurons" not in stats.sites]
+        if missing:
+            raise NeuroprojError(f"the statistics lack mlp.neurons of layers {missing[:5]}...: collect all layers")
+        self.stats, self.projections = stats, projections
+        self.description = stats.meta.get("data")
+        self.meta = {"stats": stats.path, "fingerprint": stats.meta.get("fingerprint")}
+
+    def moments(self, i: int) -> LayerMoments:
+        a, m, st = self.lm.adapter, self.lm.model, self.stats
+        W = a.out_weight(m, i).detach().double().cpu()
+        lm_ = LayerMoments(i, st.second_moment(i), st.mean(i), W, a.in_norms(m, i),
+                           ridge=effective_ridge(self.cfg.ridge, st.count(i), W.shape[1]))
+        if self.projections is not None:
+            lm_.points = self.projections.get(i, "mlp.neurons").double()
+        return lm_
+
+    def layers(self):
+        for i in range(self.lm.adapter.num_layers(self.lm.model)):
+            m = self.moments(i)
+            yield LayerWork(i, m, FoldInputs(m.G, m.mean, ridge=m.ridge))
+
+    def global_widths(self, cfg, total):
+        # FLAP: scores standardised per layer; order-based methods (obs, clusters) allocate by FLAP's metric
+        score_fn = SELECTORS[cfg.select] if cfg.select in ("magnitude", "wanda-sp", "flap") else SELECTORS["flap"]
+        scores = {}
+        for i in self.widths():
+            m = self.moments(i)
+            scores[i] = score_fn(m, m.N, cfg.seed).scores
+        return global_widths(scores, total)
+
+
+# ------------------------------------------------------------------------------------------- sequential
+class _StopAt(Exception):
+    pass
+
+
+def layer_inputs(model, adapter, batches):
+    """Hidden states entering layer 0 and the keyword arguments the model passes to its layers."""
+    first = adapter.layers(model)[0]
+    caught = []
+
+    def grab(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden.detach(), args[1:], dict(kwargs)))
+        raise _StopAt
+
+    h = first.register_forward_pre_hook(grab, with_kwargs=True)
+    dev = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(dev), use_cache=False)
+                except _StopAt:
+                    pass
+    finally:
+        h.remove()
+    return caught
+
+
+def rms_token_weights(x: torch.Tensor) -> torch.Tensor:
+    """w_t = 1/mean(x_t²) for residual-stream rows x_t (last dim d): the next norm divides token t by its rms,
+    so an error δ_t there is seen as ‖δ_t‖²·w_t. Shape: x's without the last dim."""
+    return 1.0 / (x.pow(2).mean(-1) + 1e-6)
+
+
+def run_layer(layer, hidden, args, kwargs, compute=None):
+    """One decoder layer; with `compute` (e.g. torch.bfloat16) its matmuls run under autocast, the residual
+    stream it returns keeps the model's dtype."""
+    with torch.autocast(hidden.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None):
+        out = layer(hidden, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(hidden.dtype)
+
+
+def compute_dtype_for(name: str, model) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards (None: the model's own). `auto`: bfloat16 for a float32
+    model on hardware with fast bfloat16 matmuls (CUDA with bf16, CPUs with AVX512-BF16/AMX), else none."""
+    if name not in COMPUTE_DTYPES:
+        raise NeuroprojError(f"unknown compute dtype {name!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+    p = next(model.parameters())
+    if name == "float32" or p.dtype != torch.float32:
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if p.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if p.device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
+
+
+@register_calibration("sequential")
+class Sequential(Calibration):
+    """Layer by layer on the inputs the pruned model produces (see the module docstring)."""
+
+    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True, ids=None):
+        super().__init__(lm, cfg, progress=progress)
+        if get_skips(lm.model):  # skip hooks hand activations from layer l to m within one forward pass
+            raise NeuroprojError("the model has applied skip connections, which layer-by-layer calibration cannot "
+                                 "run: prune with --calibration oneshot, or prune before applying skips")
+        if ids is None:
+            if data is None:
+                raise NeuroprojError("sequential calibration needs --data (a stats file alone is not enough)")
+            ids, self.description = calibration_ids(lm, data, cfg.samples, cfg.seqlen, cfg.seed)
+        self.ids = ids
+        self.compute = compute_dtype_for(cfg.compute_dtype, lm.model)
+        if cfg.target == "residual" and not lm.adapter.mlp_output_is_added(lm.model):
+            raise NeuroprojError(f"target 'residual' needs an MLP whose output is added to the residual; "
+                                 f"{lm.model.config.model_type} normalises it first: use --target layer or dense")
+        self.meta = {"target": cfg.target, "fingerprint": lm.fingerprint}
+
+    def global_widths(self, cfg, total):
+        n = min(self.ids.shape[0], cfg.alloc_samples)
+        curves = error_curves(self.lm, self.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
+                              ridge=cfg.ridge, batch_size=max(1, 2048 // self.ids.shape[1]), compute=self.compute,
+                              progress=self.progress)
+        return allocate_by_error(curves, total, cfg.multiple, cfg.max_shift)
+
+    def layers(self):
+        model, a, cfg, compute = self.lm.model, self.lm.adapter, self.cfg, self.compute
+        dev = next(model.parameters()).device
+        cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+        bs = cfg.batch_size or max(1, 4096 // self.ids.shape[1])
+        states = layer_inputs(model, a, [self.ids[b:b + bs] for b in range(0, self.ids.shape[0], bs)])
+        hidden = [s[0].clone() for s in states]
+        dense = [s[0].clone() for s in states] if cfg.target in ("dense", "residual") else None
+        additive = a.mlp_output_is_added(model)
+        bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not self.progress,
+                   dynamic_ncols=True)
+        for i, layer in enumerate(a.layers(model)):
+            W = a.out_weight(model, i).detach().to(cdt)
+            b_old = a.out_bias(model, i)
+            N, d = W.shape[1], W.shape[0]
+            grab = {}
+            hook = a.out_proj(model, i).register_forward_pre_hook(lambda mod, args: grab.__setitem__("h", args[0]))
+            mo = Moments(N, dev)
+            C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
+            c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
+            acts, outs = [], []
+            with torch.inference_mode():
+                for bi, (_, args, kw) in enumerate(states):
+                    out = run_layer(layer, hidden[bi], args, kw, compute)
+                    h = grab["h"].reshape(-1, N).to(cdt)
+                    # the next norm divides each token's residual by its rms
+                    w = rms_token_weights(out.reshape(-1, d).to(cdt)).unsqueeze(1) if cfg.weighting == "rms" else None
+                    w = mo.add(h, w)
+                    if dense is not None:
+                        dense_out = run_layer(layer, dense[bi], args, kw, compute)
+                        if cfg.target == "dense":   # the dense MLP output on the dense stream
+                            y = grab["h"].reshape(-1, N).to(cdt) @ W.T
+                        else:                       # residual: also close the gap between the two streams
+                            y = h @ W.T + (dense_out - out).reshape(-1, d).to(cdt)
+                        C += (y.T @ (h if w is None else h * w)).double()
+                        c += (y if w is None else y * w).sum(0, dtype=torch.float64)
+                        dense[bi] = dense_out
+                    if additive:
+                        acts.append(h)
+                        outs.append(out)
+            hook.remove()
+            G, mean = mo.finish()
+            if not torch.isfinite(G).all():
+                hint = ("load the model with --dtype float32" if cdt != torch.float32 or compute is not None
+                        else "check the model's weights (NaN or huge values)")
+                raise NeuroprojError(f"non-finite activations at layer {i}: {hint}")
+            ridge = effective_ridge(cfg.ridge, mo.tokens, N)
+            if dense is not None:
+                C, c = (C / mo.n).cpu(), (c / mo.n).cpu()
+                W_eff = chol_solve(G, C, ridge)  # the full-width least-squares map onto the target
+            else:
+                W_eff = W.double().cpu()
+            work = LayerWork(i, LayerMoments(i, G, mean, W_eff, a.in_norms(model, i), ridge=ridge),
+                             FoldInputs(G, mean, C, c, ridge=ridge))
+            yield work  # the caller prunes layer i in place and fills work.keep / W_new / b_new
+            # carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when
+            # the MLP output is added to the residual as is; otherwise run the pruned layer again
+            with torch.inference_mode():
+                if not additive:
+                    for bi, (_, args, kw) in enumerate(states):
+                        hidden[bi] = run_layer(layer, hidden[bi], args, kw, compute)
+                else:
+                    # one matmul per batch: h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
+                    dW = -W.clone()
+                    dW[:, work.keep.to(dev)] += work.W_new.to(dev, cdt)
+                    dWt = dW.T.contiguous()
+                    bn = work.b_new
+                    db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
+                    for bi in range(len(states)):
+                        delta = acts[bi] @ dWt
+                        if db is not None:
+                            delta += db
+                        hidden[bi] = (outs[bi].to(cdt) + delta.view(outs[bi].shape)).to(outs[bi].dtype)
+            del acts, outs
+            bar.update(1)
+        bar.close()
+
+
+def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
+                 seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True) -> dict[int, torch.Tensor]:
+    """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
+    top-k neurons of `select` (see `plan.error_curve`), with token t weighted so that all layers share one
+    unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
+    the residual stream after layer i; under an isotropic Fisher approximation an error δ_t there costs
+    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `rms`: w_t = 1/mean(x_i,t²), the error as the next
+    norm sees it (no backward pass, blind to how much later layers and the head amplify it).
+    Cost: one forward (and with grad one backward) of the dense model over `ids`, one N² Gram per token and
+    layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams."""
+    model, a = lm.model, lm.adapter
+    dev = next(model.parameters()).device
+    L = a.num_layers(model)
+    acts, outs = {}, {}
+    mom: list[Moments | None] = [None] * L
+    n = 0
+
+    def grab_h(i):
+        return lambda mod, args: acts.__setitem__(i, args[0].detach())
+
+    def grab_out(i):
+        def hook(mod, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            if x.requires_grad:
+                x.retain_grad()
+            outs[i] = x
+        return hook
+
+    hooks = [a.out_proj(model, i).register_forward_pre_hook(grab_h(i)) for i in range(L)]
+    hooks += [layer.register_forward_hook(grab_out(i)) for i, layer in enumerate(a.layers(model))]
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients flow to the activations only
+    try:
+        for b in tqdm(range(0, ids.shape[0], batch_size), desc="allocate", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+            x = ids[b:b + batch_size].to(dev)
+            amp = torch.autocast(dev.type, dtype=compute or torch.bfloat16, enabled=compute is not None)
+            if weights == "grad":
+                with torch.enable_grad(), amp:
+                    emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
+                    logits = model(inputs_embeds=emb, use_cache=False).logits
+                    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
+                                                      reduction="sum").backward()
+                    del logits
+            else:
+                with torch.inference_mode(), amp:
+                    model(input_ids=x, use_cache=False)
+            with torch.no_grad():
+                for i in range(L):
+                    o = outs[i]
+                    if weights == "grad":
+                        w = o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
+                    else:
+                        w = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1)
+                    h = acts[i].reshape(w.shape[0], -1).float()
+                    if mom[i] is None:
+                        mom[i] = Moments(h.shape[1], dev)
+                    mom[i].add(h, w)
+                n += x.numel()
+            acts.clear()
+            outs.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    curves = {}
+    for i in range(L):
+        Gi, mean = mom[i].finish()
+        W = a.out_weight(model, i).detach().double().cpu()
+        N = W.shape[1]
+        # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
+        m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
+        curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom[i].weight / n)
+    return curves

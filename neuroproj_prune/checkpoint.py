@@ -1,0 +1,295 @@
+"""Checkpoints: save, load, the `neuroproj_prune` config section, and the modules a checkpoint may hold.
+
+- Uniform widths and no added bias: a standard checkpoint (`config.intermediate_size` changed) that plain
+  `AutoModelForCausalLM.from_pretrained` loads.
+- Per-layer widths, an MLP bias the config cannot declare, or applied skip connections: the config carries
+  a `neuroproj_prune` section (`format`, `widths`, `out_bias`, `skips`) and `load_pruned` rebuilds the modules
+  and loads the weights strictly; it refuses what it cannot reproduce exactly.
+
+Loading a model never imports the pruning stages: this module needs the adapters and io only.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for
+from .errors import NeuroprojError
+from .io import atomic_dir, prepare_out_dir  # noqa: F401 (re-exported)
+
+SECTION = "neuroproj_prune"
+CHECKPOINT_FORMAT = "neuroproj-prune/checkpoint/1"
+SKIPS_ATTR = "neuroproj_skips"
+
+
+# ------------------------------------------------------------------------------------------- config
+def update_config(model, added_bias: bool = False) -> None:
+    """Make the config describe the model's MLP widths (uniform → the standard width key; per-layer → the
+    section's `widths`) and an added output bias (declared in the config where it can be, else `out_bias`)."""
+    a = adapter_for(model)
+    L = a.num_layers(model)
+    widths = [a.width(model, i) for i in range(L)]
+    section = dict(getattr(model.config, SECTION, None) or {})
+    if len(set(widths)) == 1:
+        a.set_config_width(model.config, widths[0])
+        section.pop("widths", None)
+    else:
+        a.set_config_width(model.config, max(widths))
+        section["widths"] = widths
+    if added_bias:
+        if a.config_can_express_out_bias(model.config):
+            a.declare_out_bias(model)
+        else:
+            section["out_bias"] = True
+    if section:
+        section["format"] = CHECKPOINT_FORMAT
+        setattr(model.config, SECTION, section)
+    elif hasattr(model.config, SECTION):
+        delattr(model.config, SECTION)
+
+
+# ---------------------------------------------------------------------------------------- save / load
+def save_pruned(model, tokenizer, out, *, summary: dict | None = None, extra_files: dict | None = None,
+                overwrite: bool = False) -> Path:
+    """Write the checkpoint atomically: a temporary directory beside `out`, renamed when complete.
+    Uniform widths and no added bias → a standard checkpoint (plain `from_pretrained`); otherwise the
+    config carries a `neuroproj_prune` section and `load_pruned` rebuilds the modules."""
+    out = Path(out)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if summary is not None:
+            (tmp / "prune_summary.json").write_text(json.dumps(summary, indent=2))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+    return out
+
+
+def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
+    """Rebuild a checkpoint whose config has a `neuroproj_prune` section (per-layer widths, added MLP
+    biases, applied skips) and load its weights strictly; refuse what cannot be reproduced exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise NeuroprojError(f"cannot read the checkpoint config in {path}: {str(e).splitlines()[0][:200]}") from None
+    section = getattr(config, SECTION, None) or {}
+    if section and section.get("format") != CHECKPOINT_FORMAT:
+        raise NeuroprojError(f"{path}: unknown neuroproj_prune checkpoint format {section.get('format')!r}; "
+                             f"upgrade neuroproj-prune")
+    unknown = set(section) - {"format", "widths", "out_bias", "skips"}
+    if unknown:
+        raise NeuroprojError(f"{path}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
+    dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
+    model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    a = adapter_for(model)
+    widths = section.get("widths")
+    if widths is not None:
+        if len(widths) != a.num_layers(model):
+            raise NeuroprojError(f"{path}: {len(widths)} widths for {a.num_layers(model)} layers")
+        for i, w in enumerate(widths):
+            a.select_neurons(model, i, torch.arange(int(w)))
+    if section.get("out_bias"):
+        for i in range(a.num_layers(model)):
+            if a.out_bias(model, i) is None:
+                a.set_out_bias(model, i, torch.zeros(a.hidden_size(model)))
+    if section.get("skips"):
+        attach_skips(model, section["skips"])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NeuroprojError(f"{path} holds no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    tied = a.ties_head(config)
+    if tied:  # the head is the embedding: stored once, tied again below
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise NeuroprojError(f"{path}: the checkpoint does not match its neuroproj_prune section "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    model.to(device or "cpu").eval()
+    model.requires_grad_(False)
+    if return_tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tok = None
+        return model, tok
+    return model
+
+
+# ------------------------------------------------------------------------------------------- modules
+class SkipModule(nn.Module):
+    """The skip connections into one target layer m (see the module docstring)."""
+
+    def __init__(self, target: int, sources: list, count: int, k: int, hidden: int, dtype=torch.float32):
+        super().__init__()
+        self.target, self.count, self.k, self.hidden = int(target), int(count), int(k), int(hidden)
+        # sources: [[layer, n_stored, layer_width], ...] in increasing layer order
+        self.sources = [[int(l), int(n), int(w)] for l, n, w in sources]
+        for l, n, _ in self.sources:
+            self.register_buffer(f"idx_{l}", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("pos", torch.zeros(self.count, self.k, dtype=torch.long))
+        self.coef = nn.Parameter(torch.zeros(self.count, self.k, dtype=dtype), requires_grad=False)
+        self.intercept = nn.Parameter(torch.zeros(self.count, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(self.hidden, self.count, dtype=dtype), requires_grad=False)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def spec(self) -> dict:
+        return {"target": self.target, "sources": [list(s) for s in self.sources], "count": self.count,
+                "k": self.k, "hidden": self.hidden}
+
+    def macs_per_token(self) -> int:
+        """Output columns (d·s) plus the predictors (s·k)."""
+        return self.hidden * self.count + self.count * self.k
+
+    def stored_per_token(self) -> int:
+        """Source activations held from layer l to layer m, per token (values)."""
+        return sum(n for _, n, _ in self.sources)
+
+    # -- hooks
+    def _store(self, layer: int, width: int, mod, args):
+        h = args[0]
+        if h.shape[-1] != width:
+            raise NeuroprojError(
+                f"layer {layer} has {h.shape[-1]} neurons but the skip connections into layer {self.target} were "
+                f"attached at width {width}: it was sliced outside apply_plan (e.g. sequential pruning after "
+                f"skipping); prune before applying skips, or prune with --calibration oneshot")
+        self._cache[layer] = h.index_select(-1, getattr(self, f"idx_{layer}"))
+
+    def _add(self, mod, args, out):
+        try:
+            z = torch.cat([self._cache.pop(l) for l, _, _ in self.sources], dim=-1)
+        except KeyError:
+            raise NeuroprojError(f"skip connections into layer {self.target}: a source layer did not run "
+                                 f"before it") from None
+        pred = (z[..., self.pos] * self.coef).sum(-1) + self.intercept       # (..., s)
+        if isinstance(out, tuple):
+            return (out[0] + (pred @ self.weight.T).to(out[0].dtype),) + tuple(out[1:])
+        return out + (pred @ self.weight.T).to(out.dtype)
+
+    def attach(self, model) -> None:
+        a = adapter_for(model)
+        self.detach()
+        for l, _, w in self.sources:
+            self._handles.append(a.out_proj(model, l).register_forward_pre_hook(
+                functools.partial(self._store, l, w)))
+        self._handles.append(a.mlp(model, self.target).register_forward_hook(self._add))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._cache.clear()
+
+    def extra_repr(self) -> str:
+        return (f"target={self.target}, sources={[l for l, _, _ in self.sources]}, skipped={self.count}, "
+                f"k={self.k}, stored={self.stored_per_token()}")
+
+
+def get_skips(model) -> nn.ModuleDict | None:
+    return getattr(model, SKIPS_ATTR, None)
+
+
+def skips_spec(model) -> dict | None:
+    mods = get_skips(model)
+    if not mods:
+        return None
+    return {"modules": [mods[k].spec() for k in sorted(mods, key=int)]}
+
+
+def attach_skips(model, spec: dict):
+    """Create the skip modules described by `spec` (values zero: the state dict fills them) and register
+    their hooks. Used by `load_pruned` before the strict state-dict load."""
+    if not spec or not spec.get("modules"):
+        return model
+    a = adapter_for(model)
+    L = a.num_layers(model)
+    dtype = next(model.parameters()).dtype
+    dev = next(model.parameters()).device
+    detach_skips(model)
+    mods = nn.ModuleDict()
+    for s in spec["modules"]:
+        t = int(s["target"])
+        if not 0 <= t < L or any(not 0 <= int(l) < t for l, _, _ in s["sources"]):
+            raise NeuroprojError(f"skip spec {s} does not fit a model of {L} layers")
+        mods[str(t)] = SkipModule(t, s["sources"], s["count"], s["k"], s.get("hidden", a.hidden_size(model)),
+                                  dtype=dtype).to(dev)
+    setattr(model, SKIPS_ATTR, mods)
+    for m in mods.values():
+        m.attach(model)
+    return model
+
+
+def detach_skips(model) -> None:
+    """Remove the hooks and the modules (the skipped neurons stay removed)."""
+    mods = get_skips(model)
+    if mods is not None:
+        for m in mods.values():
+            m.detach()
+        delattr(model, SKIPS_ATTR)
+
+
+def skip_macs_per_token(model) -> int:
+    mods = get_skips(model)
+    return sum(m.macs_per_token() for m in mods.values()) if mods else 0
+
+
+def total_mlp_macs_per_token(model) -> int:
+    """MLP MACs per token including the skip modules (what `Adapter.mlp_macs_per_token` does not see)."""
+    return adapter_for(model).mlp_macs_per_token(model) + skip_macs_per_token(model)
+
+
+def skip_source_remapper(model, keeps: dict):
+    """For pruning after skipping: check that no kept-set in `keeps` (layer → kept old indices) drops a
+    neuron that a skip reads, and return a function that remaps the index buffers (call it after the
+    layers are sliced), or None when the model has no skips."""
+    mods = get_skips(model)
+    if not mods:
+        return None
+    new_index = {}
+    for l, keep in keeps.items():
+        keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+        for mod in mods.values():
+            for sl, _, w in mod.sources:
+                if sl != int(l):
+                    continue
+                mp = torch.full((w,), -1, dtype=torch.long)
+                mp[keep] = torch.arange(keep.numel())
+                idx = getattr(mod, f"idx_{sl}").cpu()
+                new = mp[idx]
+                if (new < 0).any():
+                    lost = idx[new < 0].tolist()[:5]
+                    raise NeuroprojError(
+                        f"the plan removes neuron(s) {lost} of layer {sl} that the skip connections into layer "
+                        f"{mod.target} read: keep them, or prune before applying skips")
+                new_index[(mod.target, sl)] = (new, keep.numel())
+
+    def remap():
+        for (t, sl), (new, width) in new_index.items():
+            mod = mods[str(t)]
+            buf = getattr(mod, f"idx_{sl}")
+            buf.copy_(new.to(buf.device))
+            for s in mod.sources:
+                if s[0] == sl:
+                    s[2] = int(width)
+            mod.attach(model)
+        section = dict(getattr(model.config, SECTION, None) or {})
+        section["skips"] = skips_spec(model)
+        section["format"] = CHECKPOINT_FORMAT
+        setattr(model.config, SECTION, section)
+
+    return remap
