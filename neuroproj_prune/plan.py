@@ -276,12 +276,6 @@ def allocate_by_error(curves: dict[int, torch.Tensor], total_keep: int, multiple
     return k
 
 
-def check_sparsity(sparsity) -> float:
-    if sparsity is None or not (0.0 <= float(sparsity) < 1.0):
-        raise NeuroprojError(f"sparsity must be in [0, 1) (got {sparsity})")
-    return float(sparsity)
-
-
 def global_widths(scores: dict[int, torch.Tensor], total_keep: int, min_width: int = 1) -> dict[int, int]:
     """Per-layer widths: scores standardised within each layer, the top `total_keep` kept overall."""
     z = []
@@ -317,15 +311,26 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> "Plan":
+        """Read a plan file; every layer index, width, kept index and representative must be a whole number
+        (an edited plan with `1.5` or `"3"` is refused, not truncated)."""
         try:
             doc = json.loads(Path(path).read_text())
-            assert doc.get("format") == FORMAT
-            layers = {int(i): {"width": d["width"], "keep": list(d["keep"]),
-                               "representative": {int(k): int(v) for k, v in d["representative"].items()}}
-                      for i, d in doc["layers"].items()}
-        except (OSError, json.JSONDecodeError, AssertionError, KeyError, TypeError, ValueError):
+            assert isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc["layers"], dict)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError, KeyError, TypeError):
             raise NeuroprojError(f"{path} is not a readable neuroproj-prune plan file") from None
-        return cls(layers, doc.get("meta", {}))
+        layers = {}
+        for i, d in doc["layers"].items():
+            where = f"{path}: layer {i!r}"
+            if not (isinstance(i, str) and i.isdigit()) or not isinstance(d, dict):
+                raise NeuroprojError(f"{where}: layers must be keyed by layer numbers and hold objects")
+            keep, rep = d.get("keep"), d.get("representative", {})
+            if not isinstance(keep, list) or not all(_whole(j) for j in keep) or not _whole(d.get("width")):
+                raise NeuroprojError(f"{where}: 'width' and every 'keep' entry must be whole numbers")
+            if not isinstance(rep, dict) or not all(str(k).isdigit() and _whole(v) for k, v in rep.items()):
+                raise NeuroprojError(f"{where}: 'representative' must map removed to kept neuron numbers")
+            layers[int(i)] = {"width": d["width"], "keep": list(keep),
+                              "representative": {int(k): v for k, v in rep.items()}}
+        return cls(layers, doc.get("meta", {}) if isinstance(doc.get("meta"), dict) else {})
 
     @classmethod
     def from_clusters(cls, clusters, model) -> "Plan":
@@ -346,8 +351,9 @@ class Plan:
                            "representative": {j: int(rep_of[j]) for j in range(N) if j not in kept}}
         return p
 
-    def check(self, model) -> None:
-        """Refuse a plan that does not fit the model (layer count, widths, indices)."""
+    def check(self, model, fingerprint: str | None = None) -> None:
+        """Refuse a plan that does not fit the model (layer count, widths, indices) or, given the model's
+        `fingerprint`, one made for other weights."""
         a = adapter_for(model)
         L = a.num_layers(model)
         fp = self.meta.get("fingerprint")
@@ -362,9 +368,20 @@ class Plan:
             if not k:
                 raise NeuroprojError(f"the plan prunes layer {i} to zero width")
             if min(k) < 0 or max(k) >= N or len(set(k)) != len(k):
-                raise NeuroprojError(f"the plan's kept indices for layer {i} are invalid")
-        if fp and getattr(model, "_neuroproj_fingerprint", fp) != fp:
-            raise NeuroprojError("the plan was made for another model (fingerprint differs)")
+                raise NeuroprojError(f"the plan's kept indices for layer {i} are invalid (each in [0, {N}), "
+                                     f"no repeats)")
+            kept = set(k)
+            bad = [(j, r) for j, r in d["representative"].items() if not (0 <= j < N and j not in kept and r in kept)]
+            if bad:
+                raise NeuroprojError(f"the plan's representatives for layer {i} are invalid ({bad[0][0]} -> "
+                                     f"{bad[0][1]}): each removed neuron must fold into a kept one")
+        if fp and fingerprint and fingerprint != fp:
+            raise NeuroprojError("the plan was made for another model (its fingerprint differs from this model's): "
+                                 "make the plan on this model")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def make_layer_plan(m: LayerMoments, sel: Selection) -> dict:

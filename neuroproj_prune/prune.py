@@ -274,7 +274,7 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
     if given is not None and not isinstance(given, Plan):
         given = Plan.from_clusters(load_clusters(given) if not hasattr(given, "layers") else given, lm.model)
     if given is not None:
-        given.check(lm.model)
+        given.check(lm.model, lm.fingerprint)
     had_bias = a.out_has_bias(lm.model)
     before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model)}
     calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress)

@@ -153,8 +153,10 @@ def validate(r: dict, path) -> None:
     if r["skips"]["enabled"] and not r["stats"]["cross_layer_window"]:
         raise NeuroprojError("recipe stage 'skips' needs cross-layer statistics: set stats.cross_layer_window >= 1")
     for s in r["sweep"]["sparsities"]:
-        if not 0 <= float(s) < 1:
-            raise NeuroprojError(f"recipe key 'sweep.sparsities' must lie in [0, 1), got {s}")
+        try:
+            prune_config(r).replace(sparsity=s, keep=None)
+        except ConfigError as e:
+            raise NeuroprojError(f"recipe key 'sweep.sparsities': {e}") from None
 
     try:
         parse_sites(r["stats"]["sites"])
