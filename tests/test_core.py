@@ -142,3 +142,27 @@ def test_zero_sparsity_config_roundtrip_is_exact(tiny_dir, tmp_path):
     assert torch.equal(a.model(ids).logits, ref) and torch.equal(b.model(ids).logits, ref)
     assert pa.layers == pb.layers
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["layers"]["0"]["keep"].__setitem__(1, 1.5), "whole numbers"),
+    (lambda d: d["layers"]["0"]["keep"].__setitem__(1, "3"), "whole numbers"),
+    (lambda d: d["layers"]["0"]["representative"].update({"1": 10 ** 6}), "representatives"),
+    (lambda d: d["meta"].update({"fingerprint": "0" * 32}), "another model"),
+])
+def test_edited_plans_are_checked(tiny_dir, tmp_path, capsys, edit, match):
+    """An edited plan with a non-integer index, a bad representative or another model's fingerprint: one
+    error line, exit 2, no checkpoint."""
+    d = str(tiny_dir("llama"))
+    common = ["--model", d, "--data", str(C4), "--samples", "4", "--seqlen", "32", "--multiple", "1"]
+    assert main(["prune", *common, "--sparsity", "0.25", "--out", str(tmp_path / "a")]) == 0
+    doc = json.loads((tmp_path / "a" / "plan.json").read_text())
+    doc["layers"]["0"]["representative"] = {str(j): doc["layers"]["0"]["keep"][0]
+                                            for j in range(64) if j not in doc["layers"]["0"]["keep"]}
+    edit(doc)
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["prune", *common, "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "b")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # (not the loading bars)
+    assert len(err) == 1 and err[0].startswith("neuroproj-prune: error:") and match in err[0], err
+    assert not (tmp_path / "b").exists()
