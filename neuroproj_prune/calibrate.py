@@ -203,6 +203,16 @@ def compute_dtype_for(name: str, model) -> torch.dtype | None:
     return None
 
 
+def _nonfinite_hint(model, compute) -> str:
+    if any(not torch.isfinite(p).all() for p in model.parameters()):
+        return "the model's weights hold NaN/inf: check or re-download the checkpoint"
+    if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+        return "the model overflows in its dtype: load it with --dtype float32"
+    if compute is not None:
+        return "the bfloat16 calibration matmuls overflow: pass --compute-dtype float32"
+    return "the model produces huge activations on this text"
+
+
 @register_calibration("sequential")
 class Sequential(Calibration):
     """Layer by layer on the inputs the pruned model produces (see the module docstring)."""
@@ -273,9 +283,8 @@ class Sequential(Calibration):
             hook.remove()
             G, mean = mo.finish()
             if not torch.isfinite(G).all():
-                hint = ("load the model with --dtype float32" if cdt != torch.float32 or compute is not None
-                        else "check the model's weights (NaN or huge values)")
-                raise NeuroprojError(f"non-finite activations at layer {i}: {hint}")
+                bar.close()
+                raise NeuroprojError(f"non-finite activations at layer {i}: {_nonfinite_hint(model, compute)}")
             ridge = effective_ridge(cfg.ridge, mo.tokens, N)
             if dense is not None:
                 C, c = (C / mo.n).cpu(), (c / mo.n).cpu()

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .adapters import adapter_for
@@ -108,7 +109,11 @@ def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
         raise NeuroprojError(f"{path} holds no .safetensors weights")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except (OSError, SafetensorError) as e:
+            raise NeuroprojError(f"{f} is not a readable safetensors file ({str(e)[:120]}): the checkpoint is "
+                                 f"damaged; write it again") from None
     tied = a.ties_head(config)
     if tied:  # the head is the embedding: stored once, tied again below
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}

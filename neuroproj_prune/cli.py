@@ -13,6 +13,7 @@ from .clustering import cluster, summary_line
 from .errors import NeuroprojError
 from .evaluate import evaluate, format_summary
 from .heatmap import heatmaps
+from .io import check_writable
 from .models import load_model
 from .projection import project
 from .prune import PruneConfig, prune
@@ -213,12 +214,14 @@ def _add_heatmap(sub):
     p.add_argument("--layers", required=True, help="layer SPEC such as 0-3,7")
     p.add_argument("--site", default="mlp.neurons")
     p.add_argument("--band", type=int, default=None, help="band width of the reported mean |rho| (default N/32)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (written whole)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_run_heatmap)
 
 
 def _run_heatmap(a):
-    paths = heatmaps(a.stats, projections=a.projections, layers=a.layers, site=a.site, out=a.out, band=a.band)
+    paths = heatmaps(a.stats, projections=a.projections, layers=a.layers, site=a.site, out=a.out, band=a.band,
+                     overwrite=a.overwrite)
     print(f"wrote {len(paths)} heatmap(s) to {a.out}")
 
 
@@ -459,9 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUTS = ("out", "json_out", "report")  # the arguments that name something the command writes
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name in OUTPUTS:  # an output that cannot be written is refused before any work
+            if getattr(args, name, None):
+                check_writable(args.__dict__[name])
         args.func(args)
     except NeuroprojError as e:
         print(f"neuroproj-prune: error: {e}", file=sys.stderr)

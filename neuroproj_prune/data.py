@@ -30,19 +30,29 @@ def read_text(spec: str, max_chars: int | None = None) -> TextSource:
     if path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists():
         if not path.is_file():
             raise NeuroprojError(f"data file {spec} not found")
+        raw = path.read_bytes()
+        try:
+            if b"\x00" in raw:
+                raise UnicodeDecodeError("utf-8", raw, 0, 1, "NUL byte")
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NeuroprojError(f"data file {spec} is not UTF-8 text (a binary file?): give a .txt or .jsonl "
+                                 f"text file") from None
         if path.suffix in (".jsonl", ".json"):
             docs = []
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        docs.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise NeuroprojError(f"{spec}:{n}: each line must be a JSON object with a 'text' field") from None
+            for n, line in enumerate(content.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise NeuroprojError(f"{spec}:{n}: each line must be a JSON object with a 'text' field") from None
+                if not isinstance(doc, str):
+                    raise NeuroprojError(f"{spec}:{n}: the 'text' field must be a string, got {type(doc).__name__}")
+                docs.append(doc)
             text = DOC_SEPARATOR.join(docs)
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = content
         desc = f"{path.name} ({path.stat().st_size} bytes)"
     else:
         text, desc = _read_dataset(spec, max_chars)

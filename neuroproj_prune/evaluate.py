@@ -194,6 +194,9 @@ def perplexity(model, tokenizer=None, data=None, *, seqlen: int | None = None, m
         model.train(was_training)
     tokens = n * (seqlen - 1)
     mean = float(nll_sum) / tokens
+    if not math.isfinite(mean):
+        raise NeuroprojError("the model's loss is not finite (NaN/inf logits): its weights hold NaN/inf, or it "
+                             "overflows in its dtype (try --dtype float32)")
     out = {
         "value": math.exp(mean),
         "nll": mean,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import NeuroprojError
+from .io import atomic_dir, prepare_out_dir
 from .projection import Projections, fit_exact, load_projections
 from .stats import Stats, load_stats, parse_layers
 
@@ -51,15 +52,19 @@ def projection_order(rho: torch.Tensor, P: torch.Tensor | None = None, **fit_kw)
 
 
 def heatmaps(stats_or_path, *, projections=None, layers=None, site: str = "mlp.neurons", out="heatmaps",
-             band: int | None = None, max_pixels: int = 1024, progress: bool = True) -> list[Path]:
-    """Write `layer{i}-{site}.png` per chosen layer into `out`; returns the paths.  `projections`: a
-    Projections or a path (its 1-D points give the projection order; otherwise a 1-D fit is computed)."""
+             band: int | None = None, max_pixels: int = 1024, progress: bool = True,
+             overwrite: bool = False) -> list[Path]:
+    """Write `layer{i}-{site}.png` per chosen layer into the directory `out` (written whole, atomically; an
+    existing non-empty one only with `overwrite`); returns the paths.  `projections`: a Projections or a path
+    (its 1-D points give the projection order; otherwise a 1-D fit is computed). Cost per layer: the N×N
+    correlation, a 1-D projection and a Fiedler vector (O(N³) eigensolve)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from tqdm.auto import tqdm
 
-
+    prepare_out_dir(out, overwrite)  # refuse before any work
     stats = stats_or_path if isinstance(stats_or_path, Stats) else load_stats(stats_or_path)
     proj = None
     if projections is not None:
@@ -70,36 +75,37 @@ def heatmaps(stats_or_path, *, projections=None, layers=None, site: str = "mlp.n
     absent = [i for i in lay if i not in stats.layers]
     if absent:
         raise NeuroprojError(f"the statistics have no layers {absent} (layers {stats.layers})")
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    from tqdm.auto import tqdm
+    names = []
+    with atomic_dir(out, overwrite) as outdir:
+        for i in tqdm(lay, desc="heatmap", disable=not progress, dynamic_ncols=True):
+            names.append(_heatmap(plt, stats, proj, i, site, band, max_pixels, outdir))
+    return [Path(out) / n for n in names]
 
-    for i in tqdm(lay, desc="heatmap", disable=not progress, dynamic_ncols=True):
-        rho = stats.correlation(i, site)
-        N = rho.shape[0]
-        P = None
-        if proj is not None and i in proj.layers and site in proj.sites:
-            P = proj.get(i, site)
-            if P.shape[0] != N:
-                raise NeuroprojError(f"projections of layer {i} have {P.shape[0]} points, the statistics {N} neurons")
-        orders = [("original order", torch.arange(N)),
-                  ("projection order (1-D" + (" from file)" if P is not None and P.shape[1] == 1 else " fit)"),
-                   projection_order(rho, P)),
-                  ("spectral (Fiedler) order", fiedler_order(rho))]
-        fig, axes = plt.subplots(1, 3, figsize=(18, 6.3))
-        step = max(1, -(-N // max_pixels))
-        for ax, (name, order) in zip(axes, orders):
-            r = rho[order][:, order]
-            shown = r[::step, ::step] if step > 1 else r
-            im = ax.imshow(shown.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-            ax.set_title(f"{name}\nband mean |ρ| = {band_score(rho, order, band):.3f}", fontsize=10)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.colorbar(im, ax=axes, shrink=0.8, label="correlation ρ")
-        fig.suptitle(f"layer {i}, {site}: N = {N}" + (f" (every {step}th neuron shown)" if step > 1 else ""))
-        path = outdir / f"layer{i}-{site}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+
+def _heatmap(plt, stats, proj, i, site, band, max_pixels, outdir) -> str:
+    rho = stats.correlation(i, site)
+    N = rho.shape[0]
+    P = None
+    if proj is not None and i in proj.layers and site in proj.sites:
+        P = proj.get(i, site)
+        if P.shape[0] != N:
+            raise NeuroprojError(f"projections of layer {i} have {P.shape[0]} points, the statistics {N} neurons")
+    orders = [("original order", torch.arange(N)),
+              ("projection order (1-D" + (" from file)" if P is not None and P.shape[1] == 1 else " fit)"),
+               projection_order(rho, P)),
+              ("spectral (Fiedler) order", fiedler_order(rho))]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6.3))
+    step = max(1, -(-N // max_pixels))
+    for ax, (name, order) in zip(axes, orders):
+        r = rho[order][:, order]
+        shown = r[::step, ::step] if step > 1 else r
+        im = ax.imshow(shown.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name}\nband mean |ρ| = {band_score(rho, order, band):.3f}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="correlation ρ")
+    fig.suptitle(f"layer {i}, {site}: N = {N}" + (f" (every {step}th neuron shown)" if step > 1 else ""))
+    name = f"layer{i}-{site}.png"
+    fig.savefig(outdir / name, dpi=100)
+    plt.close(fig)
+    return name

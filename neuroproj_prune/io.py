@@ -57,6 +57,25 @@ def prepare_out_dir(out, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise NeuroprojError(f"output {out} exists and is not empty: choose another --out or pass --overwrite")
+    check_writable(out)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary directories that a killed earlier run left beside `out` (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name[len(f".{out.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)) and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -66,8 +85,9 @@ def atomic_dir(out, overwrite: bool = False):
     out = Path(out)
     prepare_out_dir(out, overwrite)
     _make_parent(out)
+    _remove_stale(out)
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     except OSError as e:
         raise NeuroprojError(f"cannot write {out}: {e.strerror or e}") from None
     try:
@@ -90,7 +110,26 @@ def write_text(path, text: str) -> Path:
 
 
 def write_json(path, obj, **kw) -> Path:
-    return write_text(path, json.dumps(obj, indent=kw.pop("indent", 2), default=str, **kw) + "\n")
+    """Strict JSON (no bare NaN/Infinity, which strict parsers reject), written atomically."""
+    try:
+        text = json.dumps(obj, indent=kw.pop("indent", 2), default=str, allow_nan=False, **kw)
+    except ValueError:
+        raise NeuroprojError(f"refusing to write {path}: the results hold NaN or infinite values") from None
+    return write_text(path, text + "\n")
+
+
+def check_writable(path) -> None:
+    """Refuse, before any work, an output path that cannot be written: under an existing file, or in a
+    directory (or on a filesystem) the user may not write to."""
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NeuroprojError(f"cannot write {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NeuroprojError(f"cannot write {path}: {parent} is not writable (permissions or a read-only "
+                             f"filesystem)")
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:

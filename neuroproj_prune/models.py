@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .adapters import ADAPTERS, Adapter, adapter_for, supported_model_types  # noqa: F401 (re-exported)
@@ -37,9 +38,22 @@ class LoadedModel:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """`auto` → cuda when present, else cpu; an explicit device must exist on this machine."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NeuroprojError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise NeuroprojError(f"device {device!r}: this torch build or machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise NeuroprojError(f"device {device!r}: this machine has {n} CUDA device(s) (cuda:0-cuda:{n - 1})")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise NeuroprojError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
+    return dev
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -143,7 +157,7 @@ def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or corrupt weights file
         raise NeuroprojError(f"could not load model {spec!r}: {str(e).splitlines()[0][:300]}") from None
     model.to(dev).eval()
     model.requires_grad_(False)

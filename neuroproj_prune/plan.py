@@ -210,6 +210,8 @@ def nearest_kept(corr: torch.Tensor, keep: torch.Tensor) -> dict[int, int]:
 def layer_width(N: int, sparsity: float | None = None, keep: int | None = None, multiple: int = 64) -> int:
     """Kept width of a layer of N neurons: N·(1−s) (or `keep`), rounded to the nearest multiple of
     `multiple` when at least `multiple` neurons remain; never 0, never more than N."""
+    if keep is not None and keep > N:
+        raise NeuroprojError(f"keep {keep} exceeds the layer's {N} neurons: keep at most {N} (or give a sparsity)")
     k = keep if keep is not None else N * (1.0 - sparsity)
     if multiple > 1 and k >= multiple:
         k = multiple * round(k / multiple)

@@ -260,7 +260,8 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     def do_heatmaps():
         s = load_stats(stats_f)
         layers = [i for i in parse_layers(str(Hm["layers"]), s.meta["num_layers"]) if i in s.layers]
-        heatmaps(s, projections=proj_f if proj_f.exists() else None, layers=layers, out=heat_d, progress=progress)
+        heatmaps(s, projections=proj_f if proj_f.exists() else None, layers=layers, out=heat_d, progress=progress,
+                 overwrite=True)
 
     stage("heatmaps", S["enabled"] and Hm["enabled"], h_heat, [heat_d], do_heatmaps)
 

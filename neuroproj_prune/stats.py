@@ -54,6 +54,8 @@ def parse_layers(spec, num_layers: int) -> list[int]:
                 raise NeuroprojError(f"bad layer spec {spec!r}: use e.g. '0-3,7'")
             a = int(m.group(1))
             b = int(m.group(2)) if m.group(2) is not None else a
+            if b < a:
+                raise NeuroprojError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. '{b}-{a}'")
             out.update(range(a, b + 1))
         out = sorted(out)
     bad = [i for i in out if not 0 <= i < num_layers]
@@ -491,6 +493,35 @@ class Stats(TensorFile):
         return correlation(self.cross_covariance(l, m), self.variance(l), self.variance(m), self.dead(l), self.dead(m))
 
     # -- checks
+    def validate(self) -> None:
+        """Every (layer, site) holds count ≥ 1, shift and sum (N,), a Gram (N, N), all finite, N as the header
+        says; every cross block (N_l, N_m). Cost: one pass over the tensors."""
+        where = self.path or "statistics"
+        try:
+            widths, d = list(self.meta["widths"]), int(self.meta["hidden_size"])
+            layers, sites = self.layers, self.sites
+        except (KeyError, TypeError, ValueError):
+            raise NeuroprojError(f"{where}: the header lacks widths/hidden_size/layers/sites: re-run collect") from None
+        for i in layers:
+            for s in sites:
+                N = widths[i] if s == "mlp.neurons" else d
+                shapes = {"count": (1,), "shift": (N,), "sum": (N,), "gram": (N, N)}
+                for what, shape in shapes.items():
+                    x = self._t.get(f"layer.{i}.{s}.{what}")
+                    if x is None or tuple(x.shape) != shape:
+                        raise NeuroprojError(f"{where}: layer {i} {s} {what} has shape "
+                                             f"{None if x is None else tuple(x.shape)}, expected {shape}: "
+                                             f"the file is damaged or edited; re-run collect")
+                    if not torch.isfinite(x.double()).all():
+                        raise NeuroprojError(f"{where}: layer {i} {s} {what} holds NaN/inf: re-run collect "
+                                             f"(with --dtype float32 if the model overflows)")
+                if int(self._t[f"layer.{i}.{s}.count"]) < 1:
+                    raise NeuroprojError(f"{where}: layer {i} {s} counts no tokens: re-run collect")
+        for l, m in self.cross_pairs:
+            x = self._t[f"cross.{l}.{m}.gram"]
+            if tuple(x.shape) != (widths[l], widths[m]) or not torch.isfinite(x).all():
+                raise NeuroprojError(f"{where}: cross block ({l}, {m}) is damaged: re-run collect")
+
     def check_model(self, lm: LoadedModel) -> None:
         """Refuse statistics that were collected on other weights."""
         if self.meta.get("fingerprint") != lm.fingerprint:
@@ -513,6 +544,9 @@ def file_sha256(path) -> str:
 
 
 def load_stats(path) -> Stats:
-    """Read a statistics file written by `collect`; a one-line error for a missing or corrupt file."""
+    """Read a statistics file written by `collect`; a one-line error for a missing or corrupt file, and for
+    one whose tensors do not fit its header (shapes, counts, non-finite values)."""
     tensors, meta = load_tensors(path, FORMAT, "statistics", "collect")
-    return Stats(tensors, meta, str(path))
+    st = Stats(tensors, meta, str(path))
+    st.validate()
+    return st
