@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .clustering import cluster
 from .errors import NeuroprojError
 from .evaluate import default_eval_data, evaluate
 from .heatmap import heatmaps
-from .io import write_json, write_text
+from .io import check_writable, write_json, write_text
 from .models import LoadedModel, load_model
 from .projection import project
 from .prune import ConfigError, PruneConfig, prune
@@ -197,6 +198,17 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     "output_dir": ...}. Cost: the sum of the stages that are not up to date."""
     r = load_recipe(recipe, overrides) if not isinstance(recipe, dict) else recipe
     out = Path(r["output_dir"])
+    check_writable(out)
+    created = not out.exists()
+    try:
+        return _run(r, out, progress, log)
+    except BaseException:
+        if created and not (out / "run_state.json").exists():  # nothing finished: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(r: dict, out: Path, progress, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "recipe.yaml", yaml.safe_dump(r, sort_keys=False))
     st = _State(out)
@@ -270,8 +282,6 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     h_prune = _hash("prune", model_key, cal, Pr)
 
     def do_prune():
-        import shutil
-
 
         lm_p = _fresh_copy(lm())
         prune(lm_p, cal["data"], prune_config(r), out=pruned_d, overwrite=True, progress=progress)

@@ -93,6 +93,7 @@ CASES = [
                             "--out", "{d}/afile/t.safetensors"], "is a file", None),
     ("recipe fractional keep", ["run", "{d}/recipe.yaml", "--set", "prune.keep=1.5"], "prune.keep", "run"),
     ("recipe sparsity 2", ["run", "{d}/recipe.yaml", "--set", "prune.sparsity=2"], "prune.sparsity", "run"),
+    ("recipe missing model", ["run", "{d}/recipe.yaml", "--set", "model={d}/no-such-model"], "not found", "run"),
 ]
 
 
@@ -126,3 +127,20 @@ def test_strict_json_and_modes(tmp_path):
     os.umask(mask)
     assert (tmp_path / "y.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert json.loads((tmp_path / "y.json").read_text()) == {"v": 1}
+
+
+def test_stale_temporary_directory_is_removed(tiny_dir, tmp_path):
+    """A temporary directory that a killed run left beside the output (its process is gone) is cleaned up by
+    the next write there; one of a live process is left alone."""
+    import os
+
+    from neuroproj_prune.io import atomic_dir
+
+    out = tmp_path / "ck"
+    dead = tmp_path / ".ck.tmp-999999999-abc"
+    live = tmp_path / f".ck.tmp-{os.getpid()}-xyz"
+    dead.mkdir()
+    live.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "f").write_text("x")
+    assert (out / "f").read_text() == "x" and not dead.exists() and live.exists()
