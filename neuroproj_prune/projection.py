@@ -25,8 +25,9 @@ Two modes:
   Init `single_point` | `rand` | `randn` (random ones scaled by 1/√N so all points start within O(1/√N)
   of the origin; `single_point` puts every point at the origin plus a 1e-4/√N jitter, because a zero
   distance has a zero gradient and the points would never separate).  Checkpoints every K steps are
-  `torch.save`d dicts (points, Adam state, step, RNG) in `checkpoint_dir`; `resume=True` continues from the
-  latest.  Under `accelerate launch` / torch.distributed each process takes every W-th batch, gradients are
+  safetensors files (points, Adam moments, RNG state, losses) with JSON metadata (step, keys, dims, Adam
+  hyper-parameters) in `checkpoint_dir`, written atomically — no pickle, so a checkpoint handed to `--resume`
+  cannot run code; `resume=True` continues from the latest (an old `.pt` checkpoint is refused, not read).  Under `accelerate launch` / torch.distributed each process takes every W-th batch, gradients are
   averaged with all_reduce before each step, and rank 0 writes.
 
 File format (safetensors): one float32 tensor `layer.{i}.{site}` of shape (N, n) per layer and site,
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .errors import NeuroprojError
-from .io import TensorFile, load_tensors
+from .io import TensorFile, load_tensors, save_tensors
 from .models import LoadedModel, adapter_for, load_model
 from .stats import ActivationCapture, Stats, _batches, calibration_ids, load_stats, parse_layers, parse_sites
 
@@ -419,33 +420,51 @@ class MinibatchFitter:
         self.losses.append(total)
         return total
 
-    def state_dict(self):
-        return {"points": {f"{k[0]}/{k[1]}": P.detach().cpu() for k, P in self.points.items()},
-                "adam": self.opt.state_dict(), "step": self.step_count, "losses": self.losses,
-                "rng": torch.get_rng_state()}
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON meta) of the whole optimisation state: points, Adam moments per point tensor, the
+        global RNG state (uint8) and the losses; meta holds the step, the keys and Adam's hyper-parameters."""
+        t = {f"points.{k[0]}.{k[1]}": P.detach().cpu() for k, P in self.points.items()}
+        sd = self.opt.state_dict()
+        for j, st in sd["state"].items():
+            for name, v in st.items():
+                t[f"adam.{j}.{name}"] = torch.as_tensor(v).detach().cpu()
+        t["rng"] = torch.get_rng_state()
+        t["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        meta = {"step": self.step_count, "keys": [f"{k[0]}/{k[1]}" for k in self.keys],
+                "param_groups": sd["param_groups"]}
+        return t, meta
 
-    def load_state_dict(self, sd):
+    def load_state_tensors(self, t: dict[str, torch.Tensor], meta: dict) -> None:
         with torch.no_grad():
             for k, P in self.points.items():
-                P.copy_(sd["points"][f"{k[0]}/{k[1]}"])
-        self.opt.load_state_dict(sd["adam"])
-        self.step_count, self.losses = int(sd["step"]), list(sd["losses"])
-        torch.set_rng_state(sd["rng"])
+                P.copy_(t[f"points.{k[0]}.{k[1]}"])
+        state: dict = {}
+        for name, v in t.items():
+            if name.startswith("adam."):
+                _, j, what = name.split(".", 2)
+                state.setdefault(int(j), {})[what] = v
+        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        self.step_count, self.losses = int(meta["step"]), t["losses"].tolist()
+        torch.set_rng_state(t["rng"])
+
+
+CHECKPOINT_FORMAT = "neuroproj-prune/minibatch-checkpoint/1"
 
 
 def _save_checkpoint(fitter: MinibatchFitter, ckdir: Path, extra: dict):
-    ckdir.mkdir(parents=True, exist_ok=True)
-    path = ckdir / f"step-{fitter.step_count:07d}.pt"
-    tmp = ckdir / f".{path.name}.tmp-{os.getpid()}"
-    torch.save({**fitter.state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
-    return path
+    tensors, meta = fitter.state_tensors()
+    path = ckdir / f"step-{fitter.step_count:07d}.safetensors"
+    return save_tensors(path, tensors, {"format": CHECKPOINT_FORMAT, **meta, **extra})
 
 
 def _latest_checkpoint(ckdir: Path):
     if not ckdir.is_dir():
         return None
-    cks = sorted(ckdir.glob("step-*.pt"))
+    cks = sorted(ckdir.glob("step-*.safetensors"))
+    if not cks and list(ckdir.glob("step-*.pt")):
+        raise NeuroprojError(f"{ckdir} holds only old pickle (.pt) checkpoints, which are not loaded (unpickling "
+                             f"can run code): delete them and start without --resume")
     return cks[-1] if cks else None
 
 
@@ -490,10 +509,10 @@ def _minibatch(lm, data, keys, *, dims, init, norm_order, lr, steps, epochs, sam
             raise NeuroprojError("--resume needs --checkpoint-dir")
         ck = _latest_checkpoint(ckdir)
         if ck is not None:
-            sd = torch.load(ck, map_location="cpu", weights_only=False)
-            if sorted(sd["points"]) != sorted(f"{i}/{s}" for i, s in keys) or sd.get("dims") != dims:
+            t, meta = load_tensors(ck, CHECKPOINT_FORMAT, "minibatch checkpoint", "project without --resume")
+            if sorted(meta.get("keys", [])) != sorted(f"{i}/{s}" for i, s in keys) or meta.get("dims") != dims:
                 raise NeuroprojError(f"checkpoint {ck} was written for other layers/sites/dims")
-            fitter.load_state_dict(sd)
+            fitter.load_state_tensors(t, meta)
     writer = None
     logf = None
     if log_dir and rank == 0:

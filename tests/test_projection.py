@@ -193,7 +193,7 @@ def test_minibatch_checkpoint_resume(tiny_setup, tmp_path):
     full = npp.project(steps=5, **kw)
     ck = tmp_path / "ck"
     npp.project(steps=3, checkpoint_every=2, checkpoint_dir=ck, **kw)
-    assert sorted(p.name for p in ck.glob("*.pt")) == ["step-0000002.pt", "step-0000003.pt"]
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-0000002.safetensors", "step-0000003.safetensors"]
     resumed = npp.project(steps=5, checkpoint_every=2, checkpoint_dir=ck, resume=True, log_dir=tmp_path / "log", **kw)
     for i in (0, 1):
         assert torch.allclose(resumed.get(i), full.get(i), atol=1e-6)
