@@ -241,26 +241,42 @@ class Sequential(Calibration):
         return allocate_by_error(curves, total, cfg.multiple, cfg.max_shift)
 
     def layers(self):
-        model, a, cfg, compute = self.lm.model, self.lm.adapter, self.cfg, self.compute
-        dev = next(model.parameters()).device
-        cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+        model, a, cfg = self.lm.model, self.lm.adapter, self.cfg
         bs = cfg.batch_size or max(1, 4096 // self.ids.shape[1])
         states = layer_inputs(model, a, [self.ids[b:b + bs] for b in range(0, self.ids.shape[0], bs)])
         hidden = [s[0].clone() for s in states]
         dense = [s[0].clone() for s in states] if cfg.target in ("dense", "residual") else None
-        additive = a.mlp_output_is_added(model)
         bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not self.progress,
                    dynamic_ncols=True)
-        for i, layer in enumerate(a.layers(model)):
-            W = a.out_weight(model, i).detach().to(cdt)
-            b_old = a.out_bias(model, i)
-            N, d = W.shape[1], W.shape[0]
-            grab = {}
-            hook = a.out_proj(model, i).register_forward_pre_hook(lambda mod, args: grab.__setitem__("h", args[0]))
-            mo = Moments(N, dev)
-            C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
-            c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
-            acts, outs = [], []
+        try:
+            for i, layer in enumerate(a.layers(model)):
+                W = a.out_weight(model, i).detach().to(self.cdt)
+                b_old = a.out_bias(model, i)
+                work, acts, outs = self._measure(i, layer, W, states, hidden, dense)
+                yield work  # the caller prunes layer i in place and fills work.keep / W_new / b_new
+                self._carry(work, layer, W, b_old, states, hidden, acts, outs)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    @property
+    def cdt(self):
+        return torch.float64 if next(self.lm.model.parameters()).dtype == torch.float64 else torch.float32
+
+    def _measure(self, i, layer, W, states, hidden, dense):
+        """Run layer i on every batch and accumulate its (token-weighted) moments, and with a dense target
+        the target's cross-moments; keep each batch's activations h and layer output for the carry."""
+        model, a, cfg, compute, cdt = self.lm.model, self.lm.adapter, self.cfg, self.compute, self.cdt
+        dev = next(model.parameters()).device
+        N, d = W.shape[1], W.shape[0]
+        additive = a.mlp_output_is_added(model)
+        grab = {}
+        hook = a.out_proj(model, i).register_forward_pre_hook(lambda mod, args: grab.__setitem__("h", args[0]))
+        mo = Moments(N, dev)
+        C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
+        c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
+        acts, outs = [], []
+        try:
             with torch.inference_mode():
                 for bi, (_, args, kw) in enumerate(states):
                     out = run_layer(layer, hidden[bi], args, kw, compute)
@@ -280,41 +296,44 @@ class Sequential(Calibration):
                     if additive:
                         acts.append(h)
                         outs.append(out)
+        finally:
             hook.remove()
-            G, mean = mo.finish()
-            if not torch.isfinite(G).all():
-                bar.close()
-                raise NeuroprojError(f"non-finite activations at layer {i}: {_nonfinite_hint(model, compute)}")
-            ridge = effective_ridge(cfg.ridge, mo.tokens, N)
-            if dense is not None:
-                C, c = (C / mo.n).cpu(), (c / mo.n).cpu()
-                W_eff = chol_solve(G, C, ridge)  # the full-width least-squares map onto the target
-            else:
-                W_eff = W.double().cpu()
-            work = LayerWork(i, LayerMoments(i, G, mean, W_eff, a.in_norms(model, i), ridge=ridge),
-                             FoldInputs(G, mean, C, c, ridge=ridge))
-            yield work  # the caller prunes layer i in place and fills work.keep / W_new / b_new
-            # carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when
-            # the MLP output is added to the residual as is; otherwise run the pruned layer again
-            with torch.inference_mode():
-                if not additive:
-                    for bi, (_, args, kw) in enumerate(states):
-                        hidden[bi] = run_layer(layer, hidden[bi], args, kw, compute)
-                else:
-                    # one matmul per batch: h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
-                    dW = -W.clone()
-                    dW[:, work.keep.to(dev)] += work.W_new.to(dev, cdt)
-                    dWt = dW.T.contiguous()
-                    bn = work.b_new
-                    db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
-                    for bi in range(len(states)):
-                        delta = acts[bi] @ dWt
-                        if db is not None:
-                            delta += db
-                        hidden[bi] = (outs[bi].to(cdt) + delta.view(outs[bi].shape)).to(outs[bi].dtype)
-            del acts, outs
-            bar.update(1)
-        bar.close()
+        G, mean = mo.finish()
+        if not torch.isfinite(G).all():
+            raise NeuroprojError(f"non-finite activations at layer {i}: {_nonfinite_hint(model, compute)}")
+        ridge = effective_ridge(cfg.ridge, mo.tokens, N)
+        if dense is not None:
+            C, c = (C / mo.n).cpu(), (c / mo.n).cpu()
+            W_eff = chol_solve(G, C, ridge)  # the full-width least-squares map onto the target
+        else:
+            W_eff = W.double().cpu()
+        work = LayerWork(i, LayerMoments(i, G, mean, W_eff, a.in_norms(model, i), ridge=ridge),
+                         FoldInputs(G, mean, C, c, ridge=ridge))
+        return work, acts, outs
+
+    def _carry(self, work, layer, W, b_old, states, hidden, acts, outs):
+        """Carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when the
+        MLP output is added to the residual as is (one matmul per batch); otherwise run the pruned layer again."""
+        cdt = self.cdt
+        with torch.inference_mode():
+            if not acts:
+                for bi, (_, args, kw) in enumerate(states):
+                    hidden[bi] = run_layer(layer, hidden[bi], args, kw, self.compute)
+                return
+            dev = W.device
+            # h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
+            dW = -W.clone()
+            dW[:, work.keep.to(dev)] += work.W_new.to(dev, cdt)
+            dWt = dW.T.contiguous()
+            bn = work.b_new
+            db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
+            for bi in range(len(states)):
+                delta = acts[bi] @ dWt
+                if db is not None:
+                    delta += db
+                hidden[bi] = (outs[bi].to(cdt) + delta.view(outs[bi].shape)).to(outs[bi].dtype)
+        acts.clear()  # one layer's activations at a time
+        outs.clear()
 
 
 def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
