@@ -6,6 +6,7 @@ that both runtimes see the same tokens; `tokenize` checks the GGUF's own tokeniz
 """
 from __future__ import annotations
 
+import json
 import math
 
 from .errors import NeuroprojError
@@ -63,14 +64,25 @@ class LlamaCpp:
         top = [{t["id"]: t["logprob"] for t in p.get("top_logprobs", [])} for p in probs]
         return toks, top
 
+    def address(self) -> str:
+        a = self.server.listening_address
+        a = a() if callable(a) else a
+        return a if str(a).startswith("http") else f"http://{a}"
+
     def hidden(self, ids: list[int]):
         """Final-norm hidden states of every position (an `embedding=True` server, pooling none), (T, d)."""
         import numpy as np
 
-        r = self.server.handle_embeddings({"input": [list(ids)], "encoding_format": "float"})
+        import urllib.request
+
+        # the non-OAI /embedding endpoint of the in-process server (the OAI one refuses pooling none)
+        req = urllib.request.Request(f"{self.address()}/embedding", data=json.dumps({"content": list(ids)}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as f:
+            r = json.loads(f.read())
         if isinstance(r, dict) and "error" in r:
             raise NeuroprojError(f"llama.cpp: {r['error']}")
-        data = r["data"][0]["embedding"] if isinstance(r, dict) else r[0]["embedding"]
+        data = r[0]["embedding"]
         return np.asarray(data, dtype=np.float32)
 
 
