@@ -241,3 +241,17 @@ def test_applied_skips_are_refused(smol_tokenizer, tmp_path):
         with pytest.raises(NeuroprojError, match="skip connections"):
             export(lm, to, tmp_path / to)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_export_stage_is_validated(tmp_path):
+    from neuroproj_prune.run import DEFAULTS, load_recipe
+
+    from conftest import C4
+
+    assert DEFAULTS["export"] == {"enabled": False, "to": ["gguf"], "type": "f32"}
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"model: smollm2-135m\noutput_dir: {tmp_path / 'run'}\ncalibration: {{data: {C4}}}\n"
+                   "export: {enabled: true, to: [gguf, onnx]}\n")
+    with pytest.raises(NeuroprojError, match="export.to': unknown format 'onnx'"):
+        load_recipe(rec)
+    assert load_recipe(rec, ["export.to=gguf,nemotron-nas"])["export"]["to"] == ["gguf", "nemotron-nas"]
