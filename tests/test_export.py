@@ -1,0 +1,257 @@
+"""Export: GGUF (llama.cpp's converter) and nemotron-nas, checked in runtimes no one here wrote.
+
+Tiny llama models (hidden 64, 3 layers) with SmolLM2's tokenizer (the GGUF converter knows its
+pre-tokenizer, and the tokenizer must travel into the GGUF); per-layer widths 192/128/64 of 256.
+llama.cpp runs through xllamacpp, nemotron-nas also in mlx-lm (CPU) when installed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import neuroproj_prune as npp
+from neuroproj_prune.errors import NeuroprojError
+from neuroproj_prune.export import export, features, load_nemotron_nas, nas_ffn_mult, nas_width, run_converter
+from neuroproj_prune.models import _smollm2_dir, adapter_for
+from neuroproj_prune.checkpoint import save_pruned, update_config
+
+WIDTHS = [192, 128, 64]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_smollm2_dir())
+
+
+def _tiny(tokenizer, widths, seed=0, **cfg_kw):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=len(widths),
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.1, **cfg_kw)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    a = adapter_for(model)
+    g = torch.Generator().manual_seed(seed)
+    for i, w in enumerate(widths):
+        if w < 256:
+            a.select_neurons(model, i, torch.randperm(256, generator=g)[:w].sort().values)
+    update_config(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, smol_tokenizer):
+    """{"uniform": dir, "per-layer": dir}: saved pruned checkpoints (uniform: a standard one)."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, widths in (("uniform", [128, 128, 128]), ("per-layer", WIDTHS)):
+        out[name] = save_pruned(_tiny(smol_tokenizer, widths), smol_tokenizer, root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ggufs(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    return {k: export(d, "gguf", root / f"{k}.gguf") for k, d in ckpts.items()}
+
+
+def _reader(path):
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    fields = {k: f for k, f in r.fields.items()}
+    return r, fields
+
+
+def _field(fields, key):
+    f = fields[key]
+    vals = [f.parts[i].tolist() for i in f.data]
+    vals = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in vals]
+    if f.types and f.types[0].name == "STRING":
+        return bytes(f.parts[f.data[0]]).decode()
+    return vals if len(vals) != 1 else vals[0]
+
+
+def _tensor(reader, name):
+    t = next(t for t in reader.tensors if t.name == name)
+    return np.asarray(t.data, dtype=np.float32).reshape([int(s) for s in reversed(t.shape)])
+
+
+@pytest.mark.parametrize("kind,arch", [("uniform", "llama"), ("per-layer", "deci")])
+def test_gguf_roundtrip_widths_and_weights(ckpts, ggufs, kind, arch):
+    lm = npp.load_model(str(ckpts[kind]), dtype="float32", device="cpu")
+    widths = features(lm.model)["widths"]
+    reader, fields = _reader(ggufs[kind])
+    assert _field(fields, "general.architecture") == arch
+    ff = _field(fields, f"{arch}.feed_forward_length")
+    assert (ff if isinstance(ff, list) else [ff] * len(widths)) == widths
+    assert _field(fields, "tokenizer.ggml.model") == "gpt2" and len(_field(fields, "tokenizer.ggml.tokens")) == len(lm.tokenizer)
+    sd = lm.model.state_dict()
+    for i in range(len(widths)):
+        for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"),
+                       ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output")):
+            mod = f"model.layers.{i}.{'mlp.' if 'proj' in hf and 'attn' not in hf else ''}{hf}.weight"
+            assert np.array_equal(_tensor(reader, f"blk.{i}.{gg}.weight"), sd[mod].numpy()), (i, hf)
+    assert np.array_equal(_tensor(reader, "token_embd.weight"), sd["model.embed_tokens.weight"].numpy())
+
+
+@pytest.mark.parametrize("kind", ["uniform", "per-layer"])
+def test_llamacpp_agrees_with_transformers(ckpts, ggufs, kind):
+    pytest.importorskip("xllamacpp")
+    from neuroproj_prune.llamacpp import LlamaCpp
+
+    lm = npp.load_model(str(ckpts[kind]), dtype="float32", device="cpu")
+    ll = LlamaCpp(ggufs[kind], threads=1, ctx=256)
+    for text in PROMPTS:
+        ids = lm.tokenizer(text)["input_ids"]
+        got, top = ll.greedy(ids, 8, n_probs=5)
+        ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(ids):]
+        assert got == ref.tolist(), text
+        assert ll.greedy(text, 8)[0] == got  # the GGUF's own tokenizer splits the text as transformers does
+        lp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        for tok, v in top[0].items():
+            assert abs(lp[tok].item() - v) < 1e-4, (text, tok, lp[tok].item(), v)
+
+
+def test_zero_padding_changes_nothing_bitwise_in_llamacpp(ckpts, ggufs, tmp_path):
+    """The nemotron-nas export pads every layer to 256 neurons with zeros; converted as the stock readers
+    see it (widths from ffn_mult), llama.cpp's f32 logits equal those of the exact-width GGUF bit for bit."""
+    pytest.importorskip("xllamacpp")
+    from neuroproj_prune.llamacpp import LlamaCpp
+
+    nas = export(ckpts["per-layer"], "nemotron-nas", tmp_path / "nas")
+    cfg = json.loads((nas / "config.json").read_text())
+    assert [nas_width(b["ffn"]["ffn_mult"], 64) for b in cfg["block_configs"]] == [256, 256, 256]
+    del cfg["neuroproj_exact_widths"]  # what a reader that knows nothing of us sees
+    (nas / "config.json").write_text(json.dumps(cfg))
+    padded = tmp_path / "padded.gguf"
+    run_converter(nas, padded, "f32")
+    _, fields = _reader(padded)
+    assert _field(fields, "deci.feed_forward_length") == [256, 256, 256]
+    exact, pad = LlamaCpp(ggufs["per-layer"], threads=1, ctx=256), LlamaCpp(padded, threads=1, ctx=256)
+    for text in PROMPTS:
+        a, b = exact.greedy(text, 8, n_probs=10), pad.greedy(text, 8, n_probs=10)
+        assert a == b  # token ids and every top-10 log-prob, exactly
+
+
+def test_nemotron_nas_reloads_with_identical_logits(ckpts, tmp_path):
+    from safetensors.torch import load_file
+
+    lm = npp.load_model(str(ckpts["per-layer"]), dtype="float32", device="cpu")
+    out = export(lm, "nemotron-nas", tmp_path / "nas")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
+    assert cfg["neuroproj_exact_widths"] == WIDTHS
+    w = load_file(str(out / "model.safetensors"))
+    for i, k in enumerate(WIDTHS):  # padded to the readers' 256, the padding all zeros
+        g, d = w[f"model.layers.{i}.mlp.gate_proj.weight"], w[f"model.layers.{i}.mlp.down_proj.weight"]
+        assert g.shape[0] == 256 and d.shape[1] == 256 and not g[k:].any() and not d[:, k:].any()
+    with pytest.raises(NeuroprojError, match="trust-remote-code"):
+        load_nemotron_nas(out)
+    back = load_nemotron_nas(out, trust_remote_code=True)
+    assert [l.mlp.down_proj.weight.shape[1] for l in back.model.layers] == WIDTHS
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(back(ids).logits, lm.model(ids).logits)
+
+
+def test_nemotron_nas_runs_in_mlx(ckpts, tmp_path):
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    lm = npp.load_model(str(ckpts["per-layer"]), dtype="float32", device="cpu")
+    out = export(lm, "nemotron-nas", tmp_path / "nas")
+    model, _ = load_model(out)
+    ids = lm.tokenizer(PROMPTS[2])["input_ids"]
+    got = np.array(model(mx.array([ids])).astype(mx.float32))[0].astype(np.float64)
+    got -= got.max(-1, keepdims=True)
+    got -= np.log(np.exp(got).sum(-1, keepdims=True))
+    ref = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    assert np.abs(got - ref).max() < 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_ffn_mult_maps_to_the_padded_width():
+    for hidden in (64, 576, 4096):
+        for w in (1, 64, 255, 256, 257, 1088, 14336):
+            m, P = nas_ffn_mult(w, hidden)
+            assert P % 256 == 0 and P - 256 < w <= P and nas_width(m, hidden) == nas_width(round(m, 6), hidden) == P
+
+
+@pytest.mark.parametrize("type", ["q8_0", "q4_0"])
+def test_quantized_gguf_runs(ckpts, tmp_path, type):
+    pytest.importorskip("xllamacpp")
+    from gguf import GGMLQuantizationType as Q
+
+    from neuroproj_prune.llamacpp import LlamaCpp
+
+    path = export(ckpts["per-layer"], "gguf", tmp_path / f"{type}.gguf", type=type)
+    reader, _ = _reader(path)
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
+    assert kinds["blk.0.ffn_down.weight"] == getattr(Q, type.upper())
+    assert kinds["blk.0.attn_norm.weight"] == Q.F32
+    toks, top = LlamaCpp(path, threads=1, ctx=256).greedy(PROMPTS[0], 4, n_probs=3)
+    assert len(toks) == 4 and all(np.isfinite(list(t.values())).all() for t in top)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "neuroproj_prune.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def _listing(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_bad_input(ckpts, tmp_path, smol_tokenizer):
+    src = ckpts["per-layer"]
+    before = _listing(tmp_path)
+    r = _cli("export", src, "--to", "onnx", "--out", tmp_path / "x")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown export format 'onnx'" in r.stderr
+    (tmp_path / "taken.gguf").write_text("keep me")
+    r = _cli("export", src, "--to", "gguf", "--out", tmp_path / "taken.gguf")
+    assert r.returncode == 2 and "exists" in r.stderr and (tmp_path / "taken.gguf").read_text() == "keep me"
+    # an MLP bias (the bias fold on llama: mlp_bias) cannot go into these exports
+    biased = save_pruned(_tiny(smol_tokenizer, WIDTHS, mlp_bias=True), smol_tokenizer, tmp_path / "biased")
+    for to in ("gguf", "nemotron-nas"):
+        r = _cli("export", biased, "--to", to, "--out", tmp_path / f"b-{to}")
+        assert r.returncode == 2 and "MLP biases" in r.stderr and r.stderr.startswith("neuroproj-prune: error:")
+    # q4_0 blocks of 32: a width of 100 is refused, not silently stored in f16
+    odd = save_pruned(_tiny(smol_tokenizer, [100, 128, 64]), smol_tokenizer, tmp_path / "odd")
+    r = _cli("export", odd, "--to", "gguf", "--type", "q4_0", "--out", tmp_path / "odd.gguf")
+    assert r.returncode == 2 and "multiple of 32" in r.stderr
+    r = _cli("export", src, "--to", "nemotron-nas", "--out", tmp_path / "v", "--verify")
+    assert r.returncode == 2 and "--trust-remote-code" in r.stderr
+    assert _listing(tmp_path) == sorted(before + ["taken.gguf", "biased", "odd"])  # nothing half-written
+
+
+def test_applied_skips_are_refused(smol_tokenizer, tmp_path):
+    model = _tiny(smol_tokenizer, WIDTHS)
+    model.config.neuroproj_prune = {**model.config.neuroproj_prune, "skips": {"modules": [{"target": 1}]}}
+    lm = npp.models.LoadedModel(model, smol_tokenizer, "mem", "")
+    for to in ("gguf", "nemotron-nas"):
+        with pytest.raises(NeuroprojError, match="skip connections"):
+            export(lm, to, tmp_path / to)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_export_stage_is_validated(tmp_path):
+    from neuroproj_prune.run import DEFAULTS, load_recipe
+
+    from conftest import C4
+
+    assert DEFAULTS["export"] == {"enabled": False, "to": ["gguf"], "type": "f32"}
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"model: smollm2-135m\noutput_dir: {tmp_path / 'run'}\ncalibration: {{data: {C4}}}\n"
+                   "export: {enabled: true, to: [gguf, onnx]}\n")
+    with pytest.raises(NeuroprojError, match="export.to': unknown format 'onnx'"):
+        load_recipe(rec)
+    assert load_recipe(rec, ["export.to=gguf,nemotron-nas"])["export"]["to"] == ["gguf", "nemotron-nas"]
