@@ -113,15 +113,17 @@ def test_recipe_with_every_stage(tiny_dir, tmp_path):
                   "calibration": ["oneshot"]},
         "skips": {"enabled": True, "min_r2": 0.0, "top_k": 2, "apply": True},
         "trace": {"enabled": True, "prompt": "To be", "max_new_tokens": 2},
+        "export": {"enabled": True, "to": ["hf"]},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(r))
     res = run(path, progress=False, log=lambda *a: None)
     stages = {"stats", "projection", "clustering", "heatmaps", "prune", "eval_dense", "eval", "sweep", "skips",
-              "trace", "report"}
+              "trace", "export", "report"}
     assert set(res["ran"]) == stages, res
     out = Path(res["output_dir"])
-    for f in ("sweep/results.csv", "skips/skips.json", "skipped/config.json", "trace.safetensors", "report.html"):
+    for f in ("sweep/results.csv", "skips/skips.json", "skipped/config.json", "trace.safetensors", "report.html",
+              "export/hf/config.json"):
         assert (out / f).exists(), f
     skipped = load_model(str(out / "skipped"), device="cpu")
     assert npp.checkpoint.get_skips(skipped.model)  # the applied skips were saved and rebuilt
