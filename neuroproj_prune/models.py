@@ -404,13 +404,14 @@ def _smollm2_dir() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # a GGUF-loaded model refuses save_pretrained: rebuild a plain model and copy the de-quantized weights
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     plain.load_state_dict(model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -465,7 +466,8 @@ def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
     else:
         source = str(spec)  # a hub id
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        # trust_remote_code=False: a directory with custom code is refused (no [y/N] prompt from transformers)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as e:
         raise NeuroprojError(
             f"could not load model {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -473,8 +475,8 @@ def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
         ) from None
     adapter_for(config)  # refuse unsupported families before reading weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, trust_remote_code=False, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as e:
         raise NeuroprojError(f"could not load model {spec!r}: {str(e).splitlines()[0][:300]}") from None
     model.to(dev).eval()
