@@ -423,8 +423,9 @@ class MinibatchFitter:
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta) that restore this fit exactly: points `points.{layer}/{site}`, Adam moments
         `adam.{j}.{name}` (j = the key's index; `step` included, a 0-d tensor), the losses as one float64
-        tensor, the CPU (and CUDA) RNG state as uint8 tensors; Adam's hyper-parameters and the step count
-        go to the JSON.  Cost: one copy of the points and of the two moments."""
+        tensor, the CPU RNG state as a uint8 tensor (the loop draws no CUDA random numbers: the points'
+        init uses its own CPU generator, the model runs in eval mode); Adam's hyper-parameters and the step
+        count go to the JSON.  Cost: one copy of the points and of the two moments."""
         tensors = {f"points.{k[0]}/{k[1]}": P.detach() for k, P in self.points.items()}
         osd = self.opt.state_dict()
         state_meta = {}
@@ -436,13 +437,8 @@ class MinibatchFitter:
                     state_meta[f"{j}.{name}"] = v
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         tensors["rng.cpu"] = torch.get_rng_state()
-        n_cuda = 0
-        if self.device.type == "cuda":
-            for d, r in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{d}"] = r
-            n_cuda = torch.cuda.device_count()
         meta = {"step": self.step_count, "keys": [f"{k[0]}/{k[1]}" for k in self.keys],
-                "adam_param_groups": osd["param_groups"], "adam_state": state_meta, "cuda_rng_devices": n_cuda}
+                "adam_param_groups": osd["param_groups"], "adam_state": state_meta}
         return tensors, meta
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict, where: str = "checkpoint"):
@@ -470,9 +466,6 @@ class MinibatchFitter:
         self.step_count = int(meta["step"])
         self.losses = tensors["losses"].tolist()
         torch.set_rng_state(tensors["rng.cpu"])
-        n_cuda = int(meta.get("cuda_rng_devices", 0))
-        if n_cuda and torch.cuda.is_available() and n_cuda == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{d}"] for d in range(n_cuda)])
 
 
 CHECKPOINT_FORMAT = "neuroproj-prune/minibatch-checkpoint/1"
