@@ -79,7 +79,7 @@ def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
 
     path = Path(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise NeuroprojError(f"cannot read the checkpoint config in {path}: {str(e).splitlines()[0][:200]}") from None
     section = getattr(config, SECTION, None) or {}
@@ -90,7 +90,7 @@ def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
     if unknown:
         raise NeuroprojError(f"{path}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
     dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
-    model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
     a = adapter_for(model)
     widths = section.get("widths")
     if widths is not None:
@@ -128,7 +128,7 @@ def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
     model.requires_grad_(False)
     if return_tokenizer:
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError):
             tok = None
         return model, tok

@@ -463,7 +463,7 @@ def load_nemotron_nas(path, *, trust_remote_code: bool = False, dtype=torch.floa
     from transformers import AutoModelForCausalLM
 
     print(f"neuroproj-prune: loading {path} with trust_remote_code=True (its modeling_decilm.py)", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 

@@ -95,13 +95,14 @@ def _smollm2_dir() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # a GGUF-loaded model refuses save_pretrained: rebuild a plain model and copy the de-quantized weights
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     plain.load_state_dict(model.state_dict())
     with atomic_dir(target, overwrite=True) as tmp:  # a concurrent conversion writes the same files
         plain.save_pretrained(tmp)
@@ -147,7 +148,7 @@ def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
     else:
         source = str(spec)  # a hub id
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise NeuroprojError(
             f"could not load model {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -155,8 +156,8 @@ def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
         ) from None
     adapter_for(config)  # refuse unsupported families before reading weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(source, **kwargs, trust_remote_code=False)
     except (OSError, ValueError, SafetensorError) as e:  # a truncated or corrupt weights file
         raise NeuroprojError(f"could not load model {spec!r}: {str(e).splitlines()[0][:300]}") from None
     model.to(dev).eval()

@@ -25,9 +25,10 @@ Two modes:
   Init `single_point` | `rand` | `randn` (random ones scaled by 1/√N so all points start within O(1/√N)
   of the origin; `single_point` puts every point at the origin plus a 1e-4/√N jitter, because a zero
   distance has a zero gradient and the points would never separate).  Checkpoints every K steps are
-  safetensors files (points, Adam moments, RNG state, losses) with JSON metadata (step, keys, dims, Adam
-  hyper-parameters) in `checkpoint_dir`, written atomically — no pickle, so a checkpoint handed to `--resume`
-  cannot run code; `resume=True` continues from the latest (an old `.pt` checkpoint is refused, not read).  Under `accelerate launch` / torch.distributed each process takes every W-th batch, gradients are
+  safetensors files `step-{step:07d}.safetensors` in `checkpoint_dir` (points, Adam moments, losses, RNG
+  state as uint8 tensors; step and Adam hyper-parameters in the JSON metadata; no pickle, so a checkpoint
+  cannot run code), written atomically; `resume=True` continues from the latest (old `.pt` pickle
+  checkpoints are refused, not read).  Under `accelerate launch` / torch.distributed each process takes every W-th batch, gradients are
   averaged with all_reduce before each step, and rank 0 writes.
 
 File format (safetensors): one float32 tensor `layer.{i}.{site}` of shape (N, n) per layer and site,
@@ -420,52 +421,97 @@ class MinibatchFitter:
         self.losses.append(total)
         return total
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON meta) of the whole optimisation state: points, Adam moments per point tensor, the
-        global RNG state (uint8) and the losses; meta holds the step, the keys and Adam's hyper-parameters."""
-        t = {f"points.{k[0]}.{k[1]}": P.detach().cpu() for k, P in self.points.items()}
-        sd = self.opt.state_dict()
-        for j, st in sd["state"].items():
+    # ---- checkpoint state: tensors (safetensors) + JSON, never pickle
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta) that restore this fit exactly: points `points.{layer}/{site}`, Adam moments
+        `adam.{j}.{name}` (j = the key's index; `step` included, a 0-d tensor), the losses as one float64
+        tensor, the CPU RNG state as a uint8 tensor (the loop draws no CUDA random numbers: the points'
+        init uses its own CPU generator, the model runs in eval mode); Adam's hyper-parameters and the step
+        count go to the JSON.  Cost: one copy of the points and of the two moments."""
+        tensors = {f"points.{k[0]}/{k[1]}": P.detach() for k, P in self.points.items()}
+        osd = self.opt.state_dict()
+        state_meta = {}
+        for j, st in osd["state"].items():
             for name, v in st.items():
-                t[f"adam.{j}.{name}"] = torch.as_tensor(v).detach().cpu()
-        t["rng"] = torch.get_rng_state()
-        t["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+                if isinstance(v, torch.Tensor):
+                    tensors[f"adam.{j}.{name}"] = v
+                else:
+                    state_meta[f"{j}.{name}"] = v
+        tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        tensors["rng.cpu"] = torch.get_rng_state()
         meta = {"step": self.step_count, "keys": [f"{k[0]}/{k[1]}" for k in self.keys],
-                "param_groups": sd["param_groups"]}
-        return t, meta
+                "adam_param_groups": osd["param_groups"], "adam_state": state_meta}
+        return tensors, meta
 
-    def load_state_tensors(self, t: dict[str, torch.Tensor], meta: dict) -> None:
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict, where: str = "checkpoint"):
+        """Inverse of `checkpoint_state`; a one-line NeuroprojError when the checkpoint is for other keys or
+        shapes."""
         with torch.no_grad():
             for k, P in self.points.items():
-                P.copy_(t[f"points.{k[0]}.{k[1]}"])
+                t = tensors.get(f"points.{k[0]}/{k[1]}")
+                if t is None or tuple(t.shape) != tuple(P.shape):
+                    raise NeuroprojError(f"{where} was written for other layers/sites/widths/dims")
+                P.copy_(t)
         state: dict = {}
-        for name, v in t.items():
+        for name, t in tensors.items():
             if name.startswith("adam."):
-                _, j, what = name.split(".", 2)
-                state.setdefault(int(j), {})[what] = v
-        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-        self.opt.load_state_dict({"state": state, "param_groups": groups})
-        self.step_count, self.losses = int(meta["step"]), t["losses"].tolist()
-        torch.set_rng_state(t["rng"])
+                _, j, field = name.split(".", 2)
+                state.setdefault(int(j), {})[field] = t
+        for name, v in meta.get("adam_state", {}).items():
+            j, field = name.split(".", 1)
+            state.setdefault(int(j), {})[field] = v
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["adam_param_groups"]]
+        try:
+            self.opt.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError) as e:
+            raise NeuroprojError(f"{where} holds an optimizer state that does not fit this fit ({e})") from None
+        self.step_count = int(meta["step"])
+        self.losses = tensors["losses"].tolist()
+        torch.set_rng_state(tensors["rng.cpu"])
 
 
 CHECKPOINT_FORMAT = "neuroproj-prune/minibatch-checkpoint/1"
 
 
 def _save_checkpoint(fitter: MinibatchFitter, ckdir: Path, extra: dict):
-    tensors, meta = fitter.state_tensors()
+    """`step-{step:07d}.safetensors` in `ckdir`: the fitter's tensors, JSON metadata (format tag, step,
+    Adam hyper-parameters, `extra`), written atomically (temporary file, then rename)."""
+    tensors, meta = fitter.checkpoint_state()
     path = ckdir / f"step-{fitter.step_count:07d}.safetensors"
-    return save_tensors(path, tensors, {"format": CHECKPOINT_FORMAT, **meta, **extra})
+    save_tensors(path, tensors, {"format": CHECKPOINT_FORMAT, **meta, **extra})
+    return path
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split(".")[0].split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _latest_checkpoint(ckdir: Path):
+    """The newest `step-*.safetensors` in `ckdir` (None when there is none).  An old pickle checkpoint
+    (`step-*.pt`, from versions that used torch.save) as the newest is refused, never read: unpickling a
+    file can run arbitrary code."""
     if not ckdir.is_dir():
         return None
-    cks = sorted(ckdir.glob("step-*.safetensors"))
-    if not cks and list(ckdir.glob("step-*.pt")):
-        raise NeuroprojError(f"{ckdir} holds only old pickle (.pt) checkpoints, which are not loaded (unpickling "
-                             f"can run code): delete them and start without --resume")
-    return cks[-1] if cks else None
+    cks = [p for p in ckdir.iterdir() if p.name.startswith("step-") and p.suffix in (".safetensors", ".pt")]
+    if not cks:
+        return None
+    latest = max(cks, key=lambda p: (_step_of(p), p.suffix == ".pt"))
+    if latest.suffix == ".pt":
+        raise NeuroprojError(f"{latest} is an old pickle checkpoint, which is never loaded (unpickling can run code): "
+                             f"delete the .pt files in {ckdir} or restart without --resume")
+    return latest
+
+
+def _load_checkpoint(fitter: MinibatchFitter, path: Path, dims: int, keys):
+    """Restore `fitter` from a checkpoint written by `_save_checkpoint` (safetensors only)."""
+    tensors, meta = load_tensors(path, CHECKPOINT_FORMAT, "minibatch checkpoint",
+                                 "project without --resume (or delete the checkpoint directory)")
+    if sorted(meta.get("keys", [])) != sorted(f"{i}/{s}" for i, s in keys) or meta.get("dims") != dims:
+        raise NeuroprojError(f"checkpoint {path} was written for other layers/sites/dims")
+    fitter.load_checkpoint_state(tensors, meta, where=f"checkpoint {path}")
 
 
 def _dist():
@@ -509,10 +555,7 @@ def _minibatch(lm, data, keys, *, dims, init, norm_order, lr, steps, epochs, sam
             raise NeuroprojError("--resume needs --checkpoint-dir")
         ck = _latest_checkpoint(ckdir)
         if ck is not None:
-            t, meta = load_tensors(ck, CHECKPOINT_FORMAT, "minibatch checkpoint", "project without --resume")
-            if sorted(meta.get("keys", [])) != sorted(f"{i}/{s}" for i, s in keys) or meta.get("dims") != dims:
-                raise NeuroprojError(f"checkpoint {ck} was written for other layers/sites/dims")
-            fitter.load_state_tensors(t, meta)
+            _load_checkpoint(fitter, ck, dims, keys)
     writer = None
     logf = None
     if log_dir and rank == 0:

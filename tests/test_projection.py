@@ -188,17 +188,33 @@ def test_file_format_and_loader(tiny_setup, tmp_path):
 
 
 def test_minibatch_checkpoint_resume(tiny_setup, tmp_path):
+    """Interrupted at step 3 (checkpoints at 2 and 3), resumed to 5: bitwise the points and losses of an
+    uninterrupted 5-step run with the same seed; checkpoints are safetensors (no pickle) with JSON metadata."""
+    from safetensors import safe_open
+
     lm, ids, _ = tiny_setup
     kw = dict(mode="minibatch", dims=3, model=lm, data=ids, batch_size=4, layers="0,1", progress=False, init="rand")
     full = npp.project(steps=5, **kw)
     ck = tmp_path / "ck"
     npp.project(steps=3, checkpoint_every=2, checkpoint_dir=ck, **kw)
-    assert sorted(p.name for p in ck.glob("step-*")) == ["step-0000002.safetensors", "step-0000003.safetensors"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step-0000002.safetensors", "step-0000003.safetensors"]
+    with safe_open(str(ck / "step-0000003.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["neuroproj_prune"])
+        names = set(f.keys())
+        rng = f.get_tensor("rng.cpu")
+    assert meta["format"] == "neuroproj-prune/minibatch-checkpoint/1" and meta["step"] == 3 and meta["dims"] == 3
+    assert {"points.0/mlp.neurons", "adam.0.exp_avg", "adam.1.exp_avg_sq", "adam.0.step", "losses"} <= names
+    assert rng.dtype == torch.uint8
     resumed = npp.project(steps=5, checkpoint_every=2, checkpoint_dir=ck, resume=True, log_dir=tmp_path / "log", **kw)
     for i in (0, 1):
-        assert torch.allclose(resumed.get(i), full.get(i), atol=1e-6)
-    assert resumed.meta["losses"] == pytest.approx(full.meta["losses"], rel=1e-5)
+        assert torch.equal(resumed.get(i), full.get(i))
+    assert resumed.meta["losses"] == full.meta["losses"]
     assert len((tmp_path / "log" / "loss.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in ck.iterdir())[-1] == "step-0000005.safetensors"
+    assert not list(ck.glob(".*"))                             # atomic writes left nothing behind
+    # other dims refuse with a one-line error
+    with pytest.raises(NeuroprojError, match="other layers/sites/dims"):
+        npp.project(steps=6, checkpoint_dir=ck, resume=True, **{**kw, "dims": 2})
     for init in ("single_point", "randn"):
         pr = npp.project(steps=2, **{**kw, "init": init})
         assert torch.isfinite(pr.get(0)).all() and pr.meta["stress_reference"].startswith("mean per-batch")
