@@ -22,6 +22,7 @@ from .run import run
 from .skips import run_skips_command
 from .stats import collect, load_stats
 from .sweep import sweep
+from .tasks import add_parser
 from .trace import trace
 from .view import view
 
@@ -242,12 +243,18 @@ def _add_eval(sub):
                    help="window length for perplexity and lm-eval's max_length (default min(2048, model context))")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first K windows (a quick look)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: ~8k tokens)")
-    p.add_argument("--tasks", default=None, help="comma list of lm-eval tasks, e.g. local_wikitext2,hellaswag")
+    p.add_argument("--tasks", default=None, help="comma list of lm-eval tasks, e.g. local_wikitext2,hellaswag; zeroshot: the eight zero-shot tasks "
+                   "(lambada_openai,hellaswag,piqa,winogrande,boolq,arc_easy,arc_challenge,openbookqa; offline after "
+                   "`neuroproj-prune tasks fetch`)")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: first N documents per task (fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_eval)
+
+
+def _add_tasks(sub):
+    add_parser(sub)
 
 
 def _run_eval(a):
@@ -477,7 +484,8 @@ def _run_export(a):
 
 
 # ---------------------------------------------------------------------------------------------- main
-COMMANDS = [_add_collect, _add_info, _add_prune, _add_sweep, _add_run, _add_cluster, _add_project, _add_heatmap, _add_eval, _add_skips, _add_view, _add_trace, _add_export]
+COMMANDS = [_add_collect, _add_info, _add_prune, _add_sweep, _add_run, _add_cluster, _add_project, _add_heatmap,
+            _add_eval, _add_tasks, _add_skips, _add_view, _add_trace, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

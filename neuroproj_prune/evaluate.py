@@ -44,6 +44,7 @@ from .data import eval_windows, read_text, tokenize
 from .errors import NeuroprojError
 from .io import write_json
 from .models import LoadedModel, load_model
+from .tasks import TASKS, default_batch_size as zeroshot_batch_size, expand, summary as zeroshot_summary
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SEQLEN = 2048
@@ -275,26 +276,29 @@ def load_tasks(tasks, include_path=None) -> list:
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
     if not names:
         raise NeuroprojError("no lm-eval task given")
+
+    names, zeroshot_dirs = expand(names)          # `zeroshot` -> the eight tasks; their data checked (tasks.py)
     path = Path(include_path) if include_path else tasks_dir()
-    local = local_tasks(path)
+    paths = [path, *zeroshot_dirs]
+    local = local_tasks(path) + [n for n in TASKS if zeroshot_dirs]
     alternatives = f"local tasks (offline, in {path}): {', '.join(local) or 'none found'}"
     builtin = [n for n in names if n not in local]
-    tm, found = _task_manager(False, path), set()
+    tm, found = _task_manager(False, paths), set()
     if builtin:
         scan = _builtin_task_dirs(builtin)
         if scan is None:
-            tm, found = _task_manager(True, path), set(builtin)
+            tm, found = _task_manager(True, paths), set(builtin)
         else:
-            tm, found = _task_manager(False, [path, *scan[0]]), scan[1]
+            tm, found = _task_manager(False, [*paths, *scan[0]]), scan[1]
     objs = []
     for name in names:
         try:
             try:
                 loaded = tm.load([name])
             except KeyError as e:
-                if not _unregistered(e) or name not in found or tm is _TASK_MANAGERS.get((True, (str(path),))):
+                if not _unregistered(e) or name not in found or tm is _TASK_MANAGERS.get((True, tuple(map(str, paths)))):
                     raise
-                tm = _task_manager(True, path)       # a group whose members live elsewhere: the full index
+                tm = _task_manager(True, paths)      # a group whose members live elsewhere: the full index
                 loaded = tm.load([name])
         except KeyError as e:
             if not _unregistered(e):
@@ -428,9 +432,15 @@ def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows
         result["perplexity"] = perplexity((model, tok), data=data, seqlen=seqlen, max_windows=max_windows,
                                           batch_size=batch_size, progress=progress)
     if tasks:
+        vocab = getattr(model.config, "vocab_size", None) or len(tok)
+        lm_bs = batch_size or zeroshot_batch_size([t.config.task for t in task_objs
+                                                           if hasattr(t, "config")], vocab)
         result["lm_eval"] = lm_eval_tasks((model, tok), tasks=None, task_objects=task_objs, max_length=seqlen,
-                                          batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
+                                          batch_size=lm_bs, limit=limit, num_fewshot=num_fewshot,
                                           include_path=include_path)
+        avg = zeroshot_summary(result["lm_eval"].get("tasks", {}), limit)
+        if avg:
+            result["lm_eval"]["zeroshot"] = avg
     if json_out:
         write_json_atomic(result, json_out)
     return result
@@ -469,6 +479,11 @@ def format_summary(result: dict) -> str:
             lines.append("  " + "  ".join(h.ljust(w[i]) for i, h in enumerate(("task", "metric", "value", "docs"))))
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+        zs = le.get("zeroshot")
+        if zs:
+            lines.append(f"zero-shot average ({len(zs['tasks'])} of 8 tasks"
+                         + (f", first {zs['limit']} documents each" if zs.get("limit") else "")
+                         + f"): {zs['average']:.4f}")
     return "\n".join(lines)
 
 

