@@ -473,7 +473,9 @@ def verify_nemotron_nas(lm: LoadedModel, path, *, trust_remote_code: bool = Fals
     model = load_nemotron_nas(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
     vocab = lm.model.config.vocab_size
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
-    ref = lm.model.float()(ids.to(next(lm.model.parameters()).device)).logits.cpu()
+    if next(lm.model.parameters()).dtype != torch.float32:
+        raise NeuroprojError("--verify compares float32 logits: load the model in float32")
+    ref = lm.model(ids.to(next(lm.model.parameters()).device)).logits.cpu()
     got = model(ids).logits
     if not torch.equal(ref, got):
         raise NeuroprojError(f"the nemotron-nas export's logits differ from the model's (max |Δ| "
