@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import context_length
-from .data import eval_windows, read_text, tokenize
+from .data import eval_windows, read_text
 from .errors import NeuroprojError
 from .io import write_json
 from .models import LoadedModel, load_model

@@ -7,6 +7,7 @@ complete, so a failure never leaves a half-written output. Tensor files are safe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -116,6 +117,15 @@ def write_json(path, obj, **kw) -> Path:
     except ValueError:
         raise NeuroprojError(f"refusing to write {path}: the results hold NaN or infinite values") from None
     return write_text(path, text + "\n")
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_writable(path) -> None:

@@ -16,7 +16,6 @@ W-th batch; the totals are re-centred to one shift and all-reduced, so the resul
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import re
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import NeuroprojError
 from .data import calibration_samples
-from .io import TensorFile, load_tensors
+from .io import TensorFile, file_sha256, load_tensors
 from .models import Adapter, LoadedModel, adapter_for, load_model
 from .moments import GRAM_BLOCK, correlation, dead_neurons, gram_lower_, mirror_lower_  # noqa: F401
 
@@ -533,14 +532,6 @@ class Stats(TensorFile):
 
     def file_hash(self) -> str | None:
         return file_sha256(self.path) if self.path else None
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_stats(path) -> Stats:

