@@ -107,11 +107,6 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
-def write_json_atomic(obj, path) -> None:
-    """Write JSON to `path` through a temporary file in the same folder and a rename."""
-    write_json(path, obj)
-
-
 # --------------------------------------------------------------------------------------- perplexity
 def perplexity(model, tokenizer=None, data=None, *, seqlen: int | None = None, max_windows: int | None = None,
                batch_size: int | None = None, progress: bool = True) -> dict:
@@ -442,7 +437,7 @@ def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows
         if avg:
             result["lm_eval"]["zeroshot"] = avg
     if json_out:
-        write_json_atomic(result, json_out)
+        write_json(json_out, result)
     return result
 
 

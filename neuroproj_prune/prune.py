@@ -129,6 +129,11 @@ class PruneConfig:
         if self.calibration == "sequential" and self.fold != "lstsq" and self.target != "layer":
             raise ConfigError("target", f"target {self.target!r} only changes the lstsq fold: use fold lstsq or target layer")
 
+    @property
+    def adds_bias(self) -> bool:
+        """Whether folds may write an MLP output bias (by default only the bias fold does)."""
+        return self.fold == "bias" if self.add_bias is None else self.add_bias
+
     # -- construction from the outside
     @classmethod
     def make(cls, **given) -> "PruneConfig":
@@ -219,9 +224,8 @@ def prune_layer(model, work, cfg: PruneConfig, width: int | None = None, layer_p
     keep = torch.tensor(layer_plan["keep"], dtype=torch.long)
     remap = skip_source_remapper(model, {i: keep})  # pruning after skips: refuse dropping a skip source
     work.fold.representative = layer_plan["representative"]
-    add_bias = cfg.fold == "bias" if cfg.add_bias is None else cfg.add_bias
     work.keep = keep
-    work.W_new, work.b_new = fold_and_slice(model, i, keep, cfg.fold, work.fold, add_bias=add_bias)
+    work.W_new, work.b_new = fold_and_slice(model, i, keep, cfg.fold, work.fold, add_bias=cfg.adds_bias)
     if remap is not None:
         remap()
     return layer_plan
@@ -286,8 +290,7 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
             p.layers[i] = prune_layer(lm.model, work, cfg, widths[i])
         elif i in given.layers:
             prune_layer(lm.model, work, cfg, layer_plan=given.layers[i])
-    add_bias = cfg.fold == "bias" if cfg.add_bias is None else cfg.add_bias
-    update_config(lm.model, added_bias=add_bias and not had_bias)
+    update_config(lm.model, added_bias=cfg.adds_bias and not had_bias)
     summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
     lm.fingerprint = None  # the weights changed
     if out is not None:
