@@ -25,9 +25,12 @@ from neuroproj_prune.prune import PruneConfig, prune
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def ppl(model, tok, n):
+TEXTS = {"wiki": "wikitext2-test.txt", "shakespeare": "tinyshakespeare.txt"}
+
+
+def ppl(model, tok, n, text="wiki"):
     """exp(mean NLL) over the first n windows of 1024 tokens (the sweep's protocol, fewer windows)."""
-    w, _ = eval_windows(tok, str(DATA / "wikitext2-test.txt"), 1024)
+    w, _ = eval_windows(tok, str(DATA / TEXTS[text]), 1024)
     w, nll, cnt = w[:n], 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(w), 2):
@@ -45,7 +48,14 @@ def main():
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--multiple", type=int, default=1)
+    ap.add_argument("--texts", default="wiki", help="comma-separated evaluation texts: " + ", ".join(TEXTS))
     a = ap.parse_args()
+    texts = a.texts.split(",")
+    if set(texts) - set(TEXTS):
+        ap.error(f"unknown text(s) {sorted(set(texts) - set(TEXTS))}: choose from {', '.join(TEXTS)}")
+
+    def ppls(lm):
+        return " ".join(f"{t} {ppl(lm.model, lm.tokenizer, a.windows, t):.3f}" for t in texts)
     configs = {}
     for cfg in a.configs.split(";"):  # all validated first: a typo fails before hours of pruning
         if cfg == "dense":
@@ -63,12 +73,15 @@ def main():
     for cfg in a.configs.split(";"):
         if cfg == "dense":
             lm = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
-            print("dense", round(ppl(lm.model, lm.tokenizer, a.windows), 3), flush=True)
+            print("dense", ppls(lm), flush=True)
             continue
         t = time.time()
         lm, _, s = prune("smollm2-135m", str(DATA / "c4-train-sample-1000.jsonl"), configs[cfg], progress=False)
-        print(cfg, "ppl", round(ppl(lm.model, lm.tokenizer, a.windows), 3), "removed",
-              round(s["actual_sparsity"], 4), "prune s", round(time.time() - t, 1), flush=True)
+        took = time.time() - t
+        rec = s.get("reconstruct")
+        rec = f" held-out error {rec['held_out_error_before']:.4f}->{rec['held_out_error_after']:.4f}" if rec else ""
+        print(cfg, "ppl", ppls(lm), "removed", round(s["actual_sparsity"], 4), "prune s", f"{took:.1f}{rec}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,12 @@ from .errors import NeuroprojError
 from .models import LoadedModel
 from .moments import Moments
 from .plan import SELECTORS, LayerMoments, allocate_by_error, error_curve, global_widths
+from .reconstruct import reconstruct
 from .stats import calibration_ids, collect, load_stats
 from .surgery import FoldInputs, chol_solve, effective_ridge
 
 TARGETS = ("layer", "dense", "residual")
+RECONSTRUCT_SCOPES = ("mlp", "layer")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -248,16 +250,50 @@ class Sequential(Calibration):
         dense = [s[0].clone() for s in states] if cfg.target in ("dense", "residual") else None
         bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not self.progress,
                    dynamic_ncols=True)
+        self.reconstructed = {}
         try:
             for i, layer in enumerate(a.layers(model)):
                 W = a.out_weight(model, i).detach().to(self.cdt)
                 b_old = a.out_bias(model, i)
-                work, acts, outs = self._measure(i, layer, W, states, hidden, dense)
+                work, acts, outs, blocks = self._measure(i, layer, W, states, hidden, dense)
                 yield work  # the caller prunes layer i in place and fills work.keep / W_new / b_new
+                if blocks is not None:  # gate/up change too: the closed-form carry no longer holds
+                    self.reconstructed[i] = self._reconstruct(i, layer, blocks)
+                    acts.clear()
                 self._carry(work, layer, W, b_old, states, hidden, acts, outs)
                 bar.update(1)
         finally:
             bar.close()
+        if self.reconstructed:
+            r = self.reconstructed.values()
+            self.meta["reconstruct"] = {
+                "held_out_error_before": sum(x.loss_before for x in r) / len(r),
+                "held_out_error_after": sum(x.loss_after for x in r) / len(r),
+                "layers": {i: vars(x) for i, x in self.reconstructed.items()}}
+
+    def _reconstruct(self, i, layer, blocks):
+        """Block reconstruction of layer i after its fold (see reconstruct.py): the last `holdout` share of the
+        calibration windows is held back for early stopping, the rest is fitted."""
+        cfg = self.cfg
+        n = sum(b[0].shape[0] for b in blocks)                   # windows
+        k = min(max(1, round(cfg.reconstruct_holdout * n)), n - 1) if n > 1 else 0
+        fit, held, seen = [], [], 0
+        for b in blocks:                                          # split at a window boundary
+            cut = min(max(n - k - seen, 0), b[0].shape[0])
+            if cut > 0:
+                fit.append(tuple(t[:cut] if torch.is_tensor(t) else t for t in b[:3]) + b[3:])
+            if cut < b[0].shape[0]:
+                held.append(tuple(t[cut:] if torch.is_tensor(t) else t for t in b[:3]) + b[3:])
+            seen += b[0].shape[0]
+        if cfg.reconstruct_scope == "layer":
+            if k and any(b[0].shape[0] != len(blocks[0][0]) for b in fit + held):
+                fit, held = blocks, blocks  # windows carry per-batch arguments: no split inside a batch
+            block, batch = layer, 1
+        else:
+            block, batch = self.lm.adapter.mlp(self.lm.model, i), cfg.reconstruct_tokens
+        held = held or fit
+        return reconstruct(block, fit, held, steps=cfg.reconstruct, lr=cfg.reconstruct_lr, batch=batch,
+                           compute=self.compute, seed=cfg.seed + i)
 
     @property
     def cdt(self):
@@ -271,7 +307,12 @@ class Sequential(Calibration):
         N, d = W.shape[1], W.shape[0]
         additive = a.mlp_output_is_added(model)
         grab = {}
-        hook = a.out_proj(model, i).register_forward_pre_hook(lambda mod, args: grab.__setitem__("h", args[0]))
+        hooks = [a.out_proj(model, i).register_forward_pre_hook(lambda mod, args: grab.__setitem__("h", args[0]))]
+        scope = cfg.reconstruct_scope if cfg.reconstruct else None
+        if scope == "mlp":  # the MLP's input and its dense output on that input are the block's data
+            hooks.append(a.mlp(model, i).register_forward_hook(
+                lambda mod, args, out: grab.update(x=args[0], y=out[0] if isinstance(out, tuple) else out)))
+        blocks = [] if scope else None
         mo = Moments(N, dev)
         C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
         c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
@@ -296,8 +337,15 @@ class Sequential(Calibration):
                     if additive:
                         acts.append(h)
                         outs.append(out)
+                    if scope is not None:  # (input, target, token weights, call arguments), per window
+                        tw = None if w is None else w.reshape(out.shape[:-1]).float()  # (its scale cancels)
+                        if scope == "mlp":
+                            blocks.append((grab["x"].float().clone(), grab["y"].float().clone(), tw, (), {}))
+                        else:
+                            blocks.append((hidden[bi], out.float(), tw, args, kw))
         finally:
-            hook.remove()
+            for hk in hooks:
+                hk.remove()
         G, mean = mo.finish()
         if not torch.isfinite(G).all():
             raise NeuroprojError(f"non-finite activations at layer {i}: {_nonfinite_hint(model, compute)}")
@@ -309,7 +357,7 @@ class Sequential(Calibration):
             W_eff = W.double().cpu()
         work = LayerWork(i, LayerMoments(i, G, mean, W_eff, a.in_norms(model, i), ridge=ridge),
                          FoldInputs(G, mean, C, c, ridge=ridge))
-        return work, acts, outs
+        return work, acts, outs, blocks
 
     def _carry(self, work, layer, W, b_old, states, hidden, acts, outs):
         """Carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when the

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_for, num_params
-from .calibrate import CALIBRATIONS, COMPUTE_DTYPES, TARGETS, Calibration, Sequential, compute_dtype_for  # noqa: F401
+from .calibrate import CALIBRATIONS, COMPUTE_DTYPES, RECONSTRUCT_SCOPES, TARGETS, Calibration, Sequential, compute_dtype_for  # noqa: F401
 from .calibrate import error_curves, rms_token_weights  # noqa: F401 (re-exported)
 from .checkpoint import prepare_out_dir, save_pruned, skip_source_remapper, update_config
 from .clustering import load_clusters
@@ -83,6 +83,14 @@ class PruneConfig:
     compute_dtype: str = _opt("auto", "matmul precision of the calibration forwards of a float32 model: auto "
                               "(bfloat16 where fast: CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; "
                               "Grams and solves stay float64", COMPUTE_DTYPES)
+    reconstruct: int = _opt(0, "block reconstruction: Adam steps per layer that train the kept gate/up/down "
+                            "against the dense block's output after the fold (0 = off; sequential only)")
+    reconstruct_lr: float = _opt(1e-4, "block reconstruction: peak learning rate (cosine decay)")
+    reconstruct_tokens: int = _opt(2048, "block reconstruction: tokens per step (scope mlp)")
+    reconstruct_holdout: float = _opt(0.125, "block reconstruction: share of calibration windows held back "
+                                      "for early stopping")
+    reconstruct_scope: str = _opt("mlp", "block reconstruction: the MLP alone, or the whole decoder layer "
+                                  "(attention included, one batch of windows per step)", RECONSTRUCT_SCOPES)
 
     def __post_init__(self):
         self.validate()
@@ -118,7 +126,7 @@ class PruneConfig:
         if self.keep is not None and self.keep < 1:
             raise ConfigError("keep", f"keep {self.keep}: a layer would be pruned to zero width; keep at least 1 neuron")
         for name, lo in (("multiple", 1), ("samples", 1), ("seqlen", 2), ("batch_size", 1),
-                         ("alloc_samples", 1), ("seed", 0)):
+                         ("alloc_samples", 1), ("seed", 0), ("reconstruct", 0), ("reconstruct_tokens", 1)):
             v = getattr(self, name)
             if v is not None and v < lo:
                 raise ConfigError(name, f"{name} must be at least {lo} (got {v})")
@@ -126,6 +134,13 @@ class PruneConfig:
             raise ConfigError("ridge", f"ridge must be >= 0 (got {self.ridge})")
         if not 0.0 < self.max_shift <= 1.0:
             raise ConfigError("max_shift", f"max_shift must be in (0, 1] (got {self.max_shift})")
+        if not self.reconstruct_lr > 0:
+            raise ConfigError("reconstruct_lr", f"reconstruct_lr must be > 0 (got {self.reconstruct_lr})")
+        if not 0.0 <= self.reconstruct_holdout < 1.0:
+            raise ConfigError("reconstruct_holdout", f"reconstruct_holdout must be in [0, 1) (got {self.reconstruct_holdout})")
+        if self.reconstruct and self.calibration != "sequential":
+            raise ConfigError("reconstruct", "block reconstruction runs in the sequential pass: use --calibration "
+                              "sequential or --reconstruct 0")
         if self.calibration == "sequential" and self.fold != "lstsq" and self.target != "layer":
             raise ConfigError("target", f"target {self.target!r} only changes the lstsq fold: use fold lstsq or target layer")
 
@@ -292,6 +307,8 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
             prune_layer(lm.model, work, cfg, layer_plan=given.layers[i])
     update_config(lm.model, added_bias=cfg.adds_bias and not had_bias)
     summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
+    if "reconstruct" in calib.meta:
+        summary["reconstruct"] = calib.meta["reconstruct"]
     lm.fingerprint = None  # the weights changed
     if out is not None:
         save_pruned(lm.model, lm.tokenizer, out, summary=summary, overwrite=overwrite,
