@@ -366,15 +366,20 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
 
     `config` (or RecoverConfig fields as keywords: `tokens=`, `lr=`, `method="lora"`, ...) says how;
     `teacher_model` passes an already loaded dense model (a recipe's) instead of loading `config.teacher`.
-    `callback(step, record)` runs after every optimizer step (after that step's state was saved). Returns
-    (LoadedModel of the written checkpoint, the `recover` section). Formula, cost and resume: module docstring.
+    `callback(step, record, model)` runs after every optimizer step, after that step's state was saved
+    (`record`: the step's loss curve entry and `seconds` of training so far, which exclude the callbacks;
+    `model`: the student being trained, e.g. for an outside evaluation). Returns (LoadedModel of the written checkpoint, the `recover` section). Formula, cost and resume: module docstring.
     """
-    import peft  # noqa: F401 (imported first: a missing package fails before any work)
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     cfg = config.replace(**settings) if config is not None else RecoverConfig.make(**settings)
+    if cfg.method == "lora":
+        try:
+            import peft  # noqa: F401 (checked before any work)
+        except ImportError:
+            raise NeuroprojError("--method lora needs the package peft: pip install peft") from None
     pruned, out = Path(pruned_dir), Path(out)
     log = log or (lambda msg: print(msg, flush=True) if progress else None)
     _check_checkpoint(pruned)
@@ -469,7 +474,7 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
     bar = tqdm(total=steps, initial=prog["step"], desc="recover", unit="step", disable=not progress,
                dynamic_ncols=True)
     t_run = time.perf_counter()
-    seconds0 = prog["seconds"]
+    seconds0, t_callbacks = prog["seconds"], 0.0   # the clock counts training and held-out evaluations only
     try:
         while prog["step"] < steps:
             t0 = time.perf_counter()
@@ -509,14 +514,16 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
                     prog["best"] = {"step": step, "loss": ev["loss"]}
                     if cfg.keep == "best":
                         best_params = _trainable(acc.unwrap_model(model))
-            prog["seconds"] = seconds0 + time.perf_counter() - t_run
+            prog["seconds"] = seconds0 + time.perf_counter() - t_run - t_callbacks
             if cfg.save_every and step % cfg.save_every == 0 and step < steps:
                 _save_state(acc, state, prog, best_params)
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{tot['loss']:.4f}", tok_s=f"{cfg.tokens_per_step / dt:,.0f}")
             bar.update(1)
             if callback is not None:
-                callback(step, {k: v[-1] for k, v in c.items()})
+                t_cb = time.perf_counter()
+                callback(step, {**{k: v[-1] for k, v in c.items()}, "seconds": prog["seconds"]}, acc.unwrap_model(model))
+                t_callbacks += time.perf_counter() - t_cb
     except BaseException:
         bar.close()
         if created and out.is_dir() and not any(out.iterdir()):

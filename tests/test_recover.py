@@ -137,15 +137,34 @@ class Killed(KeyboardInterrupt):
 
 
 def _kill_at(step):
-    def cb(s, record):
+    def cb(s, record, model):
         if s == step:
             raise Killed
     return cb
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(pruned, tmp_path):
+@pytest.fixture(scope="module")
+def pruned_tied(tokenizer, tmp_path_factory):
+    """A pruned tiny llama whose head is tied to the embeddings (as SmolLM2's): stored once, in every state."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("tied")
+    c = tiny_config("llama", inter=128)
+    c.tie_word_embeddings, c.initializer_range = True, 0.2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(c).save_pretrained(d / "dense")
+    tokenizer.save_pretrained(d / "dense")
+    prune(str(d / "dense"), str(C4), sparsity=0.5, samples=8, seqlen=64, multiple=1, out=d / "pruned", progress=False)
+    assert json.loads((d / "pruned" / "config.json").read_text())["tie_word_embeddings"]
+    return d / "pruned"
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_interrupted_and_resumed_equals_uninterrupted(which, pruned, pruned_tied, tmp_path):
     from safetensors.torch import load_file
 
+    pruned = {"untied": pruned, "tied": pruned_tied}[which]
     cfg = RecoverConfig.make(tokens=8 * 256, eval_every=2, save_every=3, **FAST)
     _, ref = recover(pruned, str(SHAKESPEARE), tmp_path / "a", cfg, progress=False)
     with pytest.raises(Killed):
