@@ -15,17 +15,17 @@ merged into the weights at the end, so the output is a plain checkpoint again). 
 never trained on: the student's held-out loss (the objective above), perplexity and KL to the teacher are
 measured before training, every `eval_every` steps and after, and `keep=best` writes the weights with the
 lowest held-out loss (the input's included: the output is never worse than the input on that measure),
-`keep=last` the final ones. A token budget
-beyond the text repeats it in a fresh order each pass (the summary reports the passes).
+`keep=last` the final ones. A token budget beyond the text repeats it in a fresh order each pass (the
+summary reports the passes).
 
 Cost, per training token: teacher forward ≈ 2·P_t FLOPs, student forward + backward ≈ 6·P_s (full) or ≈ 4·P_s
 (LoRA: no weight gradients beside the adapters'), so ≈ 8·P per token for P_t ≈ P_s = P; 2M tokens on a 135M
-model ≈ 2.2·10¹⁵ FLOPs (hours on a 2-core CPU, minutes on one GPU). Memory: full — 16 bytes per student
-parameter (float32 weights, gradients, two AdamW moments) plus the teacher (4 bytes per parameter in float32,
-2 in bfloat16); LoRA — 4 bytes per student parameter plus 16 per adapter parameter; both plus activations and
-≈ 4 float32 copies of the logits (batch_size · seqlen · vocab · 4 bytes each: student logits, their
-log-softmax and its gradient, the teacher's log-probabilities). `keep=best` holds one more copy of the
-trained parameters in CPU memory (4 bytes per parameter).
+model ≈ 2.2·10¹⁵ FLOPs (about a day at the 20-50 tokens/s measured on a shared 2-core CPU; minutes on one
+GPU). Memory: full — 16 bytes per student parameter (float32 weights, gradients, two AdamW moments) plus the
+teacher (4 bytes per parameter in float32, 2 in bfloat16); LoRA — 4 bytes per student parameter plus 16 per
+adapter parameter; both plus activations and ≈ 4 float32 copies of the logits (batch_size · seqlen · vocab · 4
+bytes each: student logits, their log-softmax and its gradient, the teacher's log-probabilities). `keep=best`
+holds one more copy of the trained parameters in CPU memory (4 bytes per parameter).
 
 Precision: `dtype=auto` is bfloat16 autocast on CUDA (teacher in bfloat16, student master weights float32)
 and float32 on the CPU. The output is cast to the input checkpoint's stored dtype.
@@ -220,7 +220,8 @@ def _check_teacher(teacher: LoadedModel, student: LoadedModel, spec: str, summar
             (teacher.tokenizer is not None and student.tokenizer is not None
              and teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab()):
         raise NeuroprojError(f"teacher {spec!r} has another vocabulary ({tc.vocab_size} tokens) than the pruned "
-                             f"model ({sc.vocab_size}): the KL needs one vocabulary; give --teacher the model you pruned")
+                             f"model ({sc.vocab_size}): the KL needs one vocabulary; give --teacher the model you "
+                             f"pruned")
     if not (summary or {}).get("recover"):
         a, b = t_emb.detach().float().cpu(), s_emb.detach().float().cpu()
         if not torch.allclose(a, b, rtol=1e-2, atol=1e-2 * float(b.abs().max())):  # bfloat16 rounding passes
@@ -340,7 +341,8 @@ def _mismatch(saved: dict, now: dict) -> list[str]:
     for k in keys:
         a, b = saved.get(k), now.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            flat += [f"{k}.{kk} {a.get(kk)!r} -> {b.get(kk)!r}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+            flat += [f"{k}.{kk} {a.get(kk)!r} -> {b.get(kk)!r}" for kk in sorted(set(a) | set(b))
+                     if a.get(kk) != b.get(kk)]
         elif a != b:
             flat.append(f"{k} {a!r} -> {b!r}")
     return flat
@@ -368,7 +370,8 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
     `teacher_model` passes an already loaded dense model (a recipe's) instead of loading `config.teacher`.
     `callback(step, record, model)` runs after every optimizer step, after that step's state was saved
     (`record`: the step's loss curve entry and `seconds` of training so far, which exclude the callbacks;
-    `model`: the student being trained, e.g. for an outside evaluation). Returns (LoadedModel of the written checkpoint, the `recover` section). Formula, cost and resume: module docstring.
+    `model`: the student being trained, e.g. for an outside evaluation). Returns (LoadedModel of the written
+    checkpoint, the `recover` section). Formula, cost and resume: the module docstring.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -424,7 +427,9 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
                                  f"resume, or pass --overwrite to start over")
         saved = None
     if saved is None and state.exists():
-        shutil.rmtree(state)   # another run's state, given up with --overwrite (or unreadable: refused above)
+        shutil.rmtree(state)   # another run's state, given up with --overwrite
+    if out.exists() and not out.is_dir():
+        out.unlink()           # a file in the way, given up with --overwrite (the state goes under OUT/)
 
     # -- the student as a trainable module
     torch.manual_seed(cfg.seed)   # LoRA's initialisation (a resumed run loads the saved adapters instead)
@@ -522,7 +527,8 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
             bar.update(1)
             if callback is not None:
                 t_cb = time.perf_counter()
-                callback(step, {**{k: v[-1] for k, v in c.items()}, "seconds": prog["seconds"]}, acc.unwrap_model(model))
+                record = {**{k: v[-1] for k, v in c.items()}, "seconds": prog["seconds"]}
+                callback(step, record, acc.unwrap_model(model))
                 t_callbacks += time.perf_counter() - t_cb
     except BaseException:
         bar.close()
@@ -533,6 +539,8 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
 
     # -- the weights kept, merged and written in the input's format
     final = acc.unwrap_model(model)
+    del model, opt_, sched
+    acc.free_memory()   # the optimizer's moments (8 bytes per trained parameter) before the copy that is written
     kept_step = prog["step"] if cfg.keep == "last" else prog["best"]["step"]
     if cfg.keep == "best" and best_params is not None:
         _restore(final, best_params)
@@ -548,7 +556,8 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
         "teacher": t_spec, "data": data_desc, "method": cfg.method, "config": cfg.to_dict(), "lr": cfg.peak_lr,
         "steps": prog["step"], "tokens_seen": prog["tokens"], "passes": round(passes, 3), "kept": cfg.keep,
         "kept_step": kept_step, "precision": "bfloat16 autocast" if bf16 else "float32", "device": str(acc.device),
-        "seconds": round(prog["seconds"], 1), "flops_estimate": 8 * num_params(final) * prog["tokens"],
+        "seconds": round(prog["seconds"], 1),
+        "flops_estimate": (8 if cfg.method == "full" else 6) * num_params(final) * prog["tokens"],
         "held_out": {"windows": len(held_w), "seqlen": cfg.seqlen, "teacher_ppl": first["teacher_ppl"],
                      "ppl_before": first["ppl"], "ppl_after": after["ppl"], "kl_before": first["kl"],
                      "kl_after": after["kl"],
@@ -560,8 +569,6 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
         report["previous"] = new_summary["recover"]   # a recovered checkpoint recovered again
     new_summary["recover"] = report
     extra = {"plan.json": plan_text} if plan_text is not None else None
-    if out.exists() and not out.is_dir():
-        out.unlink()  # a file in the way, given up with --overwrite
     save_pruned(final, student.tokenizer, out, summary=new_summary, extra_files=extra, overwrite=True)
     ho = report["held_out"]
     log(f"[recover] {prog['tokens']:,} tokens in {report['seconds']} s: held-out perplexity {ho['ppl_before']:.3f} -> "

@@ -161,7 +161,7 @@ def pruned_tied(tokenizer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["untied", "tied"])
-def test_interrupted_and_resumed_equals_uninterrupted(which, pruned, pruned_tied, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted(which, pruned, pruned_tied, tmp_path, capsys):
     from safetensors.torch import load_file
 
     pruned = {"untied": pruned, "tied": pruned_tied}[which]
@@ -176,6 +176,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(which, pruned, pruned_tied
     assert main(["recover", str(pruned), "--data", str(SHAKESPEARE), "--out", str(tmp_path / "b"), "--tokens",
                  str(8 * 256), "--seqlen", "64", "--batch-size", "4", "--grad-accum", "1", "--eval-windows", "4",
                  "--eval-every", "2", "--save-every", "3", "--lr", "1e-3"]) == 2
+    assert "lr 0.003 -> 0.001" in capsys.readouterr().err
     assert (tmp_path / "b" / STATE_DIR / "progress.json").is_file()
     logs = []
     _, got = recover(pruned, str(SHAKESPEARE), tmp_path / "b", cfg, progress=False, log=logs.append)
