@@ -15,9 +15,8 @@ from its fields. Every method kind is a registry with one signature: `plan.SELEC
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +25,7 @@ from .calibrate import CALIBRATIONS, COMPUTE_DTYPES, RECONSTRUCT_SCOPES, TARGETS
 from .calibrate import error_curves, rms_token_weights  # noqa: F401 (re-exported)
 from .checkpoint import prepare_out_dir, save_pruned, skip_source_remapper, update_config
 from .clustering import load_clusters
+from .config import Config, ConfigError, opt  # noqa: F401 (ConfigError re-exported)
 from .errors import NeuroprojError
 from .models import LoadedModel, load_model
 from .plan import SELECTORS, LayerMoments, Plan, layer_width, make_layer_plan
@@ -33,103 +33,61 @@ from .surgery import FOLDS, RIDGE, fold_and_slice
 
 
 # -------------------------------------------------------------------------------------------- config
-class ConfigError(NeuroprojError):
-    """A bad PruneConfig value; `field` names the setting (recipes say `prune.FIELD`, the CLI `--field`)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-def _opt(default, help, choices=None, kind=None, optional=False):
-    """A config field: its default, its help text, its allowed values (a tuple, or a callable returning a
-    registry), its value type when the default does not say (None defaults), and whether None is allowed
-    (always for None defaults)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "kind": kind,
-                                            "optional": optional or default is None})
-
-
 @dataclass
-class PruneConfig:
+class PruneConfig(Config):
     """Every method choice of one prune. Validated when made; `replace(**changes)` makes a validated copy."""
 
-    sparsity: float | None = _opt(0.3, "fraction of MLP neurons to remove, in [0, 1)", kind=float, optional=True)
-    keep: int | None = _opt(None, "neurons to keep per layer (instead of sparsity)", kind=int)
-    select: str = _opt("wanda-sp", "selection method (best measured: wanda-sp, eval/results/smollm2.md)",
-                       lambda: SELECTORS)
-    fold: str = _opt("lstsq", "how removed neurons fold into the kept ones", lambda: FOLDS)
-    calibration: str = _opt("sequential", "sequential (layer by layer on the pruned model's own inputs) or "
-                            "oneshot (dense statistics; the default when a stats file is given)", lambda: CALIBRATIONS)
-    allocation: str = _opt("uniform", "uniform (same width everywhere: a standard checkpoint) or global "
-                           "(per-layer widths from measured per-layer importance)", lambda: ALLOCATIONS)
-    target: str = _opt("layer", "sequential fold target: layer (its own output on the pruned inputs), dense "
-                       "(the dense model's MLP output) or residual (also repair the residual stream's drift)", TARGETS)
-    weighting: str = _opt("rms", "sequential token weights: rms (1/mean(out_t^2), as the next norm sees an "
-                          "error) or none", ("rms", "none"))
-    output_weighting: str = _opt("none", "selection sees output errors scaled by the downstream norms' gains "
-                                 "(norms) or not (none)", ("none", "norms"))
-    multiple: int = _opt(64, "round widths to a multiple (1 = exact)")
-    ridge: float = _opt(RIDGE, "relative ridge of the least-squares solves (raised to 1e-2 on too few tokens)")
-    add_bias: bool | None = _opt(None, "let folds write an MLP output bias on architectures without one "
-                                 "(default: only for the bias fold)", kind=bool)
-    samples: int = _opt(128, "calibration windows")
-    seqlen: int = _opt(512, "tokens per calibration window")
-    seed: int = _opt(0, "which calibration windows are drawn; selection seeds")
-    batch_size: int | None = _opt(None, "calibration windows per forward pass (default ~4096 tokens)", kind=int)
-    alloc_samples: int = _opt(32, "global allocation: calibration windows that measure the error curves")
-    max_shift: float = _opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one")
-    alloc_weights: str = _opt("grad", "global allocation token weights: grad (loss units, one backward pass) or "
-                              "rms (no backward)", ("grad", "rms"))
-    compute_dtype: str = _opt("auto", "matmul precision of the calibration forwards of a float32 model: auto "
-                              "(bfloat16 where fast: CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; "
-                              "Grams and solves stay float64", COMPUTE_DTYPES)
-    reconstruct: int = _opt(0, "block reconstruction: Adam steps per layer that train the kept gate/up/down "
-                            "against the dense block's output after the fold (0 = off; sequential only)")
-    reconstruct_lr: float = _opt(1e-4, "block reconstruction: peak learning rate (cosine decay)")
-    reconstruct_tokens: int = _opt(2048, "block reconstruction: tokens per step (scope mlp)")
-    reconstruct_holdout: float = _opt(0.125, "block reconstruction: share of calibration windows held back "
-                                      "for early stopping")
-    reconstruct_scope: str = _opt("mlp", "block reconstruction: the MLP alone, or the whole decoder layer "
-                                  "(attention included, one batch of windows per step)", RECONSTRUCT_SCOPES)
+    what = "prune"
 
-    def __post_init__(self):
-        self.validate()
+    sparsity: float | None = opt(0.3, "fraction of MLP neurons to remove, in [0, 1)", kind=float, optional=True)
+    keep: int | None = opt(None, "neurons to keep per layer (instead of sparsity)", kind=int)
+    select: str = opt("wanda-sp", "selection method (best measured: wanda-sp, eval/results/smollm2.md)",
+                      lambda: SELECTORS)
+    fold: str = opt("lstsq", "how removed neurons fold into the kept ones", lambda: FOLDS)
+    calibration: str = opt("sequential", "sequential (layer by layer on the pruned model's own inputs) or "
+                           "oneshot (dense statistics; the default when a stats file is given)", lambda: CALIBRATIONS)
+    allocation: str = opt("uniform", "uniform (same width everywhere: a standard checkpoint) or global "
+                          "(per-layer widths from measured per-layer importance)", lambda: ALLOCATIONS)
+    target: str = opt("layer", "sequential fold target: layer (its own output on the pruned inputs), dense "
+                      "(the dense model's MLP output) or residual (also repair the residual stream's drift)", TARGETS)
+    weighting: str = opt("rms", "sequential token weights: rms (1/mean(out_t^2), as the next norm sees an "
+                         "error) or none", ("rms", "none"))
+    output_weighting: str = opt("none", "selection sees output errors scaled by the downstream norms' gains "
+                                "(norms) or not (none)", ("none", "norms"))
+    multiple: int = opt(64, "round widths to a multiple (1 = exact)")
+    ridge: float = opt(RIDGE, "relative ridge of the least-squares solves (raised to 1e-2 on too few tokens)")
+    add_bias: bool | None = opt(None, "let folds write an MLP output bias on architectures without one "
+                                "(default: only for the bias fold)", kind=bool)
+    samples: int = opt(128, "calibration windows")
+    seqlen: int = opt(512, "tokens per calibration window")
+    seed: int = opt(0, "which calibration windows are drawn; selection seeds")
+    batch_size: int | None = opt(None, "calibration windows per forward pass (default ~4096 tokens)", kind=int)
+    alloc_samples: int = opt(32, "global allocation: calibration windows that measure the error curves")
+    max_shift: float = opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one")
+    alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units, one backward pass) or "
+                             "rms (no backward)", ("grad", "rms"))
+    compute_dtype: str = opt("auto", "matmul precision of the calibration forwards of a float32 model: auto "
+                             "(bfloat16 where fast: CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; "
+                             "Grams and solves stay float64", COMPUTE_DTYPES)
+    reconstruct: int = opt(0, "block reconstruction: Adam steps per layer that train the kept gate/up/down "
+                           "against the dense block's output after the fold (0 = off; sequential only)")
+    reconstruct_lr: float = opt(1e-4, "block reconstruction: peak learning rate (cosine decay)")
+    reconstruct_tokens: int = opt(2048, "block reconstruction: tokens per step (scope mlp)")
+    reconstruct_holdout: float = opt(0.125, "block reconstruction: share of calibration windows held back "
+                                     "for early stopping")
+    reconstruct_scope: str = opt("mlp", "block reconstruction: the MLP alone, or the whole decoder layer "
+                                 "(attention included, one batch of windows per step)", RECONSTRUCT_SCOPES)
 
-    # -- validation (the one place)
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            v, md = getattr(self, f.name), f.metadata
-            kind = md["kind"] or type(f.default)
-            if v is None and md["optional"]:
-                continue
-            if kind is bool:
-                if not isinstance(v, bool):
-                    raise ConfigError(f.name, f"{f.name} must be true or false, got {v!r}")
-                continue
-            if kind is int:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
-                    raise ConfigError(f.name, f"{f.name} must be a whole number, got {v!r}")
-                setattr(self, f.name, int(v))
-            elif kind is float:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise ConfigError(f.name, f"{f.name} must be a finite number, got {v!r}")
-                setattr(self, f.name, float(v))
-            elif not isinstance(v, str):
-                raise ConfigError(f.name, f"{f.name} must be a string, got {v!r}")
-            choices = md["choices"]() if callable(md["choices"]) else md["choices"]
-            if choices is not None and v not in choices:
-                raise ConfigError(f.name, f"unknown {f.name.replace('_', ' ')} {v!r}: choose from {', '.join(choices)}")
+    # -- validation (the one place; the types and choices are checked by Config.validate)
+    def check(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError("sparsity", f"sparsity must be in [0, 1) (got {self.sparsity})")
         if self.sparsity is not None and self.keep is not None:
             raise ConfigError("keep", "give sparsity or keep, not both")
         if self.keep is not None and self.keep < 1:
             raise ConfigError("keep", f"keep {self.keep}: a layer would be pruned to zero width; keep at least 1 neuron")
-        for name, lo in (("multiple", 1), ("samples", 1), ("seqlen", 2), ("batch_size", 1),
-                         ("alloc_samples", 1), ("seed", 0), ("reconstruct", 0), ("reconstruct_tokens", 1)):
-            v = getattr(self, name)
-            if v is not None and v < lo:
-                raise ConfigError(name, f"{name} must be at least {lo} (got {v})")
+        self.at_least({"multiple": 1, "samples": 1, "seqlen": 2, "batch_size": 1, "alloc_samples": 1, "seed": 0,
+                       "reconstruct": 0, "reconstruct_tokens": 1})
         if self.ridge < 0:
             raise ConfigError("ridge", f"ridge must be >= 0 (got {self.ridge})")
         if not 0.0 < self.max_shift <= 1.0:
@@ -149,59 +107,14 @@ class PruneConfig:
         """Whether folds may write an MLP output bias (by default only the bias fold does)."""
         return self.fold == "bias" if self.add_bias is None else self.add_bias
 
-    # -- construction from the outside
     @classmethod
     def make(cls, **given) -> "PruneConfig":
         """From keyword arguments (None means: the default). Giving `keep` and no `sparsity` drops the default
         sparsity."""
-        given = {k: v for k, v in given.items() if v is not None}
-        unknown = set(given) - set(cls.field_names())
-        if unknown:
-            raise ConfigError(sorted(unknown)[0], f"unknown prune setting(s) {sorted(unknown)}: known are {', '.join(cls.field_names())}")
+        given = cls.given_settings(given)
         if "keep" in given and "sparsity" not in given:
             given["sparsity"] = None
         return cls(**given)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def replace(self, **changes) -> "PruneConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def recipe_defaults(cls, exclude=()) -> dict:
-        """The recipe section: every field and its default."""
-        return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
-
-    @classmethod
-    def add_arguments(cls, parser, exclude=(), defaults: dict | None = None) -> None:
-        """One `--flag` per field (`max_shift` → `--max-shift`), default None so that unset flags keep the
-        config's defaults (`from_args`)."""
-        for f in dataclasses.fields(cls):
-            if f.name in exclude:
-                continue
-            md = f.metadata
-            kind = md["kind"] or type(f.default)
-            choices = md["choices"]() if callable(md["choices"]) else md["choices"]
-            default = (defaults or {}).get(f.name, f.default)
-            help = md["help"] + (f" ({', '.join(choices)})" if choices else "") + \
-                (f"; default {default}" if default is not None else "")
-            flag = "--" + f.name.replace("_", "-")
-            if kind is bool:
-                parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help)
-            else:
-                parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help)
-
-    @classmethod
-    def from_args(cls, args, **extra) -> "PruneConfig":
-        """The config of parsed CLI arguments (flags made by `add_arguments`) plus `extra` settings."""
-        given = {n: getattr(args, n) for n in cls.field_names() if hasattr(args, n)}
-        given.update(extra)
-        return cls.make(**given)
 
 
 # ---------------------------------------------------------------------------------------- allocation

@@ -7,8 +7,11 @@ runs when its outputs are missing or its hash changed; otherwise it is skipped. 
 validated (unknown key, wrong type, missing file) before any model is loaded.
 
 Stages and outputs: stats → stats.safetensors; projection → projections.safetensors; clustering →
-clusters.json; heatmaps → heatmaps/; prune → pruned/ (+ plan.json); eval → eval.json and eval_dense.json;
-sweep → sweep/; skips → skips/; trace → trace.safetensors; export → export/ (model.gguf, nemotron-nas/, hf/);
+clusters.json; heatmaps → heatmaps/; prune → pruned/ (+ plan.json); recover (off by default) → recovered/,
+distilled from the recipe's dense model; eval → eval.json (of recovered/ when recover runs, else of pruned/) and
+eval_dense.json;
+sweep → sweep/; skips → skips/; trace → trace.safetensors; export → export/ (model.gguf, nemotron-nas/, hf/) of
+the model eval evaluates;
 report → report.html.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .io import check_writable, write_json, write_text
 from .models import LoadedModel, load_model
 from .projection import project
 from .prune import ConfigError, PruneConfig, prune
+from .recover import RecoverConfig, recover
 from .skips import run_skips
 from .stats import collect, load_stats, parse_layers, parse_sites
 from .sweep import sweep
@@ -53,6 +57,8 @@ DEFAULTS: dict = {
     "heatmaps": {"enabled": True, "layers": "0,-1"},
     # every PruneConfig field (samples, seqlen and seed come from the calibration section)
     "prune": {"enabled": True, **PruneConfig.recipe_defaults(exclude=CALIBRATION_KEYS)},
+    # every RecoverConfig field but the teacher (the recipe's model); data: the calibration text when None
+    "recover": {"enabled": False, "data": None, **RecoverConfig.recipe_defaults(exclude=("teacher",))},
     "eval": {"enabled": True, "data": None, "seqlen": 1024, "max_windows": None, "tasks": [], "limit": None,
              "dense": True},
     "sweep": {"enabled": False, "sparsities": [0.1, 0.2, 0.3, 0.4, 0.5], "select": ["wanda-sp"], "fold": ["lstsq"],
@@ -73,6 +79,14 @@ def prune_config(r: dict) -> PruneConfig:
     except ConfigError as e:
         section = "calibration" if e.field in CALIBRATION_KEYS else "prune"
         raise NeuroprojError(f"recipe key '{section}.{e.field}': {e}") from None
+
+
+def recover_config(r: dict) -> RecoverConfig:
+    """The recipe's recover settings as one validated config (the teacher is the recipe's model)."""
+    try:
+        return RecoverConfig.make(**{k: v for k, v in r["recover"].items() if k not in ("enabled", "data")})
+    except ConfigError as e:
+        raise NeuroprojError(f"recipe key 'recover.{e.field}': {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -148,12 +162,15 @@ def validate(r: dict, path) -> None:
             raise NeuroprojError(f"recipe key {key!r} is required")
     if not r["calibration"]["data"]:
         raise NeuroprojError("recipe key 'calibration.data' is required")
-    for section, key in (("calibration", "data"), ("eval", "data")):
+    for section, key in (("calibration", "data"), ("eval", "data"), ("recover", "data")):
         v = r[section][key]
         looks_like_file = str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or str(v).startswith((".", "/", "~"))
         if v and looks_like_file and not Path(v).expanduser().is_file():  # else: a `datasets` name
             raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
     prune_config(r)
+    recover_config(r)
+    if r["recover"]["enabled"] and not r["prune"]["enabled"]:
+        raise NeuroprojError("recipe stage 'recover' trains the pruned model: enable prune too")
     if r["skips"]["enabled"] and not r["stats"]["cross_layer_window"]:
         raise NeuroprojError("recipe stage 'skips' needs cross-layer statistics: set stats.cross_layer_window >= 1")
     for fmt in _as_list(r["export"]["to"]):
@@ -295,6 +312,20 @@ def _run(r: dict, out: Path, progress, log) -> dict:
 
     stage("prune", Pr["enabled"], h_prune, [pruned_d, out / "plan.json"], do_prune)
 
+    # recover: distil the dense model into the pruned one; eval and export then read its output instead
+    R = r["recover"]
+    recovered_d = out / "recovered"
+    rec_data = R["data"] or cal["data"]
+    h_recover = _hash("recover", h_prune, model_key, rec_data, R)
+
+    def do_recover():
+        recover(pruned_d, rec_data, recovered_d, recover_config(r), teacher_model=lm(), overwrite=True,
+                device=r["device"], progress=progress, log=log)
+
+    do_rec = R["enabled"] and Pr["enabled"]
+    stage("recover", do_rec, h_recover, [recovered_d], do_recover)
+    final_d, h_final = (recovered_d, h_recover) if do_rec else (pruned_d, h_prune)
+
     E = r["eval"]
     eval_data = E["data"]
     if E["enabled"] and not eval_data:
@@ -306,10 +337,10 @@ def _run(r: dict, out: Path, progress, log) -> dict:
         evaluate(lm(), json_out=out / "eval_dense.json", **ekw)
 
     def do_eval():
-        evaluate(str(pruned_d), json_out=out / "eval.json", dtype=r["dtype"], device=r["device"], **ekw)
+        evaluate(str(final_d), json_out=out / "eval.json", dtype=r["dtype"], device=r["device"], **ekw)
 
     stage("eval_dense", E["enabled"] and E["dense"], _hash("eval", model_key, E), [out / "eval_dense.json"], do_eval_dense)
-    stage("eval", E["enabled"] and Pr["enabled"], _hash("eval", h_prune, E), [out / "eval.json"], do_eval)
+    stage("eval", E["enabled"] and Pr["enabled"], _hash("eval", h_final, E), [out / "eval.json"], do_eval)
 
     Sw = r["sweep"]
 
@@ -344,9 +375,9 @@ def _run(r: dict, out: Path, progress, log) -> dict:
 
     def do_export():
         for fmt, path in x_outs.items():
-            export(str(pruned_d), fmt, path, type=X["type"], overwrite=True)
+            export(str(final_d), fmt, path, type=X["type"], overwrite=True)
 
-    stage("export", X["enabled"] and Pr["enabled"], _hash("export", h_prune, X), list(x_outs.values()), do_export)
+    stage("export", X["enabled"] and Pr["enabled"], _hash("export", h_final, X), list(x_outs.values()), do_export)
 
     def do_report():
         view(out, out=out / "report.html")
