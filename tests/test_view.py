@@ -8,6 +8,7 @@ direct forward passes; a run directory missing optional parts still renders, tho
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -235,9 +236,12 @@ def test_missing_parts_render(run_dir, browser, tmp_path):
         page.close()
 
 
-def test_size_limit_quantizes_trace(run_dir, tmp_path):
-    """int8 trace activations with a per-token scale stay within half a quantization step; over the size
-    limit the page quantizes, then keeps every k-th layer of the trace, and says so."""
+def test_size_limit_quantizes_trace(run_dir, tiny_dir, tmp_path):
+    """int8 trace activations with a per-token scale stay within half a quantization step; as the size limit
+    shrinks, the page never exceeds it and degrades in order — float16 trace, int8, every k-th layer of the
+    trace, no trace — saying so each time; below the page's own code the limit is refused in one line."""
+    from neuroproj_prune.errors import NeuroprojError
+
     out = npp.view(run_dir, tmp_path / "i8.html", model=None, trace_encoding="i1")
     data = load_page_data(out)
     assert data["trace"]["encoding"] == "i1" and any("8-bit" in n for n in data["notes"])
@@ -248,9 +252,39 @@ def test_size_limit_quantizes_trace(run_dir, tmp_path):
         err = np.abs(trace_activations(data, k) - ref).max(1)
         assert (err <= np.abs(ref).max(1) / 127 * 0.51 + 1e-6).all()
     plotly_mb = len(__import__("plotly.offline", fromlist=["get_plotlyjs"]).get_plotlyjs()) / 2**20
-    data = load_page_data(npp.view(run_dir, tmp_path / "tiny.html", model=None, max_mb=plotly_mb))
-    assert data["trace"]["encoding"] == "i1" and data["trace"]["layer_step"] > 1
-    assert any("every" in n and "layer" in n for n in data["notes"]) and data["trace"]["acts"]
+    with pytest.raises(NeuroprojError, match="leaves no room for data"):
+        npp.view(run_dir, tmp_path / "x.html", model=None, max_mb=plotly_mb)
+    # a long trace (T = 262: ~270 kB as float16) next to ~10 kB of points, nothing else
+    d = tmp_path / "long"
+    d.mkdir()
+    for f in ("projections.safetensors", "clusters.json"):
+        shutil.copy(run_dir / f, d / f)
+    npp.trace(str(tiny_dir("llama")), d / "projections.safetensors", PROMPT, max_new_tokens=250,
+              out=d / "trace.safetensors")
+    full = npp.view(d, tmp_path / "full.html", model=None).stat().st_size
+    assert load_page_data(tmp_path / "full.html")["trace"]["encoding"] == "f2"
+    payload = re.search(r'id="npp-data">(.*?)</script>', (tmp_path / "full.html").read_text(), re.S).group(1)
+    code = full - len(payload)                           # the page less its data
+    seen, last = [], (0, 1)
+    top = full + 40_000                                  # the planner holds back room for the notes
+    for k in range(24):                                  # from the full page down to 80 kB of room for data
+        mb = (top - (top - code - 80_000) * k / 23) / 2**20
+        page = npp.view(d, tmp_path / "s.html", model=None, max_mb=mb)
+        assert page.stat().st_size <= mb * 2**20, (mb, page.stat().st_size)
+        data = load_page_data(page)
+        t = data["trace"]
+        state = 3 if t is None else 0 if t["encoding"] == "f2" else 1 if t["layer_step"] == 1 else 2
+        assert state >= last[0], (mb, state, last)       # never back to a finer trace on a smaller page
+        if state == 2:
+            assert t["acts"] and t["layer_step"] >= last[1] and len(t["acts"]) < 9
+            assert any("every" in n and "layer" in n for n in data["notes"])
+        if state in (1, 2):
+            assert any("8-bit" in n for n in data["notes"])
+        if state == 3:
+            assert any(n.startswith("trace: not shown") for n in data["notes"])
+        last = (state, t["layer_step"] if t else last[1])
+        seen.append(state)
+    assert {0, 1, 2} <= set(seen), seen
 
 
 def test_trace_api_sampling_and_errors(run_dir, tiny_dir, tmp_path):
@@ -286,3 +320,23 @@ def test_2d_and_strip(run_dir, browser, tmp_path, dims):
         assert errors == []
     finally:
         page.close()
+
+
+def test_second_moment_diagonals_match_stats(run_dir, tmp_path):
+    """The report's streamed E[h²] (count, shift, sum and the Gram's diagonal only) equals Var + μ² from the
+    fully loaded statistics, for every layer and site; a damaged file is refused in one line."""
+    from neuroproj_prune.errors import NeuroprojError
+    from neuroproj_prune.stats import load_stats, second_moment_diagonals
+
+    st = load_stats(run_dir / "stats.safetensors")
+    meta, e2 = second_moment_diagonals(run_dir / "stats.safetensors")
+    assert meta["layers"] == st.layers and sorted(e2) == sorted((i, s) for i in st.layers for s in st.sites)
+    for (i, s), v in e2.items():
+        ref = (st.variance(i, s) + st.mean(i, s) ** 2).numpy()
+        np.testing.assert_allclose(v, ref, rtol=1e-12, atol=1e-12)
+    assert sorted(second_moment_diagonals(run_dir / "stats.safetensors", layers=[1], sites=["attn.out"])[1]) == \
+        [(1, "attn.out")]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((run_dir / "stats.safetensors").read_bytes()[:5000])
+    with pytest.raises(NeuroprojError, match="not a readable statistics file"):
+        second_moment_diagonals(bad)
