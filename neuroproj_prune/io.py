@@ -288,16 +288,36 @@ class LazyTensorFile:
         if cols is not None:
             a = a[:, cols]
         out = np.array(a)
-        if self._index[key][0] == "BF16":
+        tag, dt, shape, b = self._index[key]
+        self._drop(self._base + b, math.prod(shape) * np.dtype(dt).itemsize)
+        if tag == "BF16":
             out = (out.astype(np.uint32) << 16).view(np.float32)
         return out
 
-    def diagonal(self, key: str) -> np.ndarray:
-        """The diagonal of the square matrix `key` (a copy). Cost: N strided reads, one page each."""
+    def _drop(self, start: int, nbytes: int) -> None:
+        """Unmap the pages of [start, start + nbytes) from this process once copied out (they stay in the
+        page cache): resident memory then holds one tensor at a time, not every tensor read so far."""
+        import mmap
+
+        if hasattr(mmap, "MADV_DONTNEED") and nbytes > 0:
+            lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, min(start + nbytes, len(self._mm)) - lo)
+
+    def diagonal(self, key: str, block: int = 1024) -> np.ndarray:
+        """The diagonal of the square matrix `key` (a copy). Cost: N strided reads, one page each (N·4 KiB
+        of I/O, not 8·N²); the pages are unmapped every `block` rows, so resident memory stays O(block)."""
         a = self.array(key)
         if a.ndim != 2 or a.shape[0] != a.shape[1]:
             raise NeuroprojError(f"{self.path}: {key} has shape {a.shape}, not a square matrix")
-        out = np.array(a.diagonal())
+        N, row = a.shape[0], a.shape[0] * a.itemsize
+        start = self._base + self._index[key][3]
+        out = np.empty(N, dtype=a.dtype)
+        for r in range(0, N, block):
+            e = min(N, r + block)
+            out[r:e] = a[np.arange(r, e), np.arange(r, e)]
+            # drop the touched pages from this process: the diagonals of an 8B model's statistics touch
+            # 720k pages, 2.9 GB of resident memory otherwise
+            self._drop(start + r * row, (e - r) * row)
         if self._index[key][0] == "BF16":
             out = (out.astype(np.uint32) << 16).view(np.float32)
         return out

@@ -635,6 +635,15 @@ def _rank_key(v) -> float:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else -math.inf
 
 
+def _fast_rank(cell: str) -> float:
+    """`_rank_key(_num(cell))` for one CSV cell, without trying int first (the streamed tables' hot loop)."""
+    try:
+        v = float(cell)
+    except ValueError:
+        return -math.inf
+    return v if math.isfinite(v) else -math.inf
+
+
 def _top_rows(t: dict, rows: list[dict], max_rows: int) -> None:
     """t["rows"]: the `max_rows` rows with the highest R² (ties and rows without one in file order), or the
     first `max_rows` rows of a table without an R² column; t["total"], t["ranked_by"] record the choice."""
@@ -665,14 +674,14 @@ def _stream_csv_table(path: Path, max_rows: int, want_pairs: bool):
                 if len(first) < max_rows:
                     first.append(row)
                 for c, j in ci.items():
-                    v = _rank_key(_num(row[j])) if j < len(row) else -math.inf
+                    v = _fast_rank(row[j]) if j < len(row) else -math.inf
                     if c in held and v != -math.inf:
                         held_numbers = True
-                    item = (v, -n, row)
-                    if len(heaps[c]) < max_rows:
-                        heapq.heappush(heaps[c], item)
-                    elif item[:2] > heaps[c][0][:2]:
-                        heapq.heapreplace(heaps[c], item)
+                    h = heaps[c]
+                    if len(h) < max_rows:
+                        heapq.heappush(h, (v, -n, row))
+                    elif v > h[0][0]:               # a later row never beats an equal value: file order
+                        heapq.heapreplace(h, (v, -n, row))
                 if want_pairs:
                     pairs += _layer_pairs(dict(zip(cols, row)))
     except (OSError, csv.Error, UnicodeDecodeError):
