@@ -37,7 +37,6 @@ data back into numpy arrays (tests and scripts use it).
 from __future__ import annotations
 
 import base64
-import copy
 import csv
 import heapq
 import html as _html
