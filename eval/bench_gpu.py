@@ -1,8 +1,8 @@
 """GPU benchmark of the pipeline on an 8B-class geometry with random weights: nothing to download (issue 17).
 
-    python eval/bench_gpu.py --geometry llama3-8b --out eval/results/gpu-llama3-8b      # one H200: ~6-10 min
+    python eval/bench_gpu.py --geometry llama3-8b --out eval/results/gpu-llama3-8b      # not yet run on a GPU
     python eval/bench_gpu.py --geometry qwen2.5-7b --out eval/results/gpu-qwen2.5-7b
-    python eval/bench_gpu.py --geometry tiny --out /tmp/bench-tiny                       # CPU smoke test, ~20 s
+    python eval/bench_gpu.py --geometry tiny --out /tmp/bench-tiny                       # CPU smoke test, ~10 s
 
 The model is built from a transformers config (Llama-3.1-8B: hidden 4096, MLP 14336, 32 layers, 32 heads,
 8 KV heads, vocabulary 128256; Qwen2.5-7B: 3584 / 18944 / 28 / 28 / 4 / 152064) directly on the device
