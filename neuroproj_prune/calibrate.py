@@ -224,10 +224,17 @@ class Sequential(Calibration):
         if get_skips(lm.model):  # skip hooks hand activations from layer l to m within one forward pass
             raise NeuroprojError("the model has applied skip connections, which layer-by-layer calibration cannot "
                                  "run: prune with --calibration oneshot, or prune before applying skips")
+        if ids is None and isinstance(data, torch.Tensor):
+            ids = data                  # token ids given directly (benchmarks, scripts): nothing is sampled
         if ids is None:
             if data is None:
                 raise NeuroprojError("sequential calibration needs --data (a stats file alone is not enough)")
             ids, self.description = calibration_ids(lm, data, cfg.samples, cfg.seqlen, cfg.seed)
+        elif self.description is None:
+            if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
+                raise NeuroprojError(f"calibration token ids must be a (windows, tokens) integer tensor with at "
+                                     f"least 2 tokens, got shape {tuple(ids.shape)} {ids.dtype}")
+            self.description = f"in-memory token ids ({ids.shape[0]}×{ids.shape[1]})"
         self.ids = ids
         self.compute = compute_dtype_for(cfg.compute_dtype, lm.model)
         if cfg.target == "residual" and not lm.adapter.mlp_output_is_added(lm.model):

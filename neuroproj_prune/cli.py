@@ -445,7 +445,10 @@ def _add_view(sub):
     p.add_argument("--max-points", type=int, default=20000,
                    help="neurons per layer and site beyond which an evenly spaced subset is drawn (default 20000)")
     p.add_argument("--max-mb", type=float, default=20.0,
-                   help="page size to stay under: trace activations are quantized / thinned to fit (default 20)")
+                   help="size limit of the page in MiB (default 20): points, trace, pictures and tables are thinned "
+                        "or left out to fit, and the page says what and how to see all")
+    p.add_argument("--layers", default=None,
+                   help="layers to show, e.g. '0-3,31' (default all): fewer layers leave room for every neuron")
     p.set_defaults(func=_run_view)
 
 
@@ -455,7 +458,8 @@ def _run_view(a):
 
     out = a.out or str(Path(a.run_dir) / "report.html")
     model = None if str(a.model).lower() in ("none", "") else a.model
-    path = view(a.run_dir, out, model=model, max_points=a.max_points, max_mb=a.max_mb, trace_file=a.trace)
+    path = view(a.run_dir, out, model=model, max_points=a.max_points, max_mb=a.max_mb, trace_file=a.trace,
+                layers=a.layers)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 

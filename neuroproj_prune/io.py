@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import NeuroprojError
@@ -190,3 +192,132 @@ class TensorFile:
         save_tensors(path, self._t, self.meta)
         self.path = str(path)
         return Path(path)
+
+
+# numpy dtypes of the safetensors dtype tags a lazy reader can return (BF16 is widened to float32 on read)
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+              "I8": "i1", "U8": "u1", "BOOL": "u1"}
+
+
+class LazyTensorFile:
+    """A tagged safetensors file read on demand: only its JSON header is parsed when opened; `array(key)`
+    maps one tensor (no copy, read-only numpy view), `diagonal(key)` reads the diagonal of a square matrix
+    with one strided pass (N pages, not N² values). For readers that need a few rows, columns or diagonals
+    of files too large for memory (an 8B model's statistics hold 32 Gram matrices of 14336², ~53 GB).
+    Use as a context manager, or call `close()`; arrays from `array` are invalid after closing."""
+
+    def __init__(self, path, fmt: str, what: str, remedy: str):
+        import mmap
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NeuroprojError(f"{what} file {self.path} not found")
+        bad = f"{self.path} is not a readable {what} file: re-run {remedy}"
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= min(size - 8, 1 << 30):
+                    raise ValueError("header size")
+                header = json.loads(f.read(n))
+            meta = json.loads((header.pop("__metadata__", None) or {})[META_KEY])
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise NeuroprojError(bad) from None
+        if not isinstance(meta, dict) or meta.get("format") != fmt:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise NeuroprojError(f"{self.path} is not a neuroproj-prune {what} file (format {found!r})")
+        self.meta, self._base, self._index = meta, 8 + n, {}
+        for k, v in header.items():
+            try:
+                dt, shape, (b, e) = _NP_DTYPES[v["dtype"]], [int(x) for x in v["shape"]], v["data_offsets"]
+                count = math.prod(shape)
+                if not (0 <= b <= e and e - b == count * np.dtype(dt).itemsize and self._base + e <= size):
+                    raise ValueError(k)
+            except (KeyError, TypeError, ValueError):
+                raise NeuroprojError(bad) from None
+            self._index[k] = (v["dtype"], dt, tuple(shape), int(b))
+        self._file = open(self.path, "rb")
+        try:
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+            if self._mm is not None and hasattr(self._mm, "madvise"):
+                # strided reads (a diagonal, a few columns) touch one page per row: without this the kernel
+                # reads ahead ~128 KiB per fault, i.e. the whole matrix
+                self._mm.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            self._file.close()
+            raise NeuroprojError(bad) from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_mm", None) is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # an array still maps it: the mapping goes when that array is freed
+                pass
+            self._mm = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, key) -> bool:
+        return key in self._index
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._index[key][2]
+
+    def array(self, key: str) -> np.ndarray:
+        """The tensor `key` as a read-only numpy array mapped from the file (BF16 as its raw uint16 bits:
+        use `read` for values). Cost: nothing until elements are touched."""
+        tag, dt, shape, b = self._index[key]
+        count = math.prod(shape)
+        return np.frombuffer(self._mm, dtype=dt, count=count, offset=self._base + b).reshape(shape)
+
+    def read(self, key: str, rows=None, cols=None) -> np.ndarray:
+        """A copy of the tensor `key` (or of its `rows` / `cols` selection), float tensors as float32/64."""
+        a = self.array(key)
+        if rows is not None:
+            a = a[rows]
+        if cols is not None:
+            a = a[:, cols]
+        out = np.array(a)
+        tag, dt, shape, b = self._index[key]
+        self._drop(self._base + b, math.prod(shape) * np.dtype(dt).itemsize)
+        if tag == "BF16":
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out
+
+    def _drop(self, start: int, nbytes: int) -> None:
+        """Unmap the pages of [start, start + nbytes) from this process once copied out (they stay in the
+        page cache): resident memory then holds one tensor at a time, not every tensor read so far."""
+        import mmap
+
+        if hasattr(mmap, "MADV_DONTNEED") and nbytes > 0:
+            lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, min(start + nbytes, len(self._mm)) - lo)
+
+    def diagonal(self, key: str, block: int = 1024) -> np.ndarray:
+        """The diagonal of the square matrix `key` (a copy). Cost: N strided reads, one page each (N·4 KiB
+        of I/O, not 8·N²); the pages are unmapped every `block` rows, so resident memory stays O(block)."""
+        a = self.array(key)
+        if a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise NeuroprojError(f"{self.path}: {key} has shape {a.shape}, not a square matrix")
+        N, row = a.shape[0], a.shape[0] * a.itemsize
+        start = self._base + self._index[key][3]
+        out = np.empty(N, dtype=a.dtype)
+        for r in range(0, N, block):
+            e = min(N, r + block)
+            out[r:e] = a[np.arange(r, e), np.arange(r, e)]
+            # drop the touched pages from this process: the diagonals of an 8B model's statistics touch
+            # 720k pages, 2.9 GB of resident memory otherwise
+            self._drop(start + r * row, (e - r) * row)
+        if self._index[key][0] == "BF16":
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out

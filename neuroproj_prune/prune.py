@@ -185,6 +185,9 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
           out=None, overwrite: bool = False, dtype="auto", device="auto", progress: bool = True, **settings):
     """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
 
+    `data`: the calibration data — a data spec (`samples`×`seqlen` tokens are drawn from it with `seed`) or a
+    (windows, tokens) tensor of token ids, used as given.
+
     `config` (or `PruneConfig` fields as keyword arguments, e.g. `sparsity=0.3, select="flap"`) says how;
     `plan_file` or `clusters` (a `cluster` JSON) give the kept sets as written instead of a selection (their
     folds use one-shot moments). Cost: sequential — one forward over samples×seqlen tokens plus N² per token

@@ -392,3 +392,21 @@ def test_bfloat16_compute_changes_little(tokenizer):
     assert abs(out["bfloat16"] - out["float32"]) < 0.02 * out["float32"]
     with pytest.raises(npp.NeuroprojError, match="compute dtype"):
         prune(_lm(tiny_model("llama"), tokenizer), C4, sparsity=0.5, compute_dtype="int8", progress=False)
+
+
+def test_token_id_tensor_as_calibration_data(tokenizer):
+    """A (windows, tokens) id tensor is calibration data as given: the same plan and weights as the text spec
+    those very ids were drawn from; a float or 1-D tensor is refused in one line."""
+    from neuroproj_prune.stats import calibration_ids
+
+    lm_text = _lm(tiny_model("llama"), tokenizer)
+    ids, _ = calibration_ids(lm_text, str(C4), 8, 32, 0)
+    _, p_text, s_text = prune(lm_text, str(C4), sparsity=0.5, samples=8, seqlen=32, multiple=8, progress=False)
+    lm_ids = _lm(tiny_model("llama"), None)
+    _, p_ids, s_ids = prune(lm_ids, ids, sparsity=0.5, multiple=8, progress=False)
+    assert p_ids.layers == p_text.layers and s_ids["calibration_data"] == "in-memory token ids (8×32)"
+    for a, b in zip(lm_text.model.parameters(), lm_ids.model.parameters()):
+        assert torch.equal(a, b)
+    for bad in (ids.float(), ids[0]):
+        with pytest.raises(npp.NeuroprojError, match="integer tensor"):
+            prune(_lm(tiny_model("llama"), None), bad, sparsity=0.5, multiple=8, progress=False)

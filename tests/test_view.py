@@ -3,11 +3,14 @@
 The issue's "must show" list: a real headless browser (Debian's chromium, driven by Playwright with the system
 binary) opens a page generated from a tiny run — no console errors, one point per neuron of the selected layer,
 the layer slider changes the data, the token slider moves the highlight; token alignment of the trace against
-direct forward passes; a run directory missing optional parts still renders, those sections absent.
+direct forward passes; a run directory missing optional parts still renders, those sections absent. Issue 17:
+the page size budget holds as it shrinks (the trace degrades in order), and a synthetic run of an 8B model's
+size (tests/synth_run.py) builds in bounded time and memory, within 20 MB, and renders.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -235,9 +238,12 @@ def test_missing_parts_render(run_dir, browser, tmp_path):
         page.close()
 
 
-def test_size_limit_quantizes_trace(run_dir, tmp_path):
-    """int8 trace activations with a per-token scale stay within half a quantization step; over the size
-    limit the page quantizes, then keeps every k-th layer of the trace, and says so."""
+def test_size_limit_quantizes_trace(run_dir, tiny_dir, tmp_path):
+    """int8 trace activations with a per-token scale stay within half a quantization step; as the size limit
+    shrinks, the page never exceeds it and degrades in order — float16 trace, int8, every k-th layer of the
+    trace, no trace — saying so each time; below the page's own code the limit is refused in one line."""
+    from neuroproj_prune.errors import NeuroprojError
+
     out = npp.view(run_dir, tmp_path / "i8.html", model=None, trace_encoding="i1")
     data = load_page_data(out)
     assert data["trace"]["encoding"] == "i1" and any("8-bit" in n for n in data["notes"])
@@ -248,9 +254,39 @@ def test_size_limit_quantizes_trace(run_dir, tmp_path):
         err = np.abs(trace_activations(data, k) - ref).max(1)
         assert (err <= np.abs(ref).max(1) / 127 * 0.51 + 1e-6).all()
     plotly_mb = len(__import__("plotly.offline", fromlist=["get_plotlyjs"]).get_plotlyjs()) / 2**20
-    data = load_page_data(npp.view(run_dir, tmp_path / "tiny.html", model=None, max_mb=plotly_mb))
-    assert data["trace"]["encoding"] == "i1" and data["trace"]["layer_step"] > 1
-    assert any("every" in n and "layer" in n for n in data["notes"]) and data["trace"]["acts"]
+    with pytest.raises(NeuroprojError, match="leaves no room for data"):
+        npp.view(run_dir, tmp_path / "x.html", model=None, max_mb=plotly_mb)
+    # a long trace (T = 262: ~270 kB as float16) next to ~10 kB of points, nothing else
+    d = tmp_path / "long"
+    d.mkdir()
+    for f in ("projections.safetensors", "clusters.json"):
+        shutil.copy(run_dir / f, d / f)
+    npp.trace(str(tiny_dir("llama")), d / "projections.safetensors", PROMPT, max_new_tokens=250,
+              out=d / "trace.safetensors")
+    full = npp.view(d, tmp_path / "full.html", model=None).stat().st_size
+    assert load_page_data(tmp_path / "full.html")["trace"]["encoding"] == "f2"
+    payload = re.search(r'id="npp-data">(.*?)</script>', (tmp_path / "full.html").read_text(), re.S).group(1)
+    code = full - len(payload)                           # the page less its data
+    seen, last = [], (0, 1)
+    top = full + 40_000                                  # the planner holds back room for the notes
+    for k in range(24):                                  # from the full page down to 80 kB of room for data
+        mb = (top - (top - code - 80_000) * k / 23) / 2**20
+        page = npp.view(d, tmp_path / "s.html", model=None, max_mb=mb)
+        assert page.stat().st_size <= mb * 2**20, (mb, page.stat().st_size)
+        data = load_page_data(page)
+        t = data["trace"]
+        state = 3 if t is None else 0 if t["encoding"] == "f2" else 1 if t["layer_step"] == 1 else 2
+        assert state >= last[0], (mb, state, last)       # never back to a finer trace on a smaller page
+        if state == 2:
+            assert t["acts"] and t["layer_step"] >= last[1] and len(t["acts"]) < 9
+            assert any("every" in n and "layer" in n for n in data["notes"])
+        if state in (1, 2):
+            assert any("8-bit" in n for n in data["notes"])
+        if state == 3:
+            assert any(n.startswith("trace: not shown") for n in data["notes"])
+        last = (state, t["layer_step"] if t else last[1])
+        seen.append(state)
+    assert {0, 1, 2} <= set(seen), seen
 
 
 def test_trace_api_sampling_and_errors(run_dir, tiny_dir, tmp_path):
@@ -286,3 +322,119 @@ def test_2d_and_strip(run_dir, browser, tmp_path, dims):
         assert errors == []
     finally:
         page.close()
+
+
+def test_second_moment_diagonals_match_stats(run_dir, tmp_path):
+    """The report's streamed E[h²] (count, shift, sum and the Gram's diagonal only) equals Var + μ² from the
+    fully loaded statistics, for every layer and site; a damaged file is refused in one line."""
+    from neuroproj_prune.errors import NeuroprojError
+    from neuroproj_prune.stats import load_stats, second_moment_diagonals
+
+    st = load_stats(run_dir / "stats.safetensors")
+    meta, e2 = second_moment_diagonals(run_dir / "stats.safetensors")
+    assert meta["layers"] == st.layers and sorted(e2) == sorted((i, s) for i in st.layers for s in st.sites)
+    for (i, s), v in e2.items():
+        ref = (st.variance(i, s) + st.mean(i, s) ** 2).numpy()
+        np.testing.assert_allclose(v, ref, rtol=1e-12, atol=1e-12)
+    assert sorted(second_moment_diagonals(run_dir / "stats.safetensors", layers=[1], sites=["attn.out"])[1]) == \
+        [(1, "attn.out")]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((run_dir / "stats.safetensors").read_bytes()[:5000])
+    with pytest.raises(NeuroprojError, match="not a readable statistics file"):
+        second_moment_diagonals(bad)
+
+
+def test_8b_run_report_within_budget(browser, tmp_path):
+    """A synthetic run directory of an 8B model (32 layers × 14336 neurons × 3 sites: a 57 GiB statistics
+    file, 720k projected points, a 48-token trace of all of them, 32 heatmaps, a 444k-row skips CSV): the
+    report is built in bounded time and memory (the statistics cannot even be loaded: this machine has less
+    memory than that file), stays within the default 20 MB, says what it thinned and how to see all, and
+    renders in the browser — layer switching, site switching and the token slider work on thinned data."""
+    import subprocess
+    import sys
+    import time
+
+    from neuroproj_prune.stats import second_moment_diagonals
+    from synth_run import make_run
+
+    run = tmp_path / "run8b"
+    try:
+        t0 = time.time()
+        make_run(run)
+        gen_s = time.time() - t0
+        assert (run / "stats.safetensors").stat().st_size > 57 * 2**30
+        out = tmp_path / "report.html"
+        code = ("import resource, sys, time; t = time.time(); from neuroproj_prune.cli import main; "
+                f"rc = main(['view', {str(run)!r}, '--out', {str(out)!r}]); "
+                "print('RESULT', rc, time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        env = {**os.environ, "PYTHONPATH": str(Path(npp.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        rc, build_s, rss_kb = p.stdout.split("RESULT")[1].split()
+        assert int(rc) == 0 and float(build_s) < 120, build_s
+        assert int(rss_kb) < 1536 * 1024, f"view held {int(rss_kb) // 1024} MB"   # the import alone: ~230 MB
+        print(f"8B run: generated in {gen_s:.1f} s; report built in {float(build_s):.1f} s, peak RSS "
+              f"{int(rss_kb) // 1024} MB, {out.stat().st_size / 2**20:.2f} MB")
+        assert out.stat().st_size <= 20 * 2**20
+
+        data = load_page_data(out)
+        P = data["projections"]
+        assert P["layers"] == list(range(32)) and P["shown"]["layer_step"] == 1
+        M = P["shown"]["max_points"]
+        assert 1000 < M < 14336
+        assert P["decimation"] and "--max-mb" in P["decimation"] and "--layers" in P["decimation"]
+        e = P["points"]["7/mlp.neurons"]
+        assert e["N"] == 14336 and e["M"] == M and e["idx"].shape == (M,)
+        idx = e["idx"].astype(np.int64)
+        assert idx[0] == 0 and idx[-1] == 14335 and (np.diff(idx) > 0).all() and np.diff(idx).max() <= -(-14335 // (M - 1))
+        ref = npp.load_projections(run / "projections.safetensors").get(7, "mlp.neurons").numpy()
+        np.testing.assert_allclose(e["xyz"].astype(np.float32), ref[idx], rtol=1e-3, atol=1e-3)
+        e2 = second_moment_diagonals(run / "stats.safetensors", layers=[7], sites=["mlp.neurons"])[1]
+        np.testing.assert_allclose(e["energy"], e2[(7, "mlp.neurons")][idx], rtol=1e-6)
+        plan = __import__("json").loads((run / "pruned" / "plan.json").read_text())["layers"]["7"]
+        assert (e["role"] == 1).sum() == np.isin(idx, plan["keep"], invert=True).sum()
+        assert P["points"]["7/attn.out"]["M"] == 4096 and P["points"]["7/attn.out"]["idx"] is None
+        t = data["trace"]
+        assert t["encoding"] == "i1" and t["layer_step"] > 1 and t["acts"]
+        assert all(a["W"] == P["points"][k]["M"] for k, a in t["acts"].items())   # the columns shown
+        notes = " ".join(data["notes"])
+        assert "heatmaps:" in notes and "trace: activations kept for one layer in every" in notes
+        assert "skips/skips.csv: the" in notes and "444416" in notes
+
+        page, errors = open_page(browser, out)
+        try:
+            assert page.is_visible("#notes") and page.is_visible("#decimation")
+            assert "thinned to %d evenly spaced" % M in page.inner_text("#decimation")
+            s0 = scatter_points(page)
+            assert s0["key"] == "0/mlp.neurons" and s0["n"] == M and s0["types"][0] == "scatter3d"
+            assert sorted(s0["ids"]) == list(range(M))
+            page.focus("#layer")
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function("document.getElementById('scatter').getAttribute('data-key') === '1/mlp.neurons'")
+            s1 = scatter_points(page)
+            assert s1["n"] == M and s1["x"] != s0["x"]
+            assert "one layer in every" in page.inner_text("#trace-missing")     # layer 1's trace was left out
+            page.select_option("#site", "attn.out")
+            assert scatter_points(page)["n"] == 4096
+            page.select_option("#site", "mlp.neurons")
+            page.fill("#layer", "0")
+            page.dispatch_event("#layer", "input")
+            c0 = scatter_points(page)["colors"]
+            page.focus("#token")
+            page.keyboard.press("ArrowRight")
+            assert page.get_attribute("#tokens .tok.cur", "data-t") == "1"
+            assert scatter_points(page)["colors"] != c0                          # coloured by token 1 now
+            assert page.get_attribute("#heatmap-img", "src").startswith("data:image/png;base64,")
+            assert errors == []
+        finally:
+            page.close()
+
+        # the note's advice works: one layer shows every neuron; a smaller budget still holds
+        one = load_page_data(npp.view(run, tmp_path / "one.html", layers="5"))
+        assert one["projections"]["layers"] == [5] and one["projections"]["decimation"] is None
+        assert one["projections"]["points"]["5/mlp.neurons"]["M"] == 14336
+        assert (tmp_path / "one.html").stat().st_size <= 20 * 2**20
+        small = npp.view(run, tmp_path / "small.html", max_mb=8)
+        assert small.stat().st_size <= 8 * 2**20 and load_page_data(small)["projections"]["points"]
+    finally:
+        shutil.rmtree(run, ignore_errors=True)     # a 57 GiB sparse file: not left for the next reader

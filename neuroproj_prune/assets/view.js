@@ -128,7 +128,8 @@
   // -------------------------------------------------------------------------------------- header
   const header = el("header", {},
     el("h1", { text: "neuroproj-prune report: " + D.title }),
-    el("div", { class: "sub", text: D.run_dir + " · generated " + D.created + " · files: " + D.files.join(", ") }));
+    el("div", { class: "sub", text: D.run_dir + " · generated " + D.created + " · files: " + D.files.join(", ") +
+      (D.budget ? " · page size limit " + D.budget.max_mb + " MB (--max-mb)" : "") }));
   const nav = el("nav");
   app.textContent = "";
   app.append(header, nav);
@@ -262,7 +263,9 @@
     const tc = document.getElementById("trace-controls");
     if (tc) {
       const has = !!TR.acts[key];
-      document.getElementById("trace-missing").textContent = has ? "" : "(no trace for this layer/site)";
+      document.getElementById("trace-missing").textContent = has ? "" : TR.layer_step > 1
+        ? "(no trace for this layer: the page keeps one layer in every " + TR.layer_step + ", see the notes)"
+        : "(no trace for this layer/site)";
     }
     syncHeatmap();
   }
@@ -293,6 +296,8 @@
         el("span", { class: "muted", text: "(" + P.layers[0] + "–" + P.layers[P.layers.length - 1] + ")" })));
     s.append(el("p", { class: "muted", text: "Each neuron is a point placed so that distance ≈ 1 − correlation (" +
       (P.projection_meta.mode || "") + " projection, n = " + P.dims + "). Drag to rotate, scroll to zoom, hover for details." }));
+    // what the page left out to stay within --max-mb, and how to see it all (the same text is in the notes)
+    if (P.decimation) s.append(el("p", { id: "decimation", class: "warn", text: P.decimation }));
     s.append(controls);
     siteSel.addEventListener("change", () => { state.site = siteSel.value; update(); });
     layer.addEventListener("input", () => { state.layerIdx = +layer.value; update(); });
