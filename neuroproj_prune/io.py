@@ -200,15 +200,19 @@ _NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<
 
 
 class LazyTensorFile:
-    """A tagged safetensors file read on demand: only its JSON header is parsed when opened; `array(key)`
-    maps one tensor (no copy, read-only numpy view), `diagonal(key)` reads the diagonal of a square matrix
-    with one strided pass (N pages, not N² values). For readers that need a few rows, columns or diagonals
-    of files too large for memory (an 8B model's statistics hold 32 Gram matrices of 14336², ~53 GB).
-    Use as a context manager, or call `close()`; arrays from `array` are invalid after closing."""
+    """A tagged safetensors file read on demand: only its JSON header is parsed when opened; `read(key)`
+    copies one tensor (or a selection of its rows/columns) out with positioned reads, `diagonal(key)` reads
+    the diagonal of a square matrix with one small read per row (N · itemsize bytes, not N² values). For
+    readers that need a few tensors, rows or diagonals of files too large for memory (an 8B model's
+    statistics hold 32 Gram matrices of 14336², ~53 GB).
+
+    Nothing is memory-mapped on purpose: a mapped page counts as the process's resident memory for as long
+    as it stays mapped, and how many pages one fault maps (read-ahead, fault-around, large folios) depends on
+    the kernel and the filesystem, so a mapped reader's memory is not bounded by what it reads. `pread` puts
+    the bytes in the page cache (the kernel's, reclaimable) and copies only what was asked for.
+    Use as a context manager, or call `close()`."""
 
     def __init__(self, path, fmt: str, what: str, remedy: str):
-        import mmap
-
         self.path = Path(path)
         if not self.path.is_file():
             raise NeuroprojError(f"{what} file {self.path} not found")
@@ -226,7 +230,7 @@ class LazyTensorFile:
         if not isinstance(meta, dict) or meta.get("format") != fmt:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise NeuroprojError(f"{self.path} is not a neuroproj-prune {what} file (format {found!r})")
-        self.meta, self._base, self._index = meta, 8 + n, {}
+        self.meta, self._base, self._index, self._bad = meta, 8 + n, {}, bad
         for k, v in header.items():
             try:
                 dt, shape, (b, e) = _NP_DTYPES[v["dtype"]], [int(x) for x in v["shape"]], v["data_offsets"]
@@ -236,16 +240,7 @@ class LazyTensorFile:
             except (KeyError, TypeError, ValueError):
                 raise NeuroprojError(bad) from None
             self._index[k] = (v["dtype"], dt, tuple(shape), int(b))
-        self._file = open(self.path, "rb")
-        try:
-            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
-            if self._mm is not None and hasattr(self._mm, "madvise"):
-                # strided reads (a diagonal, a few columns) touch one page per row: without this the kernel
-                # reads ahead ~128 KiB per fault, i.e. the whole matrix
-                self._mm.madvise(mmap.MADV_RANDOM)
-        except (OSError, ValueError):
-            self._file.close()
-            raise NeuroprojError(bad) from None
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def __enter__(self):
         return self
@@ -254,15 +249,9 @@ class LazyTensorFile:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "_mm", None) is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # an array still maps it: the mapping goes when that array is freed
-                pass
-            self._mm = None
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-            self._file = None
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def keys(self) -> list[str]:
         return list(self._index)
@@ -273,51 +262,45 @@ class LazyTensorFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._index[key][2]
 
-    def array(self, key: str) -> np.ndarray:
-        """The tensor `key` as a read-only numpy array mapped from the file (BF16 as its raw uint16 bits:
-        use `read` for values). Cost: nothing until elements are touched."""
-        tag, dt, shape, b = self._index[key]
-        count = math.prod(shape)
-        return np.frombuffer(self._mm, dtype=dt, count=count, offset=self._base + b).reshape(shape)
+    def _pread(self, offset: int, nbytes: int, dt: str) -> np.ndarray:
+        buf = bytearray(nbytes)
+        view, got = memoryview(buf), 0
+        while got < nbytes:                       # pread may return less than asked (signals, large reads)
+            k = os.preadv(self._fd, [view[got:]], offset + got)
+            if k <= 0:
+                raise NeuroprojError(self._bad)   # the file shrank under us
+            got += k
+        return np.frombuffer(buf, dtype=dt)
+
+    @staticmethod
+    def _widen(tag: str, a: np.ndarray) -> np.ndarray:
+        return (a.astype(np.uint32) << 16).view(np.float32) if tag == "BF16" else a
 
     def read(self, key: str, rows=None, cols=None) -> np.ndarray:
-        """A copy of the tensor `key` (or of its `rows` / `cols` selection), float tensors as float32/64."""
-        a = self.array(key)
-        if rows is not None:
-            a = a[rows]
+        """A copy of the tensor `key` (or of its `rows` / `cols` selection), float tensors as float32/64.
+        Cost: one read of the whole tensor, or of the rows from the first to the last selected one."""
+        tag, dt, shape, b = self._index[key]
+        row = math.prod(shape[1:]) * np.dtype(dt).itemsize if shape else 0
+        if rows is not None and len(shape) >= 1 and shape[0] > 0:
+            r = np.arange(shape[0])[rows]
+            lo, hi = (int(r.min()), int(r.max()) + 1) if r.size else (0, 0)
+            a = self._pread(self._base + b + lo * row, (hi - lo) * row, dt).reshape((hi - lo,) + shape[1:])
+            a = a[r - lo]
+        else:
+            a = self._pread(self._base + b, math.prod(shape) * np.dtype(dt).itemsize, dt).reshape(shape)
         if cols is not None:
             a = a[:, cols]
-        out = np.array(a)
+        return self._widen(tag, np.array(a))
+
+    def diagonal(self, key: str) -> np.ndarray:
+        """The diagonal of the square matrix `key` (a copy). Cost: N reads of one element each (N pages of
+        I/O into the page cache, not 8·N² bytes), O(N) memory in this process."""
         tag, dt, shape, b = self._index[key]
-        self._drop(self._base + b, math.prod(shape) * np.dtype(dt).itemsize)
-        if tag == "BF16":
-            out = (out.astype(np.uint32) << 16).view(np.float32)
-        return out
-
-    def _drop(self, start: int, nbytes: int) -> None:
-        """Unmap the pages of [start, start + nbytes) from this process once copied out (they stay in the
-        page cache): resident memory then holds one tensor at a time, not every tensor read so far."""
-        import mmap
-
-        if hasattr(mmap, "MADV_DONTNEED") and nbytes > 0:
-            lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-            self._mm.madvise(mmap.MADV_DONTNEED, lo, min(start + nbytes, len(self._mm)) - lo)
-
-    def diagonal(self, key: str, block: int = 1024) -> np.ndarray:
-        """The diagonal of the square matrix `key` (a copy). Cost: N strided reads, one page each (N·4 KiB
-        of I/O, not 8·N²); the pages are unmapped every `block` rows, so resident memory stays O(block)."""
-        a = self.array(key)
-        if a.ndim != 2 or a.shape[0] != a.shape[1]:
-            raise NeuroprojError(f"{self.path}: {key} has shape {a.shape}, not a square matrix")
-        N, row = a.shape[0], a.shape[0] * a.itemsize
-        start = self._base + self._index[key][3]
-        out = np.empty(N, dtype=a.dtype)
-        for r in range(0, N, block):
-            e = min(N, r + block)
-            out[r:e] = a[np.arange(r, e), np.arange(r, e)]
-            # drop the touched pages from this process: the diagonals of an 8B model's statistics touch
-            # 720k pages, 2.9 GB of resident memory otherwise
-            self._drop(start + r * row, (e - r) * row)
-        if self._index[key][0] == "BF16":
-            out = (out.astype(np.uint32) << 16).view(np.float32)
-        return out
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise NeuroprojError(f"{self.path}: {key} has shape {shape}, not a square matrix")
+        N, item = shape[0], np.dtype(dt).itemsize
+        start, step, fd = self._base + b, (N + 1) * item, self._fd
+        raw = b"".join(os.pread(fd, item, start + r * step) for r in range(N))
+        if len(raw) != N * item:
+            raise NeuroprojError(self._bad)
+        return self._widen(tag, np.frombuffer(raw, dtype=dt).copy())
