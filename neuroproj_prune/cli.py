@@ -259,9 +259,8 @@ def _add_tasks(sub):
 
 
 def _run_eval(a):
-    limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
     res = evaluate(a.model, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows, tasks=a.tasks,
-                   batch_size=a.batch_size, limit=limit, num_fewshot=a.num_fewshot, json_out=a.json_out,
+                   batch_size=a.batch_size, limit=a.limit, num_fewshot=a.num_fewshot, json_out=a.json_out,
                    dtype=a.dtype, device=a.device, progress=not a.quiet)
     print(format_summary(res))
     if a.json_out:

@@ -389,6 +389,37 @@ def lm_eval_tasks(model, tokenizer=None, tasks=("local_wikitext2",), *, max_leng
     }
 
 
+def task_scores(model, tokenizer=None, tasks=None, *, task_objects=None, max_length: int | None = None,
+                batch_size: int | None = None, limit: int | float | None = None, num_fewshot: int | None = None,
+                include_path=None) -> dict:
+    """`lm_eval_tasks` with the batch size the zero-shot tasks default to (`tasks.default_batch_size`) and
+    the zero-shot average added as `"zeroshot"` (when a zero-shot task ran): what `eval --tasks` and the
+    sweep's cells report. Cost: one lm-eval run (about 0.1 s per loglikelihood request for SmolLM2-135M on
+    one CPU core; `--tasks zeroshot --limit 500` is 11,495 requests)."""
+    model, tokenizer, _, _ = _unpack(model, tokenizer)
+    objs = task_objects if task_objects is not None else load_tasks(tasks, include_path)
+    vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+    bs = batch_size or zeroshot_batch_size([t.config.task for t in objs if hasattr(t, "config")], vocab)
+    res = lm_eval_tasks((model, tokenizer), tasks=None, task_objects=objs, max_length=max_length, batch_size=bs,
+                        limit=limit, num_fewshot=num_fewshot, include_path=include_path)
+    avg = zeroshot_summary(res.get("tasks", {}), limit)
+    if avg:
+        res["zeroshot"] = avg
+    return res
+
+
+def check_limit(limit):
+    """lm-eval's `limit` as given by a user: None, a whole number of documents N >= 1 (returned as int) or a
+    fraction in (0, 1); anything else is a one-line NeuroprojError."""
+    if limit is None:
+        return None
+    ok = isinstance(limit, (int, float)) and not isinstance(limit, bool) and math.isfinite(limit) and limit > 0
+    if not ok or (limit >= 1 and limit != int(limit)):
+        raise NeuroprojError(f"limit must be a whole number of documents per task (>= 1) or a fraction in (0, 1), "
+                             f"got {limit!r}")
+    return int(limit) if limit >= 1 else float(limit)
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows: int | None = None,
              tasks=None, batch_size: int | None = None, limit: int | float | None = None,
@@ -399,13 +430,14 @@ def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows
     `model_or_spec`: a LoadedModel, a (model, tokenizer) pair, or anything `load_model` accepts (hub id,
     directory, .gguf, pruned directory, 'smollm2-135m'). Perplexity runs when `data` is given or no `tasks`
     are (then on shared/data/wikitext2-test.txt); lm-eval runs when `tasks` (list or comma string) are given,
-    with `max_length = seqlen` (default min(2048, model context)). Task names and their data are checked
-    before the model is loaded, so a bad name or unreachable data fails at once.
+    with `max_length = seqlen` (default min(2048, model context)), through `task_scores`. Task names, their
+    data and `limit` (`check_limit`) are checked before the model is loaded, so bad input fails at once.
 
     Returns `{"perplexity": {value, seqlen, windows, tokens, data, ...} | None,
     "lm_eval": {"tasks": ..., "groups": ..., "protocol": ...} | None, "model": {...}}`;
     `json_out` writes it (atomically).
     """
+    limit = check_limit(limit)
     task_objs = load_tasks(tasks, include_path) if tasks else None
     run_ppl = data is not None or not tasks
     if run_ppl and data is None:
@@ -427,15 +459,9 @@ def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows
         result["perplexity"] = perplexity((model, tok), data=data, seqlen=seqlen, max_windows=max_windows,
                                           batch_size=batch_size, progress=progress)
     if tasks:
-        vocab = getattr(model.config, "vocab_size", None) or len(tok)
-        lm_bs = batch_size or zeroshot_batch_size([t.config.task for t in task_objs
-                                                           if hasattr(t, "config")], vocab)
-        result["lm_eval"] = lm_eval_tasks((model, tok), tasks=None, task_objects=task_objs, max_length=seqlen,
-                                          batch_size=lm_bs, limit=limit, num_fewshot=num_fewshot,
-                                          include_path=include_path)
-        avg = zeroshot_summary(result["lm_eval"].get("tasks", {}), limit)
-        if avg:
-            result["lm_eval"]["zeroshot"] = avg
+        result["lm_eval"] = task_scores((model, tok), task_objects=task_objs, max_length=seqlen,
+                                        batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
+                                        include_path=include_path)
     if json_out:
         write_json(json_out, result)
     return result

@@ -417,6 +417,18 @@ def expand(names: list[str]) -> tuple[list[str], list[Path]]:
     return out, [yaml_dir()]
 
 
+def resolve(names) -> list[str]:
+    """Zero-shot task names from a comma string or a list (`zeroshot`: all eight), in the table's order; a
+    name that is not one of the eight is a one-line NeuroprojError. Checks names only, not the data."""
+    if isinstance(names, str):
+        names = names.split(",")
+    names = [n.strip() for n in names or () if n and n.strip()]
+    for n in names:
+        if n != GROUP and n not in TASKS:
+            raise NeuroprojError(f"unknown zero-shot task {n!r}: give {GROUP} or a comma list of {', '.join(TASKS)}")
+    return [n for n in TASKS if GROUP in names or n in names]
+
+
 def default_batch_size(names, vocab: int) -> int | None:
     """Requests per forward pass for zero-shot tasks: float32 logits of up to 512 tokens within 1 GiB, at
     most 32 (requests are short: lm-eval sorts them by length, pads each batch to its longest). None when
