@@ -342,8 +342,8 @@ def _add_sweep(sub):
     p = sub.add_parser(
         "sweep", help="perplexity / size tradeoff for every selection x fold x sparsity",
         description="One statistics pass for one-shot cells, then every combination -> perplexity, parameters, "
-                    "MLP MACs/token, pruning time. Writes cells.jsonl (resumable), results.csv, results.md and "
-                    "tradeoff.png into --out.")
+                    "MLP MACs/token, pruning time (and with --tasks the zero-shot accuracies and their average). "
+                    "Writes cells.jsonl (resumable), results.csv, results.md and tradeoff.png into --out.")
     _model_args(p)
     p.add_argument("--data", required=True, help="calibration text")
     p.add_argument("--eval-data", required=True, help="evaluation text (never the calibration text)")
@@ -358,6 +358,13 @@ def _add_sweep(sub):
     PruneConfig.add_arguments(p, exclude=SWEPT)  # the settings every cell shares
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default min(2048, context))")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--tasks", default=None,
+                   help="also run every cell's model through these zero-shot tasks: zeroshot (all eight) or a comma "
+                        "list of lambada_openai,hellaswag,piqa,winogrande,boolq,arc_easy,arc_challenge,openbookqa; "
+                        "adds each task's accuracy and their average to the tables (a finished cell gains missing "
+                        "tasks on a re-run)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="with --tasks: first N documents per task (fraction if < 1; default all)")
     p.add_argument("--out", required=True, help="sweep directory (resumed when it exists)")
     p.set_defaults(func=_run_sweep)
 
@@ -365,7 +372,8 @@ def _add_sweep(sub):
 def _run_sweep(a):
     rows = sweep(a.model, a.data, a.eval_data, sparsities=a.sparsities, select=a.select, fold=a.fold,
                  calibration=a.calibration, methods=a.methods, eval_seqlen=a.eval_seqlen, max_windows=a.max_windows,
-                 out=a.out, dtype=a.dtype, device=a.device, config=PruneConfig.from_args(a, sparsity=None))
+                 tasks=a.tasks, limit=a.limit, out=a.out, dtype=a.dtype, device=a.device,
+                 config=PruneConfig.from_args(a, sparsity=None))
     print((__import__("pathlib").Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.csv, results.md, tradeoff.png ({len(rows)} cells)")
 

@@ -1,4 +1,5 @@
-"""The tradeoff sweep: every (selection, fold, calibration, sparsity) cell → perplexity, size, time.
+"""The tradeoff sweep: every (selection, fold, calibration, sparsity) cell → perplexity, size, time, and
+optionally the zero-shot accuracies (`tasks`).
 
 One statistics pass serves every one-shot cell (saved as `stats.safetensors` in the sweep directory);
 sequential cells run their own layer-by-layer pass. Each finished cell is appended to `cells.jsonl`, so an
@@ -6,7 +7,17 @@ interrupted or extended sweep recomputes nothing that is done. Outputs: `results
 (a per-cell table and a method × sparsity pivot of perplexity) and `tradeoff.png` (perplexity against
 sparsity, one line per method, log scale, the dense model as a dashed line).
 
-Cost: one dense evaluation plus, per cell, a copy of the model, the pruning and one evaluation.
+With `tasks` (zero-shot task names, `zeroshot` for all eight; see tasks.py) every cell's model is also run
+through those lm-eval tasks (`evaluate.task_scores`, the same call as `eval --tasks`, with lm-eval's
+`max_length` = the perplexity window and `limit` documents per task). A cell keeps them in `lm_eval`
+({limit, max_length, tasks: {task: metrics}}); the reports add each task's headline accuracy (acc_norm or
+acc, `tasks.HEADLINE`) and their average (`zeroshot_avg`), and results.md a method × sparsity pivot of the
+average. Resuming is per task: a cell that lacks a requested task at this limit and max_length is pruned
+again (its perplexity is not recomputed; the re-pruned model must have the recorded parameter count) and
+evaluated on the missing tasks only; its updated record is appended (the last line of a key wins).
+
+Cost: one dense evaluation plus, per cell, a copy of the model, the pruning and one evaluation; with tasks,
+one lm-eval run per model (for SmolLM2-135M on a CPU core, about an hour for `zeroshot` at limit 500).
 """
 from __future__ import annotations
 
@@ -20,10 +31,11 @@ from pathlib import Path
 from .adapters import num_params
 from .data import eval_windows
 from .errors import NeuroprojError
-from .evaluate import model_context, perplexity
+from .evaluate import check_limit, model_context, perplexity, task_scores
 from .models import LoadedModel, load_model
 from .prune import ALLOCATIONS, PruneConfig, prune
 from .stats import collect, load_stats
+from .tasks import HEADLINE, TASKS, resolve, summary as zeroshot_summary, yaml_dir
 
 
 def _parse_list(v, cast=str) -> list:
@@ -44,12 +56,17 @@ def cell_key(select, fold, calibration, sparsity, allocation="uniform") -> str:
 
 
 def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq", calibration="sequential", out,
-          methods=None, eval_seqlen: int | None = None, max_windows: int | None = None, dtype="auto",
-          device="auto", progress: bool = True, config: PruneConfig | None = None, **settings) -> list[dict]:
+          methods=None, eval_seqlen: int | None = None, max_windows: int | None = None, tasks=None,
+          limit: int | float | None = None, dtype="auto", device="auto", progress: bool = True,
+          config: PruneConfig | None = None, **settings) -> list[dict]:
     """Run (or resume) a sweep in directory `out`; returns all cells (dense first). Each cell is `config`
     (or the `PruneConfig` fields in `settings`: multiple, target, samples, ...) with its own selection, fold,
-    calibration, allocation and sparsity."""
+    calibration, allocation and sparsity. `tasks`: zero-shot tasks every cell is also evaluated on (comma
+    string or list; `zeroshot`: all eight), `limit` documents of each (see the module docstring)."""
     base = config.replace(**settings) if config is not None else PruneConfig.make(**settings)
+    names, limit = resolve(tasks), check_limit(limit)
+    if names:
+        yaml_dir()  # the task data is fetched and intact (else one line saying how), before any work
     sparsities = _parse_list(sparsities, float)
     selects, folds, calibrations = _parse_list(select), _parse_list(fold), _parse_list(calibration)
     if methods:  # explicit select+fold[+calibration[+allocation]] instead of the cross product
@@ -82,23 +99,47 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
     if max_windows:
         windows = windows[:max_windows]
 
-    def record(cell):
-        cell["eval"] = {"data": eval_desc, "seqlen": eval_seqlen, "windows": int(windows.shape[0]),
-                        "max_windows": max_windows}
+    def append(cell):
         with log.open("a") as f:
             f.write(json.dumps(cell) + "\n")
         done[cell["key"]] = cell
+        return cell
+
+    def record(cell):
+        cell["eval"] = {"data": eval_desc, "seqlen": eval_seqlen, "windows": int(windows.shape[0]),
+                        "max_windows": max_windows}
+        return append(cell)
+
+    def same_settings(cell) -> bool:
+        le = cell.get("lm_eval") or {}
+        return le.get("limit") == limit and le.get("max_length") == eval_seqlen
+
+    def missing_tasks(cell) -> list[str]:
+        have = cell["lm_eval"]["tasks"] if same_settings(cell) else {}
+        return [n for n in names if n not in have]
+
+    def add_tasks(cell, work) -> None:
+        """Evaluate `work` on the requested tasks `cell` lacks; append the cell with them."""
+        todo = missing_tasks(cell)
+        if not todo:
+            return
+        res = task_scores(work, tasks=todo, max_length=eval_seqlen, limit=limit)
+        kept = cell["lm_eval"]["tasks"] if same_settings(cell) else {}
+        cell["lm_eval"] = {"limit": limit, "max_length": eval_seqlen, "tasks": {**kept, **res["tasks"]}}
+        append(cell)
 
     if "dense" not in done:
         r = perplexity(lm, windows, progress=progress)
         record({"key": "dense", "method": "dense", "sparsity": 0.0, "actual_sparsity": 0.0, "ppl": r["value"],
                 "params": num_params(lm.model), "mlp_macs_per_token": lm.adapter.mlp_macs_per_token(lm.model),
                 "seconds": 0.0})
+    add_tasks(done["dense"], lm)
     stats_path = out / "stats.safetensors"
     for cell in cells:
         sel, fo, cal, sp, al = cell
         key, name = cell_key(sel, fo, cal, sp, al), method_name(sel, fo, cal, al)
-        if key in done:
+        prev = done.get(key)
+        if prev is not None and ("error" in prev or not missing_tasks(prev)):
             continue
         cfg = configs[cell]
         stats = None
@@ -112,36 +153,76 @@ def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq"
         try:
             _, _, summary = prune(work, str(data), cfg, stats=stats, progress=progress)
         except NeuroprojError as e:  # a combination that does not apply to this model: recorded, not fatal
+            if prev is not None:     # ... but it pruned before: something changed under the sweep
+                raise
             record({"key": key, "method": name, "sparsity": sp, "error": str(e)})
             continue
         seconds = time.time() - t0
-        r = perplexity(work, windows, progress=progress)
-        record({"key": key, "method": name, "select": sel, "fold": fo, "calibration": cal, "allocation": al,
-                "sparsity": sp, "actual_sparsity": summary["actual_sparsity"], "ppl": r["value"],
-                "params": summary["params_after"], "mlp_macs_per_token": summary["mlp_macs_per_token_after"],
-                "seconds": round(seconds, 1)})
+        if prev is None:
+            r = perplexity(work, windows, progress=progress)
+            prev = record({"key": key, "method": name, "select": sel, "fold": fo, "calibration": cal,
+                           "allocation": al, "sparsity": sp, "actual_sparsity": summary["actual_sparsity"],
+                           "ppl": r["value"], "params": summary["params_after"],
+                           "mlp_macs_per_token": summary["mlp_macs_per_token_after"], "seconds": round(seconds, 1)})
+        elif summary["params_after"] != prev["params"]:
+            raise NeuroprojError(f"sweep cell {key}: pruned again for the zero-shot tasks it has "
+                                 f"{summary['params_after']:,} parameters, the recorded cell {prev['params']:,}: "
+                                 f"the shared settings changed since {log} was written; use a new --out")
+        add_tasks(prev, work)
         del work
     wanted = ["dense"] + [cell_key(*c) for c in cells]
     rows = [done[k] for k in wanted if k in done]
-    write_reports(rows, out)
+    write_reports(rows, out, tasks=names or None)
     return rows
 
 
-def write_reports(rows: list[dict], out: Path) -> None:
-    """results.csv, results.md and tradeoff.png from the sweep's cells."""
+def shown_tasks(rows: list[dict], tasks=None) -> list[str]:
+    """The zero-shot tasks the reports show: `tasks`, else every task some row has results for."""
+    if tasks:
+        return resolve(tasks)
+    return [n for n in TASKS if any(n in (r.get("lm_eval") or {}).get("tasks", {}) for r in rows)]
+
+
+def zeroshot_columns(row: dict, shown: list[str]) -> dict:
+    """A row's headline accuracy per shown task (`{task}_{acc|acc_norm}`) and, when it has all of them,
+    their mean `zeroshot_avg` (`tasks.summary`)."""
+    have = (row.get("lm_eval") or {}).get("tasks", {})
+    got = {n: have[n] for n in shown if n in have}
+    cols = {f"{n}_{HEADLINE[n]}": m[HEADLINE[n]] for n, m in got.items() if HEADLINE[n] in m}
+    if got and len(cols) == len(shown):
+        cols["zeroshot_avg"] = zeroshot_summary(got)["average"]
+    return cols
+
+
+def write_reports(rows: list[dict], out: Path, tasks=None) -> None:
+    """results.csv, results.md and tradeoff.png from the sweep's cells; the zero-shot columns of `tasks`
+    (default: those the cells hold)."""
     out = Path(out)
+    shown = shown_tasks(rows, tasks)
     fields = ["method", "sparsity", "actual_sparsity", "ppl", "params", "mlp_macs_per_token", "seconds", "error"]
+    if shown:
+        fields += [f"{n}_{HEADLINE[n]}" for n in shown] + ["zeroshot_avg", "zeroshot_limit"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        zs = zeroshot_columns(r, shown)
+        w.writerow({**r, **zs, **({"zeroshot_limit": r["lm_eval"]["limit"]} if zs else {})})
     (out / "results.csv").write_text(buf.getvalue())
-    (out / "results.md").write_text(markdown_table(rows))
+    (out / "results.md").write_text(markdown_table(rows, shown))
     plot(rows, out / "tradeoff.png")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def _limit_text(rows: list[dict]) -> str:
+    """Which documents the rows' zero-shot results saw, e.g. 'the first 500 documents of each task'."""
+    limits = dict.fromkeys((r.get("lm_eval") or {}).get("limit") for r in rows if r.get("lm_eval"))
+    return " / ".join("all documents" if lim is None else f"the first {lim:.0%} of the documents" if lim < 1
+                      else f"the first {lim} documents" for lim in limits) + " of each task"
+
+
+def markdown_table(rows: list[dict], shown: list[str] = ()) -> str:
+    """The perplexity pivot (method × sparsity), with `shown` zero-shot tasks the pivot of their average,
+    and the per-cell table (with each shown task's headline accuracy and the average, in %)."""
     ev = rows[0].get("eval", {}) if rows else {}
     lines = [f"Perplexity on {ev.get('data')} at seqlen {ev.get('seqlen')}, {ev.get('windows')} windows"
              + (f" (first {ev['max_windows']})" if ev.get("max_windows") else " (whole text)") + ".", ""]
@@ -156,13 +237,32 @@ def markdown_table(rows: list[dict]) -> str:
         cells = {r["sparsity"]: r for r in rows if r["method"] == m}
         lines.append(f"| {m} | " + " | ".join(
             (f"{cells[s]['ppl']:.2f}" if "ppl" in cells.get(s, {}) else ("n/a" if s in cells else "–")) for s in sps) + " |")
-    lines += ["", "| method | sparsity | removed | ppl | params | MLP MACs/token | prune s |", "|---|---|---|---|---|---|---|"]
+    zs = {r["key"]: zeroshot_columns(r, shown) for r in rows} if shown else {}
+    if shown:
+        def avg(r):
+            return f"{100 * zs[r['key']]['zeroshot_avg']:.2f}" if r and "zeroshot_avg" in zs[r["key"]] else "–"
+
+        lines += ["", f"Zero-shot average accuracy (%) over {', '.join(f'{n} ({HEADLINE[n]})' for n in shown)}; "
+                  f"lm-eval on {_limit_text(rows)}.", "",
+                  "| method | " + " | ".join(f"{s:.0%}" for s in sps) + " |", "|---|" + "---|" * len(sps)]
+        if dense:
+            lines.append("| dense | " + " | ".join(avg(dense) for _ in sps) + " |")
+        for m in methods:
+            cells = {r["sparsity"]: r for r in rows if r["method"] == m}
+            lines.append(f"| {m} | " + " | ".join(avg(cells.get(s)) for s in sps) + " |")
+    extra = [f"{n} {HEADLINE[n]}" for n in shown] + (["zero-shot avg"] if shown else [])
+    head = ["method", "sparsity", "removed", "ppl", "params", "MLP MACs/token", "prune s", *extra]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        acc = [f"{100 * zs[r['key']][c]:.2f}" if c in zs[r["key"]] else "–"
+               for c in [f"{n}_{HEADLINE[n]}" for n in shown] + ["zeroshot_avg"]] if shown else []
         if "ppl" in r:
-            lines.append(f"| {r['method']} | {r['sparsity']:.2f} | {r['actual_sparsity']:.3f} | {r['ppl']:.2f} | "
-                         f"{r['params']:,} | {r['mlp_macs_per_token']:,} | {r['seconds']} |")
+            cols = [r["method"], f"{r['sparsity']:.2f}", f"{r['actual_sparsity']:.3f}", f"{r['ppl']:.2f}",
+                    f"{r['params']:,}", f"{r['mlp_macs_per_token']:,}", str(r["seconds"]), *acc]
         else:
-            lines.append(f"| {r['method']} | {r['sparsity']:.2f} | – | n/a: {r.get('error', '')} | | | |")
+            cols = [r["method"], f"{r['sparsity']:.2f}", "–", f"n/a: {r.get('error', '')}", "", "", "",
+                    *([""] * len(acc))]
+        lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
 
