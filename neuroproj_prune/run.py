@@ -27,7 +27,7 @@ import yaml
 
 from .clustering import cluster
 from .errors import NeuroprojError
-from .evaluate import default_eval_data, evaluate
+from .evaluate import check_limit, default_eval_data, evaluate
 from .export import EXPORTERS, export
 from .heatmap import heatmaps
 from .io import check_writable, write_json, write_text
@@ -38,6 +38,7 @@ from .recover import RecoverConfig, recover
 from .skips import run_skips
 from .stats import collect, load_stats, parse_layers, parse_sites
 from .sweep import sweep
+from .tasks import GROUP, TASKS, read_manifest, resolve
 from .trace import trace
 from .view import view
 
@@ -61,8 +62,9 @@ DEFAULTS: dict = {
     "recover": {"enabled": False, "data": None, **RecoverConfig.recipe_defaults(exclude=("teacher",))},
     "eval": {"enabled": True, "data": None, "seqlen": 1024, "max_windows": None, "tasks": [], "limit": None,
              "dense": True},
+    # tasks: zero-shot tasks every sweep cell is also evaluated on (zeroshot = all eight), limit documents each
     "sweep": {"enabled": False, "sparsities": [0.1, 0.2, 0.3, 0.4, 0.5], "select": ["wanda-sp"], "fold": ["lstsq"],
-              "calibration": ["sequential"], "max_windows": None},
+              "calibration": ["sequential"], "max_windows": None, "tasks": [], "limit": None},
     "skips": {"enabled": False, "min_r2": 0.95, "top_k": 4, "apply": False},
     "trace": {"enabled": False, "prompt": "The capital of France is", "max_new_tokens": 16},
     "export": {"enabled": False, "to": ["gguf"], "type": "f32"},
@@ -181,6 +183,17 @@ def validate(r: dict, path) -> None:
             prune_config(r).replace(sparsity=s, keep=None)
         except ConfigError as e:
             raise NeuroprojError(f"recipe key 'sweep.sparsities': {e}") from None
+    for section in ("eval", "sweep"):
+        try:
+            check_limit(r[section]["limit"])
+        except NeuroprojError as e:
+            raise NeuroprojError(f"recipe key '{section}.limit': {e}") from None
+    try:
+        sweep_tasks = resolve(r["sweep"]["tasks"])
+    except NeuroprojError as e:
+        raise NeuroprojError(f"recipe key 'sweep.tasks': {e}") from None
+    if sweep_tasks or any(t == GROUP or t in TASKS for t in r["eval"]["tasks"]):
+        read_manifest(check=False)  # the zero-shot data is fetched (else one line saying how), before any work
 
     try:
         parse_sites(r["stats"]["sites"])
@@ -347,7 +360,7 @@ def _run(r: dict, out: Path, progress, log) -> dict:
     def do_sweep():
         sweep(lm(), cal["data"], eval_data, sparsities=Sw["sparsities"], select=Sw["select"], fold=Sw["fold"],
               calibration=Sw["calibration"], eval_seqlen=E["seqlen"], max_windows=Sw["max_windows"] or E["max_windows"],
-              config=prune_config(r), out=out / "sweep", progress=progress)
+              tasks=Sw["tasks"], limit=Sw["limit"], config=prune_config(r), out=out / "sweep", progress=progress)
 
     stage("sweep", Sw["enabled"], _hash("sweep", model_key, cal, Pr, Sw, E), [out / "sweep" / "results.csv"],
           do_sweep)

@@ -53,12 +53,45 @@ def test_recipe_runs_end_to_end_and_reruns_only_what_changed(tiny_dir, tmp_path)
     assert summary["sparsity"] == 0.5
 
 
+def test_recipe_eval_and_sweep_report_the_zeroshot_average(tiny_dir, tmp_path):
+    """eval.tasks and sweep.tasks: eval.json / eval_dense.json and the sweep's table carry the zero-shot average
+    beside the perplexity, and the report holds both. Needs `neuroproj-prune tasks fetch`."""
+    import csv
+
+    from neuroproj_prune.view import load_page_data
+
+    off = {"enabled": False}
+    recipe = _recipe(tmp_path, tiny_dir("llama"), stats=off, trace=off,
+                     prune={"sparsity": 0.5, "multiple": 1, "select": "flap", "fold": "bias"},
+                     eval={"data": str(WIKI), "seqlen": 128, "max_windows": 2, "tasks": "piqa", "limit": 2},
+                     sweep={"enabled": True, "sparsities": [0.5], "select": ["flap"], "fold": ["bias"],
+                            "calibration": ["sequential"], "tasks": ["piqa"], "limit": 2})
+    res = run(recipe, progress=False, log=lambda *a: None)
+    out = Path(res["output_dir"])
+    for f in ("eval.json", "eval_dense.json"):
+        ev = json.loads((out / f).read_text())
+        assert ev["perplexity"]["value"] > 1, f
+        zs = ev["lm_eval"]["zeroshot"]
+        assert zs["average"] == ev["lm_eval"]["tasks"]["piqa"]["acc_norm"] and zs["limit"] == 2, f
+    rows = list(csv.DictReader((out / "sweep" / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["dense", "flap+bias+sequential"]
+    assert all(float(r["ppl"]) > 1 and 0 <= float(r["zeroshot_avg"]) <= 1 for r in rows)
+    dense_avg = json.loads((out / "eval_dense.json").read_text())["lm_eval"]["zeroshot"]["average"]
+    assert float(rows[0]["zeroshot_avg"]) == pytest.approx(dense_avg)    # same model, same settings
+    page = load_page_data(out / "report.html")
+    assert {e["label"]: e["lm_eval"]["zeroshot"]["average"] for e in page["eval"]}["dense"] == dense_avg
+    assert "zeroshot_avg" in page["sweep"]["columns"]
+
+
 @pytest.mark.parametrize("override,key", [
     ("prune.sparsityy=0.2", "prune"),            # unknown key (the error names the section it was looked up in)
     ("prune.sparsity=high", "prune.sparsity"),   # wrong type
     ("calibration.data=missing.jsonl", "calibration.data"),  # missing file
     ("bogus=1", "bogus"),
     ("prune.select=nope", "prune.select"),
+    ("sweep.tasks=piqa,nope", "sweep.tasks"),    # the sweep's tasks are the zero-shot ones
+    ("eval.limit=-1", "eval.limit"),
+    ("sweep.limit=2.5", "sweep.limit"),
 ])
 def test_invalid_recipe_fails_before_loading_a_model(override, key, tmp_path, capsys, monkeypatch):
     import neuroproj_prune.models as models

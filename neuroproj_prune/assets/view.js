@@ -382,7 +382,19 @@
       D.eval.forEach((e, i) => { r[cols[i + 1]] = e.perplexity ? e.perplexity[f] : null; });
       ppl.push(r);
     }
-    s.append(el("h3", { text: "Perplexity" }), sortableTable(cols, ppl, "eval-table"));
+    // the zero-shot average (lm_eval.zeroshot, when zero-shot tasks ran) beside the perplexity
+    const zs = (e) => (e.lm_eval && e.lm_eval.zeroshot ? e.lm_eval.zeroshot : null);
+    if (D.eval.some(zs)) {
+      const rows = { average: (z) => z.average, tasks: (z) => Object.keys(z.tasks || {}).length + " of 8",
+        limit: (z) => (z.limit === null || z.limit === undefined ? "all documents" : z.limit) };
+      for (const [f, get] of Object.entries(rows)) {
+        const r = { "": "zero-shot " + f };
+        D.eval.forEach((e, i) => { r[cols[i + 1]] = zs(e) ? get(zs(e)) : null; });
+        ppl.push(r);
+      }
+    }
+    s.append(el("h3", { text: D.eval.some(zs) ? "Perplexity and zero-shot average" : "Perplexity" }),
+      sortableTable(cols, ppl, "eval-table"));
     const lrows = {};
     D.eval.forEach((e, i) => {
       const tasks = e.lm_eval && e.lm_eval.tasks ? e.lm_eval.tasks : {};
