@@ -8,8 +8,8 @@ The model is built from a transformers config (Llama-3.1-8B: hidden 4096, MLP 14
 8 KV heads, vocabulary 128256; Qwen2.5-7B: 3584 / 18944 / 28 / 28 / 4 / 152064) directly on the device
 (`torch.device` context: the weights are initialised there, never in host memory), in bfloat16, with
 random weights — timing does not depend on the values — and fed random token ids (128 × 2048 by default).
-One run builds, checks and times, in this order (the model is pruned in place, so prune comes last and
-the streaming variant rebuilds it):
+One run builds, checks and times, in this order (the model is pruned in place, so prune comes last; the
+streamed variants start from a fresh copy saved to disk):
 
 - `build` — the model on the device (and its fingerprint);
 - `forward` — `model(input_ids, use_cache=False)` over every calibration batch (LM head included), and
