@@ -19,8 +19,12 @@ that runs the model (sequential) sees the already-pruned layers.
   the residual stream through a norm, so an output error on token t is seen divided by rms(x_t); the
   moments weight token t by 1/mean(out_t²), which stops the few massive-activation tokens (attention sinks)
   from dominating the fit. Cost: one forward pass (two with a dense target) plus one N×N Gram per layer and
-  token; memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with a dense target)
-  and one layer's neuron activations (tokens·N·4 bytes).
+  token; memory: the hidden states of all calibration tokens (the carried stream and the layer's outputs,
+  2·tokens·d values, 3· with a dense target) and one layer's neuron activations (tokens·N·4 bytes) — with the
+  model's layers where `offload.LayerStream` keeps them (all on the device, in host memory or on disk, one at a
+  time on the device), and the hidden states on the device or in host memory: the formula is in offload.py.
+  Under several processes (torch.distributed) each takes every W-th batch and each layer's moments are
+  all-reduced before it is pruned, so all of them prune alike (`Sequential.layers`).
 
 Each calibration also measures per-layer importance its own way for `allocation=global`
 (`global_widths`): one-shot from FLAP's standardised scores, sequential from the dense layers' refit-error

@@ -162,6 +162,7 @@ def choose_placement(offload: str, g: Geometry, *, tokens: int, batch_tokens: in
 
     sizes = (f"model {_gib(g.model)}, largest layer {_gib(g.layer)}, hidden states {_gib(n['H'])}, "
              f"activations {_gib(n['A'])}")
+
     def where(dev_need, host_need):
         if on_cpu:
             return f"needs {_gib(dev_need)} of {_gib(free_host)} available"
