@@ -265,7 +265,8 @@ class Sequential(Calibration):
     def layers(self):
         """Under several processes (torch.distributed) each takes every W-th batch of calibration windows, and
         each layer's moments are all-reduced before it is selected and folded: every process computes the same
-        kept set and weights (equal to one process up to the order of the float64 sums)."""
+        kept set and weights (equal to one process up to the order of the float64 sums). Block reconstruction is
+        refused there (in `__init__`): its Adam steps would need their gradients all-reduced too."""
         model, a, cfg, stream = self.lm.model, self.lm.adapter, self.cfg, self.stream
         _, rank, world = distributed()
         bs = cfg.batch_size or max(1, 4096 // self.ids.shape[1])

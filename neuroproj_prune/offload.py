@@ -43,6 +43,7 @@ filesystem.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -290,8 +291,6 @@ class DiskStream(LayerStream):
     def _read(self, module: nn.Module, prefix: str, required: bool) -> None:
         """Fill `module`'s parameters and persistent buffers from the files (each tensor copied to the device in
         the dtype the module was built with); a parameter the files lack is an error when `required`."""
-        from safetensors import safe_open
-
         by_file: dict[Path, list] = {}
         for name, t in module.state_dict(keep_vars=True).items():
             key = self.names.get(prefix + name)
@@ -302,7 +301,7 @@ class DiskStream(LayerStream):
                 continue
             by_file.setdefault(self.files[key], []).append((name, key, t))
         for path, items in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            with _weights(path) as f:
                 for name, key, old in items:
                     value = f.get_tensor(key)
                     if tuple(value.shape) != tuple(old.shape):
@@ -361,10 +360,21 @@ class DiskStream(LayerStream):
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def _load_one(path: Path, key: str, like: torch.Tensor, device) -> torch.Tensor:
-    from safetensors import safe_open
+@contextlib.contextmanager
+def _weights(path: Path):
+    """`safe_open` of a weights file, its failures (a truncated or corrupt file) one NeuroprojError."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            yield f
+    except (OSError, SafetensorError) as e:
+        raise NeuroprojError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:160]}): the "
+                             f"checkpoint is damaged; download or write it again") from None
+
+
+def _load_one(path: Path, key: str, like: torch.Tensor, device) -> torch.Tensor:
+    with _weights(path) as f:
         value = f.get_tensor(key)
     if tuple(value.shape) != tuple(like.shape):
         raise NeuroprojError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(like.shape)}: "
@@ -448,7 +458,10 @@ def open_disk(spec, source: Path, dtype: torch.dtype, placement: Placement, out)
     stream = DiskStream(model, placement, names, files, scratch)
     try:
         stream.load_rest()
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise NeuroprojError(f"could not load model {spec!r}: {str(e).splitlines()[0][:300]}") from None
     except BaseException:
         stream.close()
         raise

@@ -87,6 +87,8 @@ CASES = [
                                         "--offload", "disk", "--out", "{d}/o18"], "holds none", "o18"),
     ("prune disk of a hub id", ["prune", "--model", "some-org/some-model", *COMMON, "--sparsity", "0.3",
                                 "--offload", "disk", "--out", "{d}/o19"], "hub id", "o19"),
+    ("prune disk truncated model", ["prune", "--model", "{d}/truncated", *COMMON, "--sparsity", "0.3",
+                                    "--offload", "disk", "--out", "{d}/o21"], "damaged", "o21"),
     ("prune disk with one-shot", ["prune", "--model", "{model}", *COMMON, "--sparsity", "0.3", "--calibration",
                                   "oneshot", "--offload", "disk", "--out", "{d}/o20"], "calibration sequential", "o20"),
     ("eval NaN model", ["eval", "--model", "{d}/nanmodel", "--data", str(WIKI), "--seqlen", "64", "--max-windows", "2",
