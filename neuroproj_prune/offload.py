@@ -429,6 +429,11 @@ def disk_refusal(spec, source, kwargs: dict, pruned: bool, out) -> str | None:
                 f"use --offload cpu")
     if not any(source.glob("*.safetensors")):
         return f"reads safetensors weights, and {source} holds none: use --offload cpu"
+    try:   # the save steps save_streamed repeats (checked now, not after the pass)
+        from transformers.core_model_loading import revert_weight_conversion  # noqa: F401
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401
+    except ImportError:
+        return "writes the checkpoint with transformers >= 5's save steps: upgrade transformers or use --offload cpu"
     return None
 
 
