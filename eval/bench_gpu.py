@@ -8,8 +8,8 @@ The model is built from a transformers config (Llama-3.1-8B: hidden 4096, MLP 14
 8 KV heads, vocabulary 128256; Qwen2.5-7B: 3584 / 18944 / 28 / 28 / 4 / 152064) directly on the device
 (`torch.device` context: the weights are initialised there, never in host memory), in bfloat16, with
 random weights — timing does not depend on the values — and fed random token ids (128 × 2048 by default).
-One run builds, checks and times, in this order (the model is pruned in place, so prune comes last and
-the streaming variant rebuilds it):
+One run builds, checks and times, in this order (the model is pruned in place, so prune comes last; the
+streamed variants start from a fresh copy saved to disk):
 
 - `build` — the model on the device (and its fingerprint);
 - `forward` — `model(input_ids, use_cache=False)` over every calibration batch (LM head included), and
@@ -21,12 +21,19 @@ the streaming variant rebuilds it):
   host (float64), then classical MDS + SMACOF on the device (`fit_exact`, also timed alone);
 - `prune` — `neuroproj_prune.prune.prune` at 30 % (wanda-sp, lstsq fold, sequential calibration: the
   defaults) on the token ids, with its parts timed (layer inputs, per-layer moments, select+fold, carry);
-- `prune (offload=cpu|disk)` — the same with `PruneConfig.offload`, when this build has that field.
+- `prune (offload=cpu|disk)` — the same with `PruneConfig.offload` streaming the layers (neuroproj_prune/offload.py),
+  as a user runs it: from the model saved as safetensors in `--work-dir` (saved before the stage, untimed; a
+  placeholder tokenizer beside it, the calibration being token ids) to the checkpoint written in `--work-dir`.
+  Its time includes loading (cpu: the whole model into host memory; disk: embeddings and head) and writing; its
+  parts add the layers' trips (fetch, put away) and the write. After the stage (untimed) the checkpoint is
+  loaded with plain transformers onto the device, its kept widths and a finite forward checked.
 
-Each stage: wall seconds (CUDA synchronised) and peak device memory (`torch.cuda.max_memory_allocated`, reset
-before the stage; it includes the resident model, 16 GB for 8B in bfloat16), a check of its result, and the
-goal of the issue where there is one. Writes OUT.json and OUT.md (the table). Cost: about two forward passes,
-one statistics pass, one projection and two prunes of the model.
+Each stage: wall seconds (CUDA synchronised), peak device memory (`torch.cuda.max_memory_allocated`, reset
+before the stage; it includes a resident model, 16 GB for 8B in bfloat16) and peak host memory (VmHWM, reset
+before the stage through /proc/self/clear_refs), a check of its result, and the goal of the issue where there is
+one. Writes OUT.json and OUT.md (the table). Cost: about two forward passes, one statistics pass, one projection
+and three prunes of the model, plus writing the model and two pruned checkpoints to `--work-dir` (8B: ~45 GB,
+each removed when checked).
 """
 from __future__ import annotations
 
@@ -34,11 +41,12 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +84,24 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _reset_host_peak() -> bool:
+    """Reset this process's peak resident memory (VmHWM); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_peak_gb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")) / 1e9
+    except (OSError, StopIteration):
+        return None
+
+
 class Stage:
     """`with Stage(rows, name, dev) as st:` — wall time (synchronised) and peak device memory of the block;
     `st.check` / `st.note` say what was verified. A failing stage is recorded (its error as the check) and
@@ -90,6 +116,7 @@ class Stage:
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.dev)
+        self.host_reset = _reset_host_peak()
         _sync(self.dev)
         self.t0 = time.perf_counter()
         return self
@@ -98,14 +125,16 @@ class Stage:
         _sync(self.dev)
         seconds = time.perf_counter() - self.t0
         peak = torch.cuda.max_memory_allocated(self.dev) / 1e9 if self.dev.type == "cuda" else None
+        host = _host_peak_gb() if self.host_reset else None
         ok = typ is None
         if not ok:
             self.check = f"FAILED: {typ.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         self.rows.append({"stage": self.name, "seconds": round(seconds, 6), "peak_gb": None if peak is None else
-                          round(peak, 2), "ok": ok, "check": self.check, "note": self.note,
-                          "goal": GOALS.get(self.name)})
+                          round(peak, 2), "host_peak_gb": None if host is None else round(host, 3), "ok": ok,
+                          "check": self.check, "note": self.note, "goal": GOALS.get(self.name)})
         print(f"[bench] {self.name}: {seconds:.2f} s" + ("" if peak is None else f", peak {peak:.2f} GB")
-              + f" — {self.check}", file=sys.stderr, flush=True)
+              + ("" if host is None else f", host peak {host:.2f} GB") + f" — {self.check}", file=sys.stderr,
+              flush=True)
         return typ is not None and issubclass(typ, Exception)   # record and go on; never swallow Ctrl-C
 
 
@@ -162,18 +191,24 @@ def _forward(module, batches, dev) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
 
 
-def _offload_available() -> bool:
-    from neuroproj_prune.prune import PruneConfig
+def _placeholder_tokenizer(vocab_size: int):
+    """A tokenizer to save beside the random model (loading a model directory reads one; the calibration is
+    token ids, so its vocabulary does not matter)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
-    return "offload" in PruneConfig.field_names()
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>",
+                                   model_max_length=vocab_size)
 
 
 # ------------------------------------------------------------------------------------------ the run
 def run_bench(geometry: str = "tiny", *, samples: int | None = None, seqlen: int | None = None, layers: int | None = None,
               collect_layers: str = "all", device: str | None = None, dtype: str | None = None, seed: int = 0,
-              offload=("cpu", "disk"), out=None) -> dict:
+              offload=("cpu", "disk"), out=None, work_dir=None) -> dict:
     """Build, check and time every stage (see the module docstring); returns the result dict (also written
-    to OUT.json / OUT.md when `out` is given)."""
+    to OUT.json / OUT.md when `out` is given). `work_dir`: where the offload rows' model and checkpoints go
+    (default: a temporary directory, removed at the end)."""
     from neuroproj_prune.plan import layer_width
     from neuroproj_prune.projection import project
     from neuroproj_prune.stats import collect
@@ -181,7 +216,6 @@ def run_bench(geometry: str = "tiny", *, samples: int | None = None, seqlen: int
     import importlib
 
     # the modules (the package's `prune` and `project` names are the functions)
-    calibrate_mod = importlib.import_module("neuroproj_prune.calibrate")
     projection_mod = importlib.import_module("neuroproj_prune.projection")
     prune_mod = importlib.import_module("neuroproj_prune.prune")
 
@@ -264,32 +298,99 @@ def run_bench(geometry: str = "tiny", *, samples: int | None = None, seqlen: int
     gc.collect()
 
     want = layer_width(N, SPARSITY, None, 64)
-    variants = [("prune", {})] + [(f"prune (offload={o})", {"offload": o}) for o in offload]
-    for vi, (name, extra) in enumerate(variants):
-        if extra and not _offload_available():
-            rows.append({"stage": name, "seconds": None, "peak_gb": None, "ok": None, "goal": GOALS.get(name),
-                         "check": "not available in this build (PruneConfig has no `offload` field)", "note": ""})
-            continue
-        if vi > 0:                                           # the previous prune changed the model in place
-            del lm
-            gc.collect()
-            lm = build_model(geometry, dev, dt, layers, seed)
-        parts: dict = {}
-        with Stage(rows, name, dev) as st, \
-                timed(calibrate_mod, "layer_inputs", parts, "layer inputs", dev), \
-                timed(calibrate_mod.Sequential, "_measure", parts, "moments", dev), \
-                timed(prune_mod, "prune_layer", parts, "select + fold", dev), \
-                timed(calibrate_mod.Sequential, "_carry", parts, "carry", dev):
-            lm, plan, summary = prune_mod.prune(lm, ids, sparsity=SPARSITY, progress=False, **extra)
-            kept = summary["kept"]
-            assert kept == [want] * L, kept
-            with torch.inference_mode():
-                x = lm.model(input_ids=batches[0][:1].to(dev), use_cache=False).logits
-            assert torch.isfinite(x.float()).all(), "pruned model: non-finite logits"
-            st.check = (f"{L} layers {N} → {want} (actual sparsity {summary['actual_sparsity']:.3f}); "
-                        f"pruned forward finite")
-            st.note = ", ".join(f"{k} {v:.3g} s" for k, v in parts.items())
+    parts: dict = {}
+    with Stage(rows, "prune", dev) as st, _prune_parts(parts, dev):
+        lm, plan, summary = prune_mod.prune(lm, ids, sparsity=SPARSITY, progress=False, offload="none")
+        kept = summary["kept"]
+        assert kept == [want] * L, kept
+        with torch.inference_mode():
+            x = lm.model(input_ids=batches[0][:1].to(dev), use_cache=False).logits
+        assert torch.isfinite(x.float()).all(), "pruned model: non-finite logits"
+        st.check = (f"{L} layers {N} → {want} (actual sparsity {summary['actual_sparsity']:.3f}); "
+                    f"pruned forward finite")
+        st.note = ", ".join(f"{k} {v:.3g} s" for k, v in parts.items())
+    del lm
+    gc.collect()
+    if offload:
+        temporary = work_dir is None
+        work = Path(tempfile.mkdtemp(prefix="bench-gpu-") if temporary else work_dir)
+        try:
+            _offload_rows(rows, geometry, dev, dt, layers, seed, ids, batches[0][:1], want, L, N, offload, work)
+        finally:
+            if temporary:
+                shutil.rmtree(work, ignore_errors=True)
     return _finish(result, out)
+
+
+@contextlib.contextmanager
+def _prune_parts(parts: dict, dev: torch.device):
+    """Time the parts of one prune into `parts`: the sequential pass's steps, the streamed layers' trips between
+    the device and where they live, and the checkpoint's write (of the streamed rows)."""
+    import importlib
+
+    calibrate_mod = importlib.import_module("neuroproj_prune.calibrate")
+    prune_mod = importlib.import_module("neuroproj_prune.prune")
+    offload_mod = importlib.import_module("neuroproj_prune.offload")
+    with contextlib.ExitStack() as stack:
+        for owner, attr, key in ((calibrate_mod, "layer_inputs", "layer inputs"),
+                                 (calibrate_mod.Sequential, "_measure", "moments"),
+                                 (prune_mod, "prune_layer", "select + fold"),
+                                 (calibrate_mod.Sequential, "_carry", "carry"),
+                                 (offload_mod.CpuStream, "fetch", "fetch layers"),
+                                 (offload_mod.CpuStream, "release", "put layers away"),
+                                 (offload_mod.DiskStream, "fetch", "fetch layers"),
+                                 (offload_mod.DiskStream, "release", "put layers away"),
+                                 (prune_mod, "save_pruned", "write checkpoint")):
+            stack.enter_context(timed(owner, attr, parts, key, dev))
+        yield
+
+
+def _offload_rows(rows, geometry, dev, dt, layers, seed, ids, probe, want, L, N, offload, work: Path) -> None:
+    """The `prune (offload=…)` rows: the model saved once in `work` (untimed), then each streamed prune from it
+    to a checkpoint in `work`, checked by loading that checkpoint with plain transformers (untimed)."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    prune_mod = importlib.import_module("neuroproj_prune.prune")
+    model_dir = work / "model"
+    lm = build_model(geometry, dev, dt, layers, seed)
+    lm.model.save_pretrained(model_dir)
+    _placeholder_tokenizer(lm.model.config.vocab_size).save_pretrained(model_dir)
+    del lm
+    gc.collect()
+    for o in offload:
+        name, out = f"prune (offload={o})", work / f"pruned-{o}"
+        parts: dict = {}
+        summary = None
+        with Stage(rows, name, dev) as st, _prune_parts(parts, dev):
+            lm, plan, summary = prune_mod.prune(str(model_dir), ids, sparsity=SPARSITY, progress=False, offload=o,
+                                                out=out, overwrite=True, dtype=str(dt).replace("torch.", ""),
+                                                device=str(dev))
+            assert summary["kept"] == [want] * L, summary["kept"]
+            place = summary["offload"]
+            st.check = (f"{L} layers {N} → {want}; layers {o}, hidden states on {place['hidden_states']} "
+                        f"(formula: {place['device_bytes'] / 1e9:.2f} GB device, {place['host_bytes'] / 1e9:.2f} GB "
+                        f"host)")
+            st.note = ", ".join(f"{k} {v:.3g} s" for k, v in parts.items())
+            del lm
+        row = rows[-1]
+        if summary is not None:   # untimed: the checkpoint as any reader sees it
+            try:
+                gc.collect()
+                m = AutoModelForCausalLM.from_pretrained(out, dtype=dt).to(dev).eval()
+                assert m.config.intermediate_size == want, m.config.intermediate_size
+                with torch.inference_mode():
+                    x = m(input_ids=probe.to(dev), use_cache=False).logits
+                assert torch.isfinite(x.float()).all(), "non-finite logits"
+                row["check"] += "; the checkpoint loads with plain transformers, forward finite"
+                del m
+            except Exception as e:   # recorded like a failing stage; the benchmark goes on
+                row["ok"] = False
+                row["check"] += f"; checkpoint check FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        shutil.rmtree(out, ignore_errors=True)
+        gc.collect()
+    shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def _ratios(rows, result) -> None:
@@ -326,12 +427,13 @@ def markdown(result: dict) -> str:
              f"{result['samples']} × {result['seqlen']} random calibration tokens, sparsity {result['sparsity']:.0%}  ",
              f"Device: {result['device']}; torch {result['torch']}; {result['date']}  ",
              f"Command: `{result['command']}`", "",
-             "| stage | wall (s) | peak device memory (GB) | goal | check | parts / note |",
-             "|---|---|---|---|---|---|"]
+             "| stage | wall (s) | peak device memory (GB) | peak host memory (GB) | goal | check | parts / note |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["stages"]:
         sec = "–" if r["seconds"] is None else f"{r['seconds']:.3g}"
         peak = "–" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-        lines.append(f"| {r['stage']} | {sec} | {peak} | {r['goal'] or ''} | {r['check']} | {r['note']} |")
+        host = "–" if r.get("host_peak_gb") is None else f"{r['host_peak_gb']:.2f}"
+        lines.append(f"| {r['stage']} | {sec} | {peak} | {host} | {r['goal'] or ''} | {r['check']} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -355,10 +457,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default cuda (tiny: cpu)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default bfloat16 (cpu: float32)")
     ap.add_argument("--offload", default="cpu,disk", help="offload variants of prune to try ('' for none)")
+    ap.add_argument("--work-dir", default=None, help="where the offload rows' model and checkpoints are written "
+                                                     "(default: a temporary directory; 8B: ~45 GB at most)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
     r = run_bench(a.geometry, samples=a.samples, seqlen=a.seqlen, layers=a.layers, collect_layers=a.collect_layers,
-                  device=a.device, dtype=a.dtype, offload=tuple(x for x in a.offload.split(",") if x), out=a.out)
+                  device=a.device, dtype=a.dtype, offload=tuple(x for x in a.offload.split(",") if x), out=a.out,
+                  work_dir=a.work_dir)
     print(markdown(r))
     return 0 if all(x["ok"] is not False for x in r["stages"]) else 1
 

@@ -154,8 +154,9 @@ class Adapter:
     def out_has_bias_in_config(self, config) -> bool:
         return True  # plain MLPs (gpt2, opt, gpt_neox) always carry biases
 
-    def declare_out_bias(self, model) -> None:
-        """Make the config and modules of a standard checkpoint carry the MLP biases (no-op for plain MLPs)."""
+    def declare_out_bias(self, model, layers=None) -> None:
+        """Make the config and modules of a standard checkpoint carry the MLP biases (no-op for plain MLPs).
+        `layers`: only those layers' modules (a disk-streamed prune declares each layer before writing it)."""
 
     def select_neurons(self, model, i, keep: torch.Tensor) -> None:
         """Keep only neurons `keep` (sorted indices) of layer i: slice input rows/biases, output columns."""
@@ -212,11 +213,11 @@ class GatedAdapter(Adapter):
         # llama-style configs have `mlp_bias` (biases on gate, up and down); the others have no such switch
         return "mlp_bias" in config.to_dict()
 
-    def declare_out_bias(self, model) -> None:
+    def declare_out_bias(self, model, layers=None) -> None:
         if not self.out_has_bias_in_config(model.config):
             return
         model.config.mlp_bias = True
-        for i in range(self.num_layers(model)):
+        for i in range(self.num_layers(model)) if layers is None else layers:
             for proj in self.in_projs(model, i):
                 if proj.bias is None:
                     proj.bias = nn.Parameter(torch.zeros(proj.weight.shape[0], dtype=proj.weight.dtype,

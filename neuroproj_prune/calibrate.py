@@ -19,8 +19,12 @@ that runs the model (sequential) sees the already-pruned layers.
   the residual stream through a norm, so an output error on token t is seen divided by rms(x_t); the
   moments weight token t by 1/mean(out_t²), which stops the few massive-activation tokens (attention sinks)
   from dominating the fit. Cost: one forward pass (two with a dense target) plus one N×N Gram per layer and
-  token; memory: the hidden states of all calibration tokens (tokens·d·4 bytes, twice with a dense target)
-  and one layer's neuron activations (tokens·N·4 bytes).
+  token; memory: the hidden states of all calibration tokens (the carried stream and the layer's outputs,
+  2·tokens·d values, 3· with a dense target) and one layer's neuron activations (tokens·N·4 bytes) — with the
+  model's layers where `offload.LayerStream` keeps them (all on the device, in host memory or on disk, one at a
+  time on the device), and the hidden states on the device or in host memory: the formula is in offload.py.
+  Under several processes (torch.distributed) each takes every W-th batch and each layer's moments are
+  all-reduced before it is pruned, so all of them prune alike (`Sequential.layers`).
 
 Each calibration also measures per-layer importance its own way for `allocation=global`
 (`global_widths`): one-shot from FLAP's standardised scores, sequential from the dense layers' refit-error
@@ -41,9 +45,10 @@ from .checkpoint import get_skips
 from .errors import NeuroprojError
 from .models import LoadedModel
 from .moments import Moments
+from .offload import LayerStream
 from .plan import SELECTORS, LayerMoments, allocate_by_error, error_curve, global_widths
 from .reconstruct import reconstruct
-from .stats import calibration_ids, collect, load_stats
+from .stats import calibration_ids, collect, distributed, load_stats
 from .surgery import FoldInputs, chol_solve, effective_ridge
 
 TARGETS = ("layer", "dense", "residual")
@@ -77,12 +82,15 @@ def register_calibration(name):
 class Calibration:
     """The interface: `layers()` yields LayerWork in layer order; `global_widths(cfg, total)` gives
     per-layer widths summing to about `total`; `description` names the calibration data; `meta` goes
-    into the plan."""
+    into the plan. `stream` (offload.LayerStream) says where the decoder layers live; only the sequential
+    calibration streams them (the config refuses offload cpu/disk for the others)."""
 
     name = ""
 
-    def __init__(self, lm: LoadedModel, cfg, *, data=None, stats=None, projections=None, progress: bool = True):
+    def __init__(self, lm: LoadedModel, cfg, *, data=None, stats=None, projections=None, progress: bool = True,
+                 stream: LayerStream | None = None):
         self.lm, self.cfg, self.progress = lm, cfg, progress
+        self.stream = stream if stream is not None else LayerStream(lm.model)
         self.description, self.meta = None, {}
 
     def widths(self) -> dict[int, int]:
@@ -101,8 +109,8 @@ class Calibration:
 class OneShot(Calibration):
     """Dense moments from a statistics file (or one `collect` pass over `data`)."""
 
-    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True):
-        super().__init__(lm, cfg, progress=progress)
+    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True, stream=None):
+        super().__init__(lm, cfg, progress=progress, stream=stream)
         if stats is None:
             if data is None:
                 raise NeuroprojError("give calibration --data or a --stats file")
@@ -149,18 +157,19 @@ class _StopAt(Exception):
     pass
 
 
-def layer_inputs(model, adapter, batches):
-    """Hidden states entering layer 0 and the keyword arguments the model passes to its layers."""
+def layer_inputs(model, adapter, batches, keep=None):
+    """Hidden states entering layer 0 and the keyword arguments the model passes to its layers, per batch.
+    `keep(x)` puts each batch's hidden states where they are to live (default: where the model made them)."""
     first = adapter.layers(model)[0]
     caught = []
 
     def grab(mod, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden.detach(), args[1:], dict(kwargs)))
+        caught.append((hidden.detach() if keep is None else keep(hidden.detach()), args[1:], dict(kwargs)))
         raise _StopAt
 
     h = first.register_forward_pre_hook(grab, with_kwargs=True)
-    dev = next(model.parameters()).device
+    dev = model.get_input_embeddings().weight.device  # (a streamed model's layers may live elsewhere)
     try:
         with torch.inference_mode():
             for ids in batches:
@@ -206,7 +215,7 @@ def compute_dtype_for(name: str, model) -> torch.dtype | None:
 
 
 def _nonfinite_hint(model, compute) -> str:
-    if any(not torch.isfinite(p).all() for p in model.parameters()):
+    if any(not torch.isfinite(p).all() for p in model.parameters() if p.device.type != "meta"):
         return "the model's weights hold NaN/inf: check or re-download the checkpoint"
     if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
         return "the model overflows in its dtype: load it with --dtype float32"
@@ -219,8 +228,12 @@ def _nonfinite_hint(model, compute) -> str:
 class Sequential(Calibration):
     """Layer by layer on the inputs the pruned model produces (see the module docstring)."""
 
-    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True, ids=None):
-        super().__init__(lm, cfg, progress=progress)
+    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True, ids=None, stream=None):
+        super().__init__(lm, cfg, progress=progress, stream=stream)
+        if cfg.reconstruct and distributed()[2] > 1:
+            raise NeuroprojError("block reconstruction (--reconstruct) runs in one process (its Adam steps would "
+                                 "need gradients all-reduced across processes): prune in one process or with "
+                                 "--reconstruct 0")
         if get_skips(lm.model):  # skip hooks hand activations from layer l to m within one forward pass
             raise NeuroprojError("the model has applied skip connections, which layer-by-layer calibration cannot "
                                  "run: prune with --calibration oneshot, or prune before applying skips")
@@ -250,27 +263,44 @@ class Sequential(Calibration):
         return allocate_by_error(curves, total, cfg.multiple, cfg.max_shift)
 
     def layers(self):
-        model, a, cfg = self.lm.model, self.lm.adapter, self.cfg
+        """Under several processes (torch.distributed) each takes every W-th batch of calibration windows, and
+        each layer's moments are all-reduced before it is selected and folded: every process computes the same
+        kept set and weights (equal to one process up to the order of the float64 sums). Block reconstruction is
+        refused there (in `__init__`): its Adam steps would need their gradients all-reduced too."""
+        model, a, cfg, stream = self.lm.model, self.lm.adapter, self.cfg, self.stream
+        _, rank, world = distributed()
         bs = cfg.batch_size or max(1, 4096 // self.ids.shape[1])
-        states = layer_inputs(model, a, [self.ids[b:b + bs] for b in range(0, self.ids.shape[0], bs)])
-        hidden = [s[0].clone() for s in states]
-        dense = [s[0].clone() for s in states] if cfg.target in ("dense", "residual") else None
-        bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not self.progress,
+        batches = [self.ids[b:b + bs] for b in range(0, self.ids.shape[0], bs)]
+        if len(batches) < world:
+            raise NeuroprojError(f"{len(batches)} calibration batches for {world} processes: every process needs one; "
+                                 f"give more --samples or a smaller --batch-size")
+        states = layer_inputs(model, a, batches[rank::world], keep=stream.stash)
+        hidden = [s[0] for s in states]          # the stream entering the current layer, per batch
+        calls = [s[1:] for s in states]          # each batch's (args, kwargs) for the layers
+        del states
+        dense = [h.clone() for h in hidden] if cfg.target in ("dense", "residual") else None
+        # a streamed layer is written as the checkpoint will hold it: with the MLP biases update_config declares
+        stream.declare_bias = cfg.adds_bias and not a.out_has_bias(model)
+        bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not self.progress or rank != 0,
                    dynamic_ncols=True)
         self.reconstructed = {}
         try:
-            for i, layer in enumerate(a.layers(model)):
+            for i in range(a.num_layers(model)):
+                layer = stream.fetch(i)
                 W = a.out_weight(model, i).detach().to(self.cdt)
                 b_old = a.out_bias(model, i)
-                work, acts, outs, blocks = self._measure(i, layer, W, states, hidden, dense)
+                work, acts, outs, blocks = self._measure(i, layer, W, calls, hidden, dense)
                 yield work  # the caller prunes layer i in place and fills work.keep / W_new / b_new
                 if blocks is not None:  # gate/up change too: the closed-form carry no longer holds
                     self.reconstructed[i] = self._reconstruct(i, layer, blocks)
                     acts.clear()
-                self._carry(work, layer, W, b_old, states, hidden, acts, outs)
+                self._carry(work, layer, W, b_old, calls, hidden, acts, outs)
+                stream.release(i)
                 bar.update(1)
         finally:
             bar.close()
+        if self.meta.get("fingerprint") is None:  # a disk stream saw the dense weights one layer at a time
+            self.meta["fingerprint"] = stream.fingerprint()
         if self.reconstructed:
             r = self.reconstructed.values()
             self.meta["reconstruct"] = {
@@ -306,11 +336,13 @@ class Sequential(Calibration):
     def cdt(self):
         return torch.float64 if next(self.lm.model.parameters()).dtype == torch.float64 else torch.float32
 
-    def _measure(self, i, layer, W, states, hidden, dense):
+    def _measure(self, i, layer, W, calls, hidden, dense):
         """Run layer i on every batch and accumulate its (token-weighted) moments, and with a dense target
-        the target's cross-moments; keep each batch's activations h and layer output for the carry."""
+        the target's cross-moments; keep each batch's activations h and layer output for the carry. Under
+        several processes the totals are summed across them (one weight scale: rank 0's first batch's)."""
         model, a, cfg, compute, cdt = self.lm.model, self.lm.adapter, self.cfg, self.compute, self.cdt
-        dev = next(model.parameters()).device
+        stream, (dist, _, _) = self.stream, distributed()
+        dev = stream.device
         N, d = W.shape[1], W.shape[0]
         additive = a.mlp_output_is_added(model)
         grab = {}
@@ -326,33 +358,41 @@ class Sequential(Calibration):
         acts, outs = [], []
         try:
             with torch.inference_mode():
-                for bi, (_, args, kw) in enumerate(states):
-                    out = run_layer(layer, hidden[bi], args, kw, compute)
+                for bi, (args, kw) in enumerate(calls):
+                    x = stream.bring(hidden[bi])
+                    out = run_layer(layer, x, args, kw, compute)
                     h = grab["h"].reshape(-1, N).to(cdt)
                     # the next norm divides each token's residual by its rms
                     w = rms_token_weights(out.reshape(-1, d).to(cdt)).unsqueeze(1) if cfg.weighting == "rms" else None
+                    if bi == 0 and w is not None and dist is not None:
+                        mo.share_scale(w, dist)
                     w = mo.add(h, w)
                     if dense is not None:
-                        dense_out = run_layer(layer, dense[bi], args, kw, compute)
+                        dense_out = run_layer(layer, stream.bring(dense[bi]), args, kw, compute)
                         if cfg.target == "dense":   # the dense MLP output on the dense stream
                             y = grab["h"].reshape(-1, N).to(cdt) @ W.T
                         else:                       # residual: also close the gap between the two streams
                             y = h @ W.T + (dense_out - out).reshape(-1, d).to(cdt)
                         C += (y.T @ (h if w is None else h * w)).double()
                         c += (y if w is None else y * w).sum(0, dtype=torch.float64)
-                        dense[bi] = dense_out
+                        dense[bi] = stream.stash(dense_out)
                     if additive:
-                        acts.append(h)
-                        outs.append(out)
+                        acts.append(stream.stash(h))
+                        outs.append(stream.stash(out))
                     if scope is not None:  # (input, target, token weights, call arguments), per window
                         tw = None if w is None else w.reshape(out.shape[:-1]).float()  # (its scale cancels)
                         if scope == "mlp":
                             blocks.append((grab["x"].float().clone(), grab["y"].float().clone(), tw, (), {}))
                         else:
-                            blocks.append((hidden[bi], out.float(), tw, args, kw))
+                            blocks.append((x, out.float(), tw, args, kw))
         finally:
             for hk in hooks:
                 hk.remove()
+        if dist is not None:  # every process gets the totals of all tokens (NaN included, so all refuse alike)
+            mo.all_reduce(dist)
+            if C is not None:
+                dist.all_reduce(C)
+                dist.all_reduce(c)
         G, mean = mo.finish()
         if not torch.isfinite(G).all():
             raise NeuroprojError(f"non-finite activations at layer {i}: {_nonfinite_hint(model, compute)}")
@@ -366,14 +406,14 @@ class Sequential(Calibration):
                          FoldInputs(G, mean, C, c, ridge=ridge))
         return work, acts, outs, blocks
 
-    def _carry(self, work, layer, W, b_old, states, hidden, acts, outs):
+    def _carry(self, work, layer, W, b_old, calls, hidden, acts, outs):
         """Carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when the
         MLP output is added to the residual as is (one matmul per batch); otherwise run the pruned layer again."""
-        cdt = self.cdt
+        cdt, stream = self.cdt, self.stream
         with torch.inference_mode():
             if not acts:
-                for bi, (_, args, kw) in enumerate(states):
-                    hidden[bi] = run_layer(layer, hidden[bi], args, kw, self.compute)
+                for bi, (args, kw) in enumerate(calls):
+                    hidden[bi] = stream.stash(run_layer(layer, stream.bring(hidden[bi]), args, kw, self.compute))
                 return
             dev = W.device
             # h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
@@ -382,11 +422,12 @@ class Sequential(Calibration):
             dWt = dW.T.contiguous()
             bn = work.b_new
             db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
-            for bi in range(len(states)):
-                delta = acts[bi] @ dWt
+            for bi in range(len(calls)):
+                delta = stream.bring(acts[bi]) @ dWt
                 if db is not None:
                     delta += db
-                hidden[bi] = (outs[bi].to(cdt) + delta.view(outs[bi].shape)).to(outs[bi].dtype)
+                o = stream.bring(outs[bi])
+                hidden[bi] = stream.stash((o.to(cdt) + delta.view(o.shape)).to(o.dtype))
         acts.clear()  # one layer's activations at a time
         outs.clear()
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .errors import NeuroprojError
-from .io import atomic_dir, prepare_out_dir  # noqa: F401 (re-exported)
+from .io import atomic_dir, prepare_out_dir, write_safetensors  # noqa: F401 (re-exported)
 
 SECTION = "neuroproj_prune"
 CHECKPOINT_FORMAT = "neuroproj-prune/checkpoint/1"
@@ -55,13 +55,18 @@ def update_config(model, added_bias: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------- save / load
 def save_pruned(model, tokenizer, out, *, summary: dict | None = None, extra_files: dict | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, stored: dict | None = None) -> Path:
     """Write the checkpoint atomically: a temporary directory beside `out`, renamed when complete.
     Uniform widths and no added bias → a standard checkpoint (plain `from_pretrained`); otherwise the
-    config carries a `neuroproj_prune` section and `load_pruned` rebuilds the modules."""
+    config carries a `neuroproj_prune` section and `load_pruned` rebuilds the modules.
+    `stored`: {state-dict name: io.StoredTensor} for weights that are not in memory (meta tensors: the layers a
+    disk-streamed prune wrote out as it went); the weights are then written by `save_streamed`."""
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        if stored:
+            save_streamed(model, tmp, stored)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if summary is not None:
@@ -69,6 +74,60 @@ def save_pruned(model, tokenizer, out, *, summary: dict | None = None, extra_fil
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
     return out
+
+
+def save_streamed(model, directory, stored: dict, max_shard_size=None) -> None:
+    """What `model.save_pretrained(directory)` writes — config.json, generation_config.json, the safetensors
+    shards (and their index when there are several), byte for byte — for a model some of whose weights are not in
+    memory: each meta tensor's bytes are copied from the file `stored[name]` names, the others written from
+    memory, one tensor at a time. The steps are save_pretrained's own (transformers >= 5, no quantizer, adapters
+    or tensor parallelism): dtype and architectures in the config, the ignored keys dropped, tied weights stored
+    once (`remove_tied_weights_from_state_dict`), save-time renames (`revert_weight_conversion`), shards of at
+    most `max_shard_size` (save_pretrained's default) in state-dict order (`split_torch_state_dict_into_shards`).
+    Memory: the largest in-memory tensor; disk reads: each stored tensor once."""
+    import inspect
+
+    try:
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+    except ImportError:
+        raise NeuroprojError("writing a checkpoint from streamed layers needs transformers >= 5 (its save steps): "
+                             "upgrade transformers or prune with --offload cpu") from None
+    directory = Path(directory)
+    if max_shard_size is None:
+        max_shard_size = inspect.signature(type(model).save_pretrained).parameters["max_shard_size"].default
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    source = {id(t): name for name, t in state.items()}   # renames keep the tensor objects: find each one's name
+    state = revert_weight_conversion(model, state)
+    split = split_torch_state_dict_into_shards(state, filename_pattern=SAFE_WEIGHTS_NAME.replace(
+        ".safetensors", "{suffix}.safetensors"), max_shard_size=max_shard_size)
+    for shard, names in split.filename_to_tensors.items():
+        tensors = {}
+        for name in names:
+            t = state[name]
+            if t.device.type == "meta":
+                where = stored.get(source.get(id(t)))
+                if where is None or list(where.shape) != list(t.shape):
+                    raise NeuroprojError(f"{name} is neither in memory nor in the streamed layer files: this "
+                                         f"architecture cannot be written from streamed layers; use --offload cpu")
+                t = where
+            tensors[name] = t
+        write_safetensors(directory / shard, tensors, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                         encoding="utf-8")
 
 
 def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):

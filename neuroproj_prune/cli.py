@@ -274,7 +274,9 @@ def _add_prune(sub):
         description="Calibrate, choose the neurons to keep per layer, fold the removed ones into the kept ones "
                     "and save a checkpoint. Uniform widths give a standard checkpoint that plain "
                     "AutoModelForCausalLM.from_pretrained loads. Defaults: the best combination measured in "
-                    "eval/results/smollm2.md. The method flags are the fields of neuroproj_prune.PruneConfig.")
+                    "eval/results/smollm2.md. The method flags are the fields of neuroproj_prune.PruneConfig. "
+                    "--offload cpu|disk streams the layers for models larger than the device or the memory; under "
+                    "`accelerate launch` the calibration windows are shared among the processes and rank 0 writes.")
     _model_args(p)
     p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl or datasets name)")
     p.add_argument("--stats", default=None, help="reuse a statistics file from collect (one-shot calibration)")
@@ -294,7 +296,9 @@ def _run_prune(a):
         raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K, --plan PLAN.json or --clusters FILE")
     cfg = PruneConfig.from_args(a, calibration=a.calibration or ("oneshot" if a.stats else None))
     _, _, s = prune(a.model, a.data, cfg, stats=a.stats, plan_file=a.plan, clusters=a.clusters, out=a.out,
-                    overwrite=a.overwrite, dtype=a.dtype, device=a.device)
+                    overwrite=a.overwrite, dtype=a.dtype, device=_device_for_process(a.device))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     kept = s["kept"]
     print(f"pruned {s['model']} with {s['select']} + {s['fold']} ({s['calibration']}): "
           f"{s['neurons_after']} of {s['neurons_before']} MLP neurons kept ({s['actual_sparsity']:.1%} removed)")

@@ -304,3 +304,103 @@ class LazyTensorFile:
         if len(raw) != N * item:
             raise NeuroprojError(self._bad)
         return self._widen(tag, np.frombuffer(raw, dtype=dt).copy())
+
+
+# ----------------------------------------------------------------------------- streamed safetensors files
+# safetensors dtype tags, in the order of the format's dtype enum: `safetensors.torch.save_file` lays tensors out by
+# that order, highest first, then by name — `write_safetensors` follows it so that its files are the same bytes
+_ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64",
+             "U64")
+_ST_TAGS = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+            torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+            torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+            torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+
+
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file: enough to copy it into another file unread."""
+
+    __slots__ = ("path", "tag", "shape", "offset", "nbytes")
+
+    def __init__(self, path, tag: str, shape, offset: int, nbytes: int):
+        self.path, self.tag, self.shape, self.offset, self.nbytes = str(path), tag, tuple(shape), offset, nbytes
+
+    def __repr__(self):
+        return f"StoredTensor({self.path!r}, {self.tag}, {self.shape}, offset={self.offset}, nbytes={self.nbytes})"
+
+
+def stored_tensors(path) -> dict[str, StoredTensor]:
+    """The tensors of a safetensors file, by name, from its header alone (nothing else is read)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise NeuroprojError(f"{path} is not a readable safetensors file ({e}): write it again") from None
+    header.pop("__metadata__", None)
+    return {k: StoredTensor(path, v["dtype"], v["shape"], 8 + n + v["data_offsets"][0],
+                            v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
+
+
+def _entry(t) -> tuple[str, tuple, int]:
+    if isinstance(t, StoredTensor):
+        return t.tag, t.shape, t.nbytes
+    if t.dtype not in _ST_TAGS:
+        raise NeuroprojError(f"cannot write a {t.dtype} tensor to safetensors")
+    return _ST_TAGS[t.dtype], tuple(t.shape), t.numel() * t.element_size()
+
+
+def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file one tensor at a time: the same bytes `safetensors.torch.save_file(tensors, path,
+    metadata)` writes (header with `__metadata__` first, tensors by dtype then name, header padded to 8 bytes),
+    without holding a serialised copy of them all. Each value is a tensor (written from its own storage, one CPU
+    copy at a time when it lives elsewhere) or a `StoredTensor` (its bytes copied from its file by the kernel,
+    `os.copy_file_range`, never through this process's memory). Memory: the largest in-memory tensor's CPU copy."""
+    entries = {k: _entry(t) for k, t in tensors.items()}
+    order = sorted(entries, key=lambda k: (-_ST_ORDER.index(entries[k][0]), k))
+    header, pos = {}, 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for k in order:
+        tag, shape, nbytes = entries[k]
+        header[k] = {"dtype": tag, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb", buffering=0) as f:
+        _write_all(f, len(head).to_bytes(8, "little") + head)
+        for k in order:
+            t = tensors[k]
+            if isinstance(t, StoredTensor):
+                _copy_range(t.path, t.offset, t.nbytes, f)
+            elif t.numel():
+                t = t.detach().contiguous().cpu()
+                _write_all(f, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return Path(path)
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:                        # a raw write may write less than it was given
+        view = view[f.write(view):]
+
+
+def _copy_range(src, offset: int, nbytes: int, f, chunk: int = 64 << 20) -> None:
+    """Append `nbytes` of file `src` from `offset` to the open raw file `f`: by `copy_file_range` (in the kernel)
+    where the filesystems allow it, else by positioned reads of at most `chunk` bytes."""
+    with open(src, "rb", buffering=0) as s:
+        done = 0
+        try:
+            while done < nbytes:
+                k = os.copy_file_range(s.fileno(), f.fileno(), nbytes - done, offset + done)
+                if k <= 0:
+                    raise OSError("short copy")
+                done += k
+        except (OSError, AttributeError):   # another filesystem, an old kernel, a non-Linux system
+            while done < nbytes:
+                block = os.pread(s.fileno(), min(chunk, nbytes - done), offset + done)
+                if not block:
+                    raise NeuroprojError(f"{src} ended early: it changed while being copied") from None
+                _write_all(f, block)
+                done += len(block)

@@ -124,37 +124,15 @@ def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local directory, a `.gguf` file, a pruned
     directory (per-layer widths, skips) or the alias `smollm2-135m`. Refuses unsupported architectures
     before loading weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kwargs: dict = {}
-    path = Path(os.path.expanduser(str(spec)))
-    if str(spec) == SMOLLM2_ALIAS:
-        source = _smollm2_dir()
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise NeuroprojError(f"model file {spec} not found")
-        source, kwargs = path.parent, {"gguf_file": path.name}
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise NeuroprojError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
-        source = path
-        if _is_pruned_dir(path):
-            model, tok = load_pruned(path, dtype=dt, device=dev, return_tokenizer=True)
-            return LoadedModel(model, _prepare_tokenizer(tok), str(spec), model_fingerprint(model))
-    elif path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
-        raise NeuroprojError(f"model {spec!r} not found: give a model directory, a .gguf file, a hub id or {SMOLLM2_ALIAS!r}")
-    else:
-        source = str(spec)  # a hub id
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise NeuroprojError(
-            f"could not load model {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"offline, use a local directory, a .gguf file or {SMOLLM2_ALIAS!r}"
-        ) from None
-    adapter_for(config)  # refuse unsupported families before reading weights
+    source, kwargs, pruned = model_source(spec)
+    if pruned:
+        model, tok = load_pruned(source, dtype=dt, device=dev, return_tokenizer=True)
+        return LoadedModel(model, _prepare_tokenizer(tok), str(spec), model_fingerprint(model))
+    model_config(spec, source, kwargs)  # refuse unsupported families before reading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, trust_remote_code=False)
         tok = AutoTokenizer.from_pretrained(source, **kwargs, trust_remote_code=False)
@@ -163,6 +141,42 @@ def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
     model.to(dev).eval()
     model.requires_grad_(False)
     return LoadedModel(model, _prepare_tokenizer(tok), str(spec), model_fingerprint(model))
+
+
+def model_source(spec) -> tuple[Path | str, dict, bool]:
+    """Where `load_model` reads `spec` from: (a local directory or a hub id, `from_pretrained` keyword arguments
+    (the GGUF file name), whether it is a pruned directory that `load_pruned` rebuilds)."""
+    path = Path(os.path.expanduser(str(spec)))
+    if str(spec) == SMOLLM2_ALIAS:
+        return _smollm2_dir(), {}, False
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise NeuroprojError(f"model file {spec} not found")
+        return path.parent, {"gguf_file": path.name}, False
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NeuroprojError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+        return path, {}, _is_pruned_dir(path)
+    if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+        raise NeuroprojError(f"model {spec!r} not found: give a model directory, a .gguf file, a hub id or {SMOLLM2_ALIAS!r}")
+    return str(spec), {}, False  # a hub id
+
+
+def model_config(spec, source=None, kwargs=None):
+    """The transformers config of `spec` (an unsupported family refused); nothing but the config is read."""
+    from transformers import AutoConfig
+
+    if source is None:
+        source, kwargs, _ = model_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, **(kwargs or {}), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise NeuroprojError(
+            f"could not load model {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"offline, use a local directory, a .gguf file or {SMOLLM2_ALIAS!r}"
+        ) from None
+    adapter_for(config)
+    return config
 
 
 def _prepare_tokenizer(tok):
@@ -174,14 +188,24 @@ def _prepare_tokenizer(tok):
 def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
     """sha256 of the architecture and a strided sample of every parameter, rounded to bfloat16 so that
     the same weights loaded in float32, bfloat16 or float64 share one fingerprint. Cost: O(#tensors)."""
+    return fingerprint_of(model.config.model_type,
+                          ((name, p.shape, param_sample(p, samples_per_tensor)) for name, p in model.named_parameters()))
+
+
+def param_sample(p: torch.Tensor, samples_per_tensor: int = 4096) -> bytes:
+    """The strided bfloat16 sample of one parameter that `model_fingerprint` hashes (a streamed prune takes it
+    from each layer while the layer is in memory)."""
+    flat = p.detach().reshape(-1)
+    step = max(1, flat.numel() // samples_per_tensor)
+    return flat[::step][:samples_per_tensor].to(torch.bfloat16).float().cpu().numpy().tobytes()
+
+
+def fingerprint_of(model_type: str, samples) -> str:
+    """`model_fingerprint` from (name, shape, `param_sample`) of every parameter, in `named_parameters` order."""
     h = hashlib.sha256()
-    cfg = model.config
-    h.update(json.dumps({"model_type": cfg.model_type}, sort_keys=True).encode())
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::step][:samples_per_tensor].to(torch.bfloat16).float().cpu()
+    h.update(json.dumps({"model_type": model_type}, sort_keys=True).encode())
+    for name, shape, sample in samples:
         h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
+        h.update(str(tuple(shape)).encode())
+        h.update(sample)
     return h.hexdigest()[:32]

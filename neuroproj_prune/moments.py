@@ -63,6 +63,23 @@ class Moments:
         self.n += float(w.sum())
         return w
 
+    def share_scale(self, w: torch.Tensor, dist) -> None:
+        """Under several processes (torch.distributed `dist`), before the first `add`: every process takes rank 0's
+        first-batch mean weight as its scale, so that their totals are in one unit and add up (`all_reduce`).
+        Rank 0 holds the first calibration batch, so the scale is the one a single process would use."""
+        t = torch.tensor([float(w.mean())], dtype=torch.float64, device=self.G.device)
+        dist.broadcast(t, src=0)
+        self.scale = float(t)
+
+    def all_reduce(self, dist) -> None:
+        """Sum the totals of every process (torch.distributed `dist`; one shared scale): afterwards each holds the
+        moments of all processes' tokens. Cost: one N×N all-reduce."""
+        dist.all_reduce(self.G)
+        dist.all_reduce(self.s)
+        t = torch.tensor([self.n, float(self.tokens)], dtype=torch.float64, device=self.G.device)
+        dist.all_reduce(t)
+        self.n, self.tokens = float(t[0]), int(t[1])
+
     @property
     def weight(self) -> float:
         """Σ w in the weights' own unit (undoing the scale)."""

@@ -27,8 +27,10 @@ from .checkpoint import prepare_out_dir, save_pruned, skip_source_remapper, upda
 from .clustering import load_clusters
 from .config import Config, ConfigError, opt  # noqa: F401 (ConfigError re-exported)
 from .errors import NeuroprojError
-from .models import LoadedModel, load_model
+from .models import LoadedModel
+from .offload import OFFLOADS, open_model
 from .plan import SELECTORS, LayerMoments, Plan, layer_width, make_layer_plan
+from .stats import distributed
 from .surgery import FOLDS, RIDGE, fold_and_slice
 
 
@@ -77,6 +79,10 @@ class PruneConfig(Config):
                                      "for early stopping")
     reconstruct_scope: str = opt("mlp", "block reconstruction: the MLP alone, or the whole decoder layer "
                                  "(attention included, one batch of windows per step)", RECONSTRUCT_SCOPES)
+    offload: str = opt("auto", "where the decoder layers live during the sequential pass: none (all on the device), "
+                       "cpu (host memory, one layer at a time on the device), disk (read from the model's safetensors "
+                       "files and written to --out one layer at a time) or auto (by free memory: "
+                       "neuroproj_prune/offload.py gives the formula); the checkpoint is the same", OFFLOADS)
 
     # -- validation (the one place; the types and choices are checked by Config.validate)
     def check(self) -> None:
@@ -101,6 +107,18 @@ class PruneConfig(Config):
                               "sequential or --reconstruct 0")
         if self.calibration == "sequential" and self.fold != "lstsq" and self.target != "layer":
             raise ConfigError("target", f"target {self.target!r} only changes the lstsq fold: use fold lstsq or target layer")
+        if self.offload in ("cpu", "disk"):
+            if self.calibration != "sequential":
+                raise ConfigError("offload", f"offload {self.offload} streams the sequential pass's layers: use "
+                                  f"--calibration sequential, or --offload none")
+            if self.allocation != "uniform":
+                raise ConfigError("offload", f"allocation {self.allocation} measures its error curves with whole-model "
+                                  f"passes, which offload {self.offload} does not hold: use --allocation uniform or "
+                                  f"--offload none")
+            if self.output_weighting != "none":
+                raise ConfigError("offload", f"output weighting {self.output_weighting} reads every later layer's "
+                                  f"norms, which offload {self.offload} does not hold: use --output-weighting none or "
+                                  f"--offload none")
 
     @property
     def adds_bias(self) -> bool:
@@ -191,7 +209,13 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
     `config` (or `PruneConfig` fields as keyword arguments, e.g. `sparsity=0.3, select="flap"`) says how;
     `plan_file` or `clusters` (a `cluster` JSON) give the kept sets as written instead of a selection (their
     folds use one-shot moments). Cost: sequential — one forward over samples×seqlen tokens plus N² per token
-    and layer for the Gram; oneshot — the statistics pass (none with `stats`) plus the per-layer solves (O(N³))."""
+    and layer for the Gram; oneshot — the statistics pass (none with `stats`) plus the per-layer solves (O(N³)).
+
+    `offload` (offload.py) streams the sequential pass's layers: with `cpu` the returned model keeps its layers in
+    host memory (the rest on the device); with `disk` (which needs `model` as a directory and `out`) its layers
+    are left on the meta device once written: load `out` to use it. Under several processes (torch.distributed,
+    e.g. `accelerate launch`) each takes its share of the calibration windows, the moments are all-reduced
+    per layer (see `Sequential.layers`), every process ends with the same pruned model and rank 0 writes `out`."""
     cfg = config.replace(**settings) if config is not None else PruneConfig.make(**settings)
     given = None
     if plan_file is not None or clusters is not None:
@@ -204,7 +228,23 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
     if out is not None:
         prepare_out_dir(out, overwrite)  # refuse early, before any work
     t0 = time.time()
-    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    dist, rank, _ = distributed()
+    lm, stream = open_model(model, cfg, data=data, out=out, dtype=dtype, device=device, log=progress and rank == 0,
+                            warn=rank == 0)
+    try:
+        p, summary = _prune(lm, stream, cfg, data, stats, given, progress and rank == 0, t0)
+        if out is not None and rank == 0:
+            save_pruned(lm.model, lm.tokenizer, out, summary=summary, overwrite=overwrite,
+                        extra_files={"plan.json": p.to_json()}, stored=stream.stored)
+        if dist is not None:
+            dist.barrier()  # the others return once the checkpoint is there
+    finally:
+        stream.close()
+    return lm, p, summary
+
+
+def _prune(lm, stream, cfg, data, stats, given, progress, t0):
+    """calibration → allocation → per-layer select/fold/slice → config; returns (plan, summary)."""
     a = lm.adapter
     if given is not None and not isinstance(given, Plan):
         given = Plan.from_clusters(load_clusters(given) if not hasattr(given, "layers") else given, lm.model)
@@ -212,7 +252,7 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
         given.check(lm.model, lm.fingerprint)
     had_bias = a.out_has_bias(lm.model)
     before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model)}
-    calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress)
+    calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress, stream=stream)
     widths = ALLOCATIONS[cfg.allocation](calib, cfg) if given is None else {}
     p = Plan(meta={**_plan_meta(cfg), **calib.meta}) if given is None else given
     for work in calib.layers():
@@ -221,15 +261,15 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
             p.layers[i] = prune_layer(lm.model, work, cfg, widths[i])
         elif i in given.layers:
             prune_layer(lm.model, work, cfg, layer_plan=given.layers[i])
+    if given is None and "fingerprint" in calib.meta:  # a disk stream knows it only after the pass
+        p.meta["fingerprint"] = calib.meta["fingerprint"]
     update_config(lm.model, added_bias=cfg.adds_bias and not had_bias)
     summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
+    summary["offload"] = stream.describe()
     if "reconstruct" in calib.meta:
         summary["reconstruct"] = calib.meta["reconstruct"]
     lm.fingerprint = None  # the weights changed
-    if out is not None:
-        save_pruned(lm.model, lm.tokenizer, out, summary=summary, overwrite=overwrite,
-                    extra_files={"plan.json": p.to_json()})
-    return lm, p, summary
+    return p, summary
 
 
 def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:

@@ -315,7 +315,8 @@ def _run(r: dict, out: Path, progress, log) -> dict:
 
     Pr = r["prune"]
     pruned_d = out / "pruned"
-    h_prune = _hash("prune", model_key, cal, Pr)
+    Pr_key = {k: v for k, v in Pr.items() if k != "offload"}  # where layers live does not change the checkpoint
+    h_prune = _hash("prune", model_key, cal, Pr_key)
 
     def do_prune():
 
@@ -362,7 +363,7 @@ def _run(r: dict, out: Path, progress, log) -> dict:
               calibration=Sw["calibration"], eval_seqlen=E["seqlen"], max_windows=Sw["max_windows"] or E["max_windows"],
               tasks=Sw["tasks"], limit=Sw["limit"], config=prune_config(r), out=out / "sweep", progress=progress)
 
-    stage("sweep", Sw["enabled"], _hash("sweep", model_key, cal, Pr, Sw, E), [out / "sweep" / "results.csv"],
+    stage("sweep", Sw["enabled"], _hash("sweep", model_key, cal, Pr_key, Sw, E), [out / "sweep" / "results.csv"],
           do_sweep)
 
     Sk = r["skips"]

@@ -194,7 +194,8 @@ def memory_needed(widths: dict[int, dict[str, int]], cross_pairs: list[tuple[int
     return total + 4 * biggest * biggest + 4 * tokens_per_batch * biggest * held
 
 
-def _available_memory(device: torch.device) -> int:
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new allocations: CUDA's free memory on a GPU, MemAvailable of /proc/meminfo on the host."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -207,7 +208,9 @@ def _available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _dist():
+def distributed():
+    """(torch.distributed, rank, world size) under `accelerate launch` / torchrun once the process group is up,
+    else (None, 0, 1)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -257,7 +260,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
         for s in sites:
             width[i][s] = adapter.width(model, i) if s == "mlp.neurons" else adapter.hidden_size(model)
     need = memory_needed(width, pairs, 4096)
-    avail = max_memory if max_memory is not None else _available_memory(dev)
+    avail = max_memory if max_memory is not None else available_memory(dev)
     if need > avail:
         raise NeuroprojError(
             f"statistics need {need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB is free on {dev}: "
@@ -289,7 +292,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
             for l in [l for l in recent if l <= i - K]:
                 del recent[l]
 
-    dist, rank, world = _dist()
+    dist, rank, world = distributed()
     bar = tqdm(total=None, unit="tok", unit_scale=True, desc="collect", disable=not progress or rank != 0,
                dynamic_ncols=True)
     try:
@@ -370,7 +373,7 @@ def collect(model, data, *, samples: int = 128, seqlen: int = 512, seed: int = 0
     if batch_size is None:
         longest = ids.shape[1] if isinstance(ids, torch.Tensor) else max(len(s) for s in ids)
         batch_size = max(1, 4096 // max(1, longest))
-    dist, rank, world = _dist()
+    dist, rank, world = distributed()
     pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None and lm.tokenizer.pad_token_id is not None else 0
     all_batches = list(_batches(ids, batch_size, pad, padding_side))
     mine = all_batches[rank::world]

@@ -46,6 +46,10 @@ def env(tiny_dir, tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(trunc)
     w = trunc / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    nosafe = d / "nosafe"   # a model directory whose weights are not safetensors (here: none at all)
+    nosafe.mkdir()
+    (nosafe / "config.json").write_bytes((tiny_dir("llama") / "config.json").read_bytes())
+    tokenizer.save_pretrained(nosafe)
     recipe = {"model": model, "output_dir": str(d / "run"), "calibration": {"data": str(C4), "samples": 4, "seqlen": 32}}
     (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return {"d": d, "model": model, "stats": str(st), "proj": str(d / "p.safetensors")}
@@ -77,6 +81,16 @@ CASES = [
      "non-finite", "o12"),
     ("prune under a file", ["prune", "--model", "{model}", *COMMON, "--sparsity", "0.3", "--out", "{d}/afile/x"],
      "is a file", None),
+    ("prune unknown offload", ["prune", "--model", "{model}", *COMMON, "--sparsity", "0.3", "--offload", "gpu",
+                               "--out", "{d}/o17"], "unknown offload 'gpu'", "o17"),
+    ("prune disk without safetensors", ["prune", "--model", "{d}/nosafe", *COMMON, "--sparsity", "0.3",
+                                        "--offload", "disk", "--out", "{d}/o18"], "holds none", "o18"),
+    ("prune disk of a hub id", ["prune", "--model", "some-org/some-model", *COMMON, "--sparsity", "0.3",
+                                "--offload", "disk", "--out", "{d}/o19"], "hub id", "o19"),
+    ("prune disk truncated model", ["prune", "--model", "{d}/truncated", *COMMON, "--sparsity", "0.3",
+                                    "--offload", "disk", "--out", "{d}/o21"], "damaged", "o21"),
+    ("prune disk with one-shot", ["prune", "--model", "{model}", *COMMON, "--sparsity", "0.3", "--calibration",
+                                  "oneshot", "--offload", "disk", "--out", "{d}/o20"], "calibration sequential", "o20"),
     ("eval NaN model", ["eval", "--model", "{d}/nanmodel", "--data", str(WIKI), "--seqlen", "64", "--max-windows", "2",
                         "--json", "{d}/o13.json"], "not finite", "o13.json"),
     ("eval json under a file", ["eval", "--model", "{model}", "--data", str(WIKI), "--json", "{d}/afile/e.json"],

@@ -18,7 +18,7 @@ def _bench():
 
 def test_tiny_bench_times_every_stage(tmp_path):
     b = _bench()
-    r = b.run_bench("tiny", out=tmp_path / "tiny")
+    r = b.run_bench("tiny", out=tmp_path / "tiny", work_dir=tmp_path / "work")
     rows = {x["stage"]: x for x in r["stages"]}
     measured = ["build", "forward", "trunk", "collect", "project", "project: fit_exact alone", "prune"]
     assert list(rows) == ["build", "forward", "trunk", "collect", "collect / forward", "project",
@@ -32,8 +32,13 @@ def test_tiny_bench_times_every_stage(tmp_path):
     parts = dict(p.rsplit(" ", 2)[:2] for p in rows["prune"]["note"].split(", "))
     assert set(parts) == {"layer inputs", "moments", "select + fold", "carry"}
     assert sum(float(v) for v in parts.values()) <= rows["prune"]["seconds"] * 1.05 + 0.01
-    for name in ("prune (offload=cpu)", "prune (offload=disk)"):   # measured, or said to be missing
-        assert rows[name]["ok"] is True or "not available in this build" in rows[name]["check"]
+    for name, mode in (("prune (offload=cpu)", "cpu"), ("prune (offload=disk)", "disk")):   # streamed, checked
+        row = rows[name]
+        assert row["ok"] is True and row["seconds"] > 0, row
+        assert f"layers {mode}" in row["check"] and "loads with plain transformers" in row["check"], row["check"]
+        assert "256 → 192" in row["check"] and "write checkpoint" in row["note"] and "fetch layers" in row["note"]
+    assert all(x.get("host_peak_gb") is None or x["host_peak_gb"] > 0 for x in rows.values())
+    assert list((tmp_path / "work").iterdir()) == []   # the model and checkpoints it wrote are removed
     md = (tmp_path / "tiny.md").read_text()
     assert all(f"| {name} |" in md for name in rows) and "python eval/bench_gpu.py --geometry tiny" in md
     assert json.loads((tmp_path / "tiny.json").read_text())["stages"] == json.loads(json.dumps(r["stages"]))
