@@ -46,8 +46,9 @@ from .errors import NeuroprojError
 from .models import LoadedModel
 from .moments import Moments
 from .offload import LayerStream
-from .plan import SELECTORS, LayerMoments, allocate_by_error, error_curve, global_widths
+from .plan import SELECTORS, LayerMoments, allocate_by_error, error_curve, global_widths, width_grids
 from .reconstruct import reconstruct
+from .search import Supernet, loss_and_grads, search_widths
 from .stats import calibration_ids, collect, distributed, load_stats
 from .surgery import FoldInputs, chol_solve, effective_ridge
 
@@ -66,6 +67,8 @@ class LayerWork:
     keep: torch.Tensor | None = None
     W_new: torch.Tensor | None = None
     b_new: torch.Tensor | None = None
+    held: tuple | None = None    # --swaps: (G of the fit windows, G of the held-back ones)
+    swaps: dict | None = None    # --swaps: what the refinement did (surgery.refine_swaps)
 
 
 CALIBRATIONS: dict = {}
@@ -81,7 +84,7 @@ def register_calibration(name):
 
 class Calibration:
     """The interface: `layers()` yields LayerWork in layer order; `global_widths(cfg, total)` gives
-    per-layer widths summing to about `total`; `description` names the calibration data; `meta` goes
+    per-layer widths summing to about `total` (`search`: refined by measured loss); `description` names the calibration data; `meta` goes
     into the plan. `stream` (offload.LayerStream) says where the decoder layers live; only the sequential
     calibration streams them (the config refuses offload cpu/disk for the others)."""
 
@@ -100,7 +103,9 @@ class Calibration:
     def layers(self) -> Iterator[LayerWork]:
         raise NotImplementedError
 
-    def global_widths(self, cfg, total: int) -> dict[int, int]:
+    def global_widths(self, cfg, total: int, search: bool = False) -> dict[int, int]:
+        """Per-layer widths summing to about `total`; `search`: refined by the measured loss of candidates
+        (calibrations that hold calibration text)."""
         raise NotImplementedError
 
 
@@ -142,7 +147,10 @@ class OneShot(Calibration):
             m = self.moments(i)
             yield LayerWork(i, m, FoldInputs(m.G, m.mean, ridge=m.ridge))
 
-    def global_widths(self, cfg, total):
+    def global_widths(self, cfg, total, search=False):
+        if search:
+            raise NeuroprojError("allocation search needs the sequential calibration's text: use --calibration "
+                                 "sequential or --allocation global")
         # FLAP: scores standardised per layer; order-based methods (obs, clusters) allocate by FLAP's metric
         score_fn = SELECTORS[cfg.select] if cfg.select in ("magnitude", "wanda-sp", "flap") else SELECTORS["flap"]
         scores = {}
@@ -230,6 +238,7 @@ class Sequential(Calibration):
 
     def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True, ids=None, stream=None):
         super().__init__(lm, cfg, progress=progress, stream=stream)
+        self.held = None    # the held-back windows of --allocation search
         if cfg.reconstruct and distributed()[2] > 1:
             raise NeuroprojError("block reconstruction (--reconstruct) runs in one process (its Adam steps would "
                                  "need gradients all-reduced across processes): prune in one process or with "
@@ -242,12 +251,17 @@ class Sequential(Calibration):
         if ids is None:
             if data is None:
                 raise NeuroprojError("sequential calibration needs --data (a stats file alone is not enough)")
-            ids, self.description = calibration_ids(lm, data, cfg.samples, cfg.seqlen, cfg.seed)
+            hold = cfg.search_samples if cfg.allocation == "search" else 0
+            ids, self.description = calibration_ids(lm, data, cfg.samples, cfg.seqlen, cfg.seed, holdout=hold)
+            if hold:
+                ids, self.held = ids[:cfg.samples], ids[cfg.samples:]
         elif self.description is None:
             if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
                 raise NeuroprojError(f"calibration token ids must be a (windows, tokens) integer tensor with at "
                                      f"least 2 tokens, got shape {tuple(ids.shape)} {ids.dtype}")
             self.description = f"in-memory token ids ({ids.shape[0]}×{ids.shape[1]})"
+        if self.held is None and cfg.allocation == "search":   # ids given as they are: hold back their last rows
+            self.held = ids[-min(cfg.search_samples, ids.shape[0]):]
         self.ids = ids
         self.compute = compute_dtype_for(cfg.compute_dtype, lm.model)
         if cfg.target == "residual" and not lm.adapter.mlp_output_is_added(lm.model):
@@ -255,12 +269,39 @@ class Sequential(Calibration):
                                  f"{lm.model.config.model_type} normalises it first: use --target layer or dense")
         self.meta = {"target": cfg.target, "fingerprint": lm.fingerprint}
 
-    def global_widths(self, cfg, total):
+    def global_widths(self, cfg, total, search: bool = False):
+        """Widths minimising the summed error curves (`error_curves` on the first `alloc_samples` windows);
+        with `search`, then refined by the measured loss on the held-back windows (search.py)."""
         n = min(self.ids.shape[0], cfg.alloc_samples)
-        curves = error_curves(self.lm, self.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
-                              ridge=cfg.ridge, batch_size=max(1, 2048 // self.ids.shape[1]), compute=self.compute,
-                              progress=self.progress)
-        return allocate_by_error(curves, total, cfg.multiple, cfg.max_shift)
+        out = error_curves(self.lm, self.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
+                           ridge=cfg.ridge, batch_size=max(1, 2048 // self.ids.shape[1]), compute=self.compute,
+                           progress=self.progress, fold_moments=search)
+        curves = out[0] if search else out
+        widths = allocate_by_error(curves, total, cfg.multiple, cfg.max_shift)
+        if not search:
+            return widths
+        model, a = self.lm.model, self.lm.adapter
+        orders = {}
+        for i, (G, mean) in out[1].items():
+            W = a.out_weight(model, i).detach().double().cpu()
+            m = LayerMoments(i, G, mean, W, a.in_norms(model, i), ridge=cfg.ridge)
+            orders[i] = torch.argsort(SELECTORS[cfg.select](m, m.N, cfg.seed).scores, descending=True)
+        ridge = effective_ridge(cfg.ridge, n * self.ids.shape[1], max(self.widths().values()), warn=False)
+        net, out = Supernet(model, a, out[1], orders, ridge), None
+        grids = width_grids({i: c.numel() - 1 for i, c in curves.items()}, total, cfg.multiple, cfg.max_shift)
+        bs = max(1, 2048 // self.held.shape[1])
+
+        def measure(w):
+            net.apply(w)
+            return loss_and_grads(model, a, self.held, list(w), batch_size=bs, compute=self.compute)
+        try:
+            r = search_widths(net, widths, grids, measure, rounds=cfg.search_rounds, pairs=cfg.search_pairs,
+                              stride=-(-cfg.search_step // cfg.multiple), progress=self.progress)
+        finally:
+            net.restore()
+        self.meta["search"] = {"held_out_windows": int(self.held.shape[0]), "rounds": r.rounds,
+                               "loss_start": r.loss_start, "loss_end": r.loss_end, "moves": r.moves}
+        return r.widths
 
     def layers(self):
         """Under several processes (torch.distributed) each takes every W-th batch of calibration windows, and
@@ -283,7 +324,7 @@ class Sequential(Calibration):
         stream.declare_bias = cfg.adds_bias and not a.out_has_bias(model)
         bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer", disable=not self.progress or rank != 0,
                    dynamic_ncols=True)
-        self.reconstructed = {}
+        self.reconstructed, self.swapped = {}, {}
         try:
             for i in range(a.num_layers(model)):
                 layer = stream.fetch(i)
@@ -291,6 +332,9 @@ class Sequential(Calibration):
                 b_old = a.out_bias(model, i)
                 work, acts, outs, blocks = self._measure(i, layer, W, calls, hidden, dense)
                 yield work  # the caller prunes layer i in place and fills work.keep / W_new / b_new
+                if work.swaps is not None:
+                    self.swapped[i] = work.swaps
+                work.held = None
                 if blocks is not None:  # gate/up change too: the closed-form carry no longer holds
                     self.reconstructed[i] = self._reconstruct(i, layer, blocks)
                     acts.clear()
@@ -301,6 +345,12 @@ class Sequential(Calibration):
             bar.close()
         if self.meta.get("fingerprint") is None:  # a disk stream saw the dense weights one layer at a time
             self.meta["fingerprint"] = stream.fingerprint()
+        if self.swapped:
+            sw = self.swapped.values()
+            self.meta["swaps"] = {"accepted": sum(x["swaps"] for x in sw), "trials": sum(x["trials"] for x in sw),
+                                  "held_out_error_before": sum(x["held_before"] for x in sw) / len(sw),
+                                  "held_out_error_after": sum(x["held_after"] for x in sw) / len(sw),
+                                  "layers": self.swapped}
         if self.reconstructed:
             r = self.reconstructed.values()
             self.meta["reconstruct"] = {
@@ -353,6 +403,11 @@ class Sequential(Calibration):
                 lambda mod, args, out: grab.update(x=args[0], y=out[0] if isinstance(out, tuple) else out)))
         blocks = [] if scope else None
         mo = Moments(N, dev)
+        # --swaps: the last swap_holdout share of the batches also goes into `mh`, which judges the swaps
+        n_held = min(len(calls) - 1, max(1, round(cfg.swap_holdout * len(calls)))) if cfg.swaps else 0
+        mh = Moments(N, dev) if n_held > 0 else None
+        if mh is not None:
+            mh.scale = 1.0    # fed mo's scaled weights: one unit, so that mo minus mh are the fit windows
         C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
         c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
         acts, outs = [], []
@@ -367,6 +422,8 @@ class Sequential(Calibration):
                     if bi == 0 and w is not None and dist is not None:
                         mo.share_scale(w, dist)
                     w = mo.add(h, w)
+                    if mh is not None and bi >= len(calls) - n_held:
+                        mh.add(h, w)
                     if dense is not None:
                         dense_out = run_layer(layer, stream.bring(dense[bi]), args, kw, compute)
                         if cfg.target == "dense":   # the dense MLP output on the dense stream
@@ -376,8 +433,8 @@ class Sequential(Calibration):
                         C += (y.T @ (h if w is None else h * w)).double()
                         c += (y if w is None else y * w).sum(0, dtype=torch.float64)
                         dense[bi] = stream.stash(dense_out)
-                    if additive:
-                        acts.append(stream.stash(h))
+                    if additive:  # in the forward's own dtype (bf16 model or autocast: 2 bytes), exact in it
+                        acts.append(stream.stash(grab["h"].reshape(-1, N)))
                         outs.append(stream.stash(out))
                     if scope is not None:  # (input, target, token weights, call arguments), per window
                         tw = None if w is None else w.reshape(out.shape[:-1]).float()  # (its scale cancels)
@@ -390,6 +447,8 @@ class Sequential(Calibration):
                 hk.remove()
         if dist is not None:  # every process gets the totals of all tokens (NaN included, so all refuse alike)
             mo.all_reduce(dist)
+            if mh is not None:
+                mh.all_reduce(dist)
             if C is not None:
                 dist.all_reduce(C)
                 dist.all_reduce(c)
@@ -404,6 +463,8 @@ class Sequential(Calibration):
             W_eff = W.double().cpu()
         work = LayerWork(i, LayerMoments(i, G, mean, W_eff, a.in_norms(model, i), ridge=ridge),
                          FoldInputs(G, mean, C, c, ridge=ridge))
+        if mh is not None:    # the selection and the final fold use all windows; the swaps fit and judge apart
+            work.held = (mo.without(mh).finish()[0], mh.finish()[0])
         return work, acts, outs, blocks
 
     def _carry(self, work, layer, W, b_old, calls, hidden, acts, outs):
@@ -419,11 +480,11 @@ class Sequential(Calibration):
             # h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
             dW = -W.clone()
             dW[:, work.keep.to(dev)] += work.W_new.to(dev, cdt)
-            dWt = dW.T.contiguous()
+            dWt = dW.T.contiguous().to(acts[0].dtype)  # the carry's product in the activations' dtype
             bn = work.b_new
             db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
             for bi in range(len(calls)):
-                delta = stream.bring(acts[bi]) @ dWt
+                delta = (stream.bring(acts[bi]) @ dWt).to(cdt)
                 if db is not None:
                     delta += db
                 o = stream.bring(outs[bi])
@@ -433,7 +494,8 @@ class Sequential(Calibration):
 
 
 def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
-                 seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True) -> dict[int, torch.Tensor]:
+                 seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True,
+                 fold_moments: bool = False):
     """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
     top-k neurons of `select` (see `plan.error_curve`), with token t weighted so that all layers share one
     unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
@@ -441,12 +503,15 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
     ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `rms`: w_t = 1/mean(x_i,t²), the error as the next
     norm sees it (no backward pass, blind to how much later layers and the head amplify it).
     Cost: one forward (and with grad one backward) of the dense model over `ids`, one N² Gram per token and
-    layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams."""
+    layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams.
+    `fold_moments`: also return {layer: (E[h hᵀ], E[h])} of the same pass with the fold's rms token weights
+    (what `search.Supernet` folds with): (curves, moments), twice the Grams' memory."""
     model, a = lm.model, lm.adapter
     dev = next(model.parameters()).device
     L = a.num_layers(model)
     acts, outs = {}, {}
     mom: list[Moments | None] = [None] * L
+    fmom: list[Moments | None] = [None] * L
     n = 0
 
     def grab_h(i):
@@ -490,7 +555,10 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
                     h = acts[i].reshape(w.shape[0], -1).float()
                     if mom[i] is None:
                         mom[i] = Moments(h.shape[1], dev)
+                        fmom[i] = Moments(h.shape[1], dev) if fold_moments else None
                     mom[i].add(h, w)
+                    if fold_moments:
+                        fmom[i].add(h, rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1))
                 n += x.numel()
             acts.clear()
             outs.clear()
@@ -507,4 +575,5 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
         # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
         m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
         curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom[i].weight / n)
-    return curves
+        mom[i] = None
+    return (curves, {i: f.finish() for i, f in enumerate(fmom)}) if fold_moments else curves

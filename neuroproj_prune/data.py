@@ -91,11 +91,13 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_samples(tokenizer, spec: str, samples: int = 128, seqlen: int = 512, seed: int = 0,
-                        max_seqlen: int | None = None) -> tuple[torch.Tensor, str]:
+                        max_seqlen: int | None = None, holdout: int = 0) -> tuple[torch.Tensor, str]:
     """`samples` windows of `seqlen` tokens drawn from the concatenated, tokenized text.
 
     The text is cut into non-overlapping windows and `samples` of them are chosen at random (seed), so no
     token is used twice. Too little text is an error, never silent repetition. Returns (ids, description).
+    `holdout` > 0: that many further windows of the same draw follow the `samples` ones (rows samples:),
+    disjoint from them; the first `samples` rows are the same windows as without them.
     """
     if samples < 1 or seqlen < 2:
         raise NeuroprojError(f"need samples >= 1 and seqlen >= 2 (got {samples}, {seqlen})")
@@ -105,13 +107,15 @@ def calibration_samples(tokenizer, spec: str, samples: int = 128, seqlen: int = 
     src = read_text(spec, max_chars=None if Path(str(spec)).exists() else 32 * samples * seqlen)
     ids = tokenize(tokenizer, src.text)
     windows = ids.numel() // seqlen
-    if windows < samples:
+    if windows < samples + holdout:
+        more = f" and {holdout} held-back windows" if holdout else ""
         raise NeuroprojError(
-            f"data {spec!r} has {ids.numel()} tokens: too few for {samples} samples x {seqlen} tokens "
-            f"({samples * seqlen} needed); use fewer --samples, a shorter --seqlen or more text"
+            f"data {spec!r} has {ids.numel()} tokens: too few for {samples} samples x {seqlen} tokens{more} "
+            f"({(samples + holdout) * seqlen} needed); use fewer --samples, a shorter --seqlen or more text"
         )
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(windows, generator=g)[:samples].sort().values
+    perm = torch.randperm(windows, generator=g)
+    pick = torch.cat([perm[:samples].sort().values, perm[samples:samples + holdout].sort().values])
     batch = ids[: windows * seqlen].view(windows, seqlen)[pick]
     desc = f"{src.description}: {samples}x{seqlen} tokens, seed {seed}, from {ids.numel()} tokens"
     return batch, desc

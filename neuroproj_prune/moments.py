@@ -80,6 +80,14 @@ class Moments:
         dist.all_reduce(t)
         self.n, self.tokens = float(t[0]), int(t[1])
 
+    def without(self, part: "Moments") -> "Moments":
+        """The moments of the tokens not in `part`, a sub-total accumulated with weights already scaled by this
+        one's scale (`part.scale = 1.0`, fed `add`'s returned weights). Float64 differences of totals."""
+        rest = Moments.__new__(Moments)
+        rest.G, rest.s = self.G - part.G, self.s - part.s
+        rest.n, rest.tokens, rest.scale = self.n - part.n, self.tokens - part.tokens, self.scale
+        return rest
+
     @property
     def weight(self) -> float:
         """Σ w in the weights' own unit (undoing the scale)."""

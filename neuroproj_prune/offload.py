@@ -19,7 +19,7 @@ Memory, in bytes (`memory_needs`):
     P  the model's weights                  ℓ  its largest decoder layer       S = P − Σ layers (embeddings, head)
     T  calibration tokens of this process   t  tokens of one batch            d  hidden size
     N  the largest MLP width                b  bytes per weight (the model's dtype)
-    c  bytes per activation value (4; 8 for a float64 model)
+    c  bytes per activation value (the model's: 2 for bfloat16; float32 under bfloat16 autocast is 2 too)
     H = k·T·d·b   hidden states: the carried stream and the layer's outputs (k = 2), and with target dense or
                   residual the dense stream too (k = 3)
     A = T·N·c     one layer's neuron activations, kept for the closed-form carry (0 when the MLP output is normed
@@ -102,7 +102,7 @@ class Geometry:
 
 def memory_needs(g: Geometry, tokens: int, batch_tokens: int, dense_target: bool) -> dict[str, int]:
     """The terms of the formula in the module docstring, in bytes."""
-    c = 8 if g.elem == 8 else 4
+    c = g.elem   # the forward's dtype (a float32 model under bf16 autocast needs half of this: a bound)
     N, d = g.width, g.hidden
     return {"P": g.model, "S": g.skeleton, "l": g.layer,
             "H": (3 if dense_target else 2) * tokens * d * g.elem,

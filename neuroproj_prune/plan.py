@@ -233,14 +233,9 @@ def error_curve(m: LayerMoments, scores: torch.Tensor) -> torch.Tensor:
     return torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1)])
 
 
-def allocate_by_error(curves: dict[int, torch.Tensor], total_keep: int, multiple: int = 1,
-                      max_shift: float = 1.0) -> dict[int, int]:
-    """Per-layer widths k_i minimising Σ_i e_i(k_i) subject to Σ_i k_i ≈ total_keep (exact when
-    multiple = 1), each layer's sparsity within ±max_shift of the mean one and k_i a multiple of `multiple`.
-
-    Lagrangian: k_i(λ) = argmin_k e_i(k) + λ·k, λ bisected (log scale) until Σ k_i(λ) reaches the budget,
-    then the remainder is taken greedily at the smallest marginal error. O(60·Σ N_i)."""
-    Ns = {i: c.numel() - 1 for i, c in curves.items()}
+def width_grids(Ns: dict[int, int], total_keep: int, multiple: int = 1, max_shift: float = 1.0) -> dict:
+    """Each layer's allowed widths (ascending): multiples of `multiple` (and the full width N), with the layer's
+    sparsity within ±max_shift of the mean sparsity 1 − total_keep/ΣN (at least 1 neuron)."""
     s = 1 - total_keep / sum(Ns.values())
     grids = {}
     for i, N in Ns.items():
@@ -250,6 +245,18 @@ def allocate_by_error(curves: dict[int, torch.Tensor], total_keep: int, multiple
         if multiple > 1:
             k = k[(k % multiple == 0) | (k == N)] if (k % multiple == 0).any() else k
         grids[i] = k
+    return grids
+
+
+def allocate_by_error(curves: dict[int, torch.Tensor], total_keep: int, multiple: int = 1,
+                      max_shift: float = 1.0) -> dict[int, int]:
+    """Per-layer widths k_i minimising Σ_i e_i(k_i) subject to Σ_i k_i ≈ total_keep (exact when
+    multiple = 1), each layer's sparsity within ±max_shift of the mean one and k_i a multiple of `multiple`.
+
+    Lagrangian: k_i(λ) = argmin_k e_i(k) + λ·k, λ bisected (log scale) until Σ k_i(λ) reaches the budget,
+    then the remainder is taken greedily at the smallest marginal error. O(60·Σ N_i)."""
+    Ns = {i: c.numel() - 1 for i, c in curves.items()}
+    grids = width_grids(Ns, total_keep, multiple, max_shift)
 
     def widths(lam):
         return {i: int(grids[i][torch.argmin(curves[i][grids[i]] + lam * grids[i])]) for i in curves}

@@ -29,9 +29,9 @@ from .config import Config, ConfigError, opt  # noqa: F401 (ConfigError re-expor
 from .errors import NeuroprojError
 from .models import LoadedModel
 from .offload import OFFLOADS, open_model
-from .plan import SELECTORS, LayerMoments, Plan, layer_width, make_layer_plan
+from .plan import SELECTORS, LayerMoments, Plan, Selection, layer_width, make_layer_plan
 from .stats import distributed
-from .surgery import FOLDS, RIDGE, fold_and_slice
+from .surgery import FOLDS, RIDGE, fold_and_slice, refine_swaps
 
 
 # -------------------------------------------------------------------------------------------- config
@@ -48,8 +48,9 @@ class PruneConfig(Config):
     fold: str = opt("lstsq", "how removed neurons fold into the kept ones", lambda: FOLDS)
     calibration: str = opt("sequential", "sequential (layer by layer on the pruned model's own inputs) or "
                            "oneshot (dense statistics; the default when a stats file is given)", lambda: CALIBRATIONS)
-    allocation: str = opt("uniform", "uniform (same width everywhere: a standard checkpoint) or global "
-                          "(per-layer widths from measured per-layer importance)", lambda: ALLOCATIONS)
+    allocation: str = opt("uniform", "uniform (same width everywhere: a standard checkpoint), global "
+                          "(per-layer widths from measured per-layer importance) or search (global, then refined "
+                          "by the pruned model's loss on held-back calibration windows)", lambda: ALLOCATIONS)
     target: str = opt("layer", "sequential fold target: layer (its own output on the pruned inputs), dense "
                       "(the dense model's MLP output) or residual (also repair the residual stream's drift)", TARGETS)
     weighting: str = opt("rms", "sequential token weights: rms (1/mean(out_t^2), as the next norm sees an "
@@ -68,6 +69,18 @@ class PruneConfig(Config):
     max_shift: float = opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one")
     alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units, one backward pass) or "
                              "rms (no backward)", ("grad", "rms"))
+    search_samples: int = opt(8, "allocation search: held-back calibration windows that score candidate widths "
+                              "(drawn beside the calibration windows, never used to fit)")
+    search_rounds: int = opt(6, "allocation search: forward + backward passes over the held-back windows")
+    search_step: int = opt(32, "allocation search: neurons one move shifts between two layers (rounded up to "
+                           "the width multiple)")
+    search_pairs: int = opt(4, "allocation search: moves (one layer gains a grid step, another gives it) tried "
+                            "at once; halved when a round does not lower the loss")
+    swaps: int = opt(0, "swap refinement: per layer, up to this many exact trials of single swaps (a kept neuron "
+                     "out, a removed one in), proposed by the refit's error on the calibration windows and kept only "
+                     "where the error on held-back windows falls (0 = off; sequential, lstsq, target layer)")
+    swap_holdout: float = opt(0.125, "swap refinement: share of the calibration windows (whole batches) that "
+                              "judges the swaps")
     compute_dtype: str = opt("auto", "matmul precision of the calibration forwards of a float32 model: auto "
                              "(bfloat16 where fast: CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; "
                              "Grams and solves stay float64", COMPUTE_DTYPES)
@@ -93,7 +106,16 @@ class PruneConfig(Config):
         if self.keep is not None and self.keep < 1:
             raise ConfigError("keep", f"keep {self.keep}: a layer would be pruned to zero width; keep at least 1 neuron")
         self.at_least({"multiple": 1, "samples": 1, "seqlen": 2, "batch_size": 1, "alloc_samples": 1, "seed": 0,
-                       "reconstruct": 0, "reconstruct_tokens": 1})
+                       "reconstruct": 0, "reconstruct_tokens": 1, "swaps": 0, "search_samples": 1, "search_rounds": 1,
+                       "search_pairs": 1, "search_step": 1})
+        if self.allocation == "search" and self.calibration != "sequential":
+            raise ConfigError("allocation", "allocation search scores candidates with the sequential calibration's "
+                              "data: use --calibration sequential or --allocation global")
+        if self.swaps and (self.calibration != "sequential" or self.fold != "lstsq" or self.target != "layer"):
+            raise ConfigError("swaps", "swap refinement judges the least-squares refit of each layer's own output on "
+                              "held-back windows: use --calibration sequential --fold lstsq --target layer, or --swaps 0")
+        if not 0.0 < self.swap_holdout < 1.0:
+            raise ConfigError("swap_holdout", f"swap_holdout must be in (0, 1) (got {self.swap_holdout})")
         if self.ridge < 0:
             raise ConfigError("ridge", f"ridge must be >= 0 (got {self.ridge})")
         if not 0.0 < self.max_shift <= 1.0:
@@ -147,7 +169,13 @@ def allocate_global(calib: Calibration, cfg: PruneConfig) -> dict[int, int]:
     return calib.global_widths(cfg, total)
 
 
-ALLOCATIONS = {"uniform": allocate_uniform, "global": allocate_global}
+def allocate_search(calib: Calibration, cfg: PruneConfig) -> dict[int, int]:
+    """`global`'s widths, refined by the measured loss of candidate allocations on held-back windows."""
+    total = sum(layer_width(N, cfg.sparsity, cfg.keep, 1) for N in calib.widths().values())
+    return calib.global_widths(cfg, total, search=True)
+
+
+ALLOCATIONS = {"uniform": allocate_uniform, "global": allocate_global, "search": allocate_search}
 
 
 # ------------------------------------------------------------------------------------ the shared step
@@ -167,6 +195,10 @@ def prune_layer(model, work, cfg: PruneConfig, width: int | None = None, layer_p
     i = work.layer
     if layer_plan is None:
         layer_plan = select_layer(model, work.moments, width, cfg)
+        if work.held is not None and cfg.swaps:   # (fit, held-back) Grams: refine the kept set on them
+            keep, work.swaps = refine_swaps(work.moments.W, *work.held, torch.tensor(layer_plan["keep"]),
+                                            cfg.swaps, work.fold.ridge)
+            layer_plan = make_layer_plan(work.moments, Selection(keep))
     keep = torch.tensor(layer_plan["keep"], dtype=torch.long)
     remap = skip_source_remapper(model, {i: keep})  # pruning after skips: refuse dropping a skip source
     work.fold.representative = layer_plan["representative"]
@@ -266,8 +298,9 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
     update_config(lm.model, added_bias=cfg.adds_bias and not had_bias)
     summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
     summary["offload"] = stream.describe()
-    if "reconstruct" in calib.meta:
-        summary["reconstruct"] = calib.meta["reconstruct"]
+    for key in ("reconstruct", "swaps", "search"):    # what the optional steps did
+        if key in calib.meta:
+            summary[key] = calib.meta[key]
     lm.fingerprint = None  # the weights changed
     return p, summary
 

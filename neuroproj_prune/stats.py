@@ -409,10 +409,12 @@ def collect(model, data, *, samples: int = 128, seqlen: int = 512, seed: int = 0
     return stats
 
 
-def calibration_ids(lm: LoadedModel, data, samples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
-    """`samples` windows of `seqlen` tokens of `data` drawn with `seed`, refused beyond the model's context."""
+def calibration_ids(lm: LoadedModel, data, samples: int, seqlen: int, seed: int,
+                    holdout: int = 0) -> tuple[torch.Tensor, str]:
+    """`samples` windows of `seqlen` tokens of `data` drawn with `seed`, refused beyond the model's context
+    (and `holdout` further windows of the same draw after them, see `data.calibration_samples`)."""
     return calibration_samples(lm.tokenizer, str(data), samples, seqlen, seed,
-                               max_seqlen=lm.adapter.context_length(lm.model.config))
+                               max_seqlen=lm.adapter.context_length(lm.model.config), holdout=holdout)
 
 
 # --------------------------------------------------------------------------------------------- loading
