@@ -68,8 +68,9 @@ def main():
                 extra[k] = ast.literal_eval(v)
             except (ValueError, SyntaxError):
                 extra[k] = v
+        base = dict(samples=a.samples, seqlen=512, multiple=a.multiple)   # a config's own keys win
         configs[cfg] = PruneConfig.make(select=sel, fold=fold, calibration=cal, target=tgt, sparsity=float(sp),
-                                        samples=a.samples, seqlen=512, multiple=a.multiple, **extra)
+                                        **{**base, **extra})
     for cfg in a.configs.split(";"):
         if cfg == "dense":
             lm = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
@@ -80,6 +81,13 @@ def main():
         took = time.time() - t
         rec = s.get("reconstruct")
         rec = f" held-out error {rec['held_out_error_before']:.4f}->{rec['held_out_error_after']:.4f}" if rec else ""
+        if s.get("swaps"):
+            sw = s["swaps"]
+            rec += (f" swaps {sw['accepted']}/{sw['trials']} held-out error {sw['held_out_error_before']:.4f}->"
+                    f"{sw['held_out_error_after']:.4f}")
+        if s.get("search"):
+            sr = s["search"]
+            rec += f" search loss {sr['loss_start']:.4f}->{sr['loss_end']:.4f} in {sr['rounds']} rounds kept {s['kept']}"
         print(cfg, "ppl", ppls(lm), "removed", round(s["actual_sparsity"], 4), "prune s", f"{took:.1f}{rec}",
               flush=True)
 
