@@ -72,7 +72,7 @@ def test_registries_share_one_signature():
     assert {"wanda-sp", "obs", "cluster", "corr-cluster", "flap", "magnitude", "random"} <= set(SELECTORS)
     assert set(FOLDS) == {"none", "representative", "bias", "lstsq"}
     assert set(CALIBRATIONS) == {"oneshot", "sequential"} and all(issubclass(c, Calibration) for c in CALIBRATIONS.values())
-    assert set(ALLOCATIONS) == {"uniform", "global"}
+    assert set(ALLOCATIONS) == {"uniform", "global", "search"}
     # the same names are what the config accepts
     for name in SELECTORS:
         PruneConfig.make(select=name)
