@@ -48,7 +48,7 @@ from .moments import Moments
 from .offload import LayerStream
 from .plan import SELECTORS, LayerMoments, allocate_by_error, error_curve, global_widths, width_grids
 from .reconstruct import reconstruct
-from .search import Supernet, loss_and_grads, search_widths
+from .search import Supernet, activations_only, loss_and_grads, loss_backward, search_widths
 from .stats import calibration_ids, collect, distributed, load_stats
 from .surgery import FoldInputs, chol_solve, effective_ridge
 
@@ -260,7 +260,8 @@ class Sequential(Calibration):
                 raise NeuroprojError(f"calibration token ids must be a (windows, tokens) integer tensor with at "
                                      f"least 2 tokens, got shape {tuple(ids.shape)} {ids.dtype}")
             self.description = f"in-memory token ids ({ids.shape[0]}×{ids.shape[1]})"
-        if self.held is None and cfg.allocation == "search":   # ids given as they are: hold back their last rows
+        if self.held is None and cfg.allocation == "search":   # ids given as they are: their last rows score the
+            # search (they stay in the fit too: the caller chose every window)
             self.held = ids[-min(cfg.search_samples, ids.shape[0]):]
         self.ids = ids
         self.compute = compute_dtype_for(cfg.compute_dtype, lm.model)
@@ -273,21 +274,21 @@ class Sequential(Calibration):
         """Widths minimising the summed error curves (`error_curves` on the first `alloc_samples` windows);
         with `search`, then refined by the measured loss on the held-back windows (search.py)."""
         n = min(self.ids.shape[0], cfg.alloc_samples)
-        out = error_curves(self.lm, self.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
-                           ridge=cfg.ridge, batch_size=max(1, 2048 // self.ids.shape[1]), compute=self.compute,
-                           progress=self.progress, fold_moments=search)
-        curves = out[0] if search else out
+        fold = {} if search else None
+        curves = error_curves(self.lm, self.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
+                              ridge=cfg.ridge, batch_size=max(1, 2048 // self.ids.shape[1]), compute=self.compute,
+                              progress=self.progress, fold_moments=fold)
         widths = allocate_by_error(curves, total, cfg.multiple, cfg.max_shift)
         if not search:
             return widths
         model, a = self.lm.model, self.lm.adapter
         orders = {}
-        for i, (G, mean) in out[1].items():
+        for i, (G, mean) in fold.items():
             W = a.out_weight(model, i).detach().double().cpu()
             m = LayerMoments(i, G, mean, W, a.in_norms(model, i), ridge=cfg.ridge)
             orders[i] = torch.argsort(SELECTORS[cfg.select](m, m.N, cfg.seed).scores, descending=True)
         ridge = effective_ridge(cfg.ridge, n * self.ids.shape[1], max(self.widths().values()), warn=False)
-        net, out = Supernet(model, a, out[1], orders, ridge), None
+        net, fold = Supernet(model, a, fold, orders, ridge), None   # the supernet holds what it needs
         grids = width_grids({i: c.numel() - 1 for i, c in curves.items()}, total, cfg.multiple, cfg.max_shift)
         bs = max(1, 2048 // self.held.shape[1])
 
@@ -405,9 +406,7 @@ class Sequential(Calibration):
         mo = Moments(N, dev)
         # --swaps: the last swap_holdout share of the batches also goes into `mh`, which judges the swaps
         n_held = min(len(calls) - 1, max(1, round(cfg.swap_holdout * len(calls)))) if cfg.swaps else 0
-        mh = Moments(N, dev) if n_held > 0 else None
-        if mh is not None:
-            mh.scale = 1.0    # fed mo's scaled weights: one unit, so that mo minus mh are the fit windows
+        mh = mo.part() if n_held > 0 else None
         C = torch.zeros(d, N, dtype=torch.float64, device=dev) if dense is not None else None
         c = torch.zeros(d, dtype=torch.float64, device=dev) if dense is not None else None
         acts, outs = [], []
@@ -495,7 +494,7 @@ class Sequential(Calibration):
 
 def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
                  seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True,
-                 fold_moments: bool = False):
+                 fold_moments: dict | None = None) -> dict[int, torch.Tensor]:
     """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
     top-k neurons of `select` (see `plan.error_curve`), with token t weighted so that all layers share one
     unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
@@ -504,8 +503,8 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
     norm sees it (no backward pass, blind to how much later layers and the head amplify it).
     Cost: one forward (and with grad one backward) of the dense model over `ids`, one N² Gram per token and
     layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams.
-    `fold_moments`: also return {layer: (E[h hᵀ], E[h])} of the same pass with the fold's rms token weights
-    (what `search.Supernet` folds with): (curves, moments), twice the Grams' memory."""
+    `fold_moments` (a dict): also filled with {layer: (E[h hᵀ], E[h])} of the same pass under the fold's rms
+    token weights (what `search.Supernet` folds with); twice the Grams' memory."""
     model, a = lm.model, lm.adapter
     dev = next(model.parameters()).device
     L = a.num_layers(model)
@@ -527,46 +526,36 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
 
     hooks = [a.out_proj(model, i).register_forward_pre_hook(grab_h(i)) for i in range(L)]
     hooks += [layer.register_forward_hook(grab_out(i)) for i, layer in enumerate(a.layers(model))]
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients flow to the activations only
     try:
         for b in tqdm(range(0, ids.shape[0], batch_size), desc="allocate", unit="batch", disable=not progress,
                       dynamic_ncols=True):
             x = ids[b:b + batch_size].to(dev)
-            amp = torch.autocast(dev.type, dtype=compute or torch.bfloat16, enabled=compute is not None)
             if weights == "grad":
-                with torch.enable_grad(), amp:
-                    emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=emb, use_cache=False).logits
-                    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
-                                                      reduction="sum").backward()
-                    del logits
+                with activations_only(model):
+                    loss_backward(model, x, compute)
             else:
-                with torch.inference_mode(), amp:
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=compute or torch.bfloat16,
+                                                            enabled=compute is not None):
                     model(input_ids=x, use_cache=False)
             with torch.no_grad():
                 for i in range(L):
                     o = outs[i]
-                    if weights == "grad":
-                        w = o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
-                    else:
-                        w = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1)
+                    rms = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1) \
+                        if weights == "rms" or fold_moments is not None else None
+                    w = rms if weights == "rms" else o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
                     h = acts[i].reshape(w.shape[0], -1).float()
                     if mom[i] is None:
                         mom[i] = Moments(h.shape[1], dev)
-                        fmom[i] = Moments(h.shape[1], dev) if fold_moments else None
+                        fmom[i] = Moments(h.shape[1], dev) if fold_moments is not None else None
                     mom[i].add(h, w)
-                    if fold_moments:
-                        fmom[i].add(h, rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1))
+                    if fmom[i] is not None:
+                        fmom[i].add(h, rms)
                 n += x.numel()
             acts.clear()
             outs.clear()
     finally:
         for h in hooks:
             h.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
     curves = {}
     for i in range(L):
         Gi, mean = mom[i].finish()
@@ -576,4 +565,6 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
         m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
         curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom[i].weight / n)
         mom[i] = None
-    return (curves, {i: f.finish() for i, f in enumerate(fmom)}) if fold_moments else curves
+        if fold_moments is not None:
+            fold_moments[i] = fmom[i].finish()
+    return curves

@@ -12,6 +12,16 @@ import torch
 GRAM_BLOCK = 384
 
 
+def ridge_lambda(A: torch.Tensor, ridge: float) -> torch.Tensor:
+    """λ = ridge · mean(diag A): the relative ridge every least-squares solve adds to a Gram A (A + λI)."""
+    return ridge * A.diagonal().mean().clamp(min=1e-30)
+
+
+def ridged(A: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A + λI with λ = `ridge_lambda(A, ridge)`."""
+    return A + ridge_lambda(A, ridge) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+
+
 def gram_lower_(G: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
     """G += xᵀx on the lower block triangle only (column blocks of `block`): (nb+1)/(2nb) of the full
     product's multiply-adds. Products in x's dtype, totals in G's dtype. Call `mirror_lower_` once at the end."""
@@ -80,9 +90,15 @@ class Moments:
         dist.all_reduce(t)
         self.n, self.tokens = float(t[0]), int(t[1])
 
+    def part(self) -> "Moments":
+        """An empty sub-total in this one's unit: feed it some of the batches with the weights this one's `add`
+        returned (already scaled), then `without(part)` gives the moments of the other batches."""
+        p = Moments(self.G.shape[0], self.G.device)
+        p.scale = 1.0
+        return p
+
     def without(self, part: "Moments") -> "Moments":
-        """The moments of the tokens not in `part`, a sub-total accumulated with weights already scaled by this
-        one's scale (`part.scale = 1.0`, fed `add`'s returned weights). Float64 differences of totals."""
+        """The moments of the tokens not in `part` (see `part`). Float64 differences of totals."""
         rest = Moments.__new__(Moments)
         rest.G, rest.s = self.G - part.G, self.s - part.s
         rest.n, rest.tokens, rest.scale = self.n - part.n, self.tokens - part.tokens, self.scale

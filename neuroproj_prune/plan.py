@@ -33,7 +33,7 @@ import torch
 from .adapters import adapter_for
 from .errors import NeuroprojError
 from .io import write_text
-from .moments import correlation, energy
+from .moments import correlation, energy, ridged
 from .projection import fit_exact
 
 FORMAT = "neuroproj-prune/plan/1"
@@ -126,8 +126,7 @@ def select_obs(m: LayerMoments, keep: int, seed: int = 0, steps: int = 64) -> Se
     W ← W − W_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,:  and  H⁻¹ ← H⁻¹ − H⁻¹_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,: .
     Cost O(steps·N²·b) per layer. Scores: removal step (later = more important), kept = N + 1."""
     N = m.N
-    H = m.G + m.ridge * m.G.diagonal().mean().clamp(min=1e-30) * torch.eye(N, dtype=m.G.dtype)
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(ridged(m.G, m.ridge)))
     W = m.W.clone()
     alive = torch.ones(N, dtype=torch.bool)
     order = torch.zeros(N, dtype=torch.float64)
@@ -227,9 +226,7 @@ def error_curve(m: LayerMoments, scores: torch.Tensor) -> torch.Tensor:
     error is the Schur complement of the kept block, so e(k) = Σ_{j≥k} ‖(W_:,π L)_:,j‖²: one Cholesky and
     one d×N×N product give the whole curve. O(N³)."""
     order = torch.argsort(scores, descending=True)
-    G = m.G[order][:, order]
-    G = G + m.ridge * G.diagonal().mean().clamp(min=1e-30) * torch.eye(m.N, dtype=G.dtype)
-    c = (m.W[:, order] @ torch.linalg.cholesky(G)).pow(2).sum(0)
+    c = (m.W[:, order] @ torch.linalg.cholesky(ridged(m.G[order][:, order], m.ridge))).pow(2).sum(0)
     return torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1)])
 
 

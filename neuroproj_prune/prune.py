@@ -163,16 +163,15 @@ def allocate_uniform(calib: Calibration, cfg: PruneConfig) -> dict[int, int]:
     return {i: layer_width(N, cfg.sparsity, cfg.keep, cfg.multiple) for i, N in calib.widths().items()}
 
 
-def allocate_global(calib: Calibration, cfg: PruneConfig) -> dict[int, int]:
+def allocate_global(calib: Calibration, cfg: PruneConfig, search: bool = False) -> dict[int, int]:
     """Per-layer widths at the same total, from the per-layer importance the calibration measures."""
     total = sum(layer_width(N, cfg.sparsity, cfg.keep, 1) for N in calib.widths().values())
-    return calib.global_widths(cfg, total)
+    return calib.global_widths(cfg, total, search=search)
 
 
 def allocate_search(calib: Calibration, cfg: PruneConfig) -> dict[int, int]:
     """`global`'s widths, refined by the measured loss of candidate allocations on held-back windows."""
-    total = sum(layer_width(N, cfg.sparsity, cfg.keep, 1) for N in calib.widths().values())
-    return calib.global_widths(cfg, total, search=True)
+    return allocate_global(calib, cfg, search=True)
 
 
 ALLOCATIONS = {"uniform": allocate_uniform, "global": allocate_global, "search": allocate_search}

@@ -28,12 +28,14 @@ each round one forward and one backward of the dense-size model over the held-ba
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import NeuroprojError
+from .moments import ridged
 
 
 class Supernet:
@@ -50,9 +52,7 @@ class Supernet:
         for i, (G, _) in moments.items():
             p = orders[i]
             W = self.dense[i].double().cpu()
-            Gp = G[p][:, p]
-            Gp = Gp + ridge * Gp.diagonal().mean().clamp(min=1e-30) * torch.eye(len(p), dtype=G.dtype)
-            L, info = torch.linalg.cholesky_ex(Gp)
+            L, info = torch.linalg.cholesky_ex(ridged(G[p][:, p], ridge))
             if int(info) != 0:
                 raise NeuroprojError(f"layer {i}: the calibration Gram is not positive definite; use more "
                                      f"calibration tokens or a larger --ridge")
@@ -83,6 +83,34 @@ class Supernet:
             self.a.set_out_weight(self.model, i, W)
 
 
+@contextlib.contextmanager
+def activations_only(model):
+    """Inside: the parameters need no gradient (gradients flow to activations only); their flags are restored."""
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+
+
+def loss_backward(model, x: torch.Tensor, compute=None) -> float:
+    """The summed next-token cross-entropy of token ids x (batch, T), back-propagated to the activations (the
+    embeddings' output is the leaf; use inside `activations_only`); the forward under autocast with `compute`.
+    Returns the sum. Cost: one forward and one backward."""
+    with torch.enable_grad(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
+                                             enabled=compute is not None):
+        emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
+                                                 reduction="sum")
+        del logits
+        loss.backward()
+    return float(loss.detach())
+
+
 def loss_and_grads(model, adapter, ids: torch.Tensor, layers, *, batch_size: int = 4, compute=None):
     """(mean next-token loss on `ids`, {layer: ∂loss/∂W_i (d, N) float64}) with W_i the down projections.
     One forward and one backward per batch; no parameter gradient is stored (the gradient is formed from the
@@ -102,28 +130,16 @@ def loss_and_grads(model, adapter, ids: torch.Tensor, layers, *, batch_size: int
         return fwd
 
     hooks = [adapter.out_proj(model, i).register_forward_hook(hook(i)) for i in layers]
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     total, count = 0.0, 0
     try:
-        for b in range(0, ids.shape[0], batch_size):
-            x = ids[b:b + batch_size].to(dev)
-            with torch.enable_grad(), torch.autocast(dev.type, dtype=compute or torch.bfloat16,
-                                                     enabled=compute is not None):
-                emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
-                logits = model(inputs_embeds=emb, use_cache=False).logits
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
-                                                         reduction="sum")
-                del logits
-                loss.backward()
-            total += float(loss.detach())
-            count += x[:, 1:].numel()
+        with activations_only(model):
+            for b in range(0, ids.shape[0], batch_size):
+                x = ids[b:b + batch_size].to(dev)
+                total += loss_backward(model, x, compute)
+                count += x[:, 1:].numel()
     finally:
         for h in hooks:
             h.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
     return total / count, {i: g / count for i, g in grads.items()}
 
 

@@ -27,6 +27,7 @@ import torch
 from .adapters import adapter_for
 from .checkpoint import load_pruned, save_pruned, skip_source_remapper, update_config  # noqa: F401 (re-exported)
 from .errors import NeuroprojError
+from .moments import ridge_lambda, ridged
 
 RIDGE = 1e-7
 
@@ -50,10 +51,10 @@ def _warn_few_tokens(tokens: int, N: int) -> None:  # once per (tokens, width), 
 
 def chol_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
     """X with X A = B (A symmetric PSD, ridge-regularised), i.e. B A⁻¹."""
-    lam = ridge * A.diagonal().mean().clamp(min=1e-30)
-    L, info = torch.linalg.cholesky_ex(A + lam * torch.eye(A.shape[0], dtype=A.dtype))
+    Ar = ridged(A, ridge)
+    L, info = torch.linalg.cholesky_ex(Ar)
     if int(info) != 0:
-        return torch.linalg.lstsq(A + lam * torch.eye(A.shape[0], dtype=A.dtype), B.T).solution.T
+        return torch.linalg.lstsq(Ar, B.T).solution.T
     return torch.cholesky_solve(B.T, L).T
 
 
@@ -183,8 +184,8 @@ def refine_swaps(W: torch.Tensor, G: torch.Tensor, Gh: torch.Tensor, keep: torch
             if R.numel() == 0:
                 break
             H = G[K][:, K]
-            lam = ridge * H.diagonal().mean().clamp(min=1e-30)
-            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H + lam * torch.eye(len(K), dtype=H.dtype)))
+            lam = ridge_lambda(H, ridge)
+            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(ridged(H, ridge)))
             cost = (A * A).sum(0) / Hinv.diagonal()
             GKR = G[K][:, R]
             s = (G.diagonal()[R] + lam - (GKR * (Hinv @ GKR)).sum(0)).clamp(min=1e-30)
