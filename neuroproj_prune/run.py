@@ -94,7 +94,11 @@ def recover_config(r: dict) -> RecoverConfig:
 # ------------------------------------------------------------------------------------------ recipes
 def _set(d: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
+    known = DEFAULTS
     for k in keys[:-1]:
+        known = known.get(k) if isinstance(known, dict) else None
+        if k not in d and isinstance(known, dict):
+            d[k] = {}   # a section the recipe leaves at its defaults
         if not isinstance(d.get(k), dict):
             raise NeuroprojError(f"--set {dotted}: {k!r} is not a section of the recipe")
         d = d[k]

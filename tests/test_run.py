@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from neuroproj_prune.cli import main
+from neuroproj_prune.errors import NeuroprojError
 from neuroproj_prune.run import load_recipe, run
 
 from conftest import C4, REPO, WIKI
@@ -105,6 +106,19 @@ def test_invalid_recipe_fails_before_loading_a_model(override, key, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_set_reaches_sections_the_recipe_leaves_at_defaults(tmp_path):
+    data = tmp_path / "c.txt"
+    data.write_text("text " * 100)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: smollm2-135m\noutput_dir: {tmp_path / 'out'}\ncalibration: {{data: {data}}}\n")
+    r = load_recipe(recipe, ["stats.samples=4", "heatmaps.layers=0"])
+    assert r["stats"]["samples"] == 4 and r["heatmaps"]["layers"] == "0"
+    with pytest.raises(NeuroprojError, match="not a section"):
+        load_recipe(recipe, ["model.x=1"])
+    with pytest.raises(NeuroprojError, match="'nosuch' is not a section"):
+        load_recipe(recipe, ["nosuch.x=1"])
 
 
 def test_shipped_recipes_are_valid():
