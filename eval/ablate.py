@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import neuroproj_prune as npp
-from neuroproj_prune.data import eval_windows
+from neuroproj_prune.stats.data import eval_windows
 from neuroproj_prune.prune import PruneConfig, prune
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

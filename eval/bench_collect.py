@@ -34,7 +34,7 @@ def measure(a) -> dict:
     import torch
 
     import neuroproj_prune as npp
-    from neuroproj_prune.data import calibration_samples
+    from neuroproj_prune.stats.data import calibration_samples
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -164,7 +164,7 @@ def build_model(geometry: str, dev: torch.device, dtype: torch.dtype, layers: in
     """A causal LM of the geometry with random weights, made on `dev` (no host copy of the weights)."""
     import transformers
 
-    from neuroproj_prune.models import LoadedModel, model_fingerprint
+    from neuroproj_prune.model import LoadedModel, model_fingerprint
 
     g = dict(GEOMETRIES[geometry])
     cls = getattr(transformers, g.pop("config"))
@@ -209,14 +209,14 @@ def run_bench(geometry: str = "tiny", *, samples: int | None = None, seqlen: int
     """Build, check and time every stage (see the module docstring); returns the result dict (also written
     to OUT.json / OUT.md when `out` is given). `work_dir`: where the offload rows' model and checkpoints go
     (default: a temporary directory, removed at the end)."""
-    from neuroproj_prune.plan import layer_width
-    from neuroproj_prune.projection import project
+    from neuroproj_prune.prune.allocate import layer_width
+    from neuroproj_prune.analysis.projection import project
     from neuroproj_prune.stats import collect
 
     import importlib
 
     # the modules (the package's `prune` and `project` names are the functions)
-    projection_mod = importlib.import_module("neuroproj_prune.projection")
+    projection_mod = importlib.import_module("neuroproj_prune.analysis.projection")
     prune_mod = importlib.import_module("neuroproj_prune.prune")
 
     if geometry not in GEOMETRIES:
@@ -328,13 +328,14 @@ def _prune_parts(parts: dict, dev: torch.device):
     the device and where they live, and the checkpoint's write (of the streamed rows)."""
     import importlib
 
-    calibrate_mod = importlib.import_module("neuroproj_prune.calibrate")
-    prune_mod = importlib.import_module("neuroproj_prune.prune")
-    offload_mod = importlib.import_module("neuroproj_prune.offload")
+    calibrate_mod = importlib.import_module("neuroproj_prune.prune.calibrate")
+    prune_mod = importlib.import_module("neuroproj_prune.prune.api")
+    offload_mod = importlib.import_module("neuroproj_prune.prune.offload")
     with contextlib.ExitStack() as stack:
         for owner, attr, key in ((calibrate_mod, "layer_inputs", "layer inputs"),
                                  (calibrate_mod.Sequential, "_measure", "moments"),
-                                 (prune_mod, "prune_layer", "select + fold"),
+                                 (prune_mod, "select_layer", "select + fold"),
+                                 (prune_mod, "fold_layer", "select + fold"),
                                  (calibrate_mod.Sequential, "_carry", "carry"),
                                  (offload_mod.CpuStream, "fetch", "fetch layers"),
                                  (offload_mod.CpuStream, "release", "put layers away"),

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import neuroproj_prune as npp  # noqa: E402
 from neuroproj_prune.export import export, features  # noqa: E402
-from neuroproj_prune.llamacpp import LlamaCpp, output_weight  # noqa: E402
+from neuroproj_prune.export.llamacpp import LlamaCpp, output_weight  # noqa: E402
 
 WIKI = REPO.parent / "shared" / "data" / "wikitext2-test.txt"
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village,",

@@ -33,10 +33,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "eval"))
 
 import neuroproj_prune as npp  # noqa: E402
-from neuroproj_prune.calibrate import compute_dtype_for, error_curves  # noqa: E402
-from neuroproj_prune.checkpoint import save_pruned, update_config  # noqa: E402
+from neuroproj_prune.prune.allocate import error_curves
+from neuroproj_prune.prune.calibrate import compute_dtype_for  # noqa: E402
+from neuroproj_prune.model import save_pruned, update_config  # noqa: E402
 from neuroproj_prune.export import export  # noqa: E402
-from neuroproj_prune.plan import allocate_by_error, layer_width  # noqa: E402
+from neuroproj_prune.prune.allocate import allocate_by_error, layer_width  # noqa: E402
 from neuroproj_prune.stats import calibration_ids  # noqa: E402
 
 from bench_inference import hf_decode, hf_prefill, lc_speed  # noqa: E402

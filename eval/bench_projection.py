@@ -52,7 +52,7 @@ def factor_of(rho, rank=None):
 
 
 def exact_row(name, rho, max_iter, tol):
-    from neuroproj_prune.projection import fit_exact
+    from neuroproj_prune.analysis.projection import fit_exact
 
     t = time.perf_counter()
     P, s, hist = fit_exact(rho, 3, max_iter=max_iter, tol=tol, return_history=True)
@@ -61,7 +61,7 @@ def exact_row(name, rho, max_iter, tol):
 
 
 def minibatch_row(W, rho, steps, tokens, lr=1e-2):
-    from neuroproj_prune.projection import MinibatchFitter, batch_correlation, normalised_stress
+    from neuroproj_prune.analysis.projection import MinibatchFitter, batch_correlation, normalised_stress
 
     N = W.shape[0]
     f = MinibatchFitter({(0, "x"): N}, 3, init="randn", lr=lr)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import neuroproj_prune as npp
-from neuroproj_prune.skips import find_skips
+from neuroproj_prune.analysis.skips import find_skips
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neuroproj_prune.tasks import HEADLINE  # noqa: E402
+from neuroproj_prune.evaluate.tasks import HEADLINE  # noqa: E402
 
 SHORT = {"lambada_openai": "LAMBADA", "hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande",
          "boolq": "BoolQ", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}

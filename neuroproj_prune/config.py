@@ -17,6 +17,7 @@ import math
 from dataclasses import field
 
 from .errors import NeuroprojError
+from .registry import Registry
 
 
 class ConfigError(NeuroprojError):
@@ -71,7 +72,8 @@ class Config:
                 raise ConfigError(f.name, f"{f.name} must be a string, got {v!r}")
             choices = _choices(md)
             if choices is not None and v not in choices:
-                raise ConfigError(f.name, f"unknown {f.name.replace('_', ' ')} {v!r}: choose from {', '.join(choices)}")
+                raise ConfigError(f.name, choices.unknown(v) if isinstance(choices, Registry) else
+                                  f"unknown {f.name.replace('_', ' ')} {v!r}: choose from {', '.join(choices)}")
         self.check()
 
     def check(self) -> None:

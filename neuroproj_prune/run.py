@@ -25,22 +25,19 @@ from pathlib import Path
 
 import yaml
 
-from .clustering import cluster
+from .analysis import cluster, heatmaps, project, run_skips, trace
+from .config import ConfigError
 from .errors import NeuroprojError
 from .evaluate import check_limit, default_eval_data, evaluate
+from .evaluate.tasks import GROUP, TASKS, read_manifest, resolve
 from .export import EXPORTERS, export
-from .heatmap import heatmaps
 from .io import check_writable, write_json, write_text
-from .models import LoadedModel, load_model
-from .projection import project
-from .prune import ConfigError, PruneConfig, prune
+from .model import LoadedModel, load_model
+from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
-from .skips import run_skips
+from .report import view
 from .stats import collect, load_stats, parse_layers, parse_sites
 from .sweep import sweep
-from .tasks import GROUP, TASKS, read_manifest, resolve
-from .trace import trace
-from .view import view
 
 CALIBRATION_KEYS = ("samples", "seqlen", "seed")
 

@@ -28,14 +28,12 @@ import json
 import time
 from pathlib import Path
 
-from .adapters import num_params
-from .data import eval_windows
 from .errors import NeuroprojError
 from .evaluate import check_limit, model_context, perplexity, task_scores
-from .models import LoadedModel, load_model
+from .evaluate.tasks import HEADLINE, TASKS, resolve, summary as zeroshot_summary, yaml_dir
+from .model import LoadedModel, load_model, num_params
 from .prune import ALLOCATIONS, PruneConfig, prune
-from .stats import collect, load_stats
-from .tasks import HEADLINE, TASKS, resolve, summary as zeroshot_summary, yaml_dir
+from .stats import collect, eval_windows, load_stats
 
 
 def _parse_list(v, cast=str) -> list:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import neuroproj_prune as npp
 from neuroproj_prune.cli import main
-from neuroproj_prune.clustering import LayerClusters, knee_eps
+from neuroproj_prune.analysis.clustering import LayerClusters, knee_eps
 from neuroproj_prune.errors import NeuroprojError
 from neuroproj_prune.stats import Stats
 
@@ -226,7 +226,7 @@ def test_cluster_json_round_trip(tmp_path):
 def test_cluster_correlation_space_compare_and_energy(tmp_path):
     from conftest import tiny_model
 
-    from neuroproj_prune.models import LoadedModel
+    from neuroproj_prune.model import LoadedModel
 
     H, block = block_activations(blocks=(20, 16, 12, 8), singles=8)   # N = 64 = the tiny llama's MLP width
     st = make_stats({0: H})

@@ -15,7 +15,7 @@ import yaml
 import neuroproj_prune as npp
 from neuroproj_prune.cli import build_parser, main
 from neuroproj_prune.errors import NeuroprojError
-from neuroproj_prune.models import load_model
+from neuroproj_prune.model import load_model
 from neuroproj_prune.prune import PruneConfig
 from neuroproj_prune.run import DEFAULTS, load_recipe, run
 
@@ -64,10 +64,10 @@ def test_config_refuses_bad_values(bad, match):
 
 
 def test_registries_share_one_signature():
-    from neuroproj_prune.calibrate import CALIBRATIONS, Calibration
-    from neuroproj_prune.plan import SELECTORS
+    from neuroproj_prune.prune.calibrate import CALIBRATIONS, Calibration
+    from neuroproj_prune.prune import SELECTORS
     from neuroproj_prune.prune import ALLOCATIONS
-    from neuroproj_prune.surgery import FOLDS
+    from neuroproj_prune.prune import FOLDS
 
     assert {"wanda-sp", "obs", "cluster", "corr-cluster", "flap", "magnitude", "random"} <= set(SELECTORS)
     assert set(FOLDS) == {"none", "representative", "bias", "lstsq"}
@@ -126,7 +126,7 @@ def test_recipe_with_every_stage(tiny_dir, tmp_path):
               "export/hf/config.json"):
         assert (out / f).exists(), f
     skipped = load_model(str(out / "skipped"), device="cpu")
-    assert npp.checkpoint.get_skips(skipped.model)  # the applied skips were saved and rebuilt
+    assert npp.model.get_skips(skipped.model)  # the applied skips were saved and rebuilt
     # a skips stage without cross-layer statistics is refused before anything runs
     with pytest.raises(NeuroprojError, match="cross_layer_window"):
         load_recipe(path, ["stats.cross_layer_window=0"])

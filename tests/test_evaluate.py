@@ -11,7 +11,7 @@ import torch
 
 import neuroproj_prune as npp
 from neuroproj_prune import cli
-from neuroproj_prune.evaluate import lm_eval_tasks, load_tasks, local_tasks, tasks_dir
+from neuroproj_prune.evaluate.harness import lm_eval_tasks, load_tasks, local_tasks, tasks_dir
 
 from conftest import REPO, SHAKESPEARE, WIKI, tiny_model
 

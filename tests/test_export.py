@@ -16,9 +16,12 @@ import torch
 
 import neuroproj_prune as npp
 from neuroproj_prune.errors import NeuroprojError
-from neuroproj_prune.export import export, features, load_nemotron_nas, nas_ffn_mult, nas_width, run_converter
-from neuroproj_prune.models import _smollm2_dir, adapter_for
-from neuroproj_prune.checkpoint import save_pruned, update_config
+from neuroproj_prune.export import export, features, load_nemotron_nas
+from neuroproj_prune.export.gguf import run_converter
+from neuroproj_prune.export.nemotron_nas import nas_ffn_mult, nas_width
+from neuroproj_prune.model import adapter_for
+from neuroproj_prune.model.loading import _smollm2_dir
+from neuroproj_prune.model import save_pruned, update_config
 
 WIDTHS = [192, 128, 64]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -107,7 +110,7 @@ def test_gguf_roundtrip_widths_and_weights(ckpts, ggufs, kind, arch):
 @pytest.mark.parametrize("kind", ["uniform", "per-layer"])
 def test_llamacpp_agrees_with_transformers(ckpts, ggufs, kind):
     pytest.importorskip("xllamacpp")
-    from neuroproj_prune.llamacpp import LlamaCpp
+    from neuroproj_prune.export.llamacpp import LlamaCpp
 
     lm = npp.load_model(str(ckpts[kind]), dtype="float32", device="cpu")
     ll = LlamaCpp(ggufs[kind], threads=1, ctx=256)
@@ -126,7 +129,7 @@ def test_zero_padding_changes_nothing_bitwise_in_llamacpp(ckpts, ggufs, tmp_path
     """The nemotron-nas export pads every layer to 256 neurons with zeros; converted as the stock readers
     see it (widths from ffn_mult), llama.cpp's f32 logits equal those of the exact-width GGUF bit for bit."""
     pytest.importorskip("xllamacpp")
-    from neuroproj_prune.llamacpp import LlamaCpp
+    from neuroproj_prune.export.llamacpp import LlamaCpp
 
     nas = export(ckpts["per-layer"], "nemotron-nas", tmp_path / "nas")
     cfg = json.loads((nas / "config.json").read_text())
@@ -192,7 +195,7 @@ def test_quantized_gguf_runs(ckpts, tmp_path, type):
     pytest.importorskip("xllamacpp")
     from gguf import GGMLQuantizationType as Q
 
-    from neuroproj_prune.llamacpp import LlamaCpp
+    from neuroproj_prune.export.llamacpp import LlamaCpp
 
     path = export(ckpts["per-layer"], "gguf", tmp_path / f"{type}.gguf", type=type)
     reader, _ = _reader(path)
@@ -236,7 +239,7 @@ def test_bad_input(ckpts, tmp_path, smol_tokenizer):
 def test_applied_skips_are_refused(smol_tokenizer, tmp_path):
     model = _tiny(smol_tokenizer, WIDTHS)
     model.config.neuroproj_prune = {**model.config.neuroproj_prune, "skips": {"modules": [{"target": 1}]}}
-    lm = npp.models.LoadedModel(model, smol_tokenizer, "mem", "")
+    lm = npp.model.LoadedModel(model, smol_tokenizer, "mem", "")
     for to in ("gguf", "nemotron-nas"):
         with pytest.raises(NeuroprojError, match="skip connections"):
             export(lm, to, tmp_path / to)

@@ -17,9 +17,9 @@ import torch
 import neuroproj_prune as npp
 from neuroproj_prune.cli import main
 from neuroproj_prune.errors import NeuroprojError
-from neuroproj_prune.heatmap import band_score, fiedler_order, heatmaps
-from neuroproj_prune.models import LoadedModel, model_fingerprint
-from neuroproj_prune.projection import FORMAT, fit_exact, normalised_stress
+from neuroproj_prune.analysis.heatmap import band_score, fiedler_order, heatmaps
+from neuroproj_prune.model import LoadedModel, model_fingerprint
+from neuroproj_prune.analysis.projection import FORMAT, fit_exact, normalised_stress
 
 from conftest import SHAKESPEARE, tiny_model
 
@@ -114,7 +114,7 @@ def test_exact_peak_memory_under_four_matrices():
     code = textwrap.dedent("""
         import json, torch
         torch.set_num_threads(1)
-        from neuroproj_prune.projection import fit_exact
+        from neuroproj_prune.analysis.projection import fit_exact
         N = 4096
         g = torch.Generator().manual_seed(0)
         W = torch.randn(N, 24, generator=g)
@@ -249,7 +249,7 @@ def test_heatmaps_api_computes_a_one_dim_fit(tiny_setup, tmp_path):
 def test_exact_projects_the_layers_the_statistics_hold(tiny_dir, tmp_path):
     """A statistics file collected for a subset of layers projects exactly that subset by default."""
     from neuroproj_prune.cli import main
-    from neuroproj_prune.projection import load_projections
+    from neuroproj_prune.analysis.projection import load_projections
 
     from conftest import C4
 

@@ -9,12 +9,13 @@ import torch
 
 import neuroproj_prune as npp
 from neuroproj_prune.cli import main
-from neuroproj_prune.models import LoadedModel, adapter_for, model_fingerprint
-from neuroproj_prune.plan import SELECTORS, Plan
+from neuroproj_prune.model import LoadedModel, adapter_for, model_fingerprint
+from neuroproj_prune.prune import SELECTORS, Plan
 from neuroproj_prune.prune import plan as make_plan
 from neuroproj_prune.prune import prune
 from neuroproj_prune.stats import collect
-from neuroproj_prune.surgery import FOLDS, apply_plan, load_pruned
+from neuroproj_prune.model import load_pruned
+from neuroproj_prune.prune import FOLDS, apply_plan
 
 from conftest import C4, WIKI, tiny_model
 
@@ -40,9 +41,8 @@ def test_zero_sparsity_is_bit_exact(family, calibration, tokenizer):
             kw = dict(stats=collect(lm, ids, progress=False)) if calibration == "oneshot" else {}
             target_data = None
             if calibration == "sequential":
-                from neuroproj_prune.prune import sequential_prune
-
-                sequential_prune(lm, ids, widths={i: 64 for i in range(3)}, select=select, fold=fold, progress=False)
+                prune(lm, ids, keep=64, multiple=1, select=select, fold=fold, add_bias=False, batch_size=8,
+                      weighting="none", compute_dtype="float32", progress=False)
             else:
                 prune(lm, target_data, sparsity=0.0, select=select, fold=fold, calibration="oneshot",
                       progress=False, **kw)
@@ -180,7 +180,7 @@ def test_obs_removal_minimises_the_refit_error(tokenizer):
     G = st.second_moment(1)
 
     def refit_error(keep):
-        from neuroproj_prune.surgery import fold_layer
+        from neuroproj_prune.prune.fold import fold_layer
 
         Wk, _ = fold_layer("lstsq", W, torch.tensor(keep), G=G, mean=st.mean(1), ridge=1e-9)
         E = torch.zeros_like(W)
@@ -197,7 +197,7 @@ def test_obs_removal_minimises_the_refit_error(tokenizer):
 def test_smollm2_default_prune_reloads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from neuroproj_prune.data import eval_windows
+    from neuroproj_prune.stats.data import eval_windows
 
     out = tmp_path / "p30"
     assert main(["prune", "--model", "smollm2-135m", "--data", str(C4), "--sparsity", "0.3", "--samples", "16",
@@ -286,19 +286,19 @@ def test_an_edited_plan_is_applied_as_written(tiny_dir, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_sequential_closed_form_equals_rerunning_layers(family, tokenizer, monkeypatch):
+@pytest.mark.parametrize("family,target", [("llama", "layer"), ("gpt2", "layer"), ("llama", "dense")])
+def test_sequential_closed_form_equals_rerunning_layers(family, target, tokenizer, monkeypatch):
     """out' = out − W h + W' h_K (the closed-form carry) gives the same plan and weights as re-running each
-    pruned layer, which is what architectures with a norm after the MLP do."""
-    from neuroproj_prune.prune import sequential_prune
-
+    pruned layer, which is what architectures with a norm after the MLP do — with a dense target too (whose
+    second forward must not replace the activations the carry uses)."""
     ids = _ids(2, n=8)
-    widths = {i: 40 for i in range(3)}
+    kw = dict(keep=40, multiple=1, select="wanda-sp", fold="lstsq", target=target, batch_size=8, weighting="none",
+              compute_dtype="float32", progress=False)
     fast = _lm(tiny_model(family), tokenizer)
-    p_fast = sequential_prune(fast, ids, widths=widths, select="wanda-sp", fold="lstsq", progress=False)
+    _, p_fast, _ = prune(fast, ids, **kw)
     slow = _lm(tiny_model(family), tokenizer)
     monkeypatch.setattr(type(adapter_for(slow.model)), "mlp_output_is_added", lambda self, model: False)
-    p_slow = sequential_prune(slow, ids, widths=widths, select="wanda-sp", fold="lstsq", progress=False)
+    _, p_slow, _ = prune(slow, ids, **kw)
     assert [p_fast.layers[i]["keep"] for i in range(3)] == [p_slow.layers[i]["keep"] for i in range(3)]
     held = _ids(5, n=2)
     assert torch.allclose(fast.model(held).logits, slow.model(held).logits, atol=1e-4, rtol=1e-4)
@@ -306,7 +306,7 @@ def test_sequential_closed_form_equals_rerunning_layers(family, tokenizer, monke
 
 def test_too_few_calibration_tokens_raise_the_ridge(capsys):
     """Fewer than 2·N tokens: the refit is (nearly) underdetermined, so the ridge goes up to 1e-2, with a warning."""
-    from neuroproj_prune.surgery import RIDGE, effective_ridge
+    from neuroproj_prune.prune.fold import RIDGE, effective_ridge
 
     assert effective_ridge(RIDGE, tokens=4096, N=1536) == RIDGE
     assert effective_ridge(RIDGE, tokens=1024, N=1536) == 1e-2
@@ -317,7 +317,8 @@ def test_error_curve_equals_the_refit_error_for_every_width(tokenizer):
     """e(k) from one Cholesky equals the least-squares refit error computed directly for each k (numpy)."""
     import numpy as np
 
-    from neuroproj_prune.plan import LayerMoments, error_curve
+    from neuroproj_prune.prune.allocate import error_curve
+    from neuroproj_prune.prune.select import LayerMoments
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(400, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
@@ -342,7 +343,7 @@ def test_allocation_meets_the_budget_and_beats_uniform():
     uniform widths'; on convex curves it equals the brute-force optimum."""
     import itertools
 
-    from neuroproj_prune.plan import allocate_by_error
+    from neuroproj_prune.prune.allocate import allocate_by_error
 
     g = torch.Generator().manual_seed(0)
     curves = {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuroproj_prune.cli import main
-from neuroproj_prune.models import LoadedModel, adapter_for, model_fingerprint
+from neuroproj_prune.model import LoadedModel, adapter_for, model_fingerprint
 from neuroproj_prune.prune import prune
 
 from conftest import SHAKESPEARE, WIKI, tiny_model

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from neuroproj_prune.checkpoint import SECTION, load_pruned
+from neuroproj_prune.model import SECTION, load_pruned
 from neuroproj_prune.cli import build_parser, main
 from neuroproj_prune.errors import NeuroprojError
 from neuroproj_prune.prune import prune
-from neuroproj_prune.recover import STATE_DIR, RecoverConfig, recover
+from neuroproj_prune.recover import RecoverConfig, recover
+from neuroproj_prune.recover.distill import STATE_DIR
 from neuroproj_prune.run import DEFAULTS, run
 
 from conftest import C4, SHAKESPEARE, WIKI, tiny_model
@@ -117,7 +118,7 @@ def test_uniform_output_is_a_standard_checkpoint(pruned, tokenizer, tmp_path):
 
 
 def test_per_layer_output_stays_per_layer(pruned_per_layer, tokenizer, tmp_path):
-    from neuroproj_prune.adapters import adapter_for
+    from neuroproj_prune.model import adapter_for
 
     lm, _ = recover(pruned_per_layer, str(SHAKESPEARE), tmp_path / "r", tokens=5 * 256, keep="last",
                     progress=False, **FAST)

@@ -59,7 +59,7 @@ def test_recipe_eval_and_sweep_report_the_zeroshot_average(tiny_dir, tmp_path):
     beside the perplexity, and the report holds both. Needs `neuroproj-prune tasks fetch`."""
     import csv
 
-    from neuroproj_prune.view import load_page_data
+    from neuroproj_prune.report.page import load_page_data
 
     off = {"enabled": False}
     recipe = _recipe(tmp_path, tiny_dir("llama"), stats=off, trace=off,
@@ -95,7 +95,7 @@ def test_recipe_eval_and_sweep_report_the_zeroshot_average(tiny_dir, tmp_path):
     ("sweep.limit=2.5", "sweep.limit"),
 ])
 def test_invalid_recipe_fails_before_loading_a_model(override, key, tmp_path, capsys, monkeypatch):
-    import neuroproj_prune.models as models
+    import neuroproj_prune.model.loading as models
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")

@@ -8,14 +8,15 @@ import torch
 from conftest import C4, tiny_model
 
 import neuroproj_prune as npp
-from neuroproj_prune.adapters import adapter_for
-from neuroproj_prune.checkpoint import load_pruned
-from neuroproj_prune.models import LoadedModel, model_fingerprint
-from neuroproj_prune.moments import Moments
-from neuroproj_prune.plan import width_grids
+from neuroproj_prune.model import adapter_for
+from neuroproj_prune.model import load_pruned
+from neuroproj_prune.model import LoadedModel, model_fingerprint
+from neuroproj_prune.stats.moments import Moments
+from neuroproj_prune.prune.allocate import width_grids
 from neuroproj_prune.prune import prune
-from neuroproj_prune.search import Supernet, loss_and_grads, search_widths
-from neuroproj_prune.surgery import chol_solve, refine_swaps
+from neuroproj_prune.prune.search import Supernet, loss_and_grads, search_widths
+from neuroproj_prune.prune.fold import chol_solve
+from neuroproj_prune.prune.swaps import refine_swaps
 
 
 def _ids(seed=0, n=8, T=48):

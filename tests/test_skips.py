@@ -9,10 +9,11 @@ import torch
 
 import neuroproj_prune as npp
 from neuroproj_prune.errors import NeuroprojError
-from neuroproj_prune.models import LoadedModel, model_fingerprint
-from neuroproj_prune.plan import Plan
-from neuroproj_prune.skips import (find_skips, get_skips, skip_macs_per_token, total_mlp_macs_per_token)
-from neuroproj_prune.stats import Stats, _Totals
+from neuroproj_prune.model import LoadedModel, model_fingerprint
+from neuroproj_prune.prune import Plan
+from neuroproj_prune.analysis.skips import find_skips
+from neuroproj_prune.model.skip_modules import get_skips, skip_macs_per_token, total_mlp_macs_per_token
+from neuroproj_prune.stats import Moments, Stats
 
 from conftest import SHAKESPEARE, tiny_model
 
@@ -23,8 +24,10 @@ def stats_from_activations(acts: dict[int, torch.Tensor], window: int, model_typ
     totals, cross = {}, {}
     for i, X in acts.items():
         X = X.double()
-        totals[(i, "mlp.neurons")] = _Totals(n=X.shape[0], shift=torch.zeros(X.shape[1], dtype=torch.float64),
-                                             sum=X.sum(0), gram=X.T @ X)
+        t = Moments()
+        t.shift = torch.zeros(X.shape[1], dtype=torch.float64)
+        t.add(X)
+        totals[(i, "mlp.neurons")] = t.complete()
     for m in acts:
         for l in range(m - window, m):
             if l in acts:
@@ -215,18 +218,15 @@ def test_sequential_prune_after_skip_is_refused(exact):
     """Layer-by-layer calibration cannot carry skip activations across layers: a clear refusal, model untouched."""
     import copy
 
-    from neuroproj_prune.models import LoadedModel
-    from neuroproj_prune.prune import sequential_prune
+    from neuroproj_prune.model import LoadedModel
 
     lm, st, rep, x = exact
     model = copy.deepcopy(lm.model)
     npp.apply_skips(model, rep, min_r2=0.999)
     ref = _logits(model, x)
-    a = npp.adapter_for(model)
-    widths = {i: a.width(model, i) // 2 for i in range(a.num_layers(model))}
     with pytest.raises(NeuroprojError, match="oneshot"):
-        sequential_prune(LoadedModel(model, lm.tokenizer, "t", None), x, widths=widths, select="obs",
-                         fold="lstsq", progress=False)
+        npp.prune(LoadedModel(model, lm.tokenizer, "t", None), x, sparsity=0.5, multiple=1, select="obs",
+                  progress=False)
     assert torch.equal(_logits(model, x), ref)
 
 
@@ -247,7 +247,7 @@ def test_skip_after_prune_and_refusals(exact):
 def _replaced_logits(model, chosen, x):
     """Reference: the unmodified model with each chosen neuron's activation replaced by its prediction from
     the same forward pass's source activations (what the applied skip must compute)."""
-    from neuroproj_prune.models import adapter_for
+    from neuroproj_prune.model import adapter_for
 
     a, seen, handles = adapter_for(model), {}, []
 

@@ -21,7 +21,7 @@ import torch
 import neuroproj_prune as npp
 from neuroproj_prune import cli
 from neuroproj_prune.errors import NeuroprojError
-from neuroproj_prune.models import LoadedModel, model_fingerprint
+from neuroproj_prune.model import LoadedModel, model_fingerprint
 
 from conftest import C4, FAMILIES, REPO, SHAKESPEARE, tiny_model
 
@@ -373,8 +373,9 @@ def test_cli_subprocess_exit_code(tmp_path):
 
 def test_wide_layers_use_the_blocked_gram(tokenizer):
     """Widths above the Gram block (384): the lower-triangle accumulation, mirrored, equals numpy."""
-    from neuroproj_prune.models import LoadedModel, model_fingerprint
-    from neuroproj_prune.stats import GRAM_BLOCK, collect, gram_lower_, mirror_lower_
+    from neuroproj_prune.model import LoadedModel, model_fingerprint
+    from neuroproj_prune.stats import collect
+    from neuroproj_prune.stats.moments import GRAM_BLOCK, gram_lower_, mirror_lower_
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 1000, generator=g, dtype=torch.float64)

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 import neuroproj_prune as npp
 from neuroproj_prune import cli
-from neuroproj_prune.checkpoint import save_streamed
-from neuroproj_prune.models import load_model
-from neuroproj_prune.offload import Geometry, Placement, choose_placement, memory_needs, open_disk
+from neuroproj_prune.model import save_streamed
+from neuroproj_prune.model import load_model
+from neuroproj_prune.prune.offload import Geometry, Placement, choose_placement, memory_needs, open_disk
 
 from conftest import SHAKESPEARE, tiny_config
 

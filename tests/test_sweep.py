@@ -76,7 +76,7 @@ def test_sweep_zeroshot_columns_equal_evaluate_and_resume(tiny_dir, tmp_path, mo
     import csv
 
     from neuroproj_prune.evaluate import evaluate
-    from neuroproj_prune.tasks import HEADLINE
+    from neuroproj_prune.evaluate.tasks import HEADLINE
 
     sweep_mod = sys.modules["neuroproj_prune.sweep"]
     model, out = str(tiny_dir("llama")), tmp_path / "sweep"

@@ -20,8 +20,8 @@ import torch
 
 import neuroproj_prune as npp
 from neuroproj_prune.cli import main
-from neuroproj_prune.trace import load_trace
-from neuroproj_prune.view import load_page_data, trace_activations
+from neuroproj_prune.analysis.trace import load_trace
+from neuroproj_prune.report.page import load_page_data, trace_activations
 
 from conftest import SHAKESPEARE, WIKI
 
@@ -47,7 +47,7 @@ def run_dir(tmp_path_factory, tiny_dir):
     npp.cluster(run / "projections.safetensors", algo="kmeans", keep_fraction=0.5, out=run / "clusters.json")
     npp.prune(str(md), None, sparsity=0.5, select="flap", fold="lstsq", calibration="oneshot", stats=st,
               multiple=8, out=run / "pruned", progress=False)
-    from neuroproj_prune.heatmap import heatmaps
+    from neuroproj_prune.analysis.heatmap import heatmaps
 
     heatmaps(st, projections=run / "projections.safetensors", layers="0,1", out=run / "heatmaps", progress=False)
     npp.evaluate(str(md), data=str(WIKI), seqlen=64, max_windows=2, json_out=run / "eval_dense.json", progress=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from neuroproj_prune import cli
-from neuroproj_prune import tasks as zs
+from neuroproj_prune.evaluate import tasks as zs
 from neuroproj_prune.errors import NeuroprojError
 from neuroproj_prune.evaluate import load_tasks
 

@@ -1,0 +1,385 @@
+"""Architecture adapters: every fact about a model family, in one class per family.
+
+Pruning acts on the MLP's intermediate neurons: the input of the MLP's output projection. An adapter
+knows, for one architecture family, where the MLP of layer i is, which tensors belong to neuron j, how to
+slice them, and the config facts the rest of the package needs (context length, tied head, MLP cost). The
+rest of the package talks to `adapter_for(model)` only; no other module branches on `model_type`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import NeuroprojError
+
+
+# --------------------------------------------------------------------------------------------- adapters
+class Adapter:
+    """Where the MLP of layer i lives and which tensors belong to neuron j.
+
+    Subclasses set `model_types`, `width_key` (the config field of the MLP width) and implement
+    `layers`, `attn`, `in_projs`, `out_proj`. `mlp(model, i)` is the module whose output is the site
+    `mlp.out`. Weights are exposed in one orientation, whatever the storage: `out_weight` is W in
+    `y = W h` (d_model × N), `in_weights` the (N × d_model) row blocks that compute neuron pre-activations.
+    """
+
+    model_types: tuple[str, ...] = ()
+    width_key = "intermediate_size"
+
+    # -- structure
+    def layers(self, model) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def mlp(self, model, i) -> nn.Module:
+        return self.layers(model)[i].mlp
+
+    def attn(self, model, i) -> nn.Module:
+        raise NotImplementedError
+
+    def in_projs(self, model, i) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def out_proj(self, model, i) -> nn.Module:
+        raise NotImplementedError
+
+    def num_layers(self, model) -> int:
+        return len(self.layers(model))
+
+    def width(self, model, i) -> int:
+        return self.out_weight(model, i).shape[1]
+
+    def hidden_size(self, model) -> int:
+        return self.out_weight(model, 0).shape[0]
+
+    def out_has_bias(self, model, i=0) -> bool:
+        return self.out_proj(model, i).bias is not None
+
+    def in_has_bias(self, model, i=0) -> bool:
+        return any(p.bias is not None for p in self.in_projs(model, i))
+
+    def is_gated(self) -> bool:
+        return False
+
+    def residual_norms(self, model, i) -> list[nn.Module]:
+        """The norm modules that read the residual stream after layer i's MLP (later layers and the final
+        norm); [] when unknown."""
+        return []
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """The per-dimension gain γ a norm applies (its weight; gemma stores γ − 1)."""
+        return norm.weight.detach()
+
+    def downstream_gain(self, model, i) -> torch.Tensor | None:
+        """sqrt of the mean γ² over the norms that read layer i's MLP output: how much an error in each hidden
+        dimension is seen downstream. None when the architecture does not say."""
+        norms = self.residual_norms(model, i)
+        if not norms:
+            return None
+        g2 = torch.stack([self.norm_gain(n).double().cpu() ** 2 for n in norms]).mean(0)
+        return g2.sqrt()
+
+    def mlp_output_is_added(self, model) -> bool:
+        """True when the layer output is `residual + mlp_out` (no norm after the MLP): then a change of
+        the MLP output changes the layer output by exactly that much, which sequential pruning uses."""
+        return True
+
+    def config_width(self, config) -> int:
+        return getattr(config, self.width_key)
+
+    def set_config_width(self, config, width: int) -> None:
+        setattr(config, self.width_key, int(width))
+
+    # -- weights in one orientation
+    def out_weight(self, model, i) -> torch.Tensor:
+        """W of `y = W h`, shape (d_model, N)."""
+        return self.out_proj(model, i).weight
+
+    def in_weights(self, model, i) -> list[torch.Tensor]:
+        """Row blocks (N, d_model) that compute the pre-activations of neuron j (row j of each)."""
+        return [p.weight for p in self.in_projs(model, i)]
+
+    def in_norms(self, model, i) -> torch.Tensor:
+        """‖w_in,j‖ over all input row blocks of neuron j (float64, CPU): what weight-only scores read."""
+        return torch.stack([w.detach().double().norm(dim=1) for w in self.in_weights(model, i)]).norm(dim=0).cpu()
+
+    def in_blocks(self) -> int:
+        """Input row blocks per neuron: 2 for a gated MLP (gate and up), 1 for a plain one."""
+        return 2 if self.is_gated() else 1
+
+    def macs_per_neuron(self, model) -> int:
+        """Multiply-accumulates per token that one MLP neuron costs (input rows + output column)."""
+        return mlp_macs(self.in_blocks(), self.hidden_size(model), [1])
+
+    def mlp_macs_per_token(self, model) -> int:
+        """MLP multiply-accumulates per token (skip modules not included); see `mlp_macs`."""
+        return mlp_macs(self.in_blocks(), self.hidden_size(model),
+                        [self.width(model, i) for i in range(self.num_layers(model))])
+
+    # -- config facts
+    context_keys = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+    def context_length(self, config) -> int | None:
+        """The longest sequence the model's positions allow (None when the config does not say)."""
+        config = getattr(config, "config", config)
+        for key in self.context_keys:
+            v = getattr(config, key, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    def ties_head(self, config) -> bool:
+        """Whether the LM head shares the input embedding's weight (then a checkpoint stores it once)."""
+        return bool(getattr(getattr(config, "config", config), "tie_word_embeddings", False))
+
+    # -- surgery
+    def set_out_weight(self, model, i, W: torch.Tensor) -> None:
+        """Replace W (d_model × N) of layer i's output projection, in the storage's orientation and dtype."""
+        p = self.out_proj(model, i)
+        p.weight = nn.Parameter(W.to(p.weight.dtype).to(p.weight.device).contiguous(), requires_grad=False)
+
+    def out_bias(self, model, i) -> torch.Tensor | None:
+        b = self.out_proj(model, i).bias
+        return None if b is None else b.detach()
+
+    def set_out_bias(self, model, i, b: torch.Tensor) -> None:
+        """Set (adding it when absent) the bias of layer i's output projection."""
+        p = self.out_proj(model, i)
+        ref = p.weight
+        p.bias = nn.Parameter(b.to(ref.dtype).to(ref.device).contiguous(), requires_grad=False)
+
+    def config_can_express_out_bias(self, config) -> bool:
+        """Whether a standard config can say "the MLP has biases" (then plain from_pretrained loads it)."""
+        return self.out_has_bias_in_config(config)
+
+    def out_has_bias_in_config(self, config) -> bool:
+        return True  # plain MLPs (gpt2, opt, gpt_neox) always carry biases
+
+    def declare_out_bias(self, model, layers=None) -> None:
+        """Make the config and modules of a standard checkpoint carry the MLP biases (no-op for plain MLPs).
+        `layers`: only those layers' modules (a disk-streamed prune declares each layer before writing it)."""
+
+    def select_neurons(self, model, i, keep: torch.Tensor) -> None:
+        """Keep only neurons `keep` (sorted indices) of layer i: slice input rows/biases, output columns."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        for proj in self.in_projs(model, i):
+            _slice_linear_(proj, keep, dim=0)
+        _slice_linear_(self.out_proj(model, i), keep, dim=1)
+
+
+def _slice_linear_(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
+    """Slice an nn.Linear in place along output (dim 0) or input (dim 1) features."""
+    idx = idx.to(lin.weight.device)
+    w = lin.weight.data.index_select(dim, idx).contiguous()
+    lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+    if dim == 0:
+        lin.out_features = w.shape[0]
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.data.index_select(0, idx).contiguous(), requires_grad=False)
+    else:
+        lin.in_features = w.shape[1]
+
+
+class GatedAdapter(Adapter):
+    """llama, mistral, qwen2, qwen3, gemma (gemma2 below): `down(act(gate(x)) * up(x))`; neuron j = rows j of
+    gate and up, column j of down."""
+
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+    def layers(self, model):
+        return model.model.layers
+
+    def attn(self, model, i):
+        return self.layers(model)[i].self_attn
+
+    def in_projs(self, model, i):
+        mlp = self.mlp(model, i)
+        return [mlp.gate_proj, mlp.up_proj]
+
+    def out_proj(self, model, i):
+        return self.mlp(model, i).down_proj
+
+    def is_gated(self):
+        return True
+
+    def residual_norms(self, model, i):
+        later = [m for l in self.layers(model)[i + 1:] for m in (l.input_layernorm, l.post_attention_layernorm)]
+        return later + [model.model.norm]
+
+    def norm_gain(self, norm):
+        w = norm.weight.detach()
+        return 1 + w if type(norm).__name__.startswith("Gemma") else w  # Gemma's RMSNorm scales by (1 + w)
+
+    def out_has_bias_in_config(self, config) -> bool:
+        # llama-style configs have `mlp_bias` (biases on gate, up and down); the others have no such switch
+        return "mlp_bias" in config.to_dict()
+
+    def declare_out_bias(self, model, layers=None) -> None:
+        if not self.out_has_bias_in_config(model.config):
+            return
+        model.config.mlp_bias = True
+        for i in range(self.num_layers(model)) if layers is None else layers:
+            for proj in self.in_projs(model, i):
+                if proj.bias is None:
+                    proj.bias = nn.Parameter(torch.zeros(proj.weight.shape[0], dtype=proj.weight.dtype,
+                                                         device=proj.weight.device), requires_grad=False)
+            out = self.out_proj(model, i)
+            if out.bias is None:
+                out.bias = nn.Parameter(torch.zeros(out.weight.shape[0], dtype=out.weight.dtype,
+                                                    device=out.weight.device), requires_grad=False)
+
+
+class Gemma2Adapter(GatedAdapter):
+    """gemma2: as llama, but the MLP output passes `post_feedforward_layernorm` before the residual add."""
+
+    model_types = ("gemma2",)
+
+    def mlp_output_is_added(self, model):
+        return False
+
+
+class Phi3Adapter(GatedAdapter):
+    """phi3: gate and up fused in `gate_up_proj` (rows [0, N) gate, [N, 2N) up)."""
+
+    model_types = ("phi3",)
+
+    def in_projs(self, model, i):
+        return [self.mlp(model, i).gate_up_proj]
+
+    def in_weights(self, model, i):
+        w = self.mlp(model, i).gate_up_proj.weight
+        return list(w.chunk(2, dim=0))
+
+    def select_neurons(self, model, i, keep):
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        n = self.width(model, i)
+        _slice_linear_(self.mlp(model, i).gate_up_proj, torch.cat([keep, keep + n]), dim=0)
+        _slice_linear_(self.out_proj(model, i), keep, dim=1)
+
+
+class GPT2Adapter(Adapter):
+    """gpt2: Conv1D `c_fc`/`c_proj`, weights stored transposed (in_features, out_features)."""
+
+    model_types = ("gpt2",)
+    width_key = "n_inner"
+
+    context_keys = ("n_positions",)
+
+    def layers(self, model):
+        return model.transformer.h
+
+    def attn(self, model, i):
+        return self.layers(model)[i].attn
+
+    def in_projs(self, model, i):
+        return [self.mlp(model, i).c_fc]
+
+    def out_proj(self, model, i):
+        return self.mlp(model, i).c_proj
+
+    def config_width(self, config):
+        return config.n_inner if config.n_inner is not None else 4 * config.n_embd
+
+    def out_weight(self, model, i):
+        return self.out_proj(model, i).weight.T
+
+    def in_weights(self, model, i):
+        return [self.mlp(model, i).c_fc.weight.T]
+
+    def set_out_weight(self, model, i, W):
+        super().set_out_weight(model, i, W.T)
+
+    def select_neurons(self, model, i, keep):
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        c_fc, c_proj = self.mlp(model, i).c_fc, self.out_proj(model, i)
+        idx = keep.to(c_fc.weight.device)
+        c_fc.weight = nn.Parameter(c_fc.weight.data.index_select(1, idx).contiguous(), requires_grad=False)
+        c_fc.bias = nn.Parameter(c_fc.bias.data.index_select(0, idx).contiguous(), requires_grad=False)
+        c_fc.nf = len(keep)
+        c_proj.weight = nn.Parameter(c_proj.weight.data.index_select(0, idx).contiguous(), requires_grad=False)
+        if hasattr(c_proj, "nx"):
+            c_proj.nx = len(keep)
+
+
+class OPTAdapter(Adapter):
+    """opt: `fc1`/`fc2` directly on the decoder layer (there is no MLP module: `mlp.out` is fc2's output).
+    The decoder flattens tokens to (batch·seq, d) around the MLP; captures reshape accordingly."""
+
+    model_types = ("opt",)
+    width_key = "ffn_dim"
+
+    def layers(self, model):
+        return model.model.decoder.layers
+
+    def mlp(self, model, i):
+        return self.layers(model)[i].fc2
+
+    def mlp_output_is_added(self, model):
+        return bool(getattr(model.config, "do_layer_norm_before", True))  # OPT-350m norms after the add
+
+    def attn(self, model, i):
+        return self.layers(model)[i].self_attn
+
+    def in_projs(self, model, i):
+        return [self.layers(model)[i].fc1]
+
+    def out_proj(self, model, i):
+        return self.layers(model)[i].fc2
+
+
+class GPTNeoXAdapter(Adapter):
+    """gpt_neox (Pythia): `dense_h_to_4h`/`dense_4h_to_h`."""
+
+    model_types = ("gpt_neox",)
+
+    def layers(self, model):
+        return model.gpt_neox.layers
+
+    def attn(self, model, i):
+        return self.layers(model)[i].attention
+
+    def in_projs(self, model, i):
+        return [self.mlp(model, i).dense_h_to_4h]
+
+    def out_proj(self, model, i):
+        return self.mlp(model, i).dense_4h_to_h
+
+
+ADAPTERS: dict[str, Adapter] = {}
+for _cls in (GatedAdapter, Gemma2Adapter, Phi3Adapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter):
+    for _t in _cls.model_types:
+        ADAPTERS[_t] = _cls()
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(model_or_config) -> Adapter:
+    """The adapter of a model, a config or a `model_type` string; a clear error listing the supported
+    families otherwise."""
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise NeuroprojError(
+            f"unsupported architecture {model_type!r}: neuroproj-prune supports "
+            f"{', '.join(supported_model_types())}"
+        )
+    return ADAPTERS[model_type]
+
+
+def mlp_macs(in_blocks: int, hidden: int, widths) -> int:
+    """MLP multiply-accumulates per token: Σ_i (in_blocks + 1)·d·N_i (input rows plus the output column)."""
+    return int(sum((in_blocks + 1) * hidden * int(w) for w in widths))
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def context_length(model_or_config) -> int | None:
+    """The model's context length by its family's adapter (the generic config keys for other families)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return ADAPTERS.get(getattr(config, "model_type", None), Adapter()).context_length(config)

@@ -1,0 +1,199 @@
+"""Checkpoints: save, load, the `neuroproj_prune` config section, and the modules a checkpoint may hold.
+
+- Uniform widths and no added bias: a standard checkpoint (`config.intermediate_size` changed) that plain
+  `AutoModelForCausalLM.from_pretrained` loads.
+- Per-layer widths, an MLP bias the config cannot declare, or applied skip connections: the config carries
+  a `neuroproj_prune` section (`format`, `widths`, `out_bias`, `skips`) and `load_pruned` rebuilds the modules
+  and loads the weights strictly; it refuses what it cannot reproduce exactly.
+
+Loading a model never imports the pruning stages: this module needs the adapters, the skip modules and io only.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from ..errors import NeuroprojError
+from ..io import atomic_dir, write_safetensors
+from .adapters import adapter_for
+from .skip_modules import attach_skips, skips_spec
+
+SECTION = "neuroproj_prune"
+CHECKPOINT_FORMAT = "neuroproj-prune/checkpoint/1"
+
+
+# ------------------------------------------------------------------------------------------- config
+def update_config(model, added_bias: bool = False) -> None:
+    """Make the config describe the model's MLP widths (uniform → the standard width key; per-layer → the
+    section's `widths`), an added output bias (declared in the config where it can be, else `out_bias`) and the
+    applied skip modules (`skips`)."""
+    a = adapter_for(model)
+    L = a.num_layers(model)
+    widths = [a.width(model, i) for i in range(L)]
+    section = dict(getattr(model.config, SECTION, None) or {})
+    if len(set(widths)) == 1:
+        a.set_config_width(model.config, widths[0])
+        section.pop("widths", None)
+    else:
+        a.set_config_width(model.config, max(widths))
+        section["widths"] = widths
+    if added_bias:
+        if a.config_can_express_out_bias(model.config):
+            a.declare_out_bias(model)
+        else:
+            section["out_bias"] = True
+    spec = skips_spec(model)
+    if spec:   # the skip modules are rebuilt by load_pruned, which reads the widths explicitly
+        section["widths"] = widths
+        section["skips"] = spec
+    else:
+        section.pop("skips", None)
+    if section:
+        section["format"] = CHECKPOINT_FORMAT
+        setattr(model.config, SECTION, section)
+    elif hasattr(model.config, SECTION):
+        delattr(model.config, SECTION)
+
+
+# ---------------------------------------------------------------------------------------- save / load
+def save_pruned(model, tokenizer, out, *, summary: dict | None = None, extra_files: dict | None = None,
+                overwrite: bool = False, stored: dict | None = None) -> Path:
+    """Write the checkpoint atomically: a temporary directory beside `out`, renamed when complete.
+    Uniform widths and no added bias → a standard checkpoint (plain `from_pretrained`); otherwise the
+    config carries a `neuroproj_prune` section and `load_pruned` rebuilds the modules.
+    `stored`: {state-dict name: io.StoredTensor} for weights that are not in memory (meta tensors: the layers a
+    disk-streamed prune wrote out as it went); the weights are then written by `save_streamed`."""
+    out = Path(out)
+    with atomic_dir(out, overwrite) as tmp:
+        if stored:
+            save_streamed(model, tmp, stored)
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if summary is not None:
+            (tmp / "prune_summary.json").write_text(json.dumps(summary, indent=2))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+    return out
+
+
+def save_streamed(model, directory, stored: dict, max_shard_size=None) -> None:
+    """What `model.save_pretrained(directory)` writes — config.json, generation_config.json, the safetensors
+    shards (and their index when there are several), byte for byte — for a model some of whose weights are not in
+    memory: each meta tensor's bytes are copied from the file `stored[name]` names, the others written from
+    memory, one tensor at a time. The steps are save_pretrained's own (transformers >= 5, no quantizer, adapters
+    or tensor parallelism): dtype and architectures in the config, the ignored keys dropped, tied weights stored
+    once (`remove_tied_weights_from_state_dict`), save-time renames (`revert_weight_conversion`), shards of at
+    most `max_shard_size` (save_pretrained's default) in state-dict order (`split_torch_state_dict_into_shards`).
+    Memory: the largest in-memory tensor; disk reads: each stored tensor once."""
+    import inspect
+
+    try:
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+    except ImportError:
+        raise NeuroprojError("writing a checkpoint from streamed layers needs transformers >= 5 (its save steps): "
+                             "upgrade transformers or prune with --offload cpu") from None
+    directory = Path(directory)
+    if max_shard_size is None:
+        max_shard_size = inspect.signature(type(model).save_pretrained).parameters["max_shard_size"].default
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    source = {id(t): name for name, t in state.items()}   # renames keep the tensor objects: find each one's name
+    state = revert_weight_conversion(model, state)
+    split = split_torch_state_dict_into_shards(state, filename_pattern=SAFE_WEIGHTS_NAME.replace(
+        ".safetensors", "{suffix}.safetensors"), max_shard_size=max_shard_size)
+    for shard, names in split.filename_to_tensors.items():
+        tensors = {}
+        for name in names:
+            t = state[name]
+            if t.device.type == "meta":
+                where = stored.get(source.get(id(t)))
+                if where is None or list(where.shape) != list(t.shape):
+                    raise NeuroprojError(f"{name} is neither in memory nor in the streamed layer files: this "
+                                         f"architecture cannot be written from streamed layers; use --offload cpu")
+                t = where
+            tensors[name] = t
+        write_safetensors(directory / shard, tensors, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                         encoding="utf-8")
+
+
+def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
+    """Rebuild a checkpoint whose config has a `neuroproj_prune` section (per-layer widths, added MLP
+    biases, applied skips) and load its weights strictly; refuse what cannot be reproduced exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise NeuroprojError(f"cannot read the checkpoint config in {path}: {str(e).splitlines()[0][:200]}") from None
+    section = getattr(config, SECTION, None) or {}
+    if section and section.get("format") != CHECKPOINT_FORMAT:
+        raise NeuroprojError(f"{path}: unknown neuroproj_prune checkpoint format {section.get('format')!r}; "
+                             f"upgrade neuroproj-prune")
+    unknown = set(section) - {"format", "widths", "out_bias", "skips"}
+    if unknown:
+        raise NeuroprojError(f"{path}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
+    dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
+    model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
+    a = adapter_for(model)
+    widths = section.get("widths")
+    if widths is not None:
+        if len(widths) != a.num_layers(model):
+            raise NeuroprojError(f"{path}: {len(widths)} widths for {a.num_layers(model)} layers")
+        for i, w in enumerate(widths):
+            a.select_neurons(model, i, torch.arange(int(w)))
+    if section.get("out_bias"):
+        for i in range(a.num_layers(model)):
+            if a.out_bias(model, i) is None:
+                a.set_out_bias(model, i, torch.zeros(a.hidden_size(model)))
+    if section.get("skips"):
+        attach_skips(model, section["skips"])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NeuroprojError(f"{path} holds no .safetensors weights")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (OSError, SafetensorError) as e:
+            raise NeuroprojError(f"{f} is not a readable safetensors file ({str(e)[:120]}): the checkpoint is "
+                                 f"damaged; write it again") from None
+    tied = a.ties_head(config)
+    if tied:  # the head is the embedding: stored once, tied again below
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise NeuroprojError(f"{path}: the checkpoint does not match its neuroproj_prune section "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    model.to(device or "cpu").eval()
+    model.requires_grad_(False)
+    if return_tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except (OSError, ValueError):
+            tok = None
+        return model, tok
+    return model

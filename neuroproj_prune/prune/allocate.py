@@ -1,0 +1,264 @@
+"""Allocation: how many neurons each layer keeps. One registry, `ALLOCATIONS`, of functions
+`allocate(calib: Calibration, cfg: PruneConfig) -> {layer: width}`:
+
+    uniform   every layer keeps N·(1 − sparsity) (or `keep`), rounded to the width multiple: a standard checkpoint
+    global    per-layer widths at the same total. With calibration text (sequential): the widths minimising the
+              summed refit-error curves e_i(k) of the dense layers, measured in units of loss (`error_curves`,
+              `allocate_by_error`); from dense statistics alone (one-shot): FLAP's scores standardised within
+              each layer, the top ones kept overall (`flap_widths`)
+    search    global's widths, refined by the pruned model's measured loss on held-back windows (search.py)
+
+A new allocation is one function registered here; it reads what the calibration offers (`calib.ids`, the
+calibration windows, `calib.held`, the held-back ones, `calib.moments(i)` for one-shot statistics).
+Cost: uniform nothing; global one forward (+ one backward with `alloc_weights=grad`) of the dense model over
+`alloc_samples` windows, one N² Gram per token and layer, one O(N³) Cholesky per layer; search adds
+`search_rounds` forward + backward passes over the held-back windows and O(L·N³) for the supernet.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NeuroprojError
+from ..model import LoadedModel
+from ..registry import Registry
+from ..stats import Moments, hooked, ridged
+from .fold import effective_ridge
+from .measure import rms_token_weights
+from .search import Supernet, activations_only, loss_and_grads, loss_backward, search_widths
+from .select import SELECTORS, LayerMoments
+
+ALLOCATIONS = Registry("allocation", "allocate(calib: Calibration, cfg: PruneConfig) -> {layer: width}")
+
+
+# ------------------------------------------------------------------------------------------ the entries
+@ALLOCATIONS.register("uniform")
+def allocate_uniform(calib, cfg) -> dict[int, int]:
+    """Every layer keeps N·(1 − sparsity) (or `keep`) neurons, rounded to the multiple."""
+    return {i: layer_width(N, cfg.sparsity, cfg.keep, cfg.multiple) for i, N in calib.widths().items()}
+
+
+def budget(calib, cfg) -> int:
+    """The budget of the per-layer allocations: Σ_i N_i·(1 − sparsity) (or `keep` per layer), unrounded."""
+    return sum(layer_width(N, cfg.sparsity, cfg.keep, 1) for N in calib.widths().values())
+
+
+@ALLOCATIONS.register("global")
+def allocate_global(calib, cfg) -> dict[int, int]:
+    """Per-layer widths at the same total, by the dense layers' error curves (calibration text) or FLAP's
+    standardised scores (dense statistics only)."""
+    if calib.ids is None:
+        return flap_widths({i: _scores(calib, cfg, i) for i in calib.widths()}, budget(calib, cfg))
+    return allocate_by_error(_curves(calib, cfg), budget(calib, cfg), cfg.multiple, cfg.max_shift)
+
+
+def _curves(calib, cfg, fold_moments: dict | None = None) -> dict[int, torch.Tensor]:
+    """The error curves of the dense layers on the first `alloc_samples` calibration windows."""
+    n = min(calib.ids.shape[0], cfg.alloc_samples)
+    return error_curves(calib.lm, calib.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
+                        ridge=cfg.ridge, batch_size=max(1, 2048 // calib.ids.shape[1]), compute=calib.compute,
+                        progress=calib.progress, fold_moments=fold_moments)
+
+
+@ALLOCATIONS.register("search")
+def allocate_search(calib, cfg) -> dict[int, int]:
+    """`global`'s widths, refined by the measured loss of candidate allocations on the held-back windows
+    (search.py); what it did goes into `calib.meta["search"]`."""
+    if calib.ids is None or calib.held is None:
+        raise NeuroprojError("allocation search needs the sequential calibration's text: use --calibration "
+                             "sequential or --allocation global")
+    fold = {}
+    curves = _curves(calib, cfg, fold_moments=fold)
+    widths = allocate_by_error(curves, budget(calib, cfg), cfg.multiple, cfg.max_shift)
+    model, a, n = calib.lm.model, calib.lm.adapter, min(calib.ids.shape[0], cfg.alloc_samples)
+    orders = {}
+    for i, (G, mean) in fold.items():
+        W = a.out_weight(model, i).detach().double().cpu()
+        m = LayerMoments(i, G, mean, W, a.in_norms(model, i), ridge=cfg.ridge)
+        orders[i] = torch.argsort(SELECTORS[cfg.select](m, m.N, cfg.seed).scores, descending=True)
+    ridge = effective_ridge(cfg.ridge, n * calib.ids.shape[1], max(calib.widths().values()), warn=False)
+    net, fold = Supernet(model, a, fold, orders, ridge), None   # the supernet holds what it needs
+    grids = width_grids({i: c.numel() - 1 for i, c in curves.items()}, budget(calib, cfg), cfg.multiple,
+                        cfg.max_shift)
+    bs = max(1, 2048 // calib.held.shape[1])
+
+    def measure(w):
+        net.apply(w)
+        return loss_and_grads(model, a, calib.held, list(w), batch_size=bs, compute=calib.compute)
+    try:
+        r = search_widths(net, widths, grids, measure, rounds=cfg.search_rounds, pairs=cfg.search_pairs,
+                          stride=-(-cfg.search_step // cfg.multiple), progress=calib.progress)
+    finally:
+        net.restore()
+    calib.meta["search"] = {"held_out_windows": int(calib.held.shape[0]), "rounds": r.rounds,
+                            "loss_start": r.loss_start, "loss_end": r.loss_end, "moves": r.moves}
+    return r.widths
+
+
+def _scores(calib, cfg, i: int) -> torch.Tensor:
+    """FLAP's allocation scores of layer i from dense statistics; order-based selections (obs, clusters) allocate
+    by FLAP's metric."""
+    m = calib.moments(i)
+    score_fn = SELECTORS[cfg.select] if cfg.select in ("magnitude", "wanda-sp", "flap") else SELECTORS["flap"]
+    return score_fn(m, m.N, cfg.seed).scores
+
+
+# ------------------------------------------------------------------------------------------ the maths
+def layer_width(N: int, sparsity: float | None = None, keep: int | None = None, multiple: int = 64) -> int:
+    """Kept width of a layer of N neurons: N·(1−s) (or `keep`), rounded to the nearest multiple of
+    `multiple` when at least `multiple` neurons remain; never 0, never more than N."""
+    if keep is not None and keep > N:
+        raise NeuroprojError(f"keep {keep} exceeds the layer's {N} neurons: keep at most {N} (or give a sparsity)")
+    k = keep if keep is not None else N * (1.0 - sparsity)
+    if multiple > 1 and k >= multiple:
+        k = multiple * round(k / multiple)
+    k = int(round(k))
+    if k < 1:
+        raise NeuroprojError(f"a layer of {N} neurons would be pruned to zero width: lower the sparsity")
+    return min(k, N)
+
+
+def error_curve(m: LayerMoments, scores: torch.Tensor) -> torch.Tensor:
+    """e(k), k = 0..N: the layer's output error E‖W h − W' h_K‖² after the least-squares refit, when K is the
+    top-k of `scores`. With π the descending order and L = chol(G_ππ) (ridge as in the fold), the refit's
+    error is the Schur complement of the kept block, so e(k) = Σ_{j≥k} ‖(W_:,π L)_:,j‖²: one Cholesky and
+    one d×N×N product give the whole curve. O(N³)."""
+    order = torch.argsort(scores, descending=True)
+    c = (m.W[:, order] @ torch.linalg.cholesky(ridged(m.G[order][:, order], m.ridge))).pow(2).sum(0)
+    return torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1)])
+
+
+def width_grids(Ns: dict[int, int], total_keep: int, multiple: int = 1, max_shift: float = 1.0) -> dict:
+    """Each layer's allowed widths (ascending): multiples of `multiple` (and the full width N), with the layer's
+    sparsity within ±max_shift of the mean sparsity 1 − total_keep/ΣN (at least 1 neuron)."""
+    s = 1 - total_keep / sum(Ns.values())
+    grids = {}
+    for i, N in Ns.items():
+        lo = max(1, int(N * (1 - min(1.0, s + max_shift))))
+        hi = min(N, int(round(N * (1 - max(0.0, s - max_shift)))))
+        k = torch.arange(lo, hi + 1)
+        if multiple > 1:
+            k = k[(k % multiple == 0) | (k == N)] if (k % multiple == 0).any() else k
+        grids[i] = k
+    return grids
+
+
+def allocate_by_error(curves: dict[int, torch.Tensor], total_keep: int, multiple: int = 1,
+                      max_shift: float = 1.0) -> dict[int, int]:
+    """Per-layer widths k_i minimising Σ_i e_i(k_i) subject to Σ_i k_i ≈ total_keep (exact when
+    multiple = 1), each layer's sparsity within ±max_shift of the mean one and k_i a multiple of `multiple`.
+
+    Lagrangian: k_i(λ) = argmin_k e_i(k) + λ·k, λ bisected (log scale) until Σ k_i(λ) reaches the budget,
+    then the remainder is taken greedily at the smallest marginal error. O(60·Σ N_i)."""
+    Ns = {i: c.numel() - 1 for i, c in curves.items()}
+    grids = width_grids(Ns, total_keep, multiple, max_shift)
+
+    def widths(lam):
+        return {i: int(grids[i][torch.argmin(curves[i][grids[i]] + lam * grids[i])]) for i in curves}
+
+    lo_l, hi_l = -60.0, 20.0  # log10 λ: tiny λ keeps (almost) everything, huge λ keeps the minimum
+    scale = max(float(c[0]) for c in curves.values()) / max(1, max(Ns.values()))
+    for _ in range(60):
+        mid = (lo_l + hi_l) / 2
+        if sum(widths(scale * 10**mid).values()) > total_keep:
+            lo_l = mid
+        else:
+            hi_l = mid
+    k = widths(scale * 10**lo_l)  # the widest allocation still at or above the budget
+    pos = {i: int((grids[i] == k[i]).nonzero()[0]) for i in k}
+    excess = sum(k.values()) - total_keep
+    while excess > 0:  # trim one grid step at a time, the cheapest per neuron first
+        steps = {i: k[i] - int(grids[i][pos[i] - 1]) for i in k if pos[i] > 0}
+        if not steps:
+            break
+        i = min(steps, key=lambda j: float(curves[j][grids[j][pos[j] - 1]] - curves[j][k[j]]) / steps[j])
+        if steps[i] >= 2 * excess:  # the step would overshoot more than it closes (multiple > 1)
+            break
+        pos[i] -= 1
+        k[i] = int(grids[i][pos[i]])
+        excess -= steps[i]
+    return k
+
+
+def flap_widths(scores: dict[int, torch.Tensor], total_keep: int, min_width: int = 1) -> dict[int, int]:
+    """Per-layer widths: scores standardised within each layer, the top `total_keep` kept overall."""
+    z = []
+    for i, s in scores.items():
+        s = torch.log(s.clamp(min=1e-30)) if (s > 0).all() else s
+        z.append(((s - s.mean()) / s.std().clamp(min=1e-30), i))
+    allz = torch.cat([a for a, _ in z])
+    thr = torch.topk(allz, total_keep).values[-1]
+    return {i: max(min_width, int((a >= thr).sum())) for a, i in z}
+
+
+def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
+                 seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True,
+                 fold_moments: dict | None = None) -> dict[int, torch.Tensor]:
+    """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
+    top-k neurons of `select` (see `error_curve`), with token t weighted so that all layers share one
+    unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
+    the residual stream after layer i; under an isotropic Fisher approximation an error δ_t there costs
+    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `rms`: w_t = 1/mean(x_i,t²), the error as the next
+    norm sees it (no backward pass, blind to how much later layers and the head amplify it).
+    Cost: one forward (and with grad one backward) of the dense model over `ids`, one N² Gram per token and
+    layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams.
+    `fold_moments` (a dict): also filled with {layer: (E[h hᵀ], E[h])} of the same pass under the fold's rms
+    token weights (what `search.Supernet` folds with); twice the Grams' memory."""
+    model, a = lm.model, lm.adapter
+    dev = next(model.parameters()).device
+    L = a.num_layers(model)
+    acts, outs = {}, {}
+    mom: list[Moments | None] = [None] * L
+    fmom: list[Moments | None] = [None] * L
+    n = 0
+
+    def grab(key, t):
+        kind, i = key
+        if kind == "h":
+            acts[i] = t.detach()
+        else:
+            if t.requires_grad:
+                t.retain_grad()
+            outs[i] = t
+
+    points = [(("h", i), a.out_proj(model, i), "in") for i in range(L)]
+    points += [(("out", i), layer, "out") for i, layer in enumerate(a.layers(model))]
+    with hooked(points, grab):
+        for b in tqdm(range(0, ids.shape[0], batch_size), desc="allocate", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+            x = ids[b:b + batch_size].to(dev)
+            if weights == "grad":
+                with activations_only(model):
+                    loss_backward(model, x, compute)
+            else:
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=compute or torch.bfloat16,
+                                                            enabled=compute is not None):
+                    model(input_ids=x, use_cache=False)
+            with torch.no_grad():
+                for i in range(L):
+                    o = outs[i]
+                    rms = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1) \
+                        if weights == "rms" or fold_moments is not None else None
+                    w = rms if weights == "rms" else o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
+                    h = acts[i].reshape(w.shape[0], -1).float()
+                    if mom[i] is None:
+                        mom[i] = Moments(h.shape[1], dev)
+                        fmom[i] = Moments(h.shape[1], dev) if fold_moments is not None else None
+                    mom[i].add(h, w)
+                    if fmom[i] is not None:
+                        fmom[i].add(h, rms)
+                n += x.numel()
+            acts.clear()
+            outs.clear()
+    curves = {}
+    for i in range(L):
+        Gi, mean = mom[i].finish()
+        W = a.out_weight(model, i).detach().double().cpu()
+        N = W.shape[1]
+        # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
+        m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
+        curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom[i].weight / n)
+        mom[i] = None
+        if fold_moments is not None:
+            fold_moments[i] = fmom[i].finish()
+    return curves

@@ -1,0 +1,181 @@
+"""The `prune` stage: calibration → allocation → the one per-layer loop (select → fold → slice) → checkpoint.
+
+    cfg = PruneConfig.make(sparsity=0.3)                  # every setting of a run, validated once (config.py)
+    calib = CALIBRATIONS[cfg.calibration](lm, cfg, ...)   # where each layer's moments come from (calibrate.py)
+    widths = ALLOCATIONS[cfg.allocation](calib, cfg)      # how many neurons each layer keeps (allocate.py)
+    plan = prune_layers(lm.model, calib, cfg, widths)     # the loop below
+    save_pruned(...)                                      # model/checkpoint.py
+
+`prune_layers` is the only place a model is pruned: `prune()` runs it, `plan()` runs it without folding (a plan
+of dense statistics), and applying a written plan (`prune --plan`, `apply_plan`) runs it with the plan's kept
+sets instead of a selection.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..analysis.clustering import load_clusters
+from ..errors import NeuroprojError
+from ..io import prepare_out_dir
+from ..model import LoadedModel, num_params, save_pruned, update_config
+from ..model.skip_modules import skip_source_remapper
+from ..stats import distributed
+from .allocate import ALLOCATIONS
+from .calibrate import CALIBRATIONS, LayerWork, OneShot
+from .config import PruneConfig
+from .fold import RIDGE, FOLDS, fold_and_slice
+from .offload import open_model
+from .plan_file import Plan
+from .select import select_layer
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def prune_layers(model, calib, cfg: PruneConfig, widths: dict[int, int] | None = None, *, plan: Plan | None = None,
+                 apply: bool = True) -> Plan:
+    """The one per-layer loop. For each layer the calibration hands over — sequential calibration measures it on
+    the hidden states the already-pruned layers produce — choose the neurons to keep (`widths[i]` of them by
+    `cfg.select`, refined by the pass hooks; or as `plan` says), then fold the removed ones into the kept ones and
+    slice the layer (unless `apply=False`). Returns the plan."""
+    given = plan is not None
+    plan = plan if given else Plan(meta={**plan_meta(cfg), **calib.meta})
+    for work in calib.layers():
+        i = work.layer
+        if not given:
+            plan.layers[i] = work.refine(select_layer(model, work.moments, widths[i], cfg))
+        if apply and i in plan.layers:
+            fold_layer(model, work, plan.layers[i], cfg)
+    if not given and "fingerprint" in calib.meta:   # a disk stream knows it only after the pass
+        plan.meta["fingerprint"] = calib.meta["fingerprint"]
+    return plan
+
+
+def fold_layer(model, work: LayerWork, layer_plan: dict, cfg: PruneConfig) -> None:
+    """Fold layer `work.layer`'s removed neurons into its kept ones (`cfg.fold`) and slice it to `layer_plan`'s
+    kept set, in place; record the kept set and the new output weights in `work` (the pass carries them)."""
+    keep = torch.tensor(layer_plan["keep"], dtype=torch.long)
+    remap = skip_source_remapper(model, {work.layer: keep})  # pruning after skips: refuse dropping a skip source
+    if work.fold is not None:
+        work.fold.representative = layer_plan["representative"]
+    work.keep = keep
+    work.W_new, work.b_new = fold_and_slice(model, work.layer, keep, cfg.fold, work.fold, add_bias=cfg.adds_bias)
+    if remap is not None:
+        remap()
+
+
+def plan_meta(cfg: PruneConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("select", "fold", "allocation", "sparsity", "keep", "multiple", "calibration")}
+
+
+# ---------------------------------------------------------------------------------------------------- API
+def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, plan_file=None, clusters=None,
+          out=None, overwrite: bool = False, dtype="auto", device="auto", progress: bool = True, **settings):
+    """Prune a model's MLP neurons and (with `out`) save the checkpoint; returns (LoadedModel, Plan, summary).
+
+    `data`: the calibration data — a data spec (`samples`×`seqlen` tokens are drawn from it with `seed`) or a
+    (windows, tokens) tensor of token ids, used as given.
+
+    `config` (or `PruneConfig` fields as keyword arguments, e.g. `sparsity=0.3, select="flap"`) says how;
+    `plan_file` or `clusters` (a `cluster` JSON) give the kept sets as written instead of a selection (their
+    folds use one-shot moments). Cost: sequential — one forward over samples×seqlen tokens plus N² per token
+    and layer for the Gram; oneshot — the statistics pass (none with `stats`) plus the per-layer solves (O(N³)).
+
+    `offload` (offload.py) streams the sequential pass's layers: with `cpu` the returned model keeps its layers in
+    host memory (the rest on the device); with `disk` (which needs `model` as a directory and `out`) its layers
+    are left on the meta device once written: load `out` to use it. Under several processes (torch.distributed,
+    e.g. `accelerate launch`) each takes its share of the calibration windows, the moments are all-reduced
+    per layer (calibrate.py), every process ends with the same pruned model and rank 0 writes `out`."""
+    cfg = config.replace(**settings) if config is not None else PruneConfig.make(**settings)
+    given = None
+    if plan_file is not None or clusters is not None:
+        if plan_file is not None and clusters is not None:
+            raise NeuroprojError("give a plan or a clustering, not both")
+        cfg = cfg.replace(calibration="oneshot")
+        given = Plan.load(plan_file) if plan_file is not None else clusters
+    elif cfg.sparsity is None and cfg.keep is None:
+        raise NeuroprojError("give a sparsity in [0, 1), keep K or a plan")
+    if out is not None:
+        prepare_out_dir(out, overwrite)  # refuse early, before any work
+    t0 = time.time()
+    dist, rank, _ = distributed()
+    lm, stream = open_model(model, cfg, data=data, out=out, dtype=dtype, device=device, log=progress and rank == 0,
+                            warn=rank == 0)
+    try:
+        p, summary = _prune(lm, stream, cfg, data, stats, given, progress and rank == 0, t0)
+        if out is not None and rank == 0:
+            save_pruned(lm.model, lm.tokenizer, out, summary=summary, overwrite=overwrite,
+                        extra_files={"plan.json": p.to_json()}, stored=stream.stored)
+        if dist is not None:
+            dist.barrier()  # the others return once the checkpoint is there
+    finally:
+        stream.close()
+    return lm, p, summary
+
+
+def _prune(lm, stream, cfg, data, stats, given, progress, t0):
+    """calibration → allocation → the loop → config; returns (plan, summary)."""
+    a = lm.adapter
+    if given is not None and not isinstance(given, Plan):
+        given = Plan.from_clusters(load_clusters(given) if not hasattr(given, "layers") else given, lm.model)
+    if given is not None:
+        given.check(lm.model, lm.fingerprint)
+    had_bias = a.out_has_bias(lm.model)
+    before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model)}
+    calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress, stream=stream)
+    widths = ALLOCATIONS[cfg.allocation](calib, cfg) if given is None else None
+    p = prune_layers(lm.model, calib, cfg, widths, plan=given)
+    update_config(lm.model, added_bias=cfg.adds_bias and not had_bias)
+    summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
+    summary["offload"] = stream.describe()
+    for key in ("reconstruct", "swaps", "search"):    # what the optional steps did
+        if key in calib.meta:
+            summary[key] = calib.meta[key]
+    lm.fingerprint = None  # the weights changed
+    return p, summary
+
+
+def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:
+    a = lm.adapter
+    kept = [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]
+    total_before = sum(p.layers[i]["width"] if i in p.layers else kept[i] for i in range(len(kept)))
+    return {
+        "model": lm.spec, "sparsity": cfg.sparsity, "keep": cfg.keep, "actual_sparsity": 1 - sum(kept) / total_before,
+        "select": cfg.select, "fold": cfg.fold, "allocation": cfg.allocation, "calibration": cfg.calibration,
+        "target": cfg.target if cfg.calibration == "sequential" else None, "calibration_data": calib_desc,
+        "config": cfg.to_dict(),
+        "params_before": before["params"], "params_after": num_params(lm.model),
+        "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": a.mlp_macs_per_token(lm.model),
+        "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept, "seconds": round(seconds, 1),
+    }
+
+
+def plan(stats, model, *, sparsity: float | None = None, keep: int | None = None, select: str = "wanda-sp",
+         allocation: str = "uniform", multiple: int = 64, seed: int = 0, projections=None,
+         ridge: float = RIDGE) -> Plan:
+    """A removal plan from dense statistics (one-shot), nothing applied. `model`: LoadedModel or nn.Module."""
+    if sparsity is None and keep is None:
+        raise NeuroprojError("sparsity must be in [0, 1) (got None)")
+    cfg = PruneConfig.make(sparsity=sparsity, keep=keep, select=select, allocation=allocation, multiple=multiple,
+                           seed=seed, ridge=ridge, calibration="oneshot")
+    lm = model if isinstance(model, LoadedModel) else LoadedModel(model, None, "", None)
+    calib = CALIBRATIONS["oneshot"](lm, cfg, stats=stats, projections=projections)
+    return prune_layers(lm.model, calib, cfg, ALLOCATIONS[cfg.allocation](calib, cfg), apply=False)
+
+
+def apply_plan(model, plan: Plan, *, stats=None, fold: str = "lstsq", moments=None, add_bias: bool | None = None,
+               ridge: float = RIDGE):
+    """Prune `model` (an nn.Module, in place) by `plan`, folding the removed neurons by `fold`; returns it.
+
+    Moments per layer come from `stats` (a Stats: one-shot calibration) or `moments` ({layer: {"G", "mean"[, "C",
+    "c"]}}); fold `none` needs neither. `add_bias`: write an output bias on architectures without one (None: only
+    for the `bias` fold)."""
+    FOLDS.check(fold)
+    plan.check(model)
+    skip_source_remapper(model, {i: plan.keep(i) for i in plan.layers})   # refuse before any layer is sliced
+    cfg = PruneConfig.make(fold=fold, add_bias=add_bias, ridge=ridge, calibration="oneshot", sparsity=None)
+    lm = LoadedModel(model, None, "", None)
+    had_bias = lm.adapter.out_has_bias(model)
+    prune_layers(model, OneShot(lm, cfg, stats=stats, moments=moments, progress=False), cfg, plan=plan)
+    update_config(model, added_bias=cfg.adds_bias and not had_bias)
+    return model

@@ -1,0 +1,393 @@
+"""Calibrations: where each layer's moments come from. Two implementations of one interface, in `CALIBRATIONS`.
+
+A calibration yields, layer by layer, a `LayerWork`: the moments a selection reads (`moments`) and those a
+fold uses (`fold`). The one loop (`api.prune_layers`) prunes that layer in place (select → fold → slice) and
+records the kept set and new weights in the work item before asking for the next layer, so a calibration
+that runs the model (sequential) sees the already-pruned layers.
+
+- `oneshot` — moments of the dense model from a statistics file (`collect`, or one pass made here); every
+  layer is planned and folded to preserve its own dense output: C = W G. Cost: one statistics pass (none
+  with a given file) plus O(N³) per layer.
+- `sequential` (default) — layer by layer, as SparseGPT/Wanda do: the calibration tokens' hidden states are
+  carried through the already-pruned layers, so each layer is planned and folded on the inputs it will really
+  see. This module is the *pipeline*: the inputs of layer 0, the batches, the offload stream (offload.py),
+  the share of each process, and the carry — the pruned layer's output updated in closed form,
+  out' = out − W h̃ + W' h̃_K, when the MLP output is added to the residual as is (else the layer runs again).
+  What a layer's forward accumulates (token weights, moments, the fold target's cross-moments) is measure.py;
+  optional steps (swaps.py, reconstruct.py) are pass hooks. Cost: one forward pass (two with a dense target)
+  plus one N×N Gram per layer and token; memory: the hidden states of all calibration tokens (the carried
+  stream and the layer's outputs, 2·tokens·d values, 3· with a dense target) and one layer's neuron activations
+  (tokens·N in the forward's dtype) — with the model's layers where the `offload.LayerStream` keeps them, and the
+  hidden states on the device or in host memory: the formula is in offload.py. Under several processes
+  (torch.distributed) each takes every W-th batch and each layer's moments are all-reduced before it is pruned,
+  so all of them prune alike.
+
+What a calibration offers the allocations (allocate.py): `widths()`, `ids` (its calibration windows; None for
+one-shot statistics), `held` (windows held back from the fit), `moments(i)` (one-shot: the dense layer's).
+To add a calibration: subclass `Calibration`, implement `layers`, and register it with
+`@CALIBRATIONS.register("name")`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NeuroprojError
+from ..model import LoadedModel, get_skips
+from ..registry import Registry
+from ..stats import Moments, calibration_ids, collect, distributed, hooked, load_stats
+from .fold import FoldInputs, chol_solve, effective_ridge
+from .measure import TARGETS, WEIGHTINGS, Batch, PassHook, TargetInputs, TargetMoments
+from .offload import LayerStream
+from .reconstruct import Reconstruction
+from .select import LayerMoments
+from .swaps import Swaps
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+CALIBRATIONS = Registry("calibration", "a Calibration subclass: Calibration(lm, cfg, data=, stats=, ...)")
+
+
+@dataclass
+class LayerWork:
+    """One layer handed to the loop's select → fold → slice step; the step fills `keep`, `W_new`, `b_new`."""
+
+    layer: int
+    moments: LayerMoments | None     # what selection reads (None: no statistics, only fold `none` applies)
+    fold: FoldInputs | None          # what the fold uses
+    keep: torch.Tensor | None = None
+    W_new: torch.Tensor | None = None
+    b_new: torch.Tensor | None = None
+    hooks: list = field(default_factory=list)   # the pass hooks that may refine the selection
+
+    def refine(self, layer_plan: dict) -> dict:
+        """The layer plan after every pass hook's refinement (swaps)."""
+        for h in self.hooks:
+            layer_plan = h.refine(self, layer_plan)
+        return layer_plan
+
+
+class Calibration:
+    """The interface: `layers()` yields LayerWork in layer order; `description` names the calibration data;
+    `meta` goes into the plan. `stream` (offload.LayerStream) says where the decoder layers live; only the
+    sequential calibration streams them (the config refuses offload cpu/disk for the others)."""
+
+    name = ""
+    ids = held = None       # calibration windows, held-back windows (sequential)
+    compute = None
+
+    def __init__(self, lm: LoadedModel, cfg, *, data=None, stats=None, projections=None, progress: bool = True,
+                 stream: LayerStream | None = None):
+        self.lm, self.cfg, self.progress = lm, cfg, progress
+        self.stream = stream if stream is not None else LayerStream(lm.model)
+        self.description, self.meta = None, {}
+
+    def widths(self) -> dict[int, int]:
+        a, m = self.lm.adapter, self.lm.model
+        return {i: a.width(m, i) for i in range(a.num_layers(m))}
+
+    def layers(self) -> Iterator[LayerWork]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------- one-shot
+@CALIBRATIONS.register("oneshot")
+class OneShot(Calibration):
+    """Dense moments from a statistics file (or one `collect` pass over `data`), or given per layer
+    (`moments`: {layer: {"G", "mean"[, "C", "c"]}}). With neither and no data, layers carry no moments: only
+    fold `none` applies (slicing a written plan)."""
+
+    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True, stream=None,
+                 moments: dict | None = None):
+        super().__init__(lm, cfg, progress=progress, stream=stream)
+        self.given, self.stats, self.projections = moments, None, projections
+        if moments is not None or (stats is None and data is None and not self.needs_moments(cfg)):
+            return
+        if stats is None:
+            if data is None:
+                raise NeuroprojError("give calibration --data or a --stats file")
+            stats = collect(lm, data, samples=cfg.samples, seqlen=cfg.seqlen, seed=cfg.seed,
+                            batch_size=cfg.batch_size, progress=progress)
+        else:
+            stats = load_stats(stats) if not hasattr(stats, "second_moment") else stats
+            if lm.fingerprint is not None:
+                stats.check_model(lm)
+        a, m = lm.adapter, lm.model
+        missing = [i for i in range(a.num_layers(m)) if i not in stats.layers or "mlp.neurons" not in stats.sites]
+        if missing:
+            raise NeuroprojError(f"the statistics lack mlp.neurons of layers {missing[:5]}...: collect all layers")
+        self.stats = stats
+        self.description = stats.meta.get("data")
+        self.meta = {"stats": stats.path, "fingerprint": stats.meta.get("fingerprint")}
+
+    @staticmethod
+    def needs_moments(cfg) -> bool:
+        return cfg.fold != "none" or cfg.adds_bias
+
+    def moments(self, i: int) -> LayerMoments:
+        a, m, st = self.lm.adapter, self.lm.model, self.stats
+        W = a.out_weight(m, i).detach().double().cpu()
+        lm_ = LayerMoments(i, st.second_moment(i), st.mean(i), W, a.in_norms(m, i),
+                           ridge=effective_ridge(self.cfg.ridge, st.count(i), W.shape[1]))
+        if self.projections is not None:
+            lm_.points = self.projections.get(i, "mlp.neurons").double()
+        return lm_
+
+    def layers(self):
+        for i in range(self.lm.adapter.num_layers(self.lm.model)):
+            if self.given is not None:
+                g = self.given.get(i)
+                yield LayerWork(i, None, None if g is None else FoldInputs(g["G"], g["mean"], g.get("C"), g.get("c"),
+                                                                           ridge=self.cfg.ridge))
+            elif self.stats is None:
+                yield LayerWork(i, None, None)
+            else:
+                m = self.moments(i)
+                yield LayerWork(i, m, FoldInputs(m.G, m.mean, ridge=m.ridge))
+
+
+# ------------------------------------------------------------------------------------------- sequential
+class _StopAt(Exception):
+    pass
+
+
+def layer_inputs(model, adapter, batches, keep=None):
+    """Hidden states entering layer 0 and the keyword arguments the model passes to its layers, per batch.
+    `keep(x)` puts each batch's hidden states where they are to live (default: where the model made them)."""
+    first = adapter.layers(model)[0]
+    caught = []
+
+    def grab(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden.detach() if keep is None else keep(hidden.detach()), args[1:], dict(kwargs)))
+        raise _StopAt
+
+    h = first.register_forward_pre_hook(grab, with_kwargs=True)
+    dev = model.get_input_embeddings().weight.device  # (a streamed model's layers may live elsewhere)
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(dev), use_cache=False)
+                except _StopAt:
+                    pass
+    finally:
+        h.remove()
+    return caught
+
+
+def run_layer(layer, hidden, args, kwargs, compute=None):
+    """One decoder layer; with `compute` (e.g. torch.bfloat16) its matmuls run under autocast, the residual
+    stream it returns keeps the model's dtype."""
+    with torch.autocast(hidden.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None):
+        out = layer(hidden, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(hidden.dtype)
+
+
+def compute_dtype_for(name: str, model) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards (None: the model's own). `auto`: bfloat16 for a float32
+    model on hardware with fast bfloat16 matmuls (CUDA with bf16, CPUs with AVX512-BF16/AMX), else none."""
+    if name not in COMPUTE_DTYPES:
+        raise NeuroprojError(f"unknown compute dtype {name!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+    p = next(model.parameters())
+    if name == "float32" or p.dtype != torch.float32:
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if p.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if p.device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
+
+
+def _nonfinite_hint(model, compute) -> str:
+    if any(not torch.isfinite(p).all() for p in model.parameters() if p.device.type != "meta"):
+        return "the model's weights hold NaN/inf: check or re-download the checkpoint"
+    if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+        return "the model overflows in its dtype: load it with --dtype float32"
+    if compute is not None:
+        return "the bfloat16 calibration matmuls overflow: pass --compute-dtype float32"
+    return "the model produces huge activations on this text"
+
+
+@CALIBRATIONS.register("sequential")
+class Sequential(Calibration):
+    """Layer by layer on the inputs the pruned model produces (see the module docstring)."""
+
+    def __init__(self, lm, cfg, *, data=None, stats=None, projections=None, progress=True, stream=None):
+        super().__init__(lm, cfg, progress=progress, stream=stream)
+        if cfg.reconstruct and distributed()[2] > 1:
+            raise NeuroprojError("block reconstruction (--reconstruct) runs in one process (its Adam steps would "
+                                 "need gradients all-reduced across processes): prune in one process or with "
+                                 "--reconstruct 0")
+        if get_skips(lm.model):  # skip hooks hand activations from layer l to m within one forward pass
+            raise NeuroprojError("the model has applied skip connections, which layer-by-layer calibration cannot "
+                                 "run: prune with --calibration oneshot, or prune before applying skips")
+        self.ids, self.held, self.description = self._windows(lm, cfg, data)
+        self.compute = compute_dtype_for(cfg.compute_dtype, lm.model)
+        if TARGETS[cfg.target].additive and not lm.adapter.mlp_output_is_added(lm.model):
+            raise NeuroprojError(f"target {cfg.target!r} needs an MLP whose output is added to the residual; "
+                                 f"{lm.model.config.model_type} normalises it first: use --target layer or dense")
+        self.hooks: list[PassHook] = []
+        if cfg.swaps:
+            self.hooks.append(Swaps(cfg))
+        if cfg.reconstruct:
+            self.hooks.append(Reconstruction(cfg, lm, self.compute))
+        self.meta = {"target": cfg.target, "fingerprint": lm.fingerprint}
+
+    @staticmethod
+    def _windows(lm, cfg, data):
+        """(calibration windows, held-back windows or None, description). `data`: a data spec (`samples` windows
+        of `seqlen` tokens drawn with `seed`, plus the held-back ones beside them) or a (windows, tokens) tensor
+        of token ids used as given (the held-back windows are then its last rows, also fitted)."""
+        hold = cfg.held_out_windows
+        if isinstance(data, torch.Tensor):
+            ids = data
+            if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
+                raise NeuroprojError(f"calibration token ids must be a (windows, tokens) integer tensor with at "
+                                     f"least 2 tokens, got shape {tuple(ids.shape)} {ids.dtype}")
+            held = ids[-min(hold, ids.shape[0]):] if hold else None
+            return ids, held, f"in-memory token ids ({ids.shape[0]}×{ids.shape[1]})"
+        if data is None:
+            raise NeuroprojError("sequential calibration needs --data (a stats file alone is not enough)")
+        ids, desc = calibration_ids(lm, data, cfg.samples, cfg.seqlen, cfg.seed, holdout=hold)
+        return (ids[:cfg.samples], ids[cfg.samples:], desc) if hold else (ids, None, desc)
+
+    @property
+    def cdt(self):
+        """The totals' precision of the per-batch products (float64 for a float64 model, else float32)."""
+        return torch.float64 if next(self.lm.model.parameters()).dtype == torch.float64 else torch.float32
+
+    def layers(self):
+        """Each layer in turn: measure it on the carried hidden states, hand it to the loop to prune, let the pass
+        hooks act on the pruned layer, then carry its output forward."""
+        model, a, cfg, stream = self.lm.model, self.lm.adapter, self.cfg, self.stream
+        calls, hidden, dense = self._inputs()
+        # a streamed layer is written as the checkpoint will hold it: with the MLP biases update_config declares
+        stream.declare_bias = cfg.adds_bias and not a.out_has_bias(model)
+        bar = tqdm(total=a.num_layers(model), desc="prune", unit="layer",
+                   disable=not self.progress or distributed()[1] != 0, dynamic_ncols=True)
+        try:
+            for i in range(a.num_layers(model)):
+                layer = stream.fetch(i)
+                W = a.out_weight(model, i).detach().to(self.cdt)
+                b_old = a.out_bias(model, i)
+                work, acts, outs = self._measure(i, layer, W, calls, hidden, dense)
+                yield work  # the loop prunes layer i in place and fills work.keep / W_new / b_new
+                if any([h.folded(work, layer) for h in self.hooks]):
+                    acts.clear()   # the layer changed beyond its output projection: run it again
+                self._carry(work, layer, W, b_old, calls, hidden, acts, outs)
+                stream.release(i)
+                bar.update(1)
+        finally:
+            bar.close()
+        if self.meta.get("fingerprint") is None:  # a disk stream saw the dense weights one layer at a time
+            self.meta["fingerprint"] = stream.fingerprint()
+        for h in self.hooks:
+            if h.report() is not None:
+                self.meta[h.name] = h.report()
+
+    def _inputs(self):
+        """The calibration batches of this process (every W-th under W processes): the layers' call arguments,
+        the hidden states entering layer 0 (kept where the stream says) and, for a target that needs it, a copy
+        that will carry the dense model's stream."""
+        _, rank, world = distributed()
+        bs = self.cfg.batch_size or max(1, 4096 // self.ids.shape[1])
+        batches = [self.ids[b:b + bs] for b in range(0, self.ids.shape[0], bs)]
+        if len(batches) < world:
+            raise NeuroprojError(f"{len(batches)} calibration batches for {world} processes: every process needs one; "
+                                 f"give more --samples or a smaller --batch-size")
+        states = layer_inputs(self.lm.model, self.lm.adapter, batches[rank::world], keep=self.stream.stash)
+        hidden = [s[0] for s in states]          # the stream entering the current layer, per batch
+        calls = [s[1:] for s in states]          # each batch's (args, kwargs) for the layers
+        dense = [h.clone() for h in hidden] if TARGETS[self.cfg.target].dense_stream else None
+        return calls, hidden, dense
+
+    def _measure(self, i, layer, W, calls, hidden, dense):
+        """Run layer i on every batch and accumulate its moments (measure.py), telling the pass hooks of each
+        batch; keep each batch's activations h and layer output for the carry. Under several processes the
+        totals are summed across them (one weight scale: rank 0's first batch's). Returns (work, acts, outs)."""
+        model, a, cfg, compute, cdt, stream = self.lm.model, self.lm.adapter, self.cfg, self.compute, self.cdt, self.stream
+        dist = distributed()[0]
+        N, d = W.shape[1], W.shape[0]
+        weigh, target = WEIGHTINGS[cfg.weighting], TARGETS[cfg.target]
+        mo = Moments(N, stream.device)
+        tm = TargetMoments(d, N, stream.device) if dense is not None else None
+        closed_form = a.mlp_output_is_added(model)   # else the carry runs the pruned layer again
+        acts, outs, grab = [], [], {}
+        for h_ in self.hooks:
+            h_.begin(i, layer, mo, len(calls))
+        try:
+            with torch.inference_mode(), hooked([("h", a.out_proj(model, i), "in")], grab.__setitem__):
+                for bi, (args, kw) in enumerate(calls):
+                    x = stream.bring(hidden[bi])
+                    out = run_layer(layer, x, args, kw, compute)
+                    h_raw = grab["h"]
+                    h = h_raw.reshape(-1, N).to(cdt)
+                    w = weigh(out.reshape(-1, d).to(cdt))
+                    if bi == 0 and w is not None and dist is not None:
+                        mo.share_scale(w, dist)
+                    w = mo.add(h, w)
+                    for h_ in self.hooks:
+                        h_.batch(Batch(bi, x, out, h, w, args, kw))
+                    if tm is not None:
+                        dense_out = run_layer(layer, stream.bring(dense[bi]), args, kw, compute)
+                        y = target(TargetInputs(h, grab["h"].reshape(-1, N).to(cdt), out, dense_out, W))
+                        tm.add(y, h, w)
+                        dense[bi] = stream.stash(dense_out)
+                    if closed_form:  # in the forward's own dtype (bf16 model or autocast: 2 bytes), exact in it
+                        acts.append(stream.stash(h_raw.reshape(-1, N)))
+                        outs.append(stream.stash(out))
+        finally:
+            for h_ in self.hooks:
+                h_.end()
+        if dist is not None:  # every process gets the totals of all tokens (NaN included, so all refuse alike)
+            mo.all_reduce(dist)
+            for h_ in self.hooks:
+                h_.all_reduce(dist)
+            if tm is not None:
+                tm.all_reduce(dist)
+        G, mean = mo.finish()
+        if not torch.isfinite(G).all():
+            raise NeuroprojError(f"non-finite activations at layer {i}: {_nonfinite_hint(model, compute)}")
+        ridge = effective_ridge(cfg.ridge, mo.tokens, N)
+        C = c = None
+        if tm is not None:
+            C, c = tm.finish(mo.n)
+            W_eff = chol_solve(G, C, ridge)  # the full-width least-squares map onto the target
+        else:
+            W_eff = W.double().cpu()
+        work = LayerWork(i, LayerMoments(i, G, mean, W_eff, a.in_norms(model, i), ridge=ridge),
+                         FoldInputs(G, mean, C, c, ridge=ridge), hooks=self.hooks)
+        for h_ in self.hooks:
+            h_.measured(work)
+        return work, acts, outs
+
+    def _carry(self, work, layer, W, b_old, calls, hidden, acts, outs):
+        """Carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when the
+        MLP output is added to the residual as is (one matmul per batch); otherwise run the pruned layer again."""
+        cdt, stream = self.cdt, self.stream
+        with torch.inference_mode():
+            if not acts:
+                for bi, (args, kw) in enumerate(calls):
+                    hidden[bi] = stream.stash(run_layer(layer, stream.bring(hidden[bi]), args, kw, self.compute))
+                return
+            dev = W.device
+            # h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
+            dW = -W.clone()
+            dW[:, work.keep.to(dev)] += work.W_new.to(dev, cdt)
+            dWt = dW.T.contiguous().to(acts[0].dtype)  # the carry's product in the activations' dtype
+            bn = work.b_new
+            db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
+            for bi in range(len(calls)):
+                delta = (stream.bring(acts[bi]) @ dWt).to(cdt)
+                if db is not None:
+                    delta += db
+                o = stream.bring(outs[bi])
+                hidden[bi] = stream.stash((o.to(cdt) + delta.view(o.shape)).to(o.dtype))
+        acts.clear()  # one layer's activations at a time
+        outs.clear()

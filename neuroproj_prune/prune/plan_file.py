@@ -1,0 +1,117 @@
+"""The plan file: which neurons each layer keeps and into which kept neuron each removed one folds.
+
+`plan.json` (format `neuroproj-prune/plan/1`): `{"format", "meta": {settings, fingerprint, ...}, "layers":
+{"<i>": {"width": N, "keep": [sorted kept indices], "representative": {"<removed j>": kept r}}}}`. `prune`
+writes it beside every checkpoint; `prune --plan` applies a written (or edited) one as it is, and
+`Plan.from_clusters` makes one from a `cluster` file. Readers import this module; `Plan.load` checks the schema.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import NeuroprojError
+from ..io import write_text
+from ..model import adapter_for
+
+
+FORMAT = "neuroproj-prune/plan/1"
+
+
+@dataclass
+class Plan:
+    """Per layer: kept neurons (sorted), removed neurons and each one's representative; JSON on disk."""
+
+    layers: dict[int, dict] = field(default_factory=dict)  # i -> {"keep": [...], "representative": {j: r}, "width": N}
+    meta: dict = field(default_factory=dict)
+
+    def keep(self, i) -> torch.Tensor:
+        return torch.tensor(self.layers[i]["keep"], dtype=torch.long)
+
+    def to_json(self) -> str:
+        doc = {"format": FORMAT, "meta": self.meta,
+               "layers": {str(i): {"width": d["width"], "keep": d["keep"],
+                                   "representative": {str(k): v for k, v in d["representative"].items()}}
+                          for i, d in sorted(self.layers.items())}}
+        return json.dumps(doc, indent=1)
+
+    def save(self, path) -> Path:
+        """Write atomically (temporary file, then rename)."""
+        return write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        """Read a plan file; every layer index, width, kept index and representative must be a whole number
+        (an edited plan with `1.5` or `"3"` is refused, not truncated)."""
+        try:
+            doc = json.loads(Path(path).read_text())
+            assert isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc["layers"], dict)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError, KeyError, TypeError):
+            raise NeuroprojError(f"{path} is not a readable neuroproj-prune plan file") from None
+        layers = {}
+        for i, d in doc["layers"].items():
+            where = f"{path}: layer {i!r}"
+            if not (isinstance(i, str) and i.isdigit()) or not isinstance(d, dict):
+                raise NeuroprojError(f"{where}: layers must be keyed by layer numbers and hold objects")
+            keep, rep = d.get("keep"), d.get("representative", {})
+            if not isinstance(keep, list) or not all(_whole(j) for j in keep) or not _whole(d.get("width")):
+                raise NeuroprojError(f"{where}: 'width' and every 'keep' entry must be whole numbers")
+            if not isinstance(rep, dict) or not all(str(k).isdigit() and _whole(v) for k, v in rep.items()):
+                raise NeuroprojError(f"{where}: 'representative' must map removed to kept neuron numbers")
+            layers[int(i)] = {"width": d["width"], "keep": list(keep),
+                              "representative": {int(k): v for k, v in rep.items()}}
+        return cls(layers, doc.get("meta", {}) if isinstance(doc.get("meta"), dict) else {})
+
+    @classmethod
+    def from_clusters(cls, clusters, model) -> "Plan":
+        """The plan a clustering describes, as written: each layer keeps its poles' representatives and its
+        unclustered neurons; every other member folds into its pole's representative. Layers the clustering
+        does not cover keep all their neurons."""
+        a = adapter_for(model)
+        p = cls(meta={"select": "clusters", "clusters": getattr(clusters, "path", None)})
+        for i in clusters.layers:
+            lc = clusters[i]
+            N = a.width(model, i) if 0 <= i < a.num_layers(model) else lc.n_neurons
+            if lc.n_neurons != N:
+                raise NeuroprojError(f"the clustering of layer {i} has {lc.n_neurons} neurons, the model {N}: "
+                                     f"it is for another model")
+            keep = [int(j) for j in lc.keep()]
+            kept, rep_of = set(keep), lc.representative_of()
+            p.layers[i] = {"width": N, "keep": keep,
+                           "representative": {j: int(rep_of[j]) for j in range(N) if j not in kept}}
+        return p
+
+    def check(self, model, fingerprint: str | None = None) -> None:
+        """Refuse a plan that does not fit the model (layer count, widths, indices) or, given the model's
+        `fingerprint`, one made for other weights."""
+        a = adapter_for(model)
+        L = a.num_layers(model)
+        fp = self.meta.get("fingerprint")
+        for i, d in self.layers.items():
+            if not 0 <= i < L:
+                raise NeuroprojError(f"the plan prunes layer {i} but the model has {L} layers: it is for another model")
+            N = a.width(model, i)
+            if d["width"] != N:
+                raise NeuroprojError(f"the plan expects layer {i} to have {d['width']} neurons, the model has {N}: "
+                                     f"it is for another model")
+            k = d["keep"]
+            if not k:
+                raise NeuroprojError(f"the plan prunes layer {i} to zero width")
+            if min(k) < 0 or max(k) >= N or len(set(k)) != len(k):
+                raise NeuroprojError(f"the plan's kept indices for layer {i} are invalid (each in [0, {N}), "
+                                     f"no repeats)")
+            kept = set(k)
+            bad = [(j, r) for j, r in d["representative"].items() if not (0 <= j < N and j not in kept and r in kept)]
+            if bad:
+                raise NeuroprojError(f"the plan's representatives for layer {i} are invalid ({bad[0][0]} -> "
+                                     f"{bad[0][1]}): each removed neuron must fold into a kept one")
+        if fp and fingerprint and fingerprint != fp:
+            raise NeuroprojError("the plan was made for another model (its fingerprint differs from this model's): "
+                                 "make the plan on this model")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -1,0 +1,167 @@
+"""Capturing activations: the one hook mechanism of the package, the sites it reads, and batching.
+
+`hooked(points, fn)` registers forward hooks on modules and hands `fn(key, tensor)` a module's first input
+(`"in"`, a pre-hook) or its output (`"out"`; the first element of a tuple). Everything that reads
+activations goes through it: `ActivationCapture` (statistics, minibatch projection, traces, skips), the
+sequential pass of `prune` (a layer's neuron activations) and the allocation's error curves and search.
+
+Sites of a layer: `mlp.neurons` = input of the MLP output projection, `mlp.out` = output of the MLP block,
+`attn.out` = output of the attention block.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+
+import torch
+
+from ..errors import NeuroprojError
+from ..model import Adapter, adapter_for
+
+
+@contextlib.contextmanager
+def hooked(points, fn):
+    """Inside: `fn(key, tensor)` is called with the first input (`where="in"`) or the output (`"out"`, a tuple's
+    first element) of each module of `points` = [(key, module, where), ...] whenever it runs. Hooks are removed
+    on exit."""
+    handles = []
+    try:
+        for key, module, where in points:
+            if where == "in":
+                handles.append(module.register_forward_pre_hook(lambda mod, args, key=key: fn(key, args[0])))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda mod, args, out, key=key: fn(key, out[0] if isinstance(out, tuple) else out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+SITES = ("mlp.neurons", "mlp.out", "attn.out")
+
+
+def parse_layers(spec, num_layers: int) -> list[int]:
+    """`"0-3,7"` → [0, 1, 2, 3, 7]; None/"all" → every layer. Negative indices count from the end."""
+    if spec is None or spec == "all" or spec == "":
+        return list(range(num_layers))
+    if isinstance(spec, int):
+        spec = str(spec)
+    if not isinstance(spec, str):
+        out = sorted({int(i) % num_layers for i in spec})
+    else:
+        out = set()
+        for part in spec.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+            if not m:
+                raise NeuroprojError(f"bad layer spec {spec!r}: use e.g. '0-3,7'")
+            a = int(m.group(1))
+            b = int(m.group(2)) if m.group(2) is not None else a
+            if b < a:
+                raise NeuroprojError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. '{b}-{a}'")
+            out.update(range(a, b + 1))
+        out = sorted(out)
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad:
+        raise NeuroprojError(f"layers {bad} out of range: the model has {num_layers} layers (0-{num_layers - 1})")
+    return list(out)
+
+
+def parse_sites(spec) -> list[str]:
+    sites = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    bad = [s for s in sites if s not in SITES]
+    if bad or not sites:
+        raise NeuroprojError(f"unknown site(s) {bad}: choose from {', '.join(SITES)}")
+    return sites
+
+
+class _Stop(Exception):
+    """Raised after the last captured layer: the rest of the network is not needed."""
+
+
+class ActivationCapture:
+    """Hooks that hand `fn(layer, site, h)` the activations of every non-padding token, h of shape
+    (tokens, width), in the order the layers run. Used by statistics, minibatch projection and traces.
+
+    Sites: `mlp.neurons` = input of the MLP output projection (forward pre-hook), `mlp.out` = output of
+    the MLP block, `attn.out` = output of the attention block.
+    """
+
+    def __init__(self, model, layers, sites, fn, stop_after_last: bool = True):
+        self.model, self.fn = model, fn
+        self.adapter: Adapter = adapter_for(model)
+        self.layers, self.sites = list(layers), list(sites)
+        self.stop_after_last = stop_after_last
+        self._mask: torch.Tensor | None = None
+        sig = inspect.signature(model.forward).parameters
+        self._takes_positions = "position_ids" in sig
+
+    def _rows(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.reshape(-1, h.shape[-1])  # (B, T, W) or OPT's flattened (B·T, W)
+        return h if self._mask is None else h[self._mask]
+
+    def points(self) -> list:
+        a, m = self.adapter, self.model
+        pts = []
+        for i in self.layers:   # (the forward's order decides when each fires, not this list's)
+            if "mlp.neurons" in self.sites:
+                pts.append(((i, "mlp.neurons"), a.out_proj(m, i), "in"))
+            if "attn.out" in self.sites:
+                pts.append(((i, "attn.out"), a.attn(m, i), "out"))
+            if "mlp.out" in self.sites:
+                pts.append(((i, "mlp.out"), a.mlp(m, i), "out"))
+        return pts
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(hooked(self.points(), lambda key, h: self.fn(*key, self._rows(h))))
+        if self.stop_after_last and self.layers:
+            def stop(key, out):
+                raise _Stop
+            self._stack.enter_context(hooked([(None, self.adapter.layers(self.model)[max(self.layers)], "out")], stop))
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Forward one batch. Positions follow the mask (left padding keeps real tokens at 0, 1, …)."""
+        dev = next(self.model.parameters()).device
+        input_ids = input_ids.to(dev)
+        kwargs = {}
+        if attention_mask is not None and not bool(attention_mask.all()):
+            attention_mask = attention_mask.to(dev)
+            self._mask = attention_mask.reshape(-1).bool()
+            kwargs["attention_mask"] = attention_mask
+            if self._takes_positions:
+                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            self._mask = None
+        try:
+            return self.model(input_ids=input_ids, use_cache=False, **kwargs)
+        except _Stop:
+            return None
+        finally:
+            self._mask = None
+
+
+def batches(ids: torch.Tensor | list, batch_size: int, pad_id: int, padding_side: str = "right"):
+    """Yield (input_ids, attention_mask) batches; a list of unequal sequences is padded on padding_side."""
+    if isinstance(ids, torch.Tensor):
+        for b in range(0, ids.shape[0], batch_size):
+            chunk = ids[b:b + batch_size]
+            yield chunk, torch.ones_like(chunk)
+        return
+    for b in range(0, len(ids), batch_size):
+        chunk = [torch.as_tensor(s, dtype=torch.long) for s in ids[b:b + batch_size]]
+        T = max(len(s) for s in chunk)
+        x = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, s in enumerate(chunk):
+            sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+            x[r, sl], mask[r, sl] = s, 1
+        yield x, mask

@@ -1,0 +1,182 @@
+"""The statistics file `collect` writes and every reader reads: one safetensors file, format
+`neuroproj-prune/stats/1`.
+
+Per (layer, site): `layer.{i}.{site}.count` (int64, 1), `.shift` c (N), `.sum` S = Σ (h − c) (N), `.gram`
+G = Σ (h − c)(h − c)ᵀ (N, N), float64; per collected cross-layer pair `cross.{l}.{m}.gram` (N_l, N_m). The JSON
+metadata says the model (fingerprint, widths, hidden size), layers, sites, the data and the settings. `Stats`
+derives every moment from them (float64, CPU); `load_stats` checks a file against this schema.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import NeuroprojError
+from ..io import LazyTensorFile, TensorFile, file_sha256, load_tensors
+from ..model import LoadedModel
+from .moments import correlation, dead_neurons
+
+FORMAT = "neuroproj-prune/stats/1"
+
+
+class Stats(TensorFile):
+    """Statistics of one collection: raw shifted totals plus derived moments, per (layer, site).
+
+    All derived quantities are float64 on the CPU:
+    `mean` μ, `second_moment` E[h hᵀ], `covariance` Σ, `variance` diag Σ, `correlation` ρ (dead rows 0,
+    unit diagonal for live neurons), `dead` (variance ≤ 1e-12·max variance of the layer, or exactly 0),
+    `cross_covariance(l, m)` / `cross_correlation(l, m)` for collected cross-layer blocks.
+    """
+
+    # -- construction
+    @classmethod
+    def _from_totals(cls, totals, cross, meta):
+        t = {}
+        for (i, s), tot in totals.items():
+            t[f"layer.{i}.{s}.count"] = torch.tensor([tot.tokens], dtype=torch.int64)
+            t[f"layer.{i}.{s}.shift"] = tot.shift.cpu()
+            t[f"layer.{i}.{s}.sum"] = tot.s.cpu()
+            t[f"layer.{i}.{s}.gram"] = tot.G.cpu()
+        for (l, m), blk in cross.items():
+            t[f"cross.{l}.{m}.gram"] = blk.cpu()
+        return cls(t, meta)
+
+    # -- description
+    @property
+    def cross_pairs(self) -> list[tuple[int, int]]:
+        return sorted(tuple(int(x) for x in k.split(".")[1:3]) for k in self._t if k.startswith("cross."))
+
+    def _get(self, layer, site, what) -> torch.Tensor:
+        key = f"layer.{layer}.{site}.{what}"
+        if key not in self._t:
+            raise NeuroprojError(
+                f"the statistics have no layer {layer}, site {site} (layers {self.layers}, sites {self.sites}): "
+                f"re-run collect with those --layers/--sites"
+            )
+        return self._t[key]
+
+    def count(self, layer, site="mlp.neurons") -> int:
+        return int(self._get(layer, site, "count")[0])
+
+    def width(self, layer, site="mlp.neurons") -> int:
+        return self._get(layer, site, "shift").numel()
+
+    # -- moments
+    def mean(self, layer, site="mlp.neurons") -> torch.Tensor:
+        return self._get(layer, site, "shift") + self._get(layer, site, "sum") / self.count(layer, site)
+
+    def covariance(self, layer, site="mlp.neurons") -> torch.Tensor:
+        n = self.count(layer, site)
+        m = self._get(layer, site, "sum") / n
+        cov = self._get(layer, site, "gram") / n - torch.outer(m, m)
+        return (cov + cov.T) / 2
+
+    def second_moment(self, layer, site="mlp.neurons") -> torch.Tensor:
+        """E[h hᵀ] = Σ + μ μᵀ (uncentred; what least-squares folds need)."""
+        mu = self.mean(layer, site)
+        return self.covariance(layer, site) + torch.outer(mu, mu)
+
+    def variance(self, layer, site="mlp.neurons") -> torch.Tensor:
+        return self.covariance(layer, site).diagonal().clamp(min=0)
+
+    def dead(self, layer, site="mlp.neurons") -> torch.Tensor:
+        return dead_neurons(self.variance(layer, site))
+
+    def correlation(self, layer, site="mlp.neurons") -> torch.Tensor:
+        return correlation(self.covariance(layer, site))
+
+    def cross_covariance(self, l, m) -> torch.Tensor:
+        """Cov(h_l, h_m), shape (N_l, N_m), from the cross block and both layers' totals."""
+        key = f"cross.{l}.{m}.gram"
+        if key not in self._t:
+            raise NeuroprojError(f"no cross-layer block ({l}, {m}): collect with --cross-layer-window >= {m - l}")
+        n = self.count(l)
+        return self._t[key] / n - torch.outer(self._get(l, "mlp.neurons", "sum") / n,
+                                              self._get(m, "mlp.neurons", "sum") / n)
+
+    def cross_correlation(self, l, m) -> torch.Tensor:
+        return correlation(self.cross_covariance(l, m), self.variance(l), self.variance(m), self.dead(l), self.dead(m))
+
+    # -- checks
+    def validate(self) -> None:
+        """Every (layer, site) holds count ≥ 1, shift and sum (N,), a Gram (N, N), all finite, N as the header
+        says; every cross block (N_l, N_m). Cost: one pass over the tensors."""
+        where = self.path or "statistics"
+        try:
+            widths, d = list(self.meta["widths"]), int(self.meta["hidden_size"])
+            layers, sites = self.layers, self.sites
+        except (KeyError, TypeError, ValueError):
+            raise NeuroprojError(f"{where}: the header lacks widths/hidden_size/layers/sites: re-run collect") from None
+        for i in layers:
+            for s in sites:
+                N = widths[i] if s == "mlp.neurons" else d
+                shapes = {"count": (1,), "shift": (N,), "sum": (N,), "gram": (N, N)}
+                for what, shape in shapes.items():
+                    x = self._t.get(f"layer.{i}.{s}.{what}")
+                    if x is None or tuple(x.shape) != shape:
+                        raise NeuroprojError(f"{where}: layer {i} {s} {what} has shape "
+                                             f"{None if x is None else tuple(x.shape)}, expected {shape}: "
+                                             f"the file is damaged or edited; re-run collect")
+                    if not torch.isfinite(x.double()).all():
+                        raise NeuroprojError(f"{where}: layer {i} {s} {what} holds NaN/inf: re-run collect "
+                                             f"(with --dtype float32 if the model overflows)")
+                if int(self._t[f"layer.{i}.{s}.count"]) < 1:
+                    raise NeuroprojError(f"{where}: layer {i} {s} counts no tokens: re-run collect")
+        for l, m in self.cross_pairs:
+            x = self._t[f"cross.{l}.{m}.gram"]
+            if tuple(x.shape) != (widths[l], widths[m]) or not torch.isfinite(x).all():
+                raise NeuroprojError(f"{where}: cross block ({l}, {m}) is damaged: re-run collect")
+
+    def check_model(self, lm: LoadedModel) -> None:
+        """Refuse statistics that were collected on other weights."""
+        if self.meta.get("fingerprint") != lm.fingerprint:
+            raise NeuroprojError(
+                f"statistics {self.path or ''} were collected on {self.meta.get('model')!r} "
+                f"(fingerprint {self.meta.get('fingerprint')}), not on {lm.spec!r} ({lm.fingerprint}): "
+                f"re-run collect on this model"
+            )
+
+    def file_hash(self) -> str | None:
+        return file_sha256(self.path) if self.path else None
+
+
+def load_stats(path) -> Stats:
+    """Read a statistics file written by `collect`; a one-line error for a missing or corrupt file, and for
+    one whose tensors do not fit its header (shapes, counts, non-finite values)."""
+    tensors, meta = load_tensors(path, FORMAT, "statistics", "collect")
+    st = Stats(tensors, meta, str(path))
+    st.validate()
+    return st
+
+
+def second_moment_diagonals(path, layers=None, sites=None) -> tuple[dict, dict[tuple[int, str], "np.ndarray"]]:
+    """(header, {(layer, site): E[h_j²] per neuron, float64}) read from a statistics file without loading it:
+    per (layer, site) only count, shift, sum and the Gram's diagonal are read (E[h²] = max(Var, 0) + μ², as
+    `Stats.variance(...) + Stats.mean(...)**2` gives). `layers`/`sites`: the subset to read (default all).
+    Cost: O(N) memory and N strided page reads per (layer, site) — an 8B model's 53 GB file reads ~3 MB —
+    where `load_stats` reads every N×N Gram. Shapes and finiteness of what is read are checked."""
+    import numpy as np
+
+    with LazyTensorFile(path, FORMAT, "statistics", "collect") as f:
+        meta = f.meta
+        try:
+            file_layers, file_sites = [int(i) for i in meta["layers"]], [str(s) for s in meta["sites"]]
+        except (KeyError, TypeError, ValueError):
+            raise NeuroprojError(f"{path}: the header lacks layers/sites: re-run collect") from None
+        out = {}
+        for i in file_layers if layers is None else [i for i in layers if i in file_layers]:
+            for s in file_sites if sites is None else [s for s in sites if s in file_sites]:
+                k = f"layer.{i}.{s}."
+                if any(k + w not in f for w in ("count", "shift", "sum", "gram")):
+                    raise NeuroprojError(f"{path}: layer {i} {s} is incomplete: the file is damaged; re-run collect")
+                N = f.shape(k + "shift")[0] if len(f.shape(k + "shift")) == 1 else -1
+                if N < 1 or f.shape(k + "sum") != (N,) or f.shape(k + "gram") != (N, N) or f.shape(k + "count") != (1,):
+                    raise NeuroprojError(f"{path}: layer {i} {s} has inconsistent shapes: the file is damaged; "
+                                         f"re-run collect")
+                n = int(f.read(k + "count")[0])
+                c, S, g = (f.read(k + "shift").astype(np.float64), f.read(k + "sum").astype(np.float64),
+                           f.diagonal(k + "gram").astype(np.float64))
+                if n < 1 or not (np.isfinite(c).all() and np.isfinite(S).all() and np.isfinite(g).all()):
+                    raise NeuroprojError(f"{path}: layer {i} {s} counts no tokens or holds NaN/inf: re-run collect")
+                m = S / n
+                out[(i, s)] = np.maximum(g / n - m * m, 0.0) + (c + m) ** 2
+    return meta, out
