@@ -1,18 +1,23 @@
-"""`neuroproj-prune run RECIPE.yaml`: a whole run from one YAML recipe, re-running only what changed.
+"""`neuroproj-prune run RECIPE`: a whole run from one YAML recipe, re-running only what changed.
 
-A recipe names the model, the data and each stage's settings (see `DEFAULTS` for every key and its
-default; `recipes/*.yaml` for examples). The run directory holds one file per stage (the layout the viewer
-reads); `run_state.json` records, per stage, a hash of its settings and of the stages it reads. A stage
-runs when its outputs are missing or its hash changed; otherwise it is skipped. The whole recipe is
-validated (unknown key, wrong type, missing file) before any model is loaded.
+A recipe names the model, the data and each stage's settings. Every stage's section is generated from the
+stage's config (`SECTIONS`: the same names, defaults and ranges as its CLI flags and API keywords), plus a few
+keys that belong to the recipe (`enabled`, and where a stage reads files: `eval.data`, `eval.dense`,
+`recover.data`, `export.to`); `calibration` (data, samples, seqlen, seed) is shared by `prune` and `stats`.
+`DEFAULTS` lists every key and its default. A recipe is a path or the name of a shipped one
+(`neuroproj_prune/recipes/NAME.yaml`: `neuroproj-prune run smollm2-135m`).
+
+The whole recipe is validated before the first stage runs: unknown keys, types, every section's config
+(ranges and conflicting settings), files, the eval tasks, the export formats and types, the heatmap layers
+against the model's layer count (read from its config, no weights). The run directory holds one file per stage
+(the layout the viewer reads); `run_state.json` records, per stage, a hash of its settings and of the stages it
+reads. A stage runs when its outputs are missing or its hash changed; otherwise it is skipped.
 
 Stages and outputs: stats → stats.safetensors; projection → projections.safetensors; clustering →
 clusters.json; heatmaps → heatmaps/; prune → pruned/ (+ plan.json); recover (off by default) → recovered/,
 distilled from the recipe's dense model; eval → eval.json (of recovered/ when recover runs, else of pruned/) and
-eval_dense.json;
-sweep → sweep/; skips → skips/; trace → trace.safetensors; export → export/ (model.gguf, nemotron-nas/, hf/) of
-the model eval evaluates;
-report → report.html.
+eval_dense.json; sweep → sweep/; skips → skips/; trace → trace.safetensors; export → export/ (model.gguf,
+nemotron-nas/, hf/) of the model eval evaluates; report → report.html.
 """
 from __future__ import annotations
 
@@ -21,26 +26,49 @@ import hashlib
 import json
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from .analysis import cluster, heatmaps, project, run_skips, trace
+from .analysis.clustering import ClusterConfig
+from .analysis.heatmap import HeatmapConfig
+from .analysis.projection import ProjectConfig
+from .analysis.skips import SkipsConfig
+from .analysis.trace import TraceConfig
 from .config import ConfigError
 from .errors import NeuroprojError
-from .evaluate import check_limit, default_eval_data, evaluate
-from .evaluate.tasks import GROUP, TASKS, read_manifest, resolve
-from .export import EXPORTERS, export
+from .evaluate import default_eval_data, evaluate, load_tasks
+from .evaluate.api import EvalConfig
+from .export import EXPORTERS, ExportConfig, export
+from .export.common import HF_TYPES
+from .export.gguf import GGUF_TYPES
 from .io import check_writable, write_json, write_text
-from .model import LoadedModel, load_model
+from .model import LoadedModel, adapter_for, load_model, model_config
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
-from .report import view
-from .stats import collect, load_stats, parse_layers, parse_sites
-from .sweep import sweep
+from .report.page import ViewConfig, view
+from .stats import collect, load_stats, parse_layers
+from .stats.collect import CollectConfig
+from .sweep import SweepConfig, sweep
 
 CALIBRATION_KEYS = ("samples", "seqlen", "seed")
-
+# section: (its config, the config fields the recipe leaves out, the recipe's own keys and their defaults)
+SECTIONS = {
+    "stats": (CollectConfig, CALIBRATION_KEYS, {"enabled": True, "samples": None}),   # samples: the calibration's
+    "projection": (ProjectConfig, (), {"enabled": True}),
+    "clustering": (ClusterConfig, (), {"enabled": True}),
+    "heatmaps": (HeatmapConfig, (), {"enabled": True}),
+    "prune": (PruneConfig, CALIBRATION_KEYS, {"enabled": True}),
+    "recover": (RecoverConfig, ("teacher",), {"enabled": False, "data": None}),     # teacher: the recipe's model
+    "eval": (EvalConfig, (), {"enabled": True, "data": None, "dense": True}),
+    "sweep": (SweepConfig, (), {"enabled": False}),
+    "skips": (SkipsConfig, (), {"enabled": False}),
+    "trace": (TraceConfig, (), {"enabled": False}),
+    "export": (ExportConfig, (), {"enabled": False, "to": ["gguf"]}),
+    "report": (ViewConfig, (), {"enabled": True}),
+}
 # Every key a recipe may hold, with its default. Types are checked against the default's type
 # (None: anything; a list default accepts a list or a comma string).
 DEFAULTS: dict = {
@@ -49,46 +77,56 @@ DEFAULTS: dict = {
     "device": "auto",
     "output_dir": None,
     "calibration": {"data": None, "samples": 128, "seqlen": 512, "seed": 0},
-    "stats": {"enabled": True, "samples": None, "sites": ["mlp.neurons"], "layers": None, "cross_layer_window": 0},
-    "projection": {"enabled": True, "mode": "exact", "dims": 3, "sites": None, "norm_order": 2.0},
-    "clustering": {"enabled": True, "algo": "kmeans", "keep_fraction": 0.7, "eps": None, "min_samples": None},
-    "heatmaps": {"enabled": True, "layers": "0,-1"},
-    # every PruneConfig field (samples, seqlen and seed come from the calibration section)
-    "prune": {"enabled": True, **PruneConfig.recipe_defaults(exclude=CALIBRATION_KEYS)},
-    # every RecoverConfig field but the teacher (the recipe's model); data: the calibration text when None
-    "recover": {"enabled": False, "data": None, **RecoverConfig.recipe_defaults(exclude=("teacher",))},
-    "eval": {"enabled": True, "data": None, "seqlen": 1024, "max_windows": None, "tasks": [], "limit": None,
-             "dense": True},
-    # tasks: zero-shot tasks every sweep cell is also evaluated on (zeroshot = all eight), limit documents each
-    "sweep": {"enabled": False, "sparsities": [0.1, 0.2, 0.3, 0.4, 0.5], "select": ["wanda-sp"], "fold": ["lstsq"],
-              "calibration": ["sequential"], "max_windows": None, "tasks": [], "limit": None},
-    "skips": {"enabled": False, "min_r2": 0.95, "top_k": 4, "apply": False},
-    "trace": {"enabled": False, "prompt": "The capital of France is", "max_new_tokens": 16},
-    "export": {"enabled": False, "to": ["gguf"], "type": "f32"},
-    "report": {"enabled": True},
+    **{name: {**own, **cls.recipe_defaults(exclude=(*left_out, *own))} for name, (cls, left_out, own) in SECTIONS.items()},
 }
-FILES = {"data": ("calibration", "data"), "eval": ("eval", "data")}
+
+
+def section_config(r: dict, name: str, **extra):
+    """The recipe's section `name` as its stage's validated config (`extra`: settings from elsewhere)."""
+    cls, left_out, own = SECTIONS[name]
+    given = {k: v for k, v in r[name].items() if k not in own}
+    try:
+        return cls.make(**given, **extra)
+    except ConfigError as e:
+        where = "calibration" if e.field in CALIBRATION_KEYS and e.field in extra else name
+        raise NeuroprojError(f"recipe key '{where}.{e.field}': {e}") from None
 
 
 def prune_config(r: dict) -> PruneConfig:
     """The recipe's prune settings as one validated config."""
-    p = {k: v for k, v in r["prune"].items() if k != "enabled"}
-    try:
-        return PruneConfig.make(**p, **{k: r["calibration"][k] for k in CALIBRATION_KEYS})
-    except ConfigError as e:
-        section = "calibration" if e.field in CALIBRATION_KEYS else "prune"
-        raise NeuroprojError(f"recipe key '{section}.{e.field}': {e}") from None
+    return section_config(r, "prune", **{k: r["calibration"][k] for k in CALIBRATION_KEYS})
 
 
 def recover_config(r: dict) -> RecoverConfig:
     """The recipe's recover settings as one validated config (the teacher is the recipe's model)."""
-    try:
-        return RecoverConfig.make(**{k: v for k, v in r["recover"].items() if k not in ("enabled", "data")})
-    except ConfigError as e:
-        raise NeuroprojError(f"recipe key 'recover.{e.field}': {e}") from None
+    return section_config(r, "recover")
+
+
+def collect_config(r: dict) -> CollectConfig:
+    S, cal = r["stats"], r["calibration"]
+    return section_config(r, "stats", samples=S["samples"] or cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"])
 
 
 # ------------------------------------------------------------------------------------------ recipes
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes the package ships (package data), by name."""
+    folder = resources.files("neuroproj_prune") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".yaml")}
+
+
+def recipe_path(recipe) -> Path:
+    """A recipe given as a path, or by the name of a shipped one (`smollm2-135m`)."""
+    path = Path(recipe)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or "/" in str(recipe):
+        return path
+    shipped = shipped_recipes()
+    if str(recipe) in shipped:
+        return shipped[str(recipe)]
+    raise NeuroprojError(f"recipe {recipe!r} is neither a file nor a shipped recipe: give a path, or one of "
+                         f"{', '.join(shipped)}")
+
+
 def _set(d: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     known = DEFAULTS
@@ -104,11 +142,13 @@ def _set(d: dict, dotted: str, value) -> None:
 
 def load_recipe(path, overrides=()) -> dict:
     """Read, override (`key.sub=value`, value parsed as YAML), fill defaults and validate a recipe."""
-    path = Path(path)
+    path = recipe_path(path)
     if not path.is_file():
         raise NeuroprojError(f"recipe {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise NeuroprojError(f"recipe {path} is not UTF-8 text (a binary file?): give a YAML recipe") from None
     except yaml.YAMLError as e:
         raise NeuroprojError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -117,10 +157,16 @@ def load_recipe(path, overrides=()) -> dict:
         if "=" not in o:
             raise NeuroprojError(f"--set {o!r}: use key=value, e.g. prune.sparsity=0.2")
         k, v = o.split("=", 1)
-        _set(raw, k.strip(), yaml.safe_load(v))
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise NeuroprojError(f"--set {o!r}: the value is not YAML ({str(e).splitlines()[0]}); quote strings") from None
+        _set(raw, k.strip(), value)
     recipe = _merge(copy.deepcopy(DEFAULTS), raw, "")
     if "keep" in (raw.get("prune") or {}) and "sparsity" not in raw["prune"]:
         recipe["prune"]["sparsity"] = None  # keep K replaces the default sparsity
+    if "k" in (raw.get("clustering") or {}) and "keep_fraction" not in raw["clustering"]:
+        recipe["clustering"]["keep_fraction"] = None
     validate(recipe, path)
     return recipe
 
@@ -128,7 +174,7 @@ def load_recipe(path, overrides=()) -> dict:
 def _merge(base: dict, over: dict, prefix: str) -> dict:
     for k, v in over.items():
         name = f"{prefix}{k}"
-        if k not in base:
+        if not isinstance(k, str) or k not in base:
             raise NeuroprojError(f"recipe key {name!r} is unknown; known keys here: {', '.join(base)}")
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
@@ -160,6 +206,7 @@ def _check_type(name, default, v):
 
 
 def validate(r: dict, path) -> None:
+    """The whole recipe, every stage, before any model loads (see the module docstring)."""
     for key in ("model", "output_dir"):
         if not r[key]:
             raise NeuroprojError(f"recipe key {key!r} is required")
@@ -170,40 +217,41 @@ def validate(r: dict, path) -> None:
         looks_like_file = str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or str(v).startswith((".", "/", "~"))
         if v and looks_like_file and not Path(v).expanduser().is_file():  # else: a `datasets` name
             raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
-    prune_config(r)
-    recover_config(r)
+    pc = prune_config(r)
+    collect_config(r)
+    configs = {name: section_config(r, name) for name in SECTIONS if name not in ("prune", "stats")}
     if r["recover"]["enabled"] and not r["prune"]["enabled"]:
         raise NeuroprojError("recipe stage 'recover' trains the pruned model: enable prune too")
     if r["skips"]["enabled"] and not r["stats"]["cross_layer_window"]:
         raise NeuroprojError("recipe stage 'skips' needs cross-layer statistics: set stats.cross_layer_window >= 1")
-    for fmt in _as_list(r["export"]["to"]):
-        if fmt not in EXPORTERS:
-            raise NeuroprojError(f"recipe key 'export.to': unknown format {fmt!r} ({', '.join(EXPORTERS)})")
-    for s in r["sweep"]["sparsities"]:
+    for s in configs["sweep"].sparsities:
         try:
-            prune_config(r).replace(sparsity=s, keep=None)
+            pc.replace(sparsity=s, keep=None)
         except ConfigError as e:
             raise NeuroprojError(f"recipe key 'sweep.sparsities': {e}") from None
-    for section in ("eval", "sweep"):
+    if r["export"]["enabled"]:
+        for fmt in _as_list(r["export"]["to"]):
+            if fmt not in EXPORTERS:
+                raise NeuroprojError(f"recipe key 'export.to': {EXPORTERS.unknown(fmt)}")
+            types = GGUF_TYPES if fmt == "gguf" else HF_TYPES
+            if configs["export"].type not in types:
+                raise NeuroprojError(f"recipe key 'export.type': {configs['export'].type!r} is not a {fmt} type "
+                                     f"({', '.join(types)})")
+    if r["eval"]["enabled"] and configs["eval"].tasks:
         try:
-            check_limit(r[section]["limit"])
+            load_tasks(list(configs["eval"].tasks))   # names and data, before any model loads
         except NeuroprojError as e:
-            raise NeuroprojError(f"recipe key '{section}.limit': {e}") from None
-    try:
-        sweep_tasks = resolve(r["sweep"]["tasks"])
-    except NeuroprojError as e:
-        raise NeuroprojError(f"recipe key 'sweep.tasks': {e}") from None
-    if sweep_tasks or any(t == GROUP or t in TASKS for t in r["eval"]["tasks"]):
-        read_manifest(check=False)  # the zero-shot data is fetched (else one line saying how), before any work
-
-    try:
-        parse_sites(r["stats"]["sites"])
-    except NeuroprojError as e:
-        raise NeuroprojError(f"recipe key 'stats.sites': {e}") from None
-    if r["projection"]["mode"] not in ("exact", "minibatch"):
-        raise NeuroprojError("recipe key 'projection.mode' must be exact or minibatch")
-    if r["clustering"]["algo"] not in ("dbscan", "kmeans"):
-        raise NeuroprojError("recipe key 'clustering.algo' must be dbscan or kmeans")
+            raise NeuroprojError(f"recipe key 'eval.tasks': {e}") from None
+    if r["sweep"]["enabled"] and configs["sweep"].tasks:
+        load_tasks(list(configs["sweep"].tasks))
+    if r["heatmaps"]["enabled"] and r["stats"]["enabled"]:
+        config = model_config(r["model"])
+        L = adapter_for(config).config_layers(config)
+        for key, spec in (("heatmaps.layers", configs["heatmaps"].layers), ("stats.layers", r["stats"]["layers"])):
+            try:
+                parse_layers(spec, L)
+            except NeuroprojError as e:
+                raise NeuroprojError(f"recipe key '{key}': {e}") from None
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -231,8 +279,8 @@ class _State:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
-    """Run a recipe (path or dict already validated) end to end; returns {"ran": [...], "skipped": [...],
-    "output_dir": ...}. Cost: the sum of the stages that are not up to date."""
+    """Run a recipe (path, shipped name, or dict already validated) end to end; returns {"ran": [...],
+    "skipped": [...], "output_dir": ...}. Cost: the sum of the stages that are not up to date."""
     r = load_recipe(recipe, overrides) if not isinstance(recipe, dict) else recipe
     out = Path(r["output_dir"])
     check_writable(out)
@@ -274,33 +322,22 @@ def _run(r: dict, out: Path, progress, log) -> dict:
     S = r["stats"]
     stats_f = out / "stats.safetensors"
     h_stats = _hash("stats", model_key, cal, S)
-
-    def do_stats():
-        collect(lm(), cal["data"], samples=S["samples"] or cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"],
-                sites=S["sites"], layers=S["layers"], cross_layer_window=S["cross_layer_window"], out=stats_f,
-                progress=progress)
-
-    stage("stats", S["enabled"], h_stats, [stats_f], do_stats)
+    stage("stats", S["enabled"], h_stats, [stats_f],
+          lambda: collect(lm(), cal["data"], collect_config(r), out=stats_f, progress=progress))
 
     P = r["projection"]
     proj_f = out / "projections.safetensors"
     h_proj = _hash("projection", h_stats, P)
-
-    def do_projection():
-        project(stats_f, mode="exact", dims=P["dims"], site=P["sites"] or S["sites"], norm_order=P["norm_order"],
-                out=proj_f, progress=progress)
-
-    stage("projection", S["enabled"] and P["enabled"], h_proj, [proj_f], do_projection)
+    minibatch = {"model": lm, "data": cal["data"]} if P["mode"] == "minibatch" else {}
+    stage("projection", S["enabled"] and P["enabled"], h_proj, [proj_f],
+          lambda: project(stats_f, section_config(r, "projection"), out=proj_f, progress=progress,
+                          **{k: (v() if callable(v) else v) for k, v in minibatch.items()}))
 
     C = r["clustering"]
     clusters_f = out / "clusters.json"
     h_clu = _hash("clustering", h_proj, C)
-
-    def do_clustering():
-        kw = {"keep_fraction": C["keep_fraction"]} if C["algo"] == "kmeans" else {"eps": C["eps"]}
-        cluster(proj_f, algo=C["algo"], min_samples=C["min_samples"], stats=stats_f, model=lm(), out=clusters_f, **kw)
-
-    stage("clustering", S["enabled"] and P["enabled"] and C["enabled"], h_clu, [clusters_f], do_clustering)
+    stage("clustering", S["enabled"] and P["enabled"] and C["enabled"], h_clu, [clusters_f],
+          lambda: cluster(proj_f, section_config(r, "clustering"), stats=stats_f, model=lm(), out=clusters_f))
 
     Hm = r["heatmaps"]
     heat_d = out / "heatmaps"
@@ -309,8 +346,8 @@ def _run(r: dict, out: Path, progress, log) -> dict:
     def do_heatmaps():
         s = load_stats(stats_f)
         layers = [i for i in parse_layers(str(Hm["layers"]), s.meta["num_layers"]) if i in s.layers]
-        heatmaps(s, projections=proj_f if proj_f.exists() else None, layers=layers, out=heat_d, progress=progress,
-                 overwrite=True)
+        heatmaps(s, section_config(r, "heatmaps"), layers=",".join(map(str, layers)),
+                 projections=proj_f if proj_f.exists() else None, out=heat_d, progress=progress, overwrite=True)
 
     stage("heatmaps", S["enabled"] and Hm["enabled"], h_heat, [heat_d], do_heatmaps)
 
@@ -320,9 +357,7 @@ def _run(r: dict, out: Path, progress, log) -> dict:
     h_prune = _hash("prune", model_key, cal, Pr_key)
 
     def do_prune():
-
-        lm_p = _fresh_copy(lm())
-        prune(lm_p, cal["data"], prune_config(r), out=pruned_d, overwrite=True, progress=progress)
+        prune(_fresh_copy(lm()), cal["data"], prune_config(r), out=pruned_d, overwrite=True, progress=progress)
         shutil.copy(pruned_d / "plan.json", out / "plan.json")
 
     stage("prune", Pr["enabled"], h_prune, [pruned_d, out / "plan.json"], do_prune)
@@ -332,57 +367,43 @@ def _run(r: dict, out: Path, progress, log) -> dict:
     recovered_d = out / "recovered"
     rec_data = R["data"] or cal["data"]
     h_recover = _hash("recover", h_prune, model_key, rec_data, R)
-
-    def do_recover():
-        recover(pruned_d, rec_data, recovered_d, recover_config(r), teacher_model=lm(), overwrite=True,
-                device=r["device"], progress=progress, log=log)
-
     do_rec = R["enabled"] and Pr["enabled"]
-    stage("recover", do_rec, h_recover, [recovered_d], do_recover)
+    stage("recover", do_rec, h_recover, [recovered_d],
+          lambda: recover(pruned_d, rec_data, recovered_d, recover_config(r), teacher_model=lm(), overwrite=True,
+                          device=r["device"], progress=progress, log=log))
     final_d, h_final = (recovered_d, h_recover) if do_rec else (pruned_d, h_prune)
 
     E = r["eval"]
     eval_data = E["data"]
     if E["enabled"] and not eval_data:
         eval_data = default_eval_data()
-    ekw = dict(data=eval_data, seqlen=E["seqlen"], max_windows=E["max_windows"], tasks=E["tasks"] or None,
-               limit=E["limit"], progress=progress)
-
-    def do_eval_dense():
-        evaluate(lm(), json_out=out / "eval_dense.json", **ekw)
-
-    def do_eval():
-        evaluate(str(final_d), json_out=out / "eval.json", dtype=r["dtype"], device=r["device"], **ekw)
-
-    stage("eval_dense", E["enabled"] and E["dense"], _hash("eval", model_key, E), [out / "eval_dense.json"], do_eval_dense)
-    stage("eval", E["enabled"] and Pr["enabled"], _hash("eval", h_final, E), [out / "eval.json"], do_eval)
+    ecfg = section_config(r, "eval")
+    stage("eval_dense", E["enabled"] and E["dense"], _hash("eval", model_key, E), [out / "eval_dense.json"],
+          lambda: evaluate(lm(), ecfg, data=eval_data, json_out=out / "eval_dense.json", progress=progress))
+    stage("eval", E["enabled"] and Pr["enabled"], _hash("eval", h_final, E), [out / "eval.json"],
+          lambda: evaluate(str(final_d), ecfg, data=eval_data, json_out=out / "eval.json", dtype=r["dtype"],
+                           device=r["device"], progress=progress))
 
     Sw = r["sweep"]
 
     def do_sweep():
-        sweep(lm(), cal["data"], eval_data, sparsities=Sw["sparsities"], select=Sw["select"], fold=Sw["fold"],
-              calibration=Sw["calibration"], eval_seqlen=E["seqlen"], max_windows=Sw["max_windows"] or E["max_windows"],
-              tasks=Sw["tasks"], limit=Sw["limit"], config=prune_config(r), out=out / "sweep", progress=progress)
+        scfg = section_config(r, "sweep")
+        scfg = scfg.replace(eval_seqlen=scfg.eval_seqlen or ecfg.seqlen, max_windows=scfg.max_windows or ecfg.max_windows)
+        sweep(lm(), cal["data"], eval_data or default_eval_data(), scfg, prune_config=prune_config(r),
+              out=out / "sweep", progress=progress)
 
     stage("sweep", Sw["enabled"], _hash("sweep", model_key, cal, Pr_key, Sw, E), [out / "sweep" / "results.csv"],
           do_sweep)
 
     Sk = r["skips"]
-
-    def do_skips():
-        run_skips(stats_f, lm(), report=out / "skips", min_r2=Sk["min_r2"], top_k=Sk["top_k"],
-                  apply_out=(out / "skipped") if Sk["apply"] else None, overwrite=True, progress=progress)
-
     skip_outputs = [out / "skips"] + ([out / "skipped"] if Sk["apply"] else [])
-    stage("skips", Sk["enabled"] and S["enabled"], _hash("skips", h_stats, Sk), skip_outputs, do_skips)
+    stage("skips", Sk["enabled"] and S["enabled"], _hash("skips", h_stats, Sk), skip_outputs,
+          lambda: run_skips(stats_f, lm(), section_config(r, "skips"), report=out / "skips",
+                            apply_out=(out / "skipped") if Sk["apply"] else None, overwrite=True, progress=progress))
 
     T = r["trace"]
-
-    def do_trace():
-        trace(lm(), projections=proj_f, prompt=T["prompt"], max_new_tokens=T["max_new_tokens"],
-              out=out / "trace.safetensors")
-
-    stage("trace", T["enabled"] and proj_f.exists(), _hash("trace", h_proj, T), [out / "trace.safetensors"], do_trace)
+    stage("trace", T["enabled"] and proj_f.exists(), _hash("trace", h_proj, T), [out / "trace.safetensors"],
+          lambda: trace(lm(), proj_f, config=section_config(r, "trace"), out=out / "trace.safetensors"))
 
     # export: the pruned checkpoint in other runtimes' formats (export/model.gguf, export/nemotron-nas, ...)
     X = r["export"]
@@ -390,16 +411,13 @@ def _run(r: dict, out: Path, progress, log) -> dict:
 
     def do_export():
         for fmt, path in x_outs.items():
-            export(str(final_d), fmt, path, type=X["type"], overwrite=True)
+            export(str(final_d), fmt, path, section_config(r, "export"), overwrite=True)
 
     stage("export", X["enabled"] and Pr["enabled"], _hash("export", h_final, X), list(x_outs.values()), do_export)
 
-    def do_report():
-        view(out, out=out / "report.html")
-
     if r["report"]["enabled"]:  # cheap, and it reads everything: always rendered
         log("[run] report ...")
-        do_report()
+        view(out, out / "report.html", section_config(r, "report"))
         st.ran.append("report")
     return {"output_dir": str(out), "ran": st.ran, "skipped": st.skipped}
 

@@ -26,23 +26,16 @@ import csv
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config, ConfigError, opt
 from .errors import NeuroprojError
 from .evaluate import check_limit, model_context, perplexity, task_scores
 from .evaluate.tasks import HEADLINE, TASKS, resolve, summary as zeroshot_summary, yaml_dir
 from .model import LoadedModel, load_model, num_params
-from .prune import ALLOCATIONS, PruneConfig, prune
+from .prune import ALLOCATIONS, CALIBRATIONS, FOLDS, SELECTORS, PruneConfig, prune
 from .stats import collect, eval_windows, load_stats
-
-
-def _parse_list(v, cast=str) -> list:
-    if isinstance(v, str):
-        v = [x.strip() for x in v.split(",") if x.strip()]
-    try:
-        return [cast(x) for x in v]
-    except (TypeError, ValueError):
-        raise NeuroprojError(f"cannot read {v!r} as a comma list of {cast.__name__} values") from None
 
 
 def method_name(select, fold, calibration, allocation="uniform") -> str:
@@ -53,23 +46,61 @@ def cell_key(select, fold, calibration, sparsity, allocation="uniform") -> str:
     return f"{method_name(select, fold, calibration, allocation)}@{sparsity:g}"
 
 
-def sweep(model, data, eval_data, *, sparsities, select="wanda-sp", fold="lstsq", calibration="sequential", out,
-          methods=None, eval_seqlen: int | None = None, max_windows: int | None = None, tasks=None,
-          limit: int | float | None = None, dtype="auto", device="auto", progress: bool = True,
-          config: PruneConfig | None = None, **settings) -> list[dict]:
-    """Run (or resume) a sweep in directory `out`; returns all cells (dense first). Each cell is `config`
-    (or the `PruneConfig` fields in `settings`: multiple, target, samples, ...) with its own selection, fold,
-    calibration, allocation and sparsity. `tasks`: zero-shot tasks every cell is also evaluated on (comma
-    string or list; `zeroshot`: all eight), `limit` documents of each (see the module docstring)."""
-    base = config.replace(**settings) if config is not None else PruneConfig.make(**settings)
-    names, limit = resolve(tasks), check_limit(limit)
+SWEPT = ("sparsity", "keep", "select", "fold", "calibration", "allocation")  # per cell; the rest of PruneConfig is shared
+
+
+@dataclass
+class SweepConfig(Config):
+    """The settings of `sweep` itself (CLI flags, the recipe's `sweep` section, keywords of `sweep()`); the
+    settings every cell shares are a `PruneConfig` (all its fields but the swept ones)."""
+
+    what = "sweep"
+
+    sparsities: tuple = opt((0.1, 0.2, 0.3, 0.4, 0.5), "comma list of sparsities", item=float, ge=0.0, lt=1.0)
+    select: tuple = opt(("wanda-sp",), "comma list of selection methods", lambda: SELECTORS, item=str)
+    fold: tuple = opt(("lstsq",), "comma list of folds", lambda: FOLDS, item=str)
+    calibration: tuple = opt(("sequential",), "comma list of calibrations", lambda: CALIBRATIONS, item=str)
+    methods: tuple | None = opt(None, "explicit comma list of SELECT+FOLD[+CALIBRATION[+ALLOCATION]] (e.g. "
+                                "flap+bias+oneshot,wanda-sp+lstsq+sequential+global) instead of the --select x --fold "
+                                "x --calibration cross product (allocation uniform unless named)", kind=list, item=str)
+    eval_seqlen: int | None = opt(None, "evaluation window (default min(2048, context))", kind=int, ge=2)
+    max_windows: int | None = opt(None, "evaluate only the first K windows", kind=int, ge=1)
+    tasks: tuple | None = opt(None, "also run every cell's model through these zero-shot tasks: zeroshot (all eight) "
+                              "or a comma list of lambada_openai,hellaswag,piqa,winogrande,boolq,arc_easy,"
+                              "arc_challenge,openbookqa (a finished cell gains missing tasks on a re-run)", kind=list,
+                              item=str)
+    limit: float | None = opt(None, "with --tasks: the first N documents per task (a fraction when < 1)", kind=float,
+                              gt=0.0)
+
+    def check(self) -> None:
+        try:
+            self.limit = check_limit(self.limit)
+            resolve(self.tasks)
+        except NeuroprojError as e:
+            raise ConfigError("limit" if "limit" in str(e) else "tasks", str(e)) from None
+        if self.limit is not None and not self.tasks:
+            raise ConfigError("limit", "--limit counts zero-shot documents: give --tasks too")
+
+
+def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_config: PruneConfig | None = None,
+          out, dtype="auto", device="auto", progress: bool = True, **settings) -> list[dict]:
+    """Run (or resume) a sweep in directory `out`; returns all cells (dense first). `config` (or the
+    `SweepConfig` fields as keywords: sparsities, select, fold, calibration, methods, eval_seqlen, max_windows,
+    tasks, limit) says which cells; each cell is `prune_config` (or the other `PruneConfig` fields in `settings`:
+    multiple, target, samples, ...) with its own selection, fold, calibration, allocation and sparsity. `tasks`:
+    zero-shot tasks every cell is also evaluated on (`zeroshot`: all eight), `limit` documents of each (see the
+    module docstring)."""
+    own = {k: v for k, v in settings.items() if k in SweepConfig.field_names()}
+    shared = {k: v for k, v in settings.items() if k not in own}
+    cfg = config.replace(**own) if config is not None else SweepConfig.make(**own)
+    base = prune_config.replace(**shared) if prune_config is not None else PruneConfig.make(**shared)
+    names, limit, eval_seqlen, max_windows = resolve(cfg.tasks), cfg.limit, cfg.eval_seqlen, cfg.max_windows
     if names:
         yaml_dir()  # the task data is fetched and intact (else one line saying how), before any work
-    sparsities = _parse_list(sparsities, float)
-    selects, folds, calibrations = _parse_list(select), _parse_list(fold), _parse_list(calibration)
-    if methods:  # explicit select+fold[+calibration[+allocation]] instead of the cross product
+    sparsities, selects, folds, calibrations = cfg.sparsities, cfg.select, cfg.fold, cfg.calibration
+    if cfg.methods:  # explicit select+fold[+calibration[+allocation]] instead of the cross product
         combos = []
-        for m in _parse_list(methods):
+        for m in cfg.methods:
             parts = m.split("+")
             if len(parts) not in (2, 3, 4):
                 raise NeuroprojError(f"method {m!r}: write SELECT+FOLD[+CALIBRATION[+{'|'.join(ALLOCATIONS)}]]")

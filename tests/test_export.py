@@ -251,10 +251,11 @@ def test_recipe_export_stage_is_validated(tmp_path):
 
     from conftest import C4
 
-    assert DEFAULTS["export"] == {"enabled": False, "to": ["gguf"], "type": "f32"}
+    assert DEFAULTS["export"] == {"enabled": False, "to": ["gguf"], "type": "f32", "verify": False,
+                                  "trust_remote_code": False}
     rec = tmp_path / "r.yaml"
     rec.write_text(f"model: smollm2-135m\noutput_dir: {tmp_path / 'run'}\ncalibration: {{data: {C4}}}\n"
                    "export: {enabled: true, to: [gguf, onnx]}\n")
-    with pytest.raises(NeuroprojError, match="export.to': unknown format 'onnx'"):
+    with pytest.raises(NeuroprojError, match="export.to': unknown export format 'onnx'"):
         load_recipe(rec)
     assert load_recipe(rec, ["export.to=gguf,nemotron-nas"])["export"]["to"] == ["gguf", "nemotron-nas"]

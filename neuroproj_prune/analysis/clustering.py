@@ -35,17 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..io import write_text
 from ..model import LoadedModel, load_model
+from ..registry import Registry
+from ..stats import SITES, Stats, energy, load_stats, parse_layers
 from .projection import load_projections
-from ..stats import Stats, energy, load_stats, parse_layers
 
 FORMAT = "neuroproj-prune/clusters/1"
-ALGOS = ("dbscan", "kmeans")
 METRICS = ("euclidean", "precomputed")
 SPACES = ("projection", "correlation")
-REPRESENTATIVES = ("medoid", "centroid", "energy")
 _BLOCK = 1 << 22  # elements of one block of pairwise distances (32 MiB in float64)
 
 
@@ -273,6 +273,62 @@ def _fill_empty(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- the core
+ALGORITHMS = Registry("clustering algo", "algo(A, X, D, N, metric, *, eps, min_samples, k, seed, n_init) -> "
+                                         "(labels (N,), eps used or None)")
+
+
+@ALGORITHMS.register("dbscan")
+def _dbscan(A, X, D, N, metric, *, eps, min_samples, k, seed, n_init):
+    """DBSCAN (`min_samples` default 5; `eps` from the knee of the k-distance curve when None)."""
+    if k is not None:
+        raise NeuroprojError("k / keep_fraction apply to kmeans, not dbscan")
+    min_samples = 5 if min_samples is None else int(min_samples)
+    if min_samples < 1:
+        raise NeuroprojError(f"min_samples must be >= 1, got {min_samples}")
+    if min_samples > N:
+        raise NeuroprojError(f"min_samples {min_samples} exceeds the {N} neurons of the layer")
+    if eps is None:
+        used_eps = knee_eps(k_distances(X, D, min_samples))
+    else:
+        used_eps = float(eps)
+        if not used_eps > 0 or not np.isfinite(used_eps):
+            raise NeuroprojError(f"eps must be a positive number, got {eps}")
+    from sklearn.cluster import DBSCAN
+
+    return DBSCAN(eps=used_eps, min_samples=min_samples, metric=metric).fit(A).labels_, used_eps
+
+
+@ALGORITHMS.register("kmeans")
+def _kmeans(A, X, D, N, metric, *, eps, min_samples, k, seed, n_init):
+    """k-means with k clusters (k-medoids on a precomputed distance matrix); empty clusters refilled."""
+    if eps is not None or min_samples is not None:
+        raise NeuroprojError("eps / min_samples apply to dbscan, not kmeans")
+    if k is None:
+        raise NeuroprojError("kmeans needs k (or keep_fraction): the number of neurons to keep")
+    if int(k) != k or not 1 <= int(k) <= N:
+        raise NeuroprojError(f"k must be an integer in [1, {N}] (the layer's neurons), got {k}")
+    k = int(k)
+    if D is not None:
+        return _kmedoids(D, k, seed), None
+    import warnings
+
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than k: refilled below
+        raw = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(X).labels_
+    return _fill_empty(X, raw.astype(np.int64), k), None
+
+
+REPRESENTATIVES = Registry("representative", "pick(idx, m, X, E) -> the kept neuron of a cluster (idx: its members, "
+                                             "m: the position of its medoid in idx)")
+REPRESENTATIVES.register("medoid", lambda idx, m, X, E: idx[m])
+REPRESENTATIVES.register("energy", lambda idx, m, X, E: idx[int(np.argmax(E[idx]))])
+REPRESENTATIVES.register("centroid", lambda idx, m, X, E: idx[int(np.argmin(np.linalg.norm(X[idx] - X[idx].mean(0),
+                                                                                            axis=1)))])
+
+
 def cluster_points(points, algo: str = "dbscan", *, eps: float | None = None, min_samples: int | None = None,
                    k: int | None = None, energy=None, representative: str | None = None,
                    metric: str = "euclidean", seed: int = 0, n_init="auto") -> LayerClusters:
@@ -289,8 +345,7 @@ def cluster_points(points, algo: str = "dbscan", *, eps: float | None = None, mi
     that memory stays O(N + 4M)). Precomputed: O(N²) time for everything but k-medoids, which is
     O(N·k + Σ_c s_c²) per iteration; memory is the N×N matrix plus DBSCAN's neighbourhoods.
     """
-    if algo not in ALGOS:
-        raise NeuroprojError(f"unknown clustering algo {algo!r}: choose dbscan or kmeans")
+    ALGORITHMS.check(algo)
     if metric not in METRICS:
         raise NeuroprojError(f"unknown metric {metric!r}: choose euclidean or precomputed")
     A = _as_array(points, "points")
@@ -310,51 +365,14 @@ def cluster_points(points, algo: str = "dbscan", *, eps: float | None = None, mi
             raise NeuroprojError(f"energy has {E.shape[0]} entries for {N} neurons")
     if representative is None:
         representative = "energy" if E is not None else "medoid"
-    if representative not in REPRESENTATIVES:
-        raise NeuroprojError(f"unknown representative {representative!r}: choose medoid, centroid or energy")
+    REPRESENTATIVES.check(representative)
     if representative == "energy" and E is None:
         raise NeuroprojError("energy representatives need the activation energy (statistics and the model)")
     if representative == "centroid" and D is not None:
         raise NeuroprojError("centroid representatives need coordinates, not a precomputed distance matrix")
 
-    used_eps = None
-    if algo == "dbscan":
-        if k is not None:
-            raise NeuroprojError("k / keep_fraction apply to kmeans, not dbscan")
-        min_samples = 5 if min_samples is None else int(min_samples)
-        if min_samples < 1:
-            raise NeuroprojError(f"min_samples must be >= 1, got {min_samples}")
-        if min_samples > N:
-            raise NeuroprojError(f"min_samples {min_samples} exceeds the {N} neurons of the layer")
-        if eps is None:
-            used_eps = knee_eps(k_distances(X, D, min_samples))
-        else:
-            used_eps = float(eps)
-            if not used_eps > 0 or not np.isfinite(used_eps):
-                raise NeuroprojError(f"eps must be a positive number, got {eps}")
-        from sklearn.cluster import DBSCAN
-
-        raw = DBSCAN(eps=used_eps, min_samples=min_samples, metric=metric).fit(A).labels_
-    else:
-        if eps is not None or min_samples is not None:
-            raise NeuroprojError("eps / min_samples apply to dbscan, not kmeans")
-        if k is None:
-            raise NeuroprojError("kmeans needs k (or keep_fraction): the number of neurons to keep")
-        if int(k) != k or not 1 <= int(k) <= N:
-            raise NeuroprojError(f"k must be an integer in [1, {N}] (the layer's neurons), got {k}")
-        k = int(k)
-        if D is not None:
-            raw = _kmedoids(D, k, seed)
-        else:
-            import warnings
-
-            from sklearn.cluster import KMeans
-            from sklearn.exceptions import ConvergenceWarning
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than k: refilled below
-                raw = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(X).labels_
-            raw = _fill_empty(X, raw.astype(np.int64), k)
+    raw, used_eps = ALGORITHMS[algo](A, X, D, N, metric, eps=eps, min_samples=min_samples, k=k, seed=seed,
+                                     n_init=n_init)
     raw = np.asarray(raw, dtype=np.int64)
 
     # per cluster: medoid, spread, density, representative
@@ -365,12 +383,7 @@ def cluster_points(points, algo: str = "dbscan", *, eps: float | None = None, mi
         summed = _summed_distances(X, D, idx)
         m = int(np.argmin(summed))
         spread = float(summed[m] / (s - 1)) if s > 1 else 0.0
-        if representative == "medoid":
-            rep = idx[m]
-        elif representative == "energy":
-            rep = idx[int(np.argmax(E[idx]))]
-        else:
-            rep = idx[int(np.argmin(np.linalg.norm(X[idx] - X[idx].mean(0), axis=1)))]
+        rep = REPRESENTATIVES[representative](idx, m, X, E)
         info.append((int(c), idx, s, spread, s / max(spread, 1e-9), int(rep)))
     info.sort(key=lambda t: (-t[2], -t[4], int(t[1][0])))
 
@@ -382,7 +395,8 @@ def cluster_points(points, algo: str = "dbscan", *, eps: float | None = None, mi
     return LayerClusters(
         labels=labels, poles=poles, representatives={p.id: p.representative for p in poles},
         noise=np.flatnonzero(labels < 0).astype(np.int64), eps=used_eps, algo=algo, metric=metric,
-        representative=representative, min_samples=min_samples if algo == "dbscan" else None,
+        representative=representative, min_samples=(5 if min_samples is None else int(min_samples))
+        if algo == "dbscan" else None,
         k=k if algo == "kmeans" else None)
 
 
@@ -466,36 +480,61 @@ def _energy(st, lm, layer, site, N):
     return energy(e2, W).numpy()
 
 
-def cluster(projections=None, *, algo: str = "dbscan", eps: float | None = None, min_samples: int | None = None,
-            k: int | None = None, keep_fraction: float | None = None, site: str = "mlp.neurons", layers=None,
-            stats=None, model=None, space: str = "projection", representative: str = "auto", seed: int = 0,
-            compare: bool = False, out=None, progress: bool = False) -> Clusters:
+@dataclass
+class ClusterConfig(Config):
+    """Every setting of `cluster` (CLI flags, the recipe's `clustering` section, keywords of `cluster()`)."""
+
+    what = "cluster"
+
+    algo: str = opt("kmeans", "clustering algorithm (kmeans: k clusters, one kept neuron each; dbscan: density "
+                    "poles)", lambda: ALGORITHMS)
+    k: int | None = opt(None, "kmeans: clusters (= neurons kept) per layer", kind=int, ge=1)
+    keep_fraction: float | None = opt(None, "kmeans: k = round(F * neurons) per layer (default 0.7 when k is not "
+                                      "given)", kind=float, gt=0.0, le=1.0)
+    eps: float | None = opt(None, "dbscan: radius (default: the knee of the k-distance curve)", kind=float, gt=0.0)
+    min_samples: int | None = opt(None, "dbscan: min_samples (default 5)", kind=int, ge=1)
+    site: str = opt("mlp.neurons", "the site clustered", SITES)
+    layers: str | None = opt(None, "layer SPEC such as 0-3,7 (default: every layer of the input)", kind=str)
+    space: str = opt("projection", "projection (the points) or correlation (1-|rho| from --stats, for comparison)",
+                     SPACES)
+    representative: str = opt("auto", "the kept neuron of each cluster: medoid, centroid, energy (the member with "
+                              "most E[h^2]*||w_out||^2) or auto (energy with --model and --stats, else medoid)",
+                              lambda: ("auto", *REPRESENTATIVES))
+    compare: bool = opt(False, "also cluster 1-|rho| from --stats and report the adjusted Rand index per layer")
+    seed: int = opt(0, "k-means initialisation", ge=0)
+
+    def check(self) -> None:
+        self.refuse_together("k", "keep_fraction")
+        if self.algo == "dbscan" and (self.k is not None or self.keep_fraction is not None):
+            raise ConfigError("k", "k / keep_fraction apply to kmeans, not dbscan")
+        if self.algo == "kmeans" and (self.eps is not None or self.min_samples is not None):
+            raise ConfigError("eps", "eps / min_samples apply to dbscan, not kmeans")
+
+    @property
+    def fraction(self) -> float | None:
+        """The kept fraction k-means uses when no k is given."""
+        if self.algo != "kmeans" or self.k is not None:
+            return None
+        return 0.7 if self.keep_fraction is None else self.keep_fraction
+
+
+def cluster(projections=None, config: ClusterConfig | None = None, *, stats=None, model=None, out=None,
+            progress: bool = False, **settings) -> Clusters:
     """Cluster every selected layer; returns `Clusters` (`{layer: LayerClusters}` with `.meta`).
 
     `projections`: a projections file or an object with `.get(layer, site)`, `.layers`, `.sites`, `.meta`
-    (may be None with `space="correlation"`). `space`: `projection` (Euclidean on the points) or
-    `correlation` (DBSCAN / k-medoids on `1 − |ρ|` from `stats`). `k` or `keep_fraction` (k = round(f·N),
-    at least 1) for kmeans. `stats` (path or Stats) gives E[h²] and ρ; `model` (spec or LoadedModel) gives
-    ‖w_out‖ — with both, representatives default to the most energetic member (`representative="auto"`),
-    else the medoid. `compare=True` (needs `stats`, projection space) also clusters `1 − |ρ|` with the same
-    parameters and stores the adjusted Rand index per layer as `agreement`. `out`: write one JSON file.
+    (may be None with `space="correlation"`). `config` (or the `ClusterConfig` fields as keywords) says how:
+    `space` `projection` (Euclidean on the points) or `correlation` (DBSCAN / k-medoids on `1 − |ρ|` from
+    `stats`); `k` or `keep_fraction` (k = round(f·N), at least 1) for kmeans. `stats` (path or Stats) gives E[h²]
+    and ρ; `model` (spec or LoadedModel) gives ‖w_out‖ — with both, representatives default to the most energetic
+    member (`representative="auto"`), else the medoid. `compare=True` (needs `stats`, projection space) also
+    clusters `1 − |ρ|` with the same parameters and stores the adjusted Rand index per layer as `agreement`.
+    `out`: write one JSON file. Cost: see `cluster_points`, per layer.
     """
-    if algo not in ALGOS:
-        raise NeuroprojError(f"unknown clustering algo {algo!r}: choose dbscan or kmeans")
-    if space not in SPACES:
-        raise NeuroprojError(f"unknown space {space!r}: choose projection or correlation")
-    if representative not in ("auto", *REPRESENTATIVES):
-        raise NeuroprojError(f"unknown representative {representative!r}: choose auto, medoid, centroid or energy")
-    if k is not None and keep_fraction is not None:
-        raise NeuroprojError("give k or keep_fraction, not both")
-    if keep_fraction is not None and not 0 < float(keep_fraction) <= 1:
-        raise NeuroprojError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    if algo == "kmeans" and k is None and keep_fraction is None:
-        raise NeuroprojError("kmeans needs k or keep_fraction (the neurons to keep per layer)")
-    if algo == "dbscan" and (k is not None or keep_fraction is not None):
-        raise NeuroprojError("k / keep_fraction apply to kmeans, not dbscan")
-    if algo == "kmeans" and (eps is not None or min_samples is not None):
-        raise NeuroprojError("eps / min_samples apply to dbscan, not kmeans")
+    cfg = config.replace(**settings) if config is not None else ClusterConfig.make(**settings)
+    algo, eps, min_samples, k, keep_fraction = cfg.algo, cfg.eps, cfg.min_samples, cfg.k, cfg.fraction
+    site, layers, space, representative, seed, compare = (cfg.site, cfg.layers, cfg.space, cfg.representative,
+                                                          cfg.seed, cfg.compare)
 
     proj, proj_path = (None, None)
     if projections is not None:

@@ -6,14 +6,16 @@ Each panel's title carries the band score: mean |ρ| over pairs within `band` po
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Config, opt
 from ..errors import NeuroprojError
 from ..io import atomic_dir, prepare_out_dir
+from ..stats import SITES, Stats, load_stats, parse_layers
 from .projection import Projections, fit_exact, load_projections
-from ..stats import Stats, load_stats, parse_layers
 
 
 def band_score(rho: torch.Tensor, order: torch.Tensor | None = None, band: int | None = None) -> float:
@@ -51,13 +53,27 @@ def projection_order(rho: torch.Tensor, P: torch.Tensor | None = None, **fit_kw)
     return P1[:, 0].argsort()
 
 
-def heatmaps(stats_or_path, *, projections=None, layers=None, site: str = "mlp.neurons", out="heatmaps",
-             band: int | None = None, max_pixels: int = 1024, progress: bool = True,
-             overwrite: bool = False) -> list[Path]:
+@dataclass
+class HeatmapConfig(Config):
+    """Every setting of `heatmap` (CLI flags, the recipe's `heatmaps` section, keywords of `heatmaps()`)."""
+
+    what = "heatmap"
+
+    layers: str = opt("0,-1", "layer SPEC such as 0-3,7 (negative indices count from the end)")
+    site: str = opt("mlp.neurons", "the site pictured", SITES)
+    band: int | None = opt(None, "band width of the reported mean |rho| (default N/32)", kind=int, ge=1)
+    max_pixels: int = opt(1024, "the picture's side at most (larger layers are block-averaged)", ge=16)
+
+
+def heatmaps(stats_or_path, config: HeatmapConfig | None = None, *, projections=None, out="heatmaps",
+             progress: bool = True, overwrite: bool = False, **settings) -> list[Path]:
     """Write `layer{i}-{site}.png` per chosen layer into the directory `out` (written whole, atomically; an
     existing non-empty one only with `overwrite`); returns the paths.  `projections`: a Projections or a path
-    (its 1-D points give the projection order; otherwise a 1-D fit is computed). Cost per layer: the N×N
-    correlation, a 1-D projection and a Fiedler vector (O(N³) eigensolve)."""
+    (its 1-D points give the projection order; otherwise a 1-D fit is computed). `config` (or the
+    `HeatmapConfig` fields as keywords) says which. Cost per layer: the N×N correlation, a 1-D projection and a
+    Fiedler vector (O(N³) eigensolve)."""
+    cfg = config.replace(**settings) if config is not None else HeatmapConfig.make(**settings)
+    layers, site, band, max_pixels = cfg.layers, cfg.site, cfg.band, cfg.max_pixels
     import matplotlib
 
     matplotlib.use("Agg")

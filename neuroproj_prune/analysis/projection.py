@@ -40,18 +40,22 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..io import TensorFile, load_tensors, save_tensors
 from ..model import LoadedModel, adapter_for, load_model
-from ..stats import (ActivationCapture, Stats, batches, calibration_ids, distributed, join_processes, load_stats,
+from ..stats import (SITES, ActivationCapture, Stats, batches, calibration_ids, distributed, join_processes, load_stats,
                      parse_layers, parse_sites)
 
 FORMAT = "neuroproj-prune/projection/1"
 INITS = ("cmds", "single_point", "rand", "randn")
+REFINES = ("smacof", "lbfgs", "adam")
+MODES = ("exact", "minibatch")
 DEFAULT_SITE = "mlp.neurons"
 
 
@@ -614,13 +618,52 @@ def _minibatch(lm, data, keys, *, dims, init, norm_order, lr, steps, epochs, sam
 
 
 # ------------------------------------------------------------------------------------------------ API
-def project(stats_or_path=None, *, mode: str = "exact", dims: int = 3, site=DEFAULT_SITE, layers=None,
-            norm_order: float = 2.0, init: str | None = None, out=None, model=None, data=None,
-            refine: str | None = None, max_iter: int = 300, tol: float = 1e-5, samples: int = 128,
-            seqlen: int = 512, seed: int = 0, batch_size: int | None = None, lr: float = 1e-2,
-            steps: int | None = None, epochs: int = 1, checkpoint_every: int = 0, checkpoint_dir=None,
-            resume: bool = False, log_dir=None, dtype="auto", device="auto", progress: bool = True) -> Projections:
-    """Project the neurons of each (layer, site) to R^dims and (with `out`) save the points.
+@dataclass
+class ProjectConfig(Config):
+    """Every setting of `project` (CLI flags, the recipe's `projection` section, keywords of `project()`)."""
+
+    what = "project"
+
+    mode: str = opt("exact", "exact: fit a statistics file's whole-dataset correlation (classical MDS, then SMACOF, "
+                    "L-BFGS or Adam); minibatch: the seed method, per-batch correlations and Adam steps on --model "
+                    "and --data", MODES)
+    dims: int = opt(3, "dimension n of the points (1 gives an ordering)", ge=1)
+    site: tuple | None = opt(None, "comma list of sites (default: every site of the statistics in exact mode, "
+                             "mlp.neurons in minibatch mode)", SITES, kind=list, item=str)
+    layers: str | None = opt(None, "layer SPEC such as 0-3,7 (default: every layer of the statistics)", kind=str)
+    norm_order: float = opt(2.0, "q of the distance ||p_i - p_j||_q", ge=1.0)
+    init: str | None = opt(None, "initial points (default: cmds in exact mode, randn in minibatch mode)", INITS,
+                           kind=str)
+    refine: str | None = opt(None, "exact mode: smacof, lbfgs or adam (default smacof for q = 2, else lbfgs)",
+                             REFINES, kind=str)
+    max_iter: int = opt(300, "exact mode: iteration limit", ge=1)
+    tol: float = opt(1e-5, "exact mode: stop at a relative stress decrease below this", gt=0.0)
+    samples: int = opt(128, "minibatch mode: calibration windows", ge=1)
+    seqlen: int = opt(512, "minibatch mode: tokens per window", ge=2)
+    seed: int = opt(0, "windows drawn, initial points", ge=0)
+    batch_size: int | None = opt(None, "minibatch mode: windows per batch (default ~2048 tokens)", kind=int, ge=1)
+    lr: float = opt(1e-2, "minibatch mode: Adam learning rate", gt=0.0)
+    steps: int | None = opt(None, "minibatch mode: Adam steps (default: --epochs passes)", kind=int, ge=1)
+    epochs: int = opt(1, "minibatch mode: passes over the batches", ge=1)
+    checkpoint_every: int = opt(0, "minibatch mode: write a resumable checkpoint every K steps (0: none)", ge=0)
+    checkpoint_dir: str | None = opt(None, "minibatch mode: where the checkpoints go", kind=str)
+    resume: bool = opt(False, "minibatch mode: continue from the latest checkpoint in --checkpoint-dir")
+    log_dir: str | None = opt(None, "minibatch mode: loss.jsonl (and TensorBoard events if installed)", kind=str)
+
+    def check(self) -> None:
+        if self.refine == "smacof" and self.norm_order != 2:
+            raise ConfigError("refine", "SMACOF needs --norm-order 2; use --refine lbfgs or adam for other norms")
+        if self.init == "cmds" and self.mode == "minibatch":
+            raise ConfigError("init", "init cmds needs the whole correlation (exact mode): use --init "
+                              "single_point, rand or randn in minibatch mode")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
+            raise ConfigError("checkpoint_dir", "--checkpoint-every and --resume need --checkpoint-dir")
+
+
+def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None, model=None, data=None,
+            dtype="auto", device="auto", progress: bool = True, **settings) -> Projections:
+    """Project the neurons of each (layer, site) to R^dims and (with `out`) save the points. `config` (or the
+    `ProjectConfig` fields as keywords) says how.
 
     `mode='exact'`: fit to the whole-dataset correlation of a stats file (`stats_or_path`: a Stats or a path),
     classical-MDS init (`init='cmds'`) then SMACOF (q = 2) / L-BFGS or Adam (`refine`), stopping on a
@@ -630,13 +673,17 @@ def project(stats_or_path=None, *, mode: str = "exact", dims: int = 3, site=DEFA
     single_point|rand|randn (default randn), checkpoints every `checkpoint_every` steps in `checkpoint_dir`
     (`resume=True` continues).  With a stats file too, layers default to its layers and the reported stress
     is against its whole-dataset ρ; without, against the mean per-batch ρ of the last epoch.
+    Cost: exact — O(N²) memory and O(N²·dims) per iteration per layer; minibatch — one forward pass per batch plus
+    a per-batch correlation (B·T·N²) and an Adam step per layer.
     """
-    if mode not in ("exact", "minibatch"):
-        raise NeuroprojError(f"unknown --mode {mode!r}: choose exact or minibatch")
-    sites = parse_sites(site)
+    cfg = config.replace(**settings) if config is not None else ProjectConfig.make(**settings)
+    mode, dims, layers, norm_order, init, refine = cfg.mode, cfg.dims, cfg.layers, cfg.norm_order, cfg.init, cfg.refine
+    max_iter, tol, seed = cfg.max_iter, cfg.tol, cfg.seed
     stats = None
     if stats_or_path is not None:
         stats = stats_or_path if isinstance(stats_or_path, Stats) else load_stats(stats_or_path)
+    default = stats.sites if stats is not None and mode == "exact" else [DEFAULT_SITE]
+    sites = parse_sites(cfg.site) if cfg.site else default
     t0 = time.time()
     tensors, stress, extra = {}, {}, {}
     if mode == "exact":
@@ -674,14 +721,15 @@ def project(stats_or_path=None, *, mode: str = "exact", dims: int = 3, site=DEFA
         lay = parse_layers(layers if layers is not None else (stats.layers if stats is not None else None), L)
         keys = [(i, s) for i in lay for s in sites]
         points, mean_rho, fitter, desc, total = _minibatch(
-            lm, data, keys, dims=dims, init=init, norm_order=norm_order, lr=lr, steps=steps, epochs=epochs,
-            samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size, checkpoint_every=checkpoint_every,
-            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, log_dir=log_dir, device=device)
+            lm, data, keys, dims=dims, init=init, norm_order=norm_order, lr=cfg.lr, steps=cfg.steps,
+            epochs=cfg.epochs, samples=cfg.samples, seqlen=cfg.seqlen, seed=seed, batch_size=cfg.batch_size,
+            checkpoint_every=cfg.checkpoint_every, checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume,
+            progress=progress, log_dir=cfg.log_dir, device=device)
         for (i, s), P in points.items():
             tensors[f"layer.{i}.{s}"] = P
             ref = stats.correlation(i, s) if stats is not None and s in stats.sites and i in stats.layers else mean_rho[(i, s)]
             stress[f"{i}/{s}"] = normalised_stress(P, ref, norm_order)
-        extra = {"lr": lr, "steps": total, "losses": fitter.losses, "data": desc,
+        extra = {"lr": cfg.lr, "steps": total, "losses": fitter.losses, "data": desc,
                  "stress_reference": "stats correlation" if stats is not None else "mean per-batch correlation (last epoch)"}
     meta = {
         "format": FORMAT, "mode": mode, "method": "stress minimization, δ = 1 − ρ (dead neurons: δ = 1)",

@@ -49,15 +49,56 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..evaluate import perplexity
 from ..io import atomic_dir, prepare_out_dir
 from ..model import LoadedModel, adapter_for, load_model, mlp_macs, num_params, save_pruned, update_config
 from ..model.skip_modules import SKIPS_ATTR, SkipModule, detach_skips, get_skips, total_mlp_macs_per_token
+from ..registry import Registry
 from ..stats import ActivationCapture, batches, calibration_ids, load_stats, parse_layers
 
-PREDICTORS = ("single", "topk")
 DEFAULT_THRESHOLDS = (0.9, 0.95, 0.99)
+PREDICTORS = Registry("predictor", "a predictor class: `table` (the report's attribute holding its per-target "
+                                   "tensors), `k(report)` sources per neuron, `sources(d, j)`, `coef(d, j)`")
+
+
+@PREDICTORS.register("single")
+class Single:
+    """The earlier neuron with the largest |ρ|: h_m,j ≈ slope·h_l,i + intercept."""
+
+    table = "single"
+
+    @staticmethod
+    def k(report) -> int:
+        return 1
+
+    @staticmethod
+    def sources(d, j) -> list[tuple[int, int]]:
+        return [(int(d["src_layer"][j]), int(d["src_index"][j]))]
+
+    @staticmethod
+    def coef(d, j) -> list[float]:
+        return [float(d["slope"][j])]
+
+
+@PREDICTORS.register("topk")
+class TopK:
+    """Ridge regression on the k earlier neurons with the largest |ρ|."""
+
+    table = "topk"
+
+    @staticmethod
+    def k(report) -> int:
+        return int(report.meta["top_k"])
+
+    @staticmethod
+    def sources(d, j) -> list[tuple[int, int]]:
+        return [(int(l), int(i)) for l, i in zip(d["src_layer"][j].tolist(), d["src_index"][j].tolist())]
+
+    @staticmethod
+    def coef(d, j) -> list[float]:
+        return d["coef"][j].tolist()
 
 
 # ------------------------------------------------------------------------------------------- analysis
@@ -86,23 +127,19 @@ class SkipReport:
         return r.masked_fill(self.dead[m], -math.inf)
 
     def _pred(self, predictor):
-        if predictor not in PREDICTORS:
-            raise NeuroprojError(f"unknown predictor {predictor!r}: choose single or topk")
-        if predictor == "topk" and not self.topk:
-            raise NeuroprojError("the report has no top-k predictors (top_k < 2)")
-        return self.single if predictor == "single" else self.topk
+        table = getattr(self, PREDICTORS[predictor].table)
+        if not table:
+            raise NeuroprojError(f"the report has no {predictor} predictors (top_k < 2)")
+        return table
 
     def k(self, predictor: str) -> int:
-        return 1 if predictor == "single" else int(self.meta["top_k"])
+        return PREDICTORS[predictor].k(self)
 
     def macs_saved_per_neuron(self, predictor: str) -> int:
         return int(self.meta["n_in"]) * int(self.meta["hidden_size"]) - self.k(predictor)
 
     def sources(self, m: int, j: int, predictor: str) -> list[tuple[int, int]]:
-        d = self._pred(predictor)[m]
-        if predictor == "single":
-            return [(int(d["src_layer"][j]), int(d["src_index"][j]))]
-        return [(int(l), int(i)) for l, i in zip(d["src_layer"][j].tolist(), d["src_index"][j].tolist())]
+        return PREDICTORS[predictor].sources(self._pred(predictor)[m], j)
 
     def counts(self, thresholds=DEFAULT_THRESHOLDS, predictor: str = "single") -> dict[int, list[int]]:
         """Per target layer: how many neurons reach each R² threshold (before the selection rules)."""
@@ -127,7 +164,7 @@ class SkipReport:
                     continue
                 d = self._pred(predictor)[m]
                 out.append({"target": m, "neuron": j, "r2": float(r2[j]), "sources": src,
-                            "coef": ([float(d["slope"][j])] if predictor == "single" else d["coef"][j].tolist()),
+                            "coef": PREDICTORS[predictor].coef(d, j),
                             "intercept": float(d["intercept"][j]), "predictor": predictor})
                 n += 1
             skipped.update((c["target"], c["neuron"]) for c in out if c["target"] == m)
@@ -175,7 +212,7 @@ class SkipReport:
                       "r2_source": "heldout" if self._pred(p)[self.targets[0]].get("r2_heldout") is not None else "fit"}
         return out
 
-    def save(self, out_dir, *, min_r2: float = 0.9, thresholds=DEFAULT_THRESHOLDS, extra: dict | None = None) -> Path:
+    def save(self, out_dir, *, min_r2: float = 0.95, thresholds=DEFAULT_THRESHOLDS, extra: dict | None = None) -> Path:
         """skips.json (meta, per-layer counts per threshold, selected candidates at min_r2), skips.csv (every
         neuron), skips.md, skips.png (layer×layer candidate counts, histogram of best R² per layer)."""
         table = self.summary_table(thresholds)
@@ -278,7 +315,7 @@ def _full_source_cov(stats, srcs):
     return C
 
 
-def find_skips(stats, *, min_r2: float = 0.9, top_k: int = 4, ridge: float = 1e-3, model=None, data=None,
+def find_skips(stats, *, min_r2: float = 0.95, top_k: int = 4, ridge: float = 1e-3, model=None, data=None,
                samples: int = 16, seqlen: int = 512, seed: int = 1, layers=None, progress: bool = True) -> SkipReport:
     """Best single earlier predictor and the top-k ridge predictor of every MLP neuron (see the module
     docstring). `stats`: a Stats with cross-layer blocks (or a path). `model` + `data`: held-out R² on
@@ -527,20 +564,45 @@ def apply_skips(model, report: SkipReport | None = None, *, chosen: list[dict] |
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def run_skips(stats, model, *, report, min_r2: float = 0.95, top_k: int = 4, ridge: float = 1e-3,
-              predictor: str = "single", max_per_layer: int | None = None, thresholds=DEFAULT_THRESHOLDS,
-              layers=None, data=None, samples: int = 16, seqlen: int = 512, seed: int = 1, apply_out=None,
-              overwrite: bool = False, eval_data=None, eval_seqlen: int | None = None,
-              max_windows: int | None = None, progress: bool = True) -> tuple[SkipReport, dict]:
-    """The `skips` stage: find the skips (held-out R² with `data`), optionally apply them to a copy of the
-    model and save it to `apply_out` (perplexity before/after on `eval_data`), and write the report
-    directory. Returns (report, applied summary or {})."""
-    if predictor not in PREDICTORS:
-        raise NeuroprojError(f"unknown predictor {predictor!r}: choose single or topk")
-    if predictor == "topk" and top_k < 2:
-        raise NeuroprojError("--predictor topk needs --top-k >= 2")
-    if not 0.0 <= min_r2 <= 1.0:
-        raise NeuroprojError(f"min_r2 must be in [0, 1] (got {min_r2})")
+@dataclass
+class SkipsConfig(Config):
+    """Every setting of `skips` (CLI flags, the recipe's `skips` section, keywords of `run_skips()`)."""
+
+    what = "skips"
+
+    min_r2: float = opt(0.95, "R² threshold of the candidates and of --apply", ge=0.0, le=1.0)
+    top_k: int = opt(4, "sources of the ridge predictor (1: the single predictor only)", ge=1)
+    ridge: float = opt(1e-3, "ridge of the top-k predictor, relative to the mean source variance", ge=0.0)
+    predictor: str = opt("single", "the predictor --apply uses", lambda: PREDICTORS)
+    max_per_layer: int | None = opt(None, "at most this many skipped neurons per target layer", kind=int, ge=1)
+    layers: str | None = opt(None, "target layer SPEC (default: every layer with a cross block)", kind=str)
+    thresholds: tuple = opt(DEFAULT_THRESHOLDS, "R² thresholds of the report table", item=float, ge=0.0, le=1.0)
+    samples: int = opt(16, "held-out windows for R² (with --data)", ge=1)
+    seqlen: int = opt(512, "tokens per held-out window", ge=2)
+    seed: int = opt(1, "held-out window seed (the statistics' seed is refused)", ge=0)
+    apply: bool = opt(False, "rewrite the model with the selected skips (real modules, restored by load_pruned)")
+    eval_seqlen: int | None = opt(None, "perplexity window before/after --apply (default min(2048, context))",
+                                  kind=int, ge=2)
+    max_windows: int | None = opt(None, "score only the first K perplexity windows", kind=int, ge=1)
+
+    def check(self) -> None:
+        if self.predictor == "topk" and self.top_k < 2:
+            raise ConfigError("predictor", "--predictor topk needs --top-k >= 2")
+
+
+def run_skips(stats, model, config: SkipsConfig | None = None, *, report, data=None, apply_out=None,
+              overwrite: bool = False, eval_data=None, progress: bool = True, **settings) -> tuple[SkipReport, dict]:
+    """The `skips` stage: find the skips (held-out R² with `data`), with `apply` apply them to a copy of the model
+    and save it to `apply_out` (perplexity before/after on `eval_data`), and write the report directory. `config`
+    (or the `SkipsConfig` fields as keywords) says how. Returns (report, applied summary or {})."""
+    cfg = config.replace(**settings) if config is not None else SkipsConfig.make(**settings)
+    min_r2, top_k, ridge, predictor, max_per_layer = cfg.min_r2, cfg.top_k, cfg.ridge, cfg.predictor, cfg.max_per_layer
+    thresholds, layers, samples, seqlen, seed = cfg.thresholds, cfg.layers, cfg.samples, cfg.seqlen, cfg.seed
+    eval_seqlen, max_windows = cfg.eval_seqlen, cfg.max_windows
+    if cfg.apply and apply_out is None:
+        raise NeuroprojError("--apply writes the skipped model: give its directory (--out)")
+    if apply_out is not None and not cfg.apply:
+        raise NeuroprojError("--out names the checkpoint --apply writes: add --apply, or drop --out")
     if apply_out is not None:
         if model is None:
             raise NeuroprojError("applying skips needs --model")

@@ -15,14 +15,16 @@ site the projections have; `input_ids` (T,) int64; metadata key `neuroproj_prune
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
+from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..io import TensorFile, load_tensors
 from ..model import LoadedModel, load_model
+from ..stats import SITES, ActivationCapture, parse_layers, parse_sites
 from .projection import Projections, load_projections
-from ..stats import ActivationCapture, parse_layers, parse_sites
 
 FORMAT = "neuroproj-prune/trace/1"
 
@@ -91,16 +93,42 @@ def capture_activations(model, input_ids: torch.Tensor, layers, sites) -> dict[t
     return acts
 
 
-def trace(model, projections, prompt: str, *, max_new_tokens: int = 32, sample: bool = False, seed: int = 0,
-          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, layers=None,
-          sites=None, out=None, dtype="auto", device="auto") -> Trace:
+@dataclass
+class TraceConfig(Config):
+    """Every setting of `trace` (CLI flags, the recipe's `trace` section, keywords of `trace()`)."""
+
+    what = "trace"
+
+    prompt: str = opt("The capital of France is", "prompt text")
+    max_new_tokens: int = opt(32, "tokens to generate (0: the prompt only)", ge=0)
+    sample: bool = opt(False, "sample instead of greedy decoding")
+    seed: int = opt(0, "sampling seed", ge=0)
+    temperature: float = opt(1.0, "sampling temperature", gt=0.0)
+    top_k: int | None = opt(None, "sampling: keep the k most likely tokens", kind=int, ge=1)
+    top_p: float | None = opt(None, "sampling: nucleus probability", kind=float, gt=0.0, le=1.0)
+    layers: str | None = opt(None, "layer SPEC subset of the projections' layers", kind=str)
+    sites: tuple | None = opt(None, "comma subset of the projections' sites", SITES, kind=list, item=str)
+
+    def check(self) -> None:
+        if not self.prompt.strip():
+            raise ConfigError("prompt", "give a non-empty --prompt")
+        if not self.sample and (self.top_k is not None or self.top_p is not None or self.temperature != 1.0):
+            raise ConfigError("sample", "--temperature, --top-k and --top-p shape sampling: add --sample, or drop "
+                              "them for greedy decoding")
+
+
+def trace(model, projections, prompt: str | None = None, config: TraceConfig | None = None, *, out=None,
+          dtype="auto", device="auto", **settings) -> Trace:
     """Generate from `prompt` and record the per-token activations of every layer and site the projections
     have (or `layers`/`sites`, a subset). `model`: a LoadedModel or a spec; `projections`: a Projections or
-    a path (its widths must match the model's). Greedy unless `sample=True` (then seeded with `seed`)."""
-    if max_new_tokens < 0:
-        raise NeuroprojError("--max-new-tokens must be >= 0")
-    if not prompt:
-        raise NeuroprojError("give a non-empty --prompt")
+    a path (its widths must match the model's). Greedy unless `sample=True` (then seeded with `seed`).
+    `config` (or the `TraceConfig` fields as keywords) says how. Cost: the generation plus one forward pass over
+    prompt and continuation; memory T × Σ widths float32 values."""
+    if prompt is not None:
+        settings["prompt"] = prompt
+    cfg = config.replace(**settings) if config is not None else TraceConfig.make(**settings)
+    prompt, max_new_tokens, sample, seed = cfg.prompt, cfg.max_new_tokens, cfg.sample, cfg.seed
+    temperature, top_k, top_p, layers, sites = cfg.temperature, cfg.top_k, cfg.top_p, cfg.layers, cfg.sites
     proj = projections if isinstance(projections, Projections) else load_projections(projections)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     a = lm.adapter

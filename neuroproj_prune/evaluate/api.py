@@ -2,22 +2,59 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Config, ConfigError, opt
+from ..errors import NeuroprojError
 from ..io import write_json
 from ..model import load_model
 from ..stats.data import read_text
 from .harness import check_limit, load_tasks, task_scores
+from .tasks import GROUP, TASKS
 from .perplexity import _device_of, _unpack, default_eval_data, perplexity
 
 
-def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows: int | None = None,
-             tasks=None, batch_size: int | None = None, limit: int | float | None = None,
-             num_fewshot: int | None = None, json_out=None, dtype="auto", device="auto", tokenizer=None,
-             include_path=None, progress: bool = True) -> dict:
-    """Perplexity and/or lm-eval tasks for one model; the `eval --json` format.
+@dataclass
+class EvalConfig(Config):
+    """Every setting of `eval` (CLI flags, the recipe's `eval` section, keywords of `evaluate()`)."""
+
+    what = "eval"
+
+    seqlen: int | None = opt(None, "window length for perplexity and lm-eval's max_length (default min(2048, model "
+                             "context))", kind=int, ge=2)
+    max_windows: int | None = opt(None, "score only the first K windows (a quick look)", kind=int, ge=1)
+    batch_size: int | None = opt(None, "windows per forward pass (default: ~8k tokens)", kind=int, ge=1)
+    tasks: tuple | None = opt(None, "comma list of lm-eval tasks, e.g. local_wikitext2,hellaswag; zeroshot: the eight "
+                              "zero-shot tasks (lambada_openai, hellaswag, piqa, winogrande, boolq, arc_easy, "
+                              "arc_challenge, openbookqa; offline after `neuroproj-prune tasks fetch`)", kind=list,
+                              item=str)
+    limit: float | None = opt(None, "lm-eval: the first N documents per task (a fraction when < 1)", kind=float,
+                              gt=0.0)
+    num_fewshot: int | None = opt(None, "lm-eval: few-shot examples (not for the zero-shot tasks, which have no "
+                                  "training split)", kind=int, ge=0)
+
+    def check(self) -> None:
+        try:
+            self.limit = check_limit(self.limit)
+        except NeuroprojError as e:
+            raise ConfigError("limit", str(e)) from None
+        if self.limit is not None and not self.tasks:
+            raise ConfigError("limit", "--limit counts lm-eval documents: give --tasks too")
+        if self.num_fewshot is not None and not self.tasks:
+            raise ConfigError("num_fewshot", "--num-fewshot applies to lm-eval tasks: give --tasks too")
+        zero = [t for t in self.tasks or () if t == GROUP or t in TASKS]
+        if self.num_fewshot and zero:
+            raise ConfigError("num_fewshot", f"the zero-shot tasks ({', '.join(zero)}) have no training split to draw "
+                              f"few-shot examples from: drop --num-fewshot or use --num-fewshot 0")
+
+
+def evaluate(model_or_spec, config: EvalConfig | None = None, *, data=None, json_out=None, dtype="auto",
+             device="auto", tokenizer=None, include_path=None, progress: bool = True, **settings) -> dict:
+    """Perplexity and/or lm-eval tasks for one model; the `eval --json` format. `config` (or the `EvalConfig`
+    fields as keywords: seqlen, max_windows, batch_size, tasks, limit, num_fewshot) says how.
 
     `model_or_spec`: a LoadedModel, a (model, tokenizer) pair, or anything `load_model` accepts (hub id,
     directory, .gguf, pruned directory, 'smollm2-135m'). Perplexity runs when `data` is given or no `tasks`
@@ -27,9 +64,12 @@ def evaluate(model_or_spec, *, data=None, seqlen: int | None = None, max_windows
 
     Returns `{"perplexity": {value, seqlen, windows, tokens, data, ...} | None,
     "lm_eval": {"tasks": ..., "groups": ..., "protocol": ...} | None, "model": {...}}`;
-    `json_out` writes it (atomically).
+    `json_out` writes it (atomically). Cost: one forward pass per window, one lm-eval run per task list.
     """
-    limit = check_limit(limit)
+    cfg = config.replace(**settings) if config is not None else EvalConfig.make(**settings)
+    seqlen, max_windows, batch_size, limit, num_fewshot = (cfg.seqlen, cfg.max_windows, cfg.batch_size, cfg.limit,
+                                                           cfg.num_fewshot)
+    tasks = list(cfg.tasks) if cfg.tasks else None
     task_objs = load_tasks(tasks, include_path) if tasks else None
     run_ppl = data is not None or not tasks
     if run_ppl and data is None:

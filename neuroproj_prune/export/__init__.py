@@ -26,46 +26,68 @@ Formats (one module each)
   gguf-py for every 2-D weight, token embedding / output in Q8_0). Q8_0 and Q4_0 quantize rows in blocks
   of 32: a width or hidden size that is not a multiple of 32 is refused (prune with `--multiple 32` or
   64), never silently kept in another type.
-
-Cost: one save of the weights and one conversion pass (SmolLM2-135M: ~5 s f32, ~60 s q4_0 in numpy).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..model import LoadedModel, load_model
 from . import gguf, hf, nemotron_nas  # noqa: F401 (each registers its format)
-from .common import EXPORTERS, features
+from .common import EXPORTERS, HF_TYPES, features
 from .gguf import GGUF_TYPES, llama_cpp_dir
 from .nemotron_nas import load_nemotron_nas, verify_nemotron_nas
 
-__all__ = ["EXPORTERS", "GGUF_TYPES", "export", "features", "llama_cpp_dir", "load_nemotron_nas", "verify_nemotron_nas"]
+TYPES = tuple(dict.fromkeys((*GGUF_TYPES, *HF_TYPES)))
+__all__ = ["ExportConfig", "TYPES", "EXPORTERS", "GGUF_TYPES", "export", "features", "llama_cpp_dir", "load_nemotron_nas", "verify_nemotron_nas"]
 
 
 def _exists(out: Path) -> bool:
     return out.is_file() or out.is_symlink() or (out.is_dir() and any(out.iterdir()))
 
 
-def export(model_or_dir, to: str, out, *, type: str = "f32", overwrite: bool = False,
-           trust_remote_code: bool = False, verify: bool = False) -> Path:
+@dataclass
+class ExportConfig(Config):
+    """Every setting of `export` (CLI flags, the recipe's `export` section, keywords of `export()`); the format
+    (`--to`) and the output are the command's arguments."""
+
+    what = "export"
+
+    type: str = opt("f32", "tensor type: gguf f32, f16, bf16, q8_0, q4_0; hf and nemotron-nas f32, f16, bf16",
+                    lambda: TYPES)
+    verify: bool = opt(False, "nemotron-nas: reload the export in transformers and require identical logits (needs "
+                       "--trust-remote-code)")
+    trust_remote_code: bool = opt(False, "allow --verify to run the modeling_decilm.py written beside the weights")
+
+    def check(self) -> None:
+        if self.verify and not self.trust_remote_code:
+            raise ConfigError("verify", "--verify loads the written modeling files: pass --trust-remote-code to "
+                              "allow that")
+
+
+def export(model_or_dir, to: str, out, config: ExportConfig | None = None, *, overwrite: bool = False,
+           **settings) -> Path:
     """Write `model_or_dir` (a LoadedModel, or anything `load_model` loads: a pruned directory, a hub id,
     `smollm2-135m`) in format `to` at `out`, atomically (temporary name beside `out`, renamed when complete).
+    `config` (or the `ExportConfig` fields as keywords: type, verify, trust_remote_code) says how.
 
     `verify` (nemotron-nas only) reloads the export with transformers and compares the logits of a short
     text with the source model, bit for bit; that executes the written modeling files, so it needs
-    `trust_remote_code=True`, which is never set implicitly."""
+    `trust_remote_code=True`, which is never set implicitly. Cost: one save of the weights and one conversion
+    pass (SmolLM2-135M: ~5 s f32, ~60 s q4_0 in numpy)."""
+    cfg = config.replace(**settings) if config is not None else ExportConfig.make(**settings)
+    type, verify, trust_remote_code = cfg.type, cfg.verify, cfg.trust_remote_code
     EXPORTERS.check(to)
     out = Path(out)
     if _exists(out) and not overwrite:
         raise NeuroprojError(f"output {out} exists: choose another --out or pass --overwrite")
     if verify and to != "nemotron-nas":
         raise NeuroprojError("--verify checks a nemotron-nas export (GGUF is checked in llama.cpp: eval/bench_inference.py)")
-    if verify and not trust_remote_code:
-        raise NeuroprojError("--verify loads the written modeling files: pass --trust-remote-code to allow that")
     lm = model_or_dir if isinstance(model_or_dir, LoadedModel) else load_model(str(model_or_dir), dtype="float32", device="cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")

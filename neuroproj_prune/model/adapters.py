@@ -25,6 +25,7 @@ class Adapter:
 
     model_types: tuple[str, ...] = ()
     width_key = "intermediate_size"
+    layers_key = "num_hidden_layers"
 
     # -- structure
     def layers(self, model) -> nn.ModuleList:
@@ -85,6 +86,10 @@ class Adapter:
 
     def config_width(self, config) -> int:
         return getattr(config, self.width_key)
+
+    def config_layers(self, config) -> int:
+        """The number of decoder layers a config says (before any weights are read)."""
+        return int(getattr(getattr(config, "config", config), self.layers_key))
 
     def set_config_width(self, config, width: int) -> None:
         setattr(config, self.width_key, int(width))
@@ -261,6 +266,7 @@ class GPT2Adapter(Adapter):
 
     model_types = ("gpt2",)
     width_key = "n_inner"
+    layers_key = "n_layer"
 
     context_keys = ("n_positions",)
 

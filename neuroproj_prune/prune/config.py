@@ -21,8 +21,9 @@ class PruneConfig(Config):
 
     what = "prune"
 
-    sparsity: float | None = opt(0.3, "fraction of MLP neurons to remove, in [0, 1)", kind=float, optional=True)
-    keep: int | None = opt(None, "neurons to keep per layer (instead of sparsity)", kind=int)
+    sparsity: float | None = opt(0.3, "fraction of MLP neurons to remove", kind=float, optional=True, ge=0.0, lt=1.0)
+    keep: int | None = opt(None, "neurons to keep per layer (instead of sparsity)", kind=int, ge=1,
+                           why="a layer would be pruned to zero width")
     select: str = opt("wanda-sp", "selection method (best measured: wanda-sp, eval/results/smollm2.md)",
                       lambda: SELECTORS)
     fold: str = opt("lstsq", "how removed neurons fold into the kept ones", lambda: FOLDS)
@@ -37,40 +38,40 @@ class PruneConfig(Config):
                          "error) or none", lambda: WEIGHTINGS)
     output_weighting: str = opt("none", "selection sees output errors scaled by the downstream norms' gains "
                                 "(norms) or not (none)", ("none", "norms"))
-    multiple: int = opt(64, "round widths to a multiple (1 = exact)")
-    ridge: float = opt(RIDGE, "relative ridge of the least-squares solves (raised to 1e-2 on too few tokens)")
+    multiple: int = opt(64, "round widths to a multiple (1 = exact)", ge=1)
+    ridge: float = opt(RIDGE, "relative ridge of the least-squares solves (raised to 1e-2 on too few tokens)", ge=0.0)
     add_bias: bool | None = opt(None, "let folds write an MLP output bias on architectures without one "
                                 "(default: only for the bias fold)", kind=bool)
-    samples: int = opt(128, "calibration windows")
-    seqlen: int = opt(512, "tokens per calibration window")
-    seed: int = opt(0, "which calibration windows are drawn; selection seeds")
-    batch_size: int | None = opt(None, "calibration windows per forward pass (default ~4096 tokens)", kind=int)
-    alloc_samples: int = opt(32, "global allocation: calibration windows that measure the error curves")
-    max_shift: float = opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one")
+    samples: int = opt(128, "calibration windows", ge=1)
+    seqlen: int = opt(512, "tokens per calibration window", ge=2)
+    seed: int = opt(0, "which calibration windows are drawn; selection seeds", ge=0)
+    batch_size: int | None = opt(None, "calibration windows per forward pass (default ~4096 tokens)", kind=int, ge=1)
+    alloc_samples: int = opt(32, "global allocation: calibration windows that measure the error curves", ge=1)
+    max_shift: float = opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one", gt=0.0, le=1.0)
     alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units, one backward pass) or "
                              "rms (no backward)", ("grad", "rms"))
     search_samples: int = opt(8, "allocation search: held-back calibration windows that score candidate widths "
-                              "(drawn beside the calibration windows, never used to fit)")
-    search_rounds: int = opt(6, "allocation search: forward + backward passes over the held-back windows")
+                              "(drawn beside the calibration windows, never used to fit)", ge=1)
+    search_rounds: int = opt(6, "allocation search: forward + backward passes over the held-back windows", ge=1)
     search_step: int = opt(32, "allocation search: neurons one move shifts between two layers (rounded up to "
-                           "the width multiple)")
+                           "the width multiple)", ge=1)
     search_pairs: int = opt(4, "allocation search: moves (one layer gains a grid step, another gives it) tried "
-                            "at once; halved when a round does not lower the loss")
+                            "at once; halved when a round does not lower the loss", ge=1)
     swaps: int = opt(0, "swap refinement: per layer, up to this many exact trials of single swaps (a kept neuron "
                      "out, a removed one in), proposed by the refit's error on the calibration windows and kept only "
-                     "where the error on held-back windows falls (0 = off; sequential, lstsq, target layer)")
+                     "where the error on held-back windows falls (0 = off; sequential, lstsq, target layer)", ge=0)
     swap_holdout: float = opt(0.125, "swap refinement: share of the calibration windows (whole batches) that "
-                              "judges the swaps")
+                              "judges the swaps", gt=0.0, lt=1.0)
     compute_dtype: str = opt("auto", "matmul precision of the calibration forwards of a float32 model: auto "
                              "(bfloat16 where fast: CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; "
                              "Grams and solves stay float64", COMPUTE_DTYPES)
     reconstruct: int = opt(0, "block reconstruction: Adam steps per layer that train the kept gate/up/down "
-                           "against the dense block's output after the fold (0 = off; sequential only)")
+                           "against the dense block's output after the fold (0 = off; sequential only)", ge=0)
     reconstruct_lr: float = opt(1e-3, "block reconstruction: peak learning rate (cosine decay; 1e-3 measured best of "
-                                "1e-4 / 3e-4 / 1e-3 / 3e-3 on two texts, eval/results/smollm2.md)")
-    reconstruct_tokens: int = opt(2048, "block reconstruction: tokens per step (scope mlp)")
+                                "1e-4 / 3e-4 / 1e-3 / 3e-3 on two texts, eval/results/smollm2.md)", gt=0.0)
+    reconstruct_tokens: int = opt(2048, "block reconstruction: tokens per step (scope mlp)", ge=1)
     reconstruct_holdout: float = opt(0.125, "block reconstruction: share of calibration windows held back "
-                                     "for early stopping")
+                                     "for early stopping", ge=0.0, lt=1.0)
     reconstruct_scope: str = opt("mlp", "block reconstruction: the MLP alone, or the whole decoder layer "
                                  "(attention included, one batch of windows per step)", lambda: RECONSTRUCT_SCOPES)
     offload: str = opt("auto", "where the decoder layers live during the sequential pass: none (all on the device), "
@@ -78,33 +79,15 @@ class PruneConfig(Config):
                        "files and written to --out one layer at a time) or auto (by free memory: "
                        "neuroproj_prune/offload.py gives the formula); the checkpoint is the same", lambda: ("auto", *OFFLOADS))
 
-    # -- validation (the one place; the types and choices are checked by Config.validate)
+    # -- rules between fields (types, choices and ranges are declared above and checked by Config.validate)
     def check(self) -> None:
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise ConfigError("sparsity", f"sparsity must be in [0, 1) (got {self.sparsity})")
-        if self.sparsity is not None and self.keep is not None:
-            raise ConfigError("keep", "give sparsity or keep, not both")
-        if self.keep is not None and self.keep < 1:
-            raise ConfigError("keep", f"keep {self.keep}: a layer would be pruned to zero width; keep at least 1 neuron")
-        self.at_least({"multiple": 1, "samples": 1, "seqlen": 2, "batch_size": 1, "alloc_samples": 1, "seed": 0,
-                       "reconstruct": 0, "reconstruct_tokens": 1, "swaps": 0, "search_samples": 1, "search_rounds": 1,
-                       "search_pairs": 1, "search_step": 1})
+        self.refuse_together("sparsity", "keep")
         if self.allocation == "search" and self.calibration != "sequential":
             raise ConfigError("allocation", "allocation search scores candidates with the sequential calibration's "
                               "data: use --calibration sequential or --allocation global")
         if self.swaps and (self.calibration != "sequential" or self.fold != "lstsq" or self.target != "layer"):
             raise ConfigError("swaps", "swap refinement judges the least-squares refit of each layer's own output on "
                               "held-back windows: use --calibration sequential --fold lstsq --target layer, or --swaps 0")
-        if not 0.0 < self.swap_holdout < 1.0:
-            raise ConfigError("swap_holdout", f"swap_holdout must be in (0, 1) (got {self.swap_holdout})")
-        if self.ridge < 0:
-            raise ConfigError("ridge", f"ridge must be >= 0 (got {self.ridge})")
-        if not 0.0 < self.max_shift <= 1.0:
-            raise ConfigError("max_shift", f"max_shift must be in (0, 1] (got {self.max_shift})")
-        if not self.reconstruct_lr > 0:
-            raise ConfigError("reconstruct_lr", f"reconstruct_lr must be > 0 (got {self.reconstruct_lr})")
-        if not 0.0 <= self.reconstruct_holdout < 1.0:
-            raise ConfigError("reconstruct_holdout", f"reconstruct_holdout must be in [0, 1) (got {self.reconstruct_holdout})")
         if self.reconstruct and self.calibration != "sequential":
             raise ConfigError("reconstruct", "block reconstruction runs in the sequential pass: use --calibration "
                               "sequential or --reconstruct 0")

@@ -71,46 +71,32 @@ class RecoverConfig(Config):
     teacher: str | None = opt(None, "dense teacher model (default: the `model` recorded in PRUNED_DIR/"
                               "prune_summary.json)", kind=str)
     tokens: int = opt(2_000_000, "training token budget: steps = tokens // (seqlen * batch_size * grad_accum); "
-                      "cost ~8 * parameters FLOPs per token")
-    seqlen: int = opt(512, "tokens per training window")
-    batch_size: int = opt(4, "windows per forward pass")
-    grad_accum: int = opt(2, "forward passes per optimizer step")
-    lr: float | None = opt(None, "peak learning rate of AdamW (default 1e-4 full, 2e-4 lora)", kind=float)
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup: float = opt(0.05, "share of the steps with a linear learning-rate warm-up, in [0, 1)")
+                      "cost ~8 * parameters FLOPs per token", ge=1)
+    seqlen: int = opt(512, "tokens per training window", ge=2)
+    batch_size: int = opt(4, "windows per forward pass", ge=1)
+    grad_accum: int = opt(2, "forward passes per optimizer step", ge=1)
+    lr: float | None = opt(None, "peak learning rate of AdamW (default 1e-4 full, 2e-4 lora)", kind=float, gt=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
+    warmup: float = opt(0.05, "share of the steps with a linear learning-rate warm-up, in [0, 1)", ge=0.0, lt=1.0)
     schedule: str = opt("cosine", "learning-rate decay after the warm-up", tuple(SCHEDULES))
-    temperature: float = opt(1.0, "distillation temperature T: loss T^2 * KL(softmax(teacher/T) || softmax(student/T))")
-    lm_weight: float = opt(0.0, "weight of the next-token cross-entropy added to the KL (0: pure distillation)")
+    temperature: float = opt(1.0, "distillation temperature T: loss T^2 * KL(softmax(teacher/T) || softmax(student/T))", gt=0.0)
+    lm_weight: float = opt(0.0, "weight of the next-token cross-entropy added to the KL (0: pure distillation)", ge=0.0)
     method: str = opt("full", "full (every parameter trains) or lora (low-rank adapters, merged at the end)",
                       ("full", "lora"))
-    lora_rank: int = opt(16, "lora: adapter rank r")
-    lora_alpha: float = opt(32.0, "lora: scale alpha (the update is alpha/r * B A)")
+    lora_rank: int = opt(16, "lora: adapter rank r", ge=1)
+    lora_alpha: float = opt(32.0, "lora: scale alpha (the update is alpha/r * B A)", gt=0.0)
     lora_targets: str = opt("mlp", "lora: the modules adapted: mlp (every MLP projection, where the pruning "
                             "acted), all-linear, or a comma list of module names such as q_proj,v_proj")
     dtype: str = opt("auto", "auto (bfloat16 autocast on CUDA, float32 on CPU), float32 or bfloat16 (autocast; "
                      "the trained weights stay float32)", ("auto", "float32", "bfloat16"))
-    seed: int = opt(0, "which windows are held out, the window order, the LoRA initialisation")
-    eval_every: int = opt(50, "steps between held-out evaluations (0: before and after training only)")
-    eval_windows: int = opt(16, "windows of the training text held out for evaluation (never trained on)")
+    seed: int = opt(0, "which windows are held out, the window order, the LoRA initialisation", ge=0)
+    eval_every: int = opt(50, "steps between held-out evaluations (0: before and after training only)", ge=0)
+    eval_windows: int = opt(16, "windows of the training text held out for evaluation (never trained on)", ge=1)
     keep: str = opt("best", "weights written: best (lowest held-out loss among the evaluations, the input "
                     "included) or last", ("best", "last"))
-    save_every: int = opt(100, "steps between resumable states in OUT/.recover_state (0: none)")
+    save_every: int = opt(100, "steps between resumable states in OUT/.recover_state (0: none)", ge=0)
 
     def check(self) -> None:
-        self.at_least({"tokens": 1, "seqlen": 2, "batch_size": 1, "grad_accum": 1, "lora_rank": 1, "seed": 0,
-                       "eval_every": 0, "eval_windows": 1, "save_every": 0})
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError("lr", f"lr must be > 0 (got {self.lr})")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError("warmup", f"warmup must be in [0, 1) (got {self.warmup})")
-        if not self.temperature > 0:
-            raise ConfigError("temperature", f"temperature must be > 0 (got {self.temperature})")
-        if self.lm_weight < 0:
-            raise ConfigError("lm_weight", f"lm_weight must be >= 0 (got {self.lm_weight})")
-        if self.weight_decay < 0:
-            raise ConfigError("weight_decay", f"weight_decay must be >= 0 (got {self.weight_decay})")
-        if not self.lora_alpha > 0:
-            raise ConfigError("lora_alpha", f"lora_alpha must be > 0 (got {self.lora_alpha})")
         if not self.lora_targets.strip(" ,"):
             raise ConfigError("lora_targets", "lora_targets is empty: give mlp, all-linear or module names")
 

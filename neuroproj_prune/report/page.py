@@ -44,6 +44,7 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ import numpy as np
 from ..analysis.clustering import load_clusters
 from ..analysis.projection import load_projections
 from ..analysis.trace import FORMAT as TRACE_FORMAT
+from ..config import Config, opt
 from ..errors import NeuroprojError
 from ..io import LazyTensorFile, write_text
 from ..model import LoadedModel, load_model
@@ -1065,8 +1067,25 @@ def render(data: dict) -> str:
     return _shell(str(data.get("title", ""))[:200], _dumps(data))
 
 
-def view(run_dir, out="report.html", *, model="auto", max_points: int = 20000, max_mb: float = DEFAULT_MAX_MB,
-         trace_file=None, trace_encoding: str = "auto", layers=None) -> Path:
+@dataclass
+class ViewConfig(Config):
+    """Every setting of `view` (CLI flags, the recipe's `report` section, keywords of `view()`)."""
+
+    what = "view"
+
+    model: str | None = opt("auto", "model for the energy E[h^2]*||w_out||^2: auto (the model the statistics name, "
+                            "when it loads locally), none (E[h^2] only) or a model", kind=str)
+    max_points: int = opt(20000, "neurons per layer and site beyond which an evenly spaced subset is drawn", ge=1)
+    max_mb: float = opt(DEFAULT_MAX_MB, "size limit of the page in MiB: points, trace, pictures and tables are "
+                        "thinned or left out to fit, and the page says what and how to see all", gt=0.0)
+    layers: str | None = opt(None, "layers to show, e.g. 0-3,31 (default all): fewer layers leave room for every "
+                             "neuron", kind=str)
+    trace: str | None = opt(None, "trace file (default RUN_DIR/trace.safetensors)", kind=str)
+    trace_encoding: str = opt("auto", "auto (float16, or int8 with a per-token scale when over the limit), f2 or i1",
+                              ("auto", "f2", "i1"))
+
+
+def view(run_dir, out="report.html", config: ViewConfig | None = None, **settings) -> Path:
     """Write the self-contained report page for a run directory; returns its path. The page is at most
     `max_mb` MiB (default 20) whatever the run's size: sections are thinned or left out to fit, and the page
     lists every such reduction and how to see everything (a larger `max_mb`, or fewer `layers`).
@@ -1075,9 +1094,17 @@ def view(run_dir, out="report.html", *, model="auto", max_points: int = 20000, m
     the statistics name, when it loads locally, is at most 2 GB of weights and still matches) or None (E[h²]
     only). `max_points`: neurons per (layer, site) beyond which the scatter shows an evenly spaced subset.
     `trace_encoding`: auto (float16, or int8 with a per-token scale when over the limit), f2 or i1 (forced).
-    `layers`: the layers to show (a spec like "0-3,31"; default all the projections hold)."""
-    data = build_data(run_dir, model=model, max_points=max_points, max_mb=max_mb, trace_file=trace_file,
-                      trace_encoding=trace_encoding, layers=layers)
+    `layers`: the layers to show (a spec like "0-3,31"; default all the projections hold). `config` (or the
+    `ViewConfig` fields as keywords) says how."""
+    given = settings.get("model", "auto")
+    loaded = settings.pop("model") if not isinstance(given, (str, type(None))) else None   # a LoadedModel
+    if given is None:
+        settings["model"] = "none"
+    cfg = config.replace(**settings) if config is not None else ViewConfig.make(**settings)
+    max_mb = cfg.max_mb
+    model = loaded if loaded is not None else None if str(cfg.model).lower() in ("none", "") else cfg.model
+    data = build_data(run_dir, model=model, max_points=cfg.max_points, max_mb=max_mb, trace_file=cfg.trace,
+                      trace_encoding=cfg.trace_encoding, layers=cfg.layers)
     page = render(data)
     size = len(page.encode("utf-8"))
     if size > int(max_mb * 2**20):   # build_data plans for this; a miss would be a bug, not the user's problem

@@ -43,30 +43,38 @@ SITES = ("mlp.neurons", "mlp.out", "attn.out")
 
 
 def parse_layers(spec, num_layers: int) -> list[int]:
-    """`"0-3,7"` → [0, 1, 2, 3, 7]; None/"all" → every layer. Negative indices count from the end."""
+    """`"0-3,7"` → [0, 1, 2, 3, 7]; None/"all" → every layer. Negative indices count from the end (`-1` is the
+    last layer, `"0,-1"` the first and the last, `"-4--1"` the last four)."""
     if spec is None or spec == "all" or spec == "":
         return list(range(num_layers))
-    if isinstance(spec, int):
+    if isinstance(spec, int) and not isinstance(spec, bool):
         spec = str(spec)
     if not isinstance(spec, str):
-        out = sorted({int(i) % num_layers for i in spec})
-    else:
-        out = set()
-        for part in spec.split(","):
-            part = part.strip()
-            m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
-            if not m:
-                raise NeuroprojError(f"bad layer spec {spec!r}: use e.g. '0-3,7'")
-            a = int(m.group(1))
-            b = int(m.group(2)) if m.group(2) is not None else a
-            if b < a:
-                raise NeuroprojError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. '{b}-{a}'")
-            out.update(range(a, b + 1))
-        out = sorted(out)
-    bad = [i for i in out if not 0 <= i < num_layers]
-    if bad:
-        raise NeuroprojError(f"layers {bad} out of range: the model has {num_layers} layers (0-{num_layers - 1})")
-    return list(out)
+        try:
+            parts = [int(i) for i in spec]
+        except (TypeError, ValueError):
+            raise NeuroprojError(f"bad layer spec {spec!r}: use e.g. '0-3,7'") from None
+        spec = ",".join(str(i) for i in parts)
+
+    def index(v: int) -> int:
+        return v + num_layers if v < 0 else v
+
+    out = set()
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not m:
+            raise NeuroprojError(f"bad layer spec {spec!r}: use e.g. '0-3,7' (negative indices count from the end)")
+        a = index(int(m.group(1)))
+        b = index(int(m.group(2))) if m.group(2) is not None else a
+        bad = [v for v in (a, b) if not 0 <= v < num_layers]
+        if bad:
+            raise NeuroprojError(f"layer {part!r} out of range: the model has {num_layers} layers (0-{num_layers - 1}, "
+                                 f"or -{num_layers}--1 from the end)")
+        if b < a:
+            raise NeuroprojError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. '{m.group(2)}-{m.group(1)}'")
+        out.update(range(a, b + 1))
+    return sorted(out)
 
 
 def parse_sites(spec) -> list[str]:

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..model import LoadedModel, adapter_for, load_model
-from .capture import ActivationCapture, batches, parse_layers, parse_sites
+from .capture import SITES, ActivationCapture, batches, parse_layers, parse_sites
 from .data import calibration_samples
 from .moments import Moments
 from .processes import available_memory, distributed
@@ -162,17 +164,45 @@ def _all_reduce(dist, rank, totals, cross, dev):
 
 
 # --------------------------------------------------------------------------------------------- the API
-def collect(model, data, *, samples: int = 128, seqlen: int = 512, seed: int = 0, sites=("mlp.neurons",),
-            layers=None, cross_layer_window: int = 0, batch_size: int | None = None, out=None,
-            dtype="auto", device="auto", progress: bool = True, max_memory: int | None = None,
-            padding_side: str = "right") -> "Stats":
+@dataclass
+class CollectConfig(Config):
+    """Every setting of `collect` (CLI flags, the recipe's `stats` section, keywords of `collect()`)."""
+
+    what = "collect"
+
+    samples: int = opt(128, "calibration windows", ge=1)
+    seqlen: int = opt(512, "tokens per window", ge=2)
+    seed: int = opt(0, "which windows are drawn", ge=0)
+    sites: tuple = opt(("mlp.neurons",), "comma list of activation sites: mlp.neurons (the MLP's neurons), mlp.out "
+                       "(the MLP block's output), attn.out (the attention block's output)", SITES, item=str)
+    layers: str | None = opt(None, "layer SPEC such as 0-3,7 (negative indices count from the end; default all)",
+                             kind=str)
+    cross_layer_window: int = opt(0, "also collect Σ h_l h_mᵀ of mlp.neurons for layer pairs l < m <= l+K (the "
+                                  "skip analysis)", ge=0)
+    batch_size: int | None = opt(None, "windows per forward pass (default: ~4096 tokens)", kind=int, ge=1)
+    max_memory_gb: float | None = opt(None, "memory the totals may use (default: what is free)", kind=float, gt=0.0)
+
+    def check(self) -> None:
+        if self.cross_layer_window and "mlp.neurons" not in self.sites:
+            raise ConfigError("cross_layer_window", "cross-layer blocks need the site mlp.neurons in --sites")
+
+
+def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype="auto", device="auto",
+            progress: bool = True, padding_side: str = "right", **settings) -> Stats:
     """Collect activation statistics and (with `out`) save them as one safetensors file.
 
     `model`: a LoadedModel or anything `load_model` accepts. `data`: a data spec (file or dataset name:
     `samples`×`seqlen` tokens are drawn with `seed`), a (B, T) tensor of token ids, or a list of token-id
-    sequences of unequal length (padded per batch on `padding_side`; padding is excluded).
-    Under `accelerate launch` / torch.distributed each process takes every W-th batch and rank 0 writes.
+    sequences of unequal length (padded per batch on `padding_side`; padding is excluded). `config` (or the
+    `CollectConfig` fields as keywords: samples, seqlen, seed, sites, layers, cross_layer_window, batch_size,
+    max_memory_gb) says what to collect. Under `accelerate launch` / torch.distributed each process takes every
+    W-th batch and rank 0 writes. Cost: one forward pass over the tokens, stopped after the last collected
+    layer, plus N² multiply-adds per token, layer and site.
     """
+    cfg = config.replace(**settings) if config is not None else CollectConfig.make(**settings)
+    samples, seqlen, seed, sites, layers = cfg.samples, cfg.seqlen, cfg.seed, cfg.sites, cfg.layers
+    cross_layer_window, batch_size = cfg.cross_layer_window, cfg.batch_size
+    max_memory = None if cfg.max_memory_gb is None else int(cfg.max_memory_gb * 2**30)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     m = lm.model
     if isinstance(data, (str, os.PathLike)):
