@@ -50,6 +50,7 @@ from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
 from .stats import collect, load_stats, parse_layers
+from .stats.data import data_path
 from .stats.collect import CollectConfig
 from .sweep import SweepConfig, sweep
 
@@ -215,7 +216,7 @@ def validate(r: dict, path) -> None:
     for section, key in (("calibration", "data"), ("eval", "data"), ("recover", "data")):
         v = r[section][key]
         looks_like_file = str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or str(v).startswith((".", "/", "~"))
-        if v and looks_like_file and not Path(v).expanduser().is_file():  # else: a `datasets` name
+        if v and looks_like_file and not data_path(v).is_file():  # else: a `datasets` name
             raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
     pc = prune_config(r)
     collect_config(r)

@@ -46,6 +46,10 @@ def cell_key(select, fold, calibration, sparsity, allocation="uniform") -> str:
     return f"{method_name(select, fold, calibration, allocation)}@{sparsity:g}"
 
 
+# results.csv, the table `write_reports` writes (readers import this): these columns, then with zero-shot tasks one
+# `{task}_{acc|acc_norm}` column per task, `zeroshot_avg` and `zeroshot_limit`
+RESULTS_CSV = "results.csv"
+RESULT_COLUMNS = ("method", "sparsity", "actual_sparsity", "ppl", "params", "mlp_macs_per_token", "seconds", "error")
 SWEPT = ("sparsity", "keep", "select", "fold", "calibration", "allocation")  # per cell; the rest of PruneConfig is shared
 
 
@@ -205,6 +209,32 @@ def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_co
     return rows
 
 
+def read_results(directory) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a sweep's results.csv, numbers parsed, its header checked against RESULT_COLUMNS."""
+    path = Path(directory) / RESULTS_CSV
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            r = csv.DictReader(f)
+            cols = list(r.fieldnames or [])
+            rows = list(r)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        cols, rows = [], []
+    if cols[:len(RESULT_COLUMNS)] != list(RESULT_COLUMNS):
+        raise NeuroprojError(f"{path} is not a sweep's results table (damaged or edited): run the sweep again")
+    return cols, [{k: _number(v) for k, v in row.items()} for row in rows]
+
+
+def _number(v):
+    if v in (None, ""):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def shown_tasks(rows: list[dict], tasks=None) -> list[str]:
     """The zero-shot tasks the reports show: `tasks`, else every task some row has results for."""
     if tasks:
@@ -228,7 +258,7 @@ def write_reports(rows: list[dict], out: Path, tasks=None) -> None:
     (default: those the cells hold)."""
     out = Path(out)
     shown = shown_tasks(rows, tasks)
-    fields = ["method", "sparsity", "actual_sparsity", "ppl", "params", "mlp_macs_per_token", "seconds", "error"]
+    fields = list(RESULT_COLUMNS)
     if shown:
         fields += [f"{n}_{HEADLINE[n]}" for n in shown] + ["zeroshot_avg", "zeroshot_limit"]
     buf = io.StringIO()

@@ -121,8 +121,9 @@ def make_run(out, *, layers: int = 32, width: int = 14336, hidden: int = 4096, t
     (out / "pruned" / "plan.json").write_text(json.dumps({"format": "neuroproj-prune/plan/1", "meta": {
         "select": "synthetic", "sparsity": 0.3}, "layers": players}))
     (out / "pruned" / "prune_summary.json").write_text(json.dumps({
-        "model": model, "sparsity": 0.3, "select": "synthetic", "kept": kept_counts,
-        "params_before": 8_030_261_248, "params_after": 6_228_000_000}))
+        "model": model, "sparsity": 0.3, "select": "synthetic", "fold": "lstsq", "kept": kept_counts,
+        "params_before": 8_030_261_248, "params_after": 6_228_000_000,
+        "mlp_macs_per_token_before": 5_637_144_576, "mlp_macs_per_token_after": 3_946_001_203}))
 
     # trace: T tokens × every layer and site
     words = [f" w{t}" for t in range(T)]
@@ -166,13 +167,13 @@ def make_run(out, *, layers: int = 32, width: int = 14336, hidden: int = 4096, t
     sw = out / "sweep"
     sw.mkdir(exist_ok=True)
     with open(sw / "results.csv", "w") as f:
-        f.write("method,sparsity,actual_sparsity,ppl\ndense,0,0,6.2\n")
+        f.write("method,sparsity,actual_sparsity,ppl,params,mlp_macs_per_token,seconds,error\ndense,0,0,6.2,,,,\n")
         for m in ("flap", "wanda-sp"):
             for sp in (0.1, 0.2, 0.3):
-                f.write(f"{m},{sp},{sp},{6.2 * (1 + 3 * sp * sp):.3f}\n")
+                f.write(f"{m},{sp},{sp},{6.2 * (1 + 3 * sp * sp):.3f},,,,\n")
     _png(sw / "tradeoff.png", 800, 500, seed + 2, levels=4)
     for name, ppl in (("eval_dense.json", 6.2), ("eval.json", 7.9)):
-        (out / name).write_text(json.dumps({"model": model, "perplexity": {
+        (out / name).write_text(json.dumps({"model": {"spec": model}, "perplexity": {
             "value": ppl, "seqlen": 2048, "windows": 40, "tokens": 81920, "data": "synthetic"}}))
     return out
 

@@ -142,7 +142,7 @@ def test_reduced_default_recipe_on_smollm2(tmp_path):
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        code = main(["run", "recipes/smollm2-135m.yaml", "--set", f"output_dir={tmp_path / 'r'}",
+        code = main(["run", "smollm2-135m", "--set", f"output_dir={tmp_path / 'r'}",
                      "--set", "calibration.samples=16", "--set", "calibration.seqlen=256",
                      "--set", "stats.samples=4", "--set", "stats.sites=mlp.neurons", "--set", "stats.layers=0-1",
                      "--set", "heatmaps.layers=0", "--set", "prune.sparsity=0.3",

@@ -59,6 +59,18 @@ from ..registry import Registry
 from ..stats import ActivationCapture, batches, calibration_ids, load_stats, parse_layers
 
 DEFAULT_THRESHOLDS = (0.9, 0.95, 0.99)
+# The report directory `SkipReport.save` writes (readers import these instead of guessing):
+REPORT_JSON, REPORT_CSV = "skips.json", "skips.csv"
+#   skips.csv: one row per target neuron; the top-k columns only when the report has top-k predictors
+CSV_COLUMNS = ("layer", "neuron", "dead", "single_src_layer", "single_src_index", "single_slope", "single_intercept",
+               "single_r2_fit", "single_r2_heldout")
+CSV_TOPK_COLUMNS = ("topk_sources", "topk_coef", "topk_intercept", "topk_r2_fit", "topk_r2_heldout")
+CSV_PAIR = ("single_src_layer", "layer")            # a row's (source layer, target layer)
+CSV_R2 = ("single_r2_heldout", "single_r2_fit")     # the R² a row is ranked by: held-out when measured
+#   skips.json: {"meta", "thresholds": [...], "min_r2", "counts": {predictor: {"per_layer": {layer: [count per
+#   threshold]}, "total", "selected", "r2_source"}}, "cost_at_min_r2": {predictor: {...}}, "candidates":
+#   {predictor: [CANDIDATE_KEYS dicts]}[, "applied": {...}]}
+CANDIDATE_KEYS = ("target", "neuron", "r2", "sources", "coef", "intercept", "predictor")
 PREDICTORS = Registry("predictor", "a predictor class: `table` (the report's attribute holding its per-target "
                                    "tensors), `k(report)` sources per neuron, `sources(d, j)`, `coef(d, j)`")
 
@@ -289,6 +301,30 @@ class SkipReport:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def read_report(directory) -> dict:
+    """skips.json of a report directory, its schema checked (see REPORT_JSON above); a one-line error otherwise."""
+    path = Path(directory) / REPORT_JSON
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        ok = (isinstance(doc, dict) and isinstance(doc.get("candidates"), dict) and isinstance(doc.get("counts"), dict)
+              and isinstance(doc.get("thresholds"), list)
+              and all(isinstance(v, (int, float)) for v in doc["thresholds"])
+              and all(isinstance(rows, list) and all(isinstance(c, dict) and set(CANDIDATE_KEYS) <= set(c)
+                                                     and isinstance(c["sources"], list) for c in rows)
+                      for rows in doc["candidates"].values())
+              and all(isinstance(c, dict) and isinstance(c.get("per_layer"), dict) for c in doc["counts"].values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise NeuroprojError(f"{path} is not a skips report (damaged or edited): run `neuroproj-prune skips` again")
+    return doc
+
+
+def candidate_pairs(candidate: dict) -> list[tuple[int, int]]:
+    """The (source layer, target layer) pairs of one skips.json candidate."""
+    return [(int(s[0]), int(candidate["target"])) for s in candidate["sources"]]
 
 
 def _json_default(o):

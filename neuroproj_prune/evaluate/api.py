@@ -11,7 +11,7 @@ from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..io import write_json
 from ..model import load_model
-from ..stats.data import read_text
+from ..stats.data import data_path, read_text
 from .harness import check_limit, load_tasks, task_scores
 from .tasks import GROUP, TASKS
 from .perplexity import _device_of, _unpack, default_eval_data, perplexity
@@ -75,7 +75,7 @@ def evaluate(model_or_spec, config: EvalConfig | None = None, *, data=None, json
     if run_ppl and data is None:
         data = default_eval_data()
     if run_ppl and not isinstance(data, torch.Tensor):
-        p = Path(str(data)).expanduser()
+        p = data_path(data)
         if p.suffix in (".txt", ".raw", ".jsonl", ".json") and not p.is_file():
             read_text(str(data))   # raises the standard "not found" error before the model is loaded
     if isinstance(model_or_spec, (str, os.PathLike)):
@@ -97,6 +97,26 @@ def evaluate(model_or_spec, config: EvalConfig | None = None, *, data=None, json
     if json_out:
         write_json(json_out, result)
     return result
+
+
+def read_eval(path) -> dict:
+    """An `eval --json` file, its schema checked: {"perplexity": {"value", "seqlen", "windows", "tokens", "data", ...}
+    | None, "lm_eval": {"tasks": {...}, ...} | None, "model": {...}}; a one-line error otherwise."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        p, le = doc.get("perplexity"), doc.get("lm_eval")
+        ok = (isinstance(doc, dict) and isinstance(doc.get("model"), dict)
+              and (p is None or (isinstance(p, dict) and isinstance(p.get("value"), (int, float))
+                                 and all(k in p for k in ("seqlen", "windows", "tokens", "data"))))
+              and (le is None or (isinstance(le, dict) and isinstance(le.get("tasks"), dict))))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise NeuroprojError(f"{path} is not an evaluation result (damaged or edited): run `neuroproj-prune eval "
+                             f"--json {path}` again")
+    return doc
 
 
 def format_summary(result: dict) -> str:

@@ -68,6 +68,29 @@ def plan_meta(cfg: PruneConfig) -> dict:
     return {k: getattr(cfg, k) for k in ("select", "fold", "allocation", "sparsity", "keep", "multiple", "calibration")}
 
 
+# ---------------------------------------------------------------------------------------- the summary file
+SUMMARY_FILE = "prune_summary.json"   # beside every checkpoint prune writes; its keys: `_summary` below
+SUMMARY_KEYS = ("model", "sparsity", "select", "fold", "params_before", "params_after", "mlp_macs_per_token_before",
+                "mlp_macs_per_token_after", "kept")
+
+
+def read_summary(directory) -> dict:
+    """prune_summary.json of a checkpoint directory, its schema checked; a one-line error otherwise."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / SUMMARY_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        ok = (isinstance(doc, dict) and all(k in doc for k in SUMMARY_KEYS) and isinstance(doc["kept"], list)
+              and all(isinstance(k, int) for k in doc["kept"]))
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise NeuroprojError(f"{path} is not a prune summary (damaged or edited): prune again")
+    return doc
+
+
 # ---------------------------------------------------------------------------------------------------- API
 def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, plan_file=None, clusters=None,
           out=None, overwrite: bool = False, dtype="auto", device="auto", progress: bool = True, **settings):

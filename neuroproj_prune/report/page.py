@@ -50,14 +50,19 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.clustering import load_clusters
+from ..analysis.skips import (CANDIDATE_KEYS, CSV_COLUMNS, CSV_PAIR, CSV_R2, REPORT_CSV, REPORT_JSON, candidate_pairs,
+                              read_report)
 from ..analysis.projection import load_projections
 from ..analysis.trace import FORMAT as TRACE_FORMAT
 from ..config import Config, opt
 from ..errors import NeuroprojError
 from ..io import LazyTensorFile, write_text
 from ..model import LoadedModel, load_model
+from ..evaluate.api import read_eval
+from ..prune.api import SUMMARY_FILE, read_summary
 from ..prune.plan_file import Plan
 from ..stats import parse_layers, second_moment_diagonals
+from ..sweep import RESULTS_CSV, read_results
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SITE_ORDER = ("mlp.neurons", "mlp.out", "attn.out")
@@ -125,23 +130,6 @@ def trace_activations(data: dict, key: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[dict]] | None:
-    try:
-        with open(path, newline="") as f:
-            r = csv.DictReader(f)
-            rows = [dict(x) for x in r]
-            return list(r.fieldnames or []), rows
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return None
-
-
 def _num(v):
     """CSV cell → int/float when it looks like one (so tables sort numerically), else the string."""
     if isinstance(v, (int, float)) or v is None:
@@ -512,91 +500,41 @@ def _png_bytes(path: Path) -> int:
 
 
 def _summary_section(run: Path):
-    for cand in (run / "pruned" / "prune_summary.json", run / "prune_summary.json"):
-        if cand.is_file():
-            s = _read_json(cand)
-            if isinstance(s, dict):
-                widths = None
-                pj = _read_json(cand.parent / "plan.json") or _read_json(run / "plan.json")
-                if isinstance(pj, dict) and isinstance(pj.get("layers"), dict):
-                    widths = [pj["layers"][k].get("width") for k in sorted(pj["layers"], key=int)]
-                return {"file": str(cand.relative_to(run)), "summary": _jsonable(s), "widths": widths}
+    """The prune summary (prune/api.py's schema) and the plan's widths of the run's checkpoint."""
+    for d in (run / "pruned", run):
+        if (d / SUMMARY_FILE).is_file():
+            s = read_summary(d)
+            plan = d / "plan.json" if (d / "plan.json").is_file() else run / "plan.json"
+            widths = None
+            if plan.is_file():
+                p = Plan.load(plan)
+                widths = [p.layers[i]["width"] for i in sorted(p.layers)]
+            return {"file": str((d / SUMMARY_FILE).relative_to(run)), "summary": _jsonable(s), "widths": widths}
     return None
 
 
 def _eval_section(run: Path):
+    """eval_dense.json and eval.json (evaluate's schema)."""
     out = []
     for name, label in (("eval_dense.json", "dense"), ("eval.json", "pruned")):
-        d = _read_json(run / name)
-        if isinstance(d, dict):
+        if (run / name).is_file():
+            d = read_eval(run / name)
             out.append({"file": name, "label": label, "perplexity": _jsonable(d.get("perplexity")),
                         "lm_eval": _jsonable(d.get("lm_eval")), "model": _jsonable(d.get("model"))})
     return out or None
 
 
 def _sweep_section(run: Path):
+    """sweep/: results.csv (sweep.py's schema), the tradeoff plot and the Markdown table."""
     d = run / "sweep"
     if not d.is_dir():
         return None
-    rows, cols = None, None
-    got = _read_csv(d / "results.csv") if (d / "results.csv").is_file() else None
-    if got:
-        cols, raw = got
-        rows = [{k: _num(v) for k, v in r.items()} for r in raw]
-    elif (d / "cells.jsonl").is_file():
-        rows = []
-        for line in (d / "cells.jsonl").read_text().splitlines():
-            try:
-                c = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows.append({k: v for k, v in c.items() if not isinstance(v, (dict, list))})
-        cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols, rows = read_results(d) if (d / RESULTS_CSV).is_file() else (None, None)
     png = d / "tradeoff.png" if (d / "tradeoff.png").is_file() else None
     md = (d / "results.md").read_text() if (d / "results.md").is_file() else None
     if rows is None and png is None and md is None:
         return None
     return {"columns": cols or [], "rows": _jsonable(rows or []), "png_path": png, "markdown": md}
-
-
-_SRC = ("src_layer", "source_layer", "single_src_layer", "from_layer", "layer_from", "l", "src", "source",
-        "layer_l", "earlier_layer")
-_DST = ("target", "dst_layer", "target_layer", "to_layer", "layer_to", "m", "dst", "layer_m", "later_layer", "layer")
-
-
-def _as_int(v):
-    v = _num(v)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _layer_pairs(row: dict) -> list[tuple[int, int]]:
-    """(source layer, target layer) pairs of one skip candidate row, tolerant of the schema: a `sources`
-    list of [layer, index] (skips.json candidates), "l:i l:i" strings, or source/target layer columns."""
-    low = {str(k).lower(): v for k, v in row.items()}
-    t = next((_as_int(low[k]) for k in _DST if k in low and _as_int(low[k]) is not None), None)
-    if t is None:
-        return []
-    src = low.get("sources")
-    if isinstance(src, list) and src and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in src):
-        return [(int(x[0]), t) for x in src]
-    if isinstance(src, str) and re.fullmatch(r"\s*\d+:\d+(\s+\d+:\d+)*\s*", src):
-        return [(int(x.split(":")[0]), t) for x in src.split()]
-    s = next((_as_int(low[k]) for k in _SRC if k in low and _as_int(low[k]) is not None), None)
-    return [] if s is None else [(s, t)]
-
-
-def _table_from_json(obj):
-    """Rows (list of flat dicts) from a JSON skip report: a list of dicts, or the largest such list in a dict."""
-    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
-        return obj
-    if isinstance(obj, dict):
-        best = None
-        for v in obj.values():
-            r = _table_from_json(v)
-            if r and (best is None or len(r) > len(best)):
-                best = r
-        return best
-    return None
 
 
 def _cell(v):
@@ -624,14 +562,6 @@ def _flat_scalars(obj, prefix="", depth=3) -> dict:
     return out
 
 
-def _rank_col(columns, rows=None):
-    """The R² column tables are ranked by: a held-out R² column holding numbers, else the first R² column."""
-    held = [c for c in columns if "r2" in c.lower() and "heldout" in c.lower()]
-    if rows is not None:
-        held = [c for c in held if any(isinstance(r.get(c), float) for r in rows)]
-    return held[0] if held else next((c for c in columns if "r2" in c.lower()), None)
-
-
 def _rank_key(v) -> float:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else -math.inf
 
@@ -645,11 +575,11 @@ def _fast_rank(cell: str) -> float:
     return v if math.isfinite(v) else -math.inf
 
 
-def _top_rows(t: dict, rows: list[dict], max_rows: int) -> None:
-    """t["rows"]: the `max_rows` rows with the highest R² (ties and rows without one in file order), or the
-    first `max_rows` rows of a table without an R² column; t["total"], t["ranked_by"] record the choice."""
+def _top_rows(t: dict, rows: list[dict], max_rows: int, rank_by: str | None = None) -> None:
+    """t["rows"]: the `max_rows` rows with the highest `rank_by` (ties and rows without one in file order), or the
+    first `max_rows` rows; t["total"], t["ranked_by"] record the choice."""
     t["total"] = len(rows)
-    col = _rank_col(t["columns"], rows) if len(rows) > max_rows else None
+    col = rank_by if len(rows) > max_rows else None
     t["ranked_by"] = col
     if col:
         rows = heapq.nlargest(max_rows, rows, key=lambda r: _rank_key(r.get(col)))  # stable, like sorted()
@@ -657,26 +587,29 @@ def _top_rows(t: dict, rows: list[dict], max_rows: int) -> None:
 
 
 def _stream_csv_table(path: Path, max_rows: int, want_pairs: bool):
-    """A CSV table read row by row, holding at most 2·`max_rows` rows: the best by R² (see `_top_rows`),
-    the row count and, with `want_pairs`, the (source layer, target layer) pairs of every row. A per-neuron
-    skips.csv of an 8B model has ~440k rows; reading them all into dicts would take gigabytes."""
+    """skips.csv (analysis/skips.py's schema) read row by row, holding at most 2·`max_rows` rows: the best by R²
+    (held-out when measured, else on the fitting tokens), the row count and, with `want_pairs`, the (source layer,
+    target layer) pairs of every row. A per-neuron skips.csv of an 8B model has ~440k rows; reading them all into
+    dicts would take gigabytes."""
+    bad = NeuroprojError(f"{path} is not a skips table (damaged or edited): run `neuroproj-prune skips` again")
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             r = csv.reader(f)
             cols = next(r, None)
-            if not cols:
-                return None
-            held = [c for c in cols if "r2" in c.lower() and "heldout" in c.lower()]
-            anyc = next((c for c in cols if "r2" in c.lower()), None)
-            ci = {c: cols.index(c) for c in ([held[0]] if held else []) + ([anyc] if anyc else [])}
+            if cols is None or cols[:len(CSV_COLUMNS)] != list(CSV_COLUMNS):
+                raise bad
+            ci = {c: cols.index(c) for c in CSV_R2}
+            src, dst = (cols.index(c) for c in CSV_PAIR)
             heaps: dict[str, list] = {c: [] for c in ci}
             first, pairs, n, held_numbers = [], [], 0, False
             for n, row in enumerate(r, 1):
+                if len(row) != len(cols):
+                    raise bad
                 if len(first) < max_rows:
                     first.append(row)
                 for c, j in ci.items():
-                    v = _fast_rank(row[j]) if j < len(row) else -math.inf
-                    if c in held and v != -math.inf:
+                    v = _fast_rank(row[j])
+                    if c == CSV_R2[0] and v != -math.inf:
                         held_numbers = True
                     h = heaps[c]
                     if len(h) < max_rows:
@@ -684,13 +617,16 @@ def _stream_csv_table(path: Path, max_rows: int, want_pairs: bool):
                     elif v > h[0][0]:               # a later row never beats an equal value: file order
                         heapq.heapreplace(h, (v, -n, row))
                 if want_pairs:
-                    pairs += _layer_pairs(dict(zip(cols, row)))
+                    try:
+                        pairs.append((int(row[src]), int(row[dst])))
+                    except ValueError:
+                        raise bad from None
     except (OSError, csv.Error, UnicodeDecodeError):
-        return None
+        raise bad from None
     if n == 0:
         return None
-    col = held[0] if held and held_numbers else anyc
-    if n > max_rows and col:
+    col = CSV_R2[0] if held_numbers else CSV_R2[1]
+    if n > max_rows:
         chosen = [x[2] for x in sorted(heaps[col], key=lambda x: x[:2], reverse=True)]
     else:
         chosen, col = first, None
@@ -699,66 +635,46 @@ def _stream_csv_table(path: Path, max_rows: int, want_pairs: bool):
 
 
 def _skips_section(run: Path, max_rows: int, notes: list[str]):
-    """skips/: candidate tables (skips.json `candidates` per predictor; otherwise any list of rows in a JSON
-    file), the per-neuron CSV (best rows by R² when long, streamed), per-layer counts, a layer × layer map of
-    the candidates' (source layer, target layer) pairs, and every PNG (as paths: embedded within the page's
+    """skips/ (analysis/skips.py's schema): the candidate table of each predictor and the per-layer counts
+    (skips.json), the per-neuron table (skips.csv, best rows by R² when long, streamed), a layer × layer map of
+    the candidates' (source layer, target layer) pairs, and skips.png (as a path: embedded within the page's
     picture budget later)."""
     d = run / "skips"
     if not d.is_dir():
         return None
     tables, pngs, summary, pairs_from = [], [], None, None
     pairs: list[tuple[int, int]] = []
-
-    def add(name, rows):
-        flat = [{k: _cell(v) for k, v in r.items()} for r in rows]
-        t = {"name": name, "columns": list(dict.fromkeys(k for r in flat for k in r))}
-        _top_rows(t, flat, max_rows)
-        tables.append(t)
-
-    for f in sorted(d.rglob("*.json")):
-        obj = _read_json(f)
-        name = str(f.relative_to(d))
-        if isinstance(obj, dict) and isinstance(obj.get("candidates"), dict):
-            for pred, rows in obj["candidates"].items():
-                if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-                    add(f"{name}: candidates ({pred} predictor)", rows)
-                    if pairs_from is None:
-                        pairs = [p for r in rows for p in _layer_pairs(r)]
-                        pairs_from = f"{name} ({pred} predictor)"
-            counts, th = obj.get("counts"), obj.get("thresholds")
-            if isinstance(counts, dict) and isinstance(th, list):
-                for pred, c in counts.items():
-                    per = c.get("per_layer") if isinstance(c, dict) else None
-                    if isinstance(per, dict):
-                        cols = ["layer"] + [f"R²≥{t}" for t in th]
-                        rows = [{"layer": _num(m), **{cols[i + 1]: v[i] for i in range(min(len(th), len(v)))}}
-                                for m, v in per.items() if isinstance(v, list)]
-                        t = {"name": f"{name}: neurons per layer above each R² ({pred} predictor)", "columns": cols}
-                        _top_rows(t, rows, max_rows)
-                        tables.append(t)
-            scal = _flat_scalars({k: v for k, v in obj.items() if k not in ("candidates", "counts")})
-            if scal and summary is None:
-                summary = {"file": name, "values": scal}
-        else:
-            rows = _table_from_json(obj)
-            if rows:
-                add(name, rows)
-                if pairs_from is None:
-                    pairs = [p for r in rows for p in _layer_pairs(r)]
-                    pairs_from = name if pairs else None
-            if isinstance(obj, dict) and summary is None:
-                scal = _flat_scalars(obj)
-                if scal:
-                    summary = {"file": name, "values": scal}
-    for f in sorted(d.rglob("*.csv")):
-        got = _stream_csv_table(f, max_rows, want_pairs=pairs_from is None)
+    if (d / REPORT_JSON).is_file():
+        doc = read_report(d)
+        for pred, rows in doc["candidates"].items():
+            flat = [{k: _cell(v) for k, v in r.items()} for r in rows]
+            t = {"name": f"{REPORT_JSON}: candidates ({pred} predictor)",
+                 "columns": list(dict.fromkeys(k for r in flat for k in r)) or list(CANDIDATE_KEYS)}
+            _top_rows(t, flat, max_rows, rank_by="r2")
+            tables.append(t)
+            if pairs_from is None and rows:
+                pairs = [p for c in rows for p in candidate_pairs(c)]
+                pairs_from = f"{REPORT_JSON} ({pred} predictor)"
+        th = doc["thresholds"]
+        for pred, c in doc["counts"].items():
+            cols = ["layer"] + [f"R²≥{t}" for t in th]
+            rows = [{"layer": _num(m), **{cols[i + 1]: v[i] for i in range(min(len(th), len(v)))}}
+                    for m, v in c["per_layer"].items() if isinstance(v, list)]
+            t = {"name": f"{REPORT_JSON}: neurons per layer above each R² ({pred} predictor)", "columns": cols}
+            _top_rows(t, rows, max_rows)
+            tables.append(t)
+        scal = _flat_scalars({k: v for k, v in doc.items() if k not in ("candidates", "counts")})
+        if scal:
+            summary = {"file": REPORT_JSON, "values": scal}
+    if (d / REPORT_CSV).is_file():
+        got = _stream_csv_table(d / REPORT_CSV, max_rows, want_pairs=pairs_from is None)
         if got:
             t, csv_pairs = got
-            tables.append({"name": str(f.relative_to(d)), **t})
+            tables.append({"name": REPORT_CSV, **t})
             if pairs_from is None and csv_pairs:
-                pairs, pairs_from = csv_pairs, str(f.relative_to(d)) + " (every row)"
-    for f in sorted(d.rglob("*.png")):
-        pngs.append({"name": str(f.relative_to(d)), "path": f, "bytes": _png_bytes(f)})
+                pairs, pairs_from = csv_pairs, REPORT_CSV + " (every row)"
+    if (d / "skips.png").is_file():
+        pngs.append({"name": "skips.png", "path": d / "skips.png", "bytes": _png_bytes(d / "skips.png")})
     if not tables and not pngs and summary is None:
         return None
     layer_map = None

@@ -38,9 +38,21 @@ class TextSource:
     description: str   # what was read, for metadata
 
 
+def data_path(spec) -> Path:
+    """The file a data spec names: the path as given, or — when a relative path does not exist from here — the
+    file of that name in the shared data directory (`shared_data_dir`), so that a recipe's
+    `../shared/data/c4-train-sample-1000.jsonl` resolves from any directory."""
+    path = Path(str(spec)).expanduser()
+    if not path.exists() and not path.is_absolute():
+        shared = shared_data_dir()
+        if shared is not None and (shared / path.name).is_file():
+            return shared / path.name
+    return path
+
+
 def read_text(spec: str, max_chars: int | None = None) -> TextSource:
     """Read a data spec into one string (documents joined by a blank line)."""
-    path = Path(str(spec)).expanduser()
+    path = data_path(spec)
     if path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists():
         if not path.is_file():
             raise NeuroprojError(f"data file {spec} not found")
@@ -118,7 +130,7 @@ def calibration_samples(tokenizer, spec: str, samples: int = 128, seqlen: int = 
     if max_seqlen is not None and seqlen > max_seqlen:
         raise NeuroprojError(f"--seqlen {seqlen} exceeds the model's context of {max_seqlen} tokens")
     # datasets can be huge: read about 8 characters per needed token, with headroom for a random choice
-    src = read_text(spec, max_chars=None if Path(str(spec)).exists() else 32 * samples * seqlen)
+    src = read_text(spec, max_chars=None if data_path(spec).exists() else 32 * samples * seqlen)
     ids = tokenize(tokenizer, src.text)
     windows = ids.numel() // seqlen
     if windows < samples + holdout:
