@@ -21,7 +21,7 @@ streamed variants start from a fresh copy saved to disk):
   host (float64), then classical MDS + SMACOF on the device (`fit_exact`, also timed alone);
 - `prune` — `neuroproj_prune.prune.prune` at 30 % (wanda-sp, lstsq fold, sequential calibration: the
   defaults) on the token ids, with its parts timed (layer inputs, per-layer moments, select+fold, carry);
-- `prune (offload=cpu|disk)` — the same with `PruneConfig.offload` streaming the layers (neuroproj_prune/offload.py),
+- `prune (offload=cpu|disk)` — the same with `PruneConfig.offload` streaming the layers (neuroproj_prune/prune/offload.py),
   as a user runs it: from the model saved as safetensors in `--work-dir` (saved before the stage, untimed; a
   placeholder tokenizer beside it, the calibration being token ids) to the checkpoint written in `--work-dir`.
   Its time includes loading (cpu: the whole model into host memory; disk: embeddings and head) and writing; its

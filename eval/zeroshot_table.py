@@ -3,7 +3,7 @@
     python eval/zeroshot_table.py dense=/tmp/zs/dense.json "default 20 %=/tmp/zs/default-0.2.json" ...
 
 One row per file: each task's headline accuracy (acc_norm where lm-eval defines it, else acc; see
-neuroproj_prune/tasks.py), LAMBADA perplexity, the average, the average without BoolQ (SmolLM2-135M answers
+neuroproj_prune/evaluate/tasks.py), LAMBADA perplexity, the average, the average without BoolQ (SmolLM2-135M answers
 BoolQ below its majority class, so that task's swings are noise about a yes/no bias, not knowledge), the
 fraction of the first file's (dense) average kept, and the documents per task."""
 from __future__ import annotations

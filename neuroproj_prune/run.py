@@ -245,8 +245,11 @@ def validate(r: dict, path) -> None:
             raise NeuroprojError(f"recipe key 'eval.tasks': {e}") from None
     if r["sweep"]["enabled"] and configs["sweep"].tasks:
         load_tasks(list(configs["sweep"].tasks))
-    if r["heatmaps"]["enabled"] and r["stats"]["enabled"]:
+    try:   # the model's config (no weights); a hub model that cannot be reached now fails at its first stage
         config = model_config(r["model"])
+    except NeuroprojError:
+        config = None
+    if config is not None and r["heatmaps"]["enabled"] and r["stats"]["enabled"]:
         L = adapter_for(config).config_layers(config)
         for key, spec in (("heatmaps.layers", configs["heatmaps"].layers), ("stats.layers", r["stats"]["layers"])):
             try:

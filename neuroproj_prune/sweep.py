@@ -31,7 +31,8 @@ from pathlib import Path
 
 from .config import Config, ConfigError, opt
 from .errors import NeuroprojError
-from .evaluate import check_limit, model_context, perplexity, task_scores
+from .evaluate import model_context, perplexity, task_scores
+from .evaluate.harness import check_tasks_limit, limit_opt
 from .evaluate.tasks import HEADLINE, TASKS, resolve, summary as zeroshot_summary, yaml_dir
 from .model import LoadedModel, load_model, num_params
 from .prune import ALLOCATIONS, CALIBRATIONS, FOLDS, SELECTORS, PruneConfig, prune
@@ -73,17 +74,14 @@ class SweepConfig(Config):
                               "or a comma list of lambada_openai,hellaswag,piqa,winogrande,boolq,arc_easy,"
                               "arc_challenge,openbookqa (a finished cell gains missing tasks on a re-run)", kind=list,
                               item=str)
-    limit: float | None = opt(None, "with --tasks: the first N documents per task (a fraction when < 1)", kind=float,
-                              gt=0.0)
+    limit: float | None = limit_opt("with --tasks")
 
     def check(self) -> None:
         try:
-            self.limit = check_limit(self.limit)
             resolve(self.tasks)
         except NeuroprojError as e:
-            raise ConfigError("limit" if "limit" in str(e) else "tasks", str(e)) from None
-        if self.limit is not None and not self.tasks:
-            raise ConfigError("limit", "--limit counts zero-shot documents: give --tasks too")
+            raise ConfigError("tasks", str(e)) from None
+        check_tasks_limit(self)
 
 
 def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_config: PruneConfig | None = None,

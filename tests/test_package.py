@@ -5,6 +5,7 @@ is not loaded), and run from a directory outside the checkout."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,8 +20,11 @@ from conftest import DATA, REPO
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"   # built from a copy: the build leaves its build/ and egg-info behind, not in the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp / "dist"), str(REPO)], capture_output=True, text=True, timeout=600)
+                        str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     wheel = next((tmp / "dist").glob("neuroproj_prune-*.whl"))
     venv = tmp / "venv"

@@ -121,15 +121,20 @@ def test_set_reaches_sections_the_recipe_leaves_at_defaults(tmp_path):
         load_recipe(recipe, ["nosuch.x=1"])
 
 
-def test_shipped_recipes_are_valid():
+def test_shipped_recipes_are_valid(tmp_path):
+    """Every recipe the package ships validates, by name and from any directory (its data paths resolve)."""
     import os
 
+    from neuroproj_prune.run import shipped_recipes
+
+    names = shipped_recipes()
+    assert {"smollm2-135m", "smollm2-135m-quality", "smollm2-135m-sweep", "llama-3.1-8b"} <= set(names)
     cwd = os.getcwd()
-    os.chdir(REPO)
+    os.chdir(tmp_path)
     try:
-        for path in sorted((REPO / "recipes").glob("*.yaml")):
-            r = load_recipe(path)
-            assert r["model"] and r["output_dir"], path
+        for name in names:
+            r = load_recipe(name)
+            assert r["model"] and r["output_dir"], name
     finally:
         os.chdir(cwd)
 

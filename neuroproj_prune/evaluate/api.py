@@ -12,7 +12,7 @@ from ..errors import NeuroprojError
 from ..io import write_json
 from ..model import load_model
 from ..stats.data import data_path, read_text
-from .harness import check_limit, load_tasks, task_scores
+from .harness import check_tasks_limit, limit_opt, load_tasks, task_scores
 from .tasks import GROUP, TASKS
 from .perplexity import _device_of, _unpack, default_eval_data, perplexity
 
@@ -31,18 +31,12 @@ class EvalConfig(Config):
                               "zero-shot tasks (lambada_openai, hellaswag, piqa, winogrande, boolq, arc_easy, "
                               "arc_challenge, openbookqa; offline after `neuroproj-prune tasks fetch`)", kind=list,
                               item=str)
-    limit: float | None = opt(None, "lm-eval: the first N documents per task (a fraction when < 1)", kind=float,
-                              gt=0.0)
+    limit: float | None = limit_opt("lm-eval")
     num_fewshot: int | None = opt(None, "lm-eval: few-shot examples (not for the zero-shot tasks, which have no "
                                   "training split)", kind=int, ge=0)
 
     def check(self) -> None:
-        try:
-            self.limit = check_limit(self.limit)
-        except NeuroprojError as e:
-            raise ConfigError("limit", str(e)) from None
-        if self.limit is not None and not self.tasks:
-            raise ConfigError("limit", "--limit counts lm-eval documents: give --tasks too")
+        check_tasks_limit(self)
         if self.num_fewshot is not None and not self.tasks:
             raise ConfigError("num_fewshot", "--num-fewshot applies to lm-eval tasks: give --tasks too")
         zero = [t for t in self.tasks or () if t == GROUP or t in TASKS]

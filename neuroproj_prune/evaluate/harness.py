@@ -157,7 +157,7 @@ def lm_eval_tasks(model, tokenizer=None, tasks=("local_wikitext2",), *, max_leng
                   batch_size: int | None = None, limit: int | float | None = None, num_fewshot: int | None = None,
                   include_path=None, bootstrap_iters: int = 100000, task_objects=None) -> dict:
     """Run lm-eval tasks on an in-memory model: `HFLM(pretrained=model, tokenizer=tok, max_length, batch_size)`
-    and `lm_eval.simple_evaluate` with a TaskManager that includes `eval/tasks/`.
+    and `lm_eval.simple_evaluate` with a TaskManager that includes the local task YAMLs (`tasks_dir()`).
 
     `max_length` defaults to min(2048, the model's context); `limit` keeps the first N documents of each
     task (a fraction when < 1). Returns {"tasks": {name: {metric: value, samples, samples_total, version}},
@@ -229,6 +229,25 @@ def task_scores(model, tokenizer=None, tasks=None, *, task_objects=None, max_len
     if avg:
         res["zeroshot"] = avg
     return res
+
+
+def limit_opt(what: str):
+    """The `limit` setting of a config that runs lm-eval tasks (eval, sweep)."""
+    from ..config import opt
+
+    return opt(None, f"{what}: the first N documents per task (a fraction when < 1)", kind=float, gt=0.0)
+
+
+def check_tasks_limit(cfg) -> None:
+    """A config's `limit` as lm-eval takes it (`check_limit`), and only with `tasks`; ConfigError otherwise."""
+    from ..config import ConfigError
+
+    try:
+        cfg.limit = check_limit(cfg.limit)
+    except NeuroprojError as e:
+        raise ConfigError("limit", str(e)) from None
+    if cfg.limit is not None and not cfg.tasks:
+        raise ConfigError("limit", "--limit counts lm-eval documents: give --tasks too")
 
 
 def check_limit(limit):

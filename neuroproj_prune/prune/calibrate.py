@@ -156,25 +156,22 @@ class _StopAt(Exception):
 def layer_inputs(model, adapter, batches, keep=None):
     """Hidden states entering layer 0 and the keyword arguments the model passes to its layers, per batch.
     `keep(x)` puts each batch's hidden states where they are to live (default: where the model made them)."""
-    first = adapter.layers(model)[0]
     caught = []
 
-    def grab(mod, args, kwargs):
+    def grab(key, call):
+        args, kwargs = call
+        kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden.detach() if keep is None else keep(hidden.detach()), args[1:], dict(kwargs)))
+        caught.append((hidden.detach() if keep is None else keep(hidden.detach()), args[1:], kwargs))
         raise _StopAt
 
-    h = first.register_forward_pre_hook(grab, with_kwargs=True)
     dev = model.get_input_embeddings().weight.device  # (a streamed model's layers may live elsewhere)
-    try:
-        with torch.inference_mode():
-            for ids in batches:
-                try:
-                    model(input_ids=ids.to(dev), use_cache=False)
-                except _StopAt:
-                    pass
-    finally:
-        h.remove()
+    with torch.inference_mode(), hooked([(0, adapter.layers(model)[0], "call")], grab):
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(dev), use_cache=False)
+            except _StopAt:
+                pass
     return caught
 
 

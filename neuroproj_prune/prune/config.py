@@ -77,7 +77,7 @@ class PruneConfig(Config):
     offload: str = opt("auto", "where the decoder layers live during the sequential pass: none (all on the device), "
                        "cpu (host memory, one layer at a time on the device), disk (read from the model's safetensors "
                        "files and written to --out one layer at a time) or auto (by free memory: "
-                       "neuroproj_prune/offload.py gives the formula); the checkpoint is the same", lambda: ("auto", *OFFLOADS))
+                       "neuroproj_prune/prune/offload.py gives the formula); the checkpoint is the same", lambda: ("auto", *OFFLOADS))
 
     # -- rules between fields (types, choices and ranges are declared above and checked by Config.validate)
     def check(self) -> None:

@@ -1,7 +1,8 @@
 """Capturing activations: the one hook mechanism of the package, the sites it reads, and batching.
 
-`hooked(points, fn)` registers forward hooks on modules and hands `fn(key, tensor)` a module's first input
-(`"in"`, a pre-hook) or its output (`"out"`; the first element of a tuple). Everything that reads
+`hooked(points, fn)` registers forward hooks on modules and hands `fn(key, value)` a module's first input
+(`"in"`, a pre-hook), its output (`"out"`; the first element of a tuple) or its whole call (`"call"`: (args,
+kwargs), before it runs). Everything that reads
 activations goes through it: `ActivationCapture` (statistics, minibatch projection, traces, skips), the
 sequential pass of `prune` (a layer's neuron activations) and the allocation's error curves and search.
 
@@ -22,14 +23,17 @@ from ..model import Adapter, adapter_for
 
 @contextlib.contextmanager
 def hooked(points, fn):
-    """Inside: `fn(key, tensor)` is called with the first input (`where="in"`) or the output (`"out"`, a tuple's
-    first element) of each module of `points` = [(key, module, where), ...] whenever it runs. Hooks are removed
-    on exit."""
+    """Inside: `fn(key, value)` is called with the first input (`where="in"`), the output (`"out"`, a tuple's
+    first element) or the call's (args, kwargs) (`"call"`) of each module of `points` = [(key, module, where), ...]
+    whenever it runs. Hooks are removed on exit; an exception `fn` raises stops the forward pass."""
     handles = []
     try:
         for key, module, where in points:
             if where == "in":
                 handles.append(module.register_forward_pre_hook(lambda mod, args, key=key: fn(key, args[0])))
+            elif where == "call":
+                handles.append(module.register_forward_pre_hook(lambda mod, args, kwargs, key=key: fn(key, (args, kwargs)),
+                                                                with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(
                     lambda mod, args, out, key=key: fn(key, out[0] if isinstance(out, tuple) else out)))

@@ -8,7 +8,8 @@ the files are found, first match wins:
 1. `data_dir` in the task metadata (`TaskManager(metadata={"data_dir": ...})`, or
    `lm_eval --metadata '{"data_dir": "..."}'`);
 2. the environment variable `NEUROPROJ_DATA_DIR`;
-3. `shared/data` next to any folder above this file (a clean clone sits beside `shared/`).
+3. `shared/data` next to any folder above this file or the current directory (a clean clone sits beside
+   `shared/`; an installed wheel run from one finds it too).
 
 Each file becomes a `test` split of documents (field `text`), cut so that joining them gives back the
 file's text exactly (the same text `neuroproj-prune eval --data FILE` scores):
@@ -38,7 +39,7 @@ def data_dir(data_dir: str | os.PathLike | None = None, **_ignored) -> Path:
         return Path(data_dir).expanduser()
     if os.environ.get("NEUROPROJ_DATA_DIR"):
         return Path(os.environ["NEUROPROJ_DATA_DIR"]).expanduser()
-    for parent in Path(__file__).resolve().parents:
+    for parent in [*Path(__file__).resolve().parents, Path.cwd(), *Path.cwd().parents]:
         cand = parent / "shared" / "data"
         if (cand / FILES["wikitext2"]).is_file() or (cand / FILES["c4"]).is_file():
             return cand
