@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "eval"))
 
 import neuroproj_prune as npp  # noqa: E402
 from neuroproj_prune.prune.allocate import error_curves
-from neuroproj_prune.prune.calibrate import compute_dtype_for  # noqa: E402
+from neuroproj_prune.stats import compute_dtype_for  # noqa: E402
 from neuroproj_prune.model import save_pruned, update_config  # noqa: E402
 from neuroproj_prune.export import export  # noqa: E402
 from neuroproj_prune.prune.allocate import allocate_by_error, layer_width  # noqa: E402

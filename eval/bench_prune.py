@@ -1,16 +1,26 @@
-"""Wall time and peak memory of `neuroproj-prune prune` (calibration included), each run in a fresh process.
+"""The cost of a prune as a ratio to one plain forward pass over the same calibration tokens (issue 25).
 
-    python eval/bench_prune.py --sparsity 0.3 --md eval/results/prune_speed.md
+    python eval/bench_prune.py --pairs 5 --md eval/results/prune_speed.md              # the default prune
+    python eval/bench_prune.py --pairs 5 --extra '--allocation global' --md ...         # another configuration
+    python eval/bench_prune.py --stage collect --pairs 5 --md ...                       # `collect` instead of prune
+    python eval/bench_prune.py --profile                                                # where one prune's time goes
 
-The reference point (issue text): official FLAP's pruning step on SmolLM2-135M with 128×512 calibration tokens
-takes 138 s wall and 6 GB on this 2-core machine.
+Each pair runs two fresh processes one after the other, in alternating order: the *reference* — load the model
+(as `prune` loads it), draw and tokenize the same calibration windows, run the decoder trunk over them (every
+decoder layer, no final norm or LM head) in the calibration's batches, under the same compute dtype (bfloat16
+autocast where `--compute-dtype auto` would use it) — and the *stage* (`neuroproj-prune prune ...` or `collect`,
+its checkpoint or file written to a temporary directory). The ratio stage / reference of each pair cancels
+most of the machine's noise (a shared 2-core VM); the table gives the median ratio with its min–max over the
+pairs, both wall times, and each process's peak resident memory (VmHWM). `--profile` runs one prune in this
+process and prints the seconds spent in each part of the sequential pass.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,43 +30,162 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 C4 = REPO.parent / "shared" / "data" / "c4-train-sample-1000.jsonl"
 
+# the reference: the same loading and tokenizing as the stage, then the trunk forward in the stage's batches
+REFERENCE = r"""
+import re, sys, time, torch
+from neuroproj_prune.model import load_model
+from neuroproj_prune.stats import compute_dtype_for
+from neuroproj_prune.stats import calibration_ids, hooked
+model, data, samples, seqlen, batch_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+t0 = time.time()
+lm = load_model(model, device="cpu")
+ids, _ = calibration_ids(lm, data, samples, seqlen, 0)
+compute = compute_dtype_for("auto", lm.model)
+a = lm.adapter
+class Stop(Exception):
+    pass
+def stop(key, out):
+    raise Stop
+bs = max(1, batch_tokens // seqlen)
+with torch.inference_mode(), torch.autocast("cpu", dtype=compute or torch.bfloat16, enabled=compute is not None), \
+        hooked([(0, a.layers(lm.model)[-1], "out")], stop):
+    for b in range(0, ids.shape[0], bs):
+        try:
+            lm.model(input_ids=ids[b:b + bs], use_cache=False)
+        except Stop:
+            pass
+hwm = re.search(r"VmHWM:\s*(\d+)", open("/proc/self/status").read()).group(1)
+print("RESULT", time.time() - t0, hwm)
+"""
 
-def run_once(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of one CLI run in a child process."""
+# a stage in a child process, reporting its own peak memory (VmHWM: this process since exec)
+STAGE = r"""
+import re, sys, time
+t0 = time.time()
+from neuroproj_prune.cli import main
+rc = main(sys.argv[1:])
+hwm = re.search(r"VmHWM:\s*(\d+)", open("/proc/self/status").read()).group(1)
+print("RESULT", time.time() - t0, hwm, rc)
+"""
+
+
+def child(code: str, args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of one fresh process; wall from its start (interpreter and imports included)."""
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "neuroproj_prune.cli", *args], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB → GiB (max over children)
-    return wall, peak
+    out = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    if p.returncode != 0 or not out or (len(out[0].split()) > 3 and out[0].split()[3] != "0"):
+        sys.exit(f"failed ({' '.join(args[:3])}):\n{p.stderr[-3000:]}")
+    return wall, int(out[0].split()[2]) / 2**20
+
+
+def stage_args(a, tmp: str) -> list[str]:
+    common = ["--model", a.model, "--data", str(C4), "--samples", str(a.samples), "--seqlen", str(a.seqlen)]
+    if a.stage == "collect":
+        return ["collect", *common, "--out", f"{tmp}/stats.safetensors", *a.extra.split()]
+    return ["prune", *common, "--sparsity", str(a.sparsity), "--out", f"{tmp}/out", *a.extra.split()]
+
+
+def pairs(a) -> list[dict]:
+    rows = []
+    for k in range(a.pairs):
+        with tempfile.TemporaryDirectory() as tmp:
+            ref_args = [a.model, str(C4), str(a.samples), str(a.seqlen), str(a.batch_tokens)]
+            order = ("ref", "stage") if k % 2 == 0 else ("stage", "ref")
+            got = {}
+            for which in order:
+                got[which] = child(REFERENCE, ref_args) if which == "ref" else child(STAGE, stage_args(a, tmp))
+        row = {"ref_s": got["ref"][0], "stage_s": got["stage"][0], "ratio": got["stage"][0] / got["ref"][0],
+               "ref_gib": got["ref"][1], "stage_gib": got["stage"][1]}
+        rows.append(row)
+        print(f"pair {k + 1}: reference {row['ref_s']:.1f} s, {a.stage} {row['stage_s']:.1f} s, ratio "
+              f"{row['ratio']:.3f}; peak {row['ref_gib']:.2f} / {row['stage_gib']:.2f} GiB", flush=True)
+    return rows
+
+
+def table_row(a, rows) -> str:
+    r = [x["ratio"] for x in rows]
+    cmd = f"python eval/bench_prune.py --stage {a.stage} --pairs {a.pairs}" + (f" --extra '{a.extra}'" if a.extra else "")
+    med = statistics.median
+    return (f"| `{cmd}` | **{med(r):.2f}** ({min(r):.2f}–{max(r):.2f}) | {med([x['stage_s'] for x in rows]):.1f} | "
+            f"{med([x['ref_s'] for x in rows]):.1f} | {max(x['stage_gib'] for x in rows):.2f} | "
+            f"{max(x['ref_gib'] for x in rows):.2f} | {os.cpu_count()} cores {platform.machine()}, "
+            f"{time.strftime('%Y-%m-%d')} |")
+
+
+# -------------------------------------------------------------------------------------------------- profile
+@contextlib.contextmanager
+def timed(owner, attr: str, parts: dict, key: str):
+    real = getattr(owner, attr)
+
+    def wrapper(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return real(*args, **kw)
+        finally:
+            parts[key] = parts.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, real)
+
+
+def profile(a) -> None:
+    """One prune in this process; seconds per part (nested parts are inside their callers' time)."""
+    import neuroproj_prune as npp
+    from neuroproj_prune.prune import api, calibrate, fold, measure, select
+    from neuroproj_prune.stats import moments
+
+    parts: dict[str, float] = {}
+    spots = [(calibrate, "layer_inputs", "layer inputs"), (calibrate, "run_layer", "  layer forwards"),
+             (calibrate.Sequential, "_measure", "measure (forwards, moments, stash)"),
+             (moments.Moments, "add", "  moments (Gram)"), (moments.Moments, "finish", "  moments finish"),
+             (measure, "weigh_rms", "  token weights"), (api, "select_layer", "select"),
+             (fold, "fold_and_slice", "fold + slice"), (select, "layer_plan", "  layer plan (representatives)"),
+             (calibrate.Sequential, "_carry", "carry"), (api, "save_pruned", "write checkpoint")]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for owner, attr, key in spots:
+            stack.enter_context(timed(owner, attr, parts, key))
+        t0 = time.time()
+        lm = npp.load_model(a.model, device="cpu")
+        t1 = time.time()
+        npp.prune(lm, str(C4), sparsity=a.sparsity, samples=a.samples, seqlen=a.seqlen, out=f"{tmp}/out",
+                  progress=False, **dict(kv.split("=", 1) for kv in a.set))
+        total = time.time() - t1
+    print(f"load {t1 - t0:.1f} s; prune {total:.1f} s")
+    for k, v in parts.items():
+        print(f"  {k:40s} {v:7.2f} s  {v / total:6.1%}")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--stage", choices=("prune", "collect"), default="prune")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--extra", default="", help="more prune flags, e.g. '--select flap --fold bias --calibration oneshot'")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--md", default=None, help="append a Markdown row to this file")
+    ap.add_argument("--batch-tokens", type=int, default=4096, help="tokens per reference forward (as the stage batches)")
+    ap.add_argument("--extra", default="", help="more flags of the stage, e.g. '--allocation global'")
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--md", default=None, help="append the table row to this Markdown file")
+    ap.add_argument("--profile", action="store_true", help="time the parts of one prune in this process")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --profile: a PruneConfig setting (string values)")
     a = ap.parse_args()
-    rows = []
-    for _ in range(a.repeats):
-        with tempfile.TemporaryDirectory() as d:
-            args = ["prune", "--model", a.model, "--data", str(C4), "--sparsity", str(a.sparsity),
-                    "--samples", str(a.samples), "--seqlen", str(a.seqlen), "--out", f"{d}/out", *a.extra.split()]
-            rows.append(run_once(args))
-    for wall, peak in rows:
-        print(f"wall {wall:.1f} s, peak RSS {peak:.2f} GiB")
+    if a.profile:
+        profile(a)
+        return
+    rows = pairs(a)
+    line = table_row(a, rows)
+    print(line)
     if a.md:
         with open(a.md, "a") as f:
-            cmd = f"python eval/bench_prune.py --sparsity {a.sparsity} --samples {a.samples} --seqlen {a.seqlen}"
-            if a.extra:
-                cmd += f" --extra '{a.extra}'"
-            f.write(f"| `{cmd}` | {os.cpu_count()} cores, {platform.machine()}, torch threads default | "
-                    + ", ".join(f"{w:.0f}" for w, _ in rows) + " | " + ", ".join(f"{p:.2f}" for _, p in rows)
-                    + f" | {time.strftime('%Y-%m-%d')} |\n")
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

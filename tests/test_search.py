@@ -8,15 +8,13 @@ import torch
 from conftest import C4, tiny_model
 
 import neuroproj_prune as npp
-from neuroproj_prune.model import adapter_for
-from neuroproj_prune.model import load_pruned
-from neuroproj_prune.model import LoadedModel, model_fingerprint
-from neuroproj_prune.stats.moments import Moments
-from neuroproj_prune.prune.allocate import width_grids
+from neuroproj_prune.model import LoadedModel, adapter_for, load_pruned, model_fingerprint
 from neuroproj_prune.prune import prune
-from neuroproj_prune.prune.search import Supernet, loss_and_grads, search_widths
+from neuroproj_prune.prune.allocate import width_grids
 from neuroproj_prune.prune.fold import chol_solve
+from neuroproj_prune.prune.search import Supernet, loss_and_grads, loss_backward, search_widths
 from neuroproj_prune.prune.swaps import refine_swaps
+from neuroproj_prune.stats.moments import Moments
 
 
 def _ids(seed=0, n=8, T=48):
@@ -82,6 +80,41 @@ def test_measured_gradients_equal_autograd(family):
     for i, w in enumerate(ws):
         g = w.grad if w.grad.shape == grads[i].shape else w.grad.T
         torch.testing.assert_close(grads[i].float(), g, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
+def test_chunked_head_loss_equals_the_models_own(family):
+    """The loss of the LM head run in chunks of rows (each chunk back-propagated on its own) is the model's own
+    summed next-token loss, and the per-token squared gradient at the last layer's output is autograd's — for a
+    family with a final-logit soft cap (gemma2) and one with a projection after the final norm (opt)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(family)
+    cfg.initializer_range = 0.2
+    if family == "opt":
+        cfg.word_embed_proj_dim = 16
+    if family == "gemma2":
+        cfg.final_logit_softcapping = 5.0
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval().requires_grad_(False)
+    a = adapter_for(model)
+    x = torch.randint(0, 384, (3, 20), generator=torch.Generator().manual_seed(1))
+    got = {}
+    h = a.layers(model)[-1].register_forward_hook(lambda m, i, o: got.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    with torch.enable_grad():
+        emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb, use_cache=False).logits
+        got["x"].retain_grad()
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        ref.backward()
+    h.remove()
+    g_ref = got["x"].grad.pow(2).sum(-1).reshape(-1)
+    for trunk in (False, True):
+        loss, g = loss_backward(model, a, x, None, trunk=trunk, chunk_tokens=7)
+        assert abs(loss - ref.item()) < 1e-9 * abs(ref.item()), (loss, ref.item())
+        assert torch.allclose(g.double(), g_ref, rtol=1e-6, atol=1e-12)
 
 
 def test_search_keeps_budget_grid_and_never_raises_the_loss():

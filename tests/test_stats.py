@@ -159,7 +159,7 @@ def test_padding_left_and_right_equal_unpadded(family):
     """Unequal sequences padded left or right in batches give the statistics of the sequences run alone."""
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(1, 384, (n,), generator=g) for n in (19, 5, 12, 16, 3, 9)]
-    kw = dict(sites=",".join(SITES), cross_layer_window=1, progress=False)
+    kw = dict(sites=",".join(SITES), cross_layer_window=1, compute_dtype="float32", progress=False)
     for side in ("left", "right"):
         dtype, tol = torch.float64, 1e-10
         if family == "gemma2":
@@ -371,18 +371,31 @@ def test_cli_subprocess_exit_code(tmp_path):
     assert not out.exists()
 
 
-def test_wide_layers_use_the_blocked_gram(tokenizer):
-    """Widths above the Gram block (384): the lower-triangle accumulation, mirrored, equals numpy."""
-    from neuroproj_prune.model import LoadedModel, model_fingerprint
-    from neuroproj_prune.stats import collect
-    from neuroproj_prune.stats.moments import GRAM_BLOCK, gram_lower_, mirror_lower_
+@pytest.mark.parametrize("dtype,product,tol", [(torch.float64, None, 1e-12), (torch.float32, None, 1e-5),
+                                               (torch.float32, torch.bfloat16, 1e-5)])
+def test_gram_lower_triangle_symmetrized_equals_the_product(dtype, product, tol):
+    """Both Gram paths — the CPU's BLAS syrk, and the column blocks of the lower triangle with bfloat16 products
+    (CUDA's path; float32 products of the bfloat16 values here) — accumulate over batches to xᵀx of the values
+    they multiply, once symmetrized."""
+    from neuroproj_prune.stats.moments import gram_, symmetrize_
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 1000, generator=g, dtype=torch.float64)
     G = torch.zeros(1000, 1000, dtype=torch.float64)
-    gram_lower_(G, x[:100])
-    gram_lower_(G, x[100:])
-    assert torch.allclose(mirror_lower_(G), x.T @ x, rtol=1e-12, atol=1e-9)
+    for part in (x[:100], x[100:]):
+        gram_(G, part.to(dtype), product, block=384)
+    v = x.to(product or dtype).double()
+    ref = v.T @ v
+    assert torch.allclose(symmetrize_(G), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_wide_layers_use_the_blocked_gram(tokenizer):
+    """Widths above the Gram block (384): statistics of a float64 model equal numpy's."""
+    from neuroproj_prune.model import LoadedModel, model_fingerprint
+    from neuroproj_prune.stats import collect
+    from neuroproj_prune.stats.moments import GRAM_BLOCK
+
+    g = torch.Generator().manual_seed(0)
 
     model = tiny_model("llama", dtype=torch.float64, inter=GRAM_BLOCK + 136)
     ids = torch.randint(0, 384, (6, 40), generator=g)

@@ -79,6 +79,20 @@ class Adapter:
         g2 = torch.stack([self.norm_gain(n).double().cpu() ** 2 for n in norms]).mean(0)
         return g2.sqrt()
 
+    # -- the head: what follows the last decoder layer
+    def final_norm(self, model) -> nn.Module | None:
+        """The norm between the last decoder layer and the LM head (None: none)."""
+        raise NotImplementedError
+
+    def head_input(self, model, x: torch.Tensor) -> torch.Tensor:
+        """The LM head's input for the last decoder layer's output x (the final norm applied)."""
+        norm = self.final_norm(model)
+        return x if norm is None else norm(x)
+
+    def logits(self, model, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on its input h (what the model's forward does after the trunk)."""
+        return model.get_output_embeddings()(h)
+
     def mlp_output_is_added(self, model) -> bool:
         """True when the layer output is `residual + mlp_out` (no norm after the MLP): then a change of
         the MLP output changes the layer output by exactly that much, which sequential pruning uses."""
@@ -210,6 +224,9 @@ class GatedAdapter(Adapter):
         later = [m for l in self.layers(model)[i + 1:] for m in (l.input_layernorm, l.post_attention_layernorm)]
         return later + [model.model.norm]
 
+    def final_norm(self, model):
+        return model.model.norm
+
     def norm_gain(self, norm):
         w = norm.weight.detach()
         return 1 + w if type(norm).__name__.startswith("Gemma") else w  # Gemma's RMSNorm scales by (1 + w)
@@ -240,6 +257,11 @@ class Gemma2Adapter(GatedAdapter):
 
     def mlp_output_is_added(self, model):
         return False
+
+    def logits(self, model, h):
+        z = model.get_output_embeddings()(h)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return z if cap is None else torch.tanh(z / cap) * cap
 
 
 class Phi3Adapter(GatedAdapter):
@@ -272,6 +294,9 @@ class GPT2Adapter(Adapter):
 
     def layers(self, model):
         return model.transformer.h
+
+    def final_norm(self, model):
+        return model.transformer.ln_f
 
     def attn(self, model, i):
         return self.layers(model)[i].attn
@@ -316,6 +341,14 @@ class OPTAdapter(Adapter):
     def layers(self, model):
         return model.model.decoder.layers
 
+    def final_norm(self, model):
+        return model.model.decoder.final_layer_norm
+
+    def head_input(self, model, x):
+        x = super().head_input(model, x)
+        out = model.model.decoder.project_out   # OPT-350m projects to a smaller embedding width
+        return x if out is None else out(x)
+
     def mlp(self, model, i):
         return self.layers(model)[i].fc2
 
@@ -339,6 +372,9 @@ class GPTNeoXAdapter(Adapter):
 
     def layers(self, model):
         return model.gpt_neox.layers
+
+    def final_norm(self, model):
+        return model.gpt_neox.final_layer_norm
 
     def attn(self, model, i):
         return self.layers(model)[i].attention

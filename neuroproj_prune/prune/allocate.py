@@ -191,6 +191,24 @@ def flap_widths(scores: dict[int, torch.Tensor], total_keep: int, min_width: int
     return {i: max(min_width, int((a >= thr).sum())) for a, i in z}
 
 
+def _trunk_forward(model, adapter, x, compute) -> None:
+    """The decoder layers on token ids x (no final norm or LM head), under autocast with `compute`."""
+    def stop(key, out):
+        raise _StopAfterTrunk
+
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
+                                                enabled=compute is not None), \
+            hooked([(0, adapter.layers(model)[-1], "out")], stop):
+        try:
+            model(input_ids=x, use_cache=False)
+        except _StopAfterTrunk:
+            pass
+
+
+class _StopAfterTrunk(Exception):
+    pass
+
+
 def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
                  seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True,
                  fold_moments: dict | None = None) -> dict[int, torch.Tensor]:
@@ -198,10 +216,12 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
     top-k neurons of `select` (see `error_curve`), with token t weighted so that all layers share one
     unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
     the residual stream after layer i; under an isotropic Fisher approximation an error δ_t there costs
-    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `rms`: w_t = 1/mean(x_i,t²), the error as the next
-    norm sees it (no backward pass, blind to how much later layers and the head amplify it).
-    Cost: one forward (and with grad one backward) of the dense model over `ids`, one N² Gram per token and
-    layer, one O(N³) Cholesky per layer; memory: one batch's activations and L float64 N×N Grams.
+    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `head`: w_t = ‖∂loss/∂x_L,t‖², the gradient at the
+    last layer's output, for every layer (no backward through the trunk: the later layers' own gain is ignored).
+    `rms`: w_t = 1/mean(x_i,t²), the error as the next norm sees it (no backward pass, blind to how much later
+    layers and the head amplify it). Cost: one forward (with grad one backward) of the dense model over `ids`,
+    the LM head in chunks (grad, head), one N² Gram per token and layer, one O(N³) Cholesky per layer; memory:
+    one batch's activations and L float32 N×N Grams (each made float64 in turn for its curve).
     `fold_moments` (a dict): also filled with {layer: (E[h hᵀ], E[h])} of the same pass under the fold's rms
     token weights (what `search.Supernet` folds with); twice the Grams' memory."""
     model, a = lm.model, lm.adapter
@@ -227,23 +247,26 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
         for b in tqdm(range(0, ids.shape[0], batch_size), desc="allocate", unit="batch", disable=not progress,
                       dynamic_ncols=True):
             x = ids[b:b + batch_size].to(dev)
-            if weights == "grad":
+            if weights == "grad":      # ‖∂loss/∂x_i,t‖²: one backward through the trunk
                 with activations_only(model):
-                    loss_backward(model, x, compute)
+                    loss_backward(model, a, x, compute)
+            elif weights == "head":    # ‖∂loss/∂x_L,t‖², the last layer's, for every layer: no trunk backward
+                g = loss_backward(model, a, x, compute, trunk=False)[1].unsqueeze(1)
             else:
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=compute or torch.bfloat16,
-                                                            enabled=compute is not None):
-                    model(input_ids=x, use_cache=False)
+                _trunk_forward(model, a, x, compute)
             with torch.no_grad():
                 for i in range(L):
                     o = outs[i]
                     rms = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1) \
                         if weights == "rms" or fold_moments is not None else None
-                    w = rms if weights == "rms" else o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
-                    h = acts[i].reshape(w.shape[0], -1).float()
-                    if mom[i] is None:
-                        mom[i] = Moments(h.shape[1], dev)
-                        fmom[i] = Moments(h.shape[1], dev) if fold_moments is not None else None
+                    if weights == "grad":
+                        w = o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
+                    else:
+                        w = g if weights == "head" else rms
+                    h = acts[i].reshape(w.shape[0], -1)
+                    if mom[i] is None:   # every layer's Gram at once: float32 totals (half of float64's memory)
+                        mom[i] = Moments(h.shape[1], dev, gram_dtype=torch.float32)
+                        fmom[i] = Moments(h.shape[1], dev, gram_dtype=torch.float32) if fold_moments is not None else None
                     mom[i].add(h, w)
                     if fmom[i] is not None:
                         fmom[i].add(h, rms)

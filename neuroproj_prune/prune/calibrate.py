@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from ..errors import NeuroprojError
 from ..model import LoadedModel, get_skips
 from ..registry import Registry
-from ..stats import Moments, calibration_ids, collect, distributed, hooked, load_stats
+from ..stats import (COMPUTE_DTYPES, Moments, calibration_ids, collect, compute_dtype_for, distributed, hooked,
+                     load_stats, nonfinite_hint)
 from .fold import FoldInputs, chol_solve, effective_ridge
 from .measure import TARGETS, WEIGHTINGS, Batch, PassHook, TargetInputs, TargetMoments
 from .offload import LayerStream
@@ -46,7 +47,6 @@ from .reconstruct import Reconstruction
 from .select import LayerMoments
 from .swaps import Swaps
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 CALIBRATIONS = Registry("calibration", "a Calibration subclass: Calibration(lm, cfg, data=, stats=, ...)")
 
 
@@ -184,33 +184,6 @@ def run_layer(layer, hidden, args, kwargs, compute=None):
     return out.to(hidden.dtype)
 
 
-def compute_dtype_for(name: str, model) -> torch.dtype | None:
-    """The autocast dtype of the calibration forwards (None: the model's own). `auto`: bfloat16 for a float32
-    model on hardware with fast bfloat16 matmuls (CUDA with bf16, CPUs with AVX512-BF16/AMX), else none."""
-    if name not in COMPUTE_DTYPES:
-        raise NeuroprojError(f"unknown compute dtype {name!r}: choose from {', '.join(COMPUTE_DTYPES)}")
-    p = next(model.parameters())
-    if name == "float32" or p.dtype != torch.float32:
-        return None
-    if name == "bfloat16":
-        return torch.bfloat16
-    if p.device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if p.device.type == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return None
-
-
-def _nonfinite_hint(model, compute) -> str:
-    if any(not torch.isfinite(p).all() for p in model.parameters() if p.device.type != "meta"):
-        return "the model's weights hold NaN/inf: check or re-download the checkpoint"
-    if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
-        return "the model overflows in its dtype: load it with --dtype float32"
-    if compute is not None:
-        return "the bfloat16 calibration matmuls overflow: pass --compute-dtype float32"
-    return "the model produces huge activations on this text"
-
-
 @CALIBRATIONS.register("sequential")
 class Sequential(Calibration):
     """Layer by layer on the inputs the pruned model produces (see the module docstring)."""
@@ -312,7 +285,7 @@ class Sequential(Calibration):
         dist = distributed()[0]
         N, d = W.shape[1], W.shape[0]
         weigh, target = WEIGHTINGS[cfg.weighting], TARGETS[cfg.target]
-        mo = Moments(N, stream.device)
+        mo = Moments(N, stream.device, product_dtype=compute if stream.device.type == "cuda" else None)
         tm = TargetMoments(d, N, stream.device) if dense is not None else None
         closed_form = a.mlp_output_is_added(model)   # else the carry runs the pruned layer again
         acts, outs, grab = [], [], {}
@@ -323,21 +296,21 @@ class Sequential(Calibration):
                 for bi, (args, kw) in enumerate(calls):
                     x = stream.bring(hidden[bi])
                     out = run_layer(layer, x, args, kw, compute)
-                    h_raw = grab["h"]
-                    h = h_raw.reshape(-1, N).to(cdt)
+                    h = grab["h"].reshape(-1, N)   # the forward's dtype (bf16 under autocast): no copy
                     w = weigh(out.reshape(-1, d).to(cdt))
                     if bi == 0 and w is not None and dist is not None:
                         mo.share_scale(w, dist)
-                    w = mo.add(h, w)
+                    w = mo.add(h, w)                # converts as it weighs: one pass over h
                     for h_ in self.hooks:
                         h_.batch(Batch(bi, x, out, h, w, args, kw))
                     if tm is not None:
                         dense_out = run_layer(layer, stream.bring(dense[bi]), args, kw, compute)
-                        y = target(TargetInputs(h, grab["h"].reshape(-1, N).to(cdt), out, dense_out, W))
-                        tm.add(y, h, w)
+                        hc = h.to(cdt)
+                        y = target(TargetInputs(hc, grab["h"].reshape(-1, N).to(cdt), out, dense_out, W))
+                        tm.add(y, hc, w)
                         dense[bi] = stream.stash(dense_out)
                     if closed_form:  # in the forward's own dtype (bf16 model or autocast: 2 bytes), exact in it
-                        acts.append(stream.stash(h_raw.reshape(-1, N)))
+                        acts.append(stream.stash(h))
                         outs.append(stream.stash(out))
         finally:
             for h_ in self.hooks:
@@ -350,7 +323,7 @@ class Sequential(Calibration):
                 tm.all_reduce(dist)
         G, mean = mo.finish()
         if not torch.isfinite(G).all():
-            raise NeuroprojError(f"non-finite activations at layer {i}: {_nonfinite_hint(model, compute)}")
+            raise NeuroprojError(f"non-finite activations at layer {i}: {nonfinite_hint(model, compute)}")
         ridge = effective_ridge(cfg.ridge, mo.tokens, N)
         C = c = None
         if tm is not None:

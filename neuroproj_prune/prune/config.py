@@ -48,8 +48,10 @@ class PruneConfig(Config):
     batch_size: int | None = opt(None, "calibration windows per forward pass (default ~4096 tokens)", kind=int, ge=1)
     alloc_samples: int = opt(32, "global allocation: calibration windows that measure the error curves", ge=1)
     max_shift: float = opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one", gt=0.0, le=1.0)
-    alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units, one backward pass) or "
-                             "rms (no backward)", ("grad", "rms"))
+    alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units: the loss gradient at each "
+                             "layer's output, one backward pass), head (the loss gradient at the last layer's output "
+                             "for every layer: no backward through the layers) or rms (no loss at all)",
+                             ("grad", "head", "rms"))
     search_samples: int = opt(8, "allocation search: held-back calibration windows that score candidate widths "
                               "(drawn beside the calibration windows, never used to fit)", ge=1)
     search_rounds: int = opt(6, "allocation search: forward + backward passes over the held-back windows", ge=1)

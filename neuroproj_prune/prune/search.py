@@ -96,19 +96,52 @@ def activations_only(model):
             p.requires_grad_(r)
 
 
-def loss_backward(model, x: torch.Tensor, compute=None) -> float:
-    """The summed next-token cross-entropy of token ids x (batch, T), back-propagated to the activations (the
-    embeddings' output is the leaf; use inside `activations_only`); the forward under autocast with `compute`.
-    Returns the sum. Cost: one forward and one backward."""
+class _Stop(Exception):
+    pass
+
+
+def loss_backward(model, adapter, x: torch.Tensor, compute=None, *, trunk: bool = True,
+                  chunk_tokens: int = 2048) -> tuple[float, torch.Tensor]:
+    """The summed next-token cross-entropy of token ids x (batch, T), and g_t = ‖∂loss/∂x_L,t‖² per token (batch·T,;
+    x_L the last decoder layer's output). The LM head runs on `chunk_tokens` rows at a time, each chunk's loss
+    back-propagated to x_L on its own, so the logits held never exceed chunk_tokens × vocabulary whatever the
+    vocabulary (a 151k-token head on 2048 tokens was 1.2 GB of float32 logits plus their gradient at once).
+    `trunk=True`: x_L's gradient then flows back through the decoder layers to the activations (the embeddings'
+    output is the leaf; use inside `activations_only`); False: the trunk runs without a graph and only g is made.
+    The forward under autocast with `compute`. Cost: one forward (+ one backward of the trunk with `trunk`) and
+    the head's forward and backward (2·tokens·d·vocabulary multiply-adds each)."""
+    last = adapter.layers(model)[-1]
+    got = {}
+
+    def stop(key, out):
+        got["x"] = out
+        raise _Stop
+
+    ctx = torch.enable_grad() if trunk else torch.no_grad()
+    with ctx, torch.autocast(x.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None), \
+            hooked([(0, last, "out")], stop):
+        emb = model.get_input_embeddings()(x).detach().requires_grad_(trunk)
+        try:
+            model(inputs_embeds=emb, use_cache=False)
+        except _Stop:
+            pass
+    xL = got["x"]
+    xs = xL.detach().requires_grad_(True)
+    d = xs.shape[-1]
+    rows, targets = xs[:, :-1].reshape(-1, d), x[:, 1:].reshape(-1)
+    total = 0.0
     with torch.enable_grad(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
                                              enabled=compute is not None):
-        emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
-        logits = model(inputs_embeds=emb, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
-                                                 reduction="sum")
-        del logits
-        loss.backward()
-    return float(loss.detach())
+        for c in range(0, rows.shape[0], chunk_tokens):
+            z = adapter.logits(model, adapter.head_input(model, rows[c:c + chunk_tokens]))
+            z = z if z.dtype in (torch.float32, torch.float64) else z.float()   # the softmax never in 16 bits
+            loss = torch.nn.functional.cross_entropy(z, targets[c:c + chunk_tokens], reduction="sum")
+            loss.backward()
+            total += float(loss.detach())
+    g = xs.grad
+    if trunk:
+        xL.backward(g.to(xL.dtype))
+    return total, g.float().pow(2).sum(-1).reshape(-1)
 
 
 def loss_and_grads(model, adapter, ids: torch.Tensor, layers, *, batch_size: int = 4, compute=None):
@@ -137,7 +170,7 @@ def loss_and_grads(model, adapter, ids: torch.Tensor, layers, *, batch_size: int
         with activations_only(model):
             for b in range(0, ids.shape[0], batch_size):
                 x = ids[b:b + batch_size].to(dev)
-                total += loss_backward(model, x, compute)
+                total += loss_backward(model, adapter, x, compute)[0]
                 count += x[:, 1:].numel()
     return total / count, {i: g / count for i, g in grads.items()}
 

@@ -6,6 +6,9 @@ kwargs), before it runs). Everything that reads
 activations goes through it: `ActivationCapture` (statistics, minibatch projection, traces, skips), the
 sequential pass of `prune` (a layer's neuron activations) and the allocation's error curves and search.
 
+The forwards that capture run under bfloat16 autocast where `compute_dtype_for` says the hardware is fast at it
+(`compute_dtype` "auto": CPUs with AVX512-BF16/AMX, CUDA): the activations are then bfloat16 products.
+
 Sites of a layer: `mlp.neurons` = input of the MLP output projection, `mlp.out` = output of the MLP block,
 `attn.out` = output of the attention block.
 """
@@ -19,6 +22,37 @@ import torch
 
 from ..errors import NeuroprojError
 from ..model import Adapter, adapter_for
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype_for(name: str, model) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards (None: the model's own). `auto`: bfloat16 for a float32
+    model on hardware with fast bfloat16 matmuls (CUDA with bf16, CPUs with AVX512-BF16/AMX), else none."""
+    if name not in COMPUTE_DTYPES:
+        raise NeuroprojError(f"unknown compute dtype {name!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+    p = next(model.parameters())
+    if name == "float32" or p.dtype != torch.float32:
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if p.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if p.device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
+
+
+def nonfinite_hint(model, compute) -> str:
+    """What to do about NaN/inf activations: the weights, the model's dtype or the bfloat16 autocast."""
+    if any(not torch.isfinite(p).all() for p in model.parameters() if p.device.type != "meta"):
+        return "the model's weights hold NaN/inf: check or re-download the checkpoint"
+    if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+        return "the model overflows in its dtype: load it with --dtype float32"
+    if compute is not None:
+        return "the bfloat16 calibration matmuls overflow: pass --compute-dtype float32"
+    return "the model produces huge activations on this text"
 
 
 @contextlib.contextmanager
@@ -101,8 +135,8 @@ class ActivationCapture:
     the MLP block, `attn.out` = output of the attention block.
     """
 
-    def __init__(self, model, layers, sites, fn, stop_after_last: bool = True):
-        self.model, self.fn = model, fn
+    def __init__(self, model, layers, sites, fn, stop_after_last: bool = True, compute: torch.dtype | None = None):
+        self.model, self.fn, self.compute = model, fn, compute
         self.adapter: Adapter = adapter_for(model)
         self.layers, self.sites = list(layers), list(sites)
         self.stop_after_last = stop_after_last
@@ -154,7 +188,8 @@ class ActivationCapture:
         else:
             self._mask = None
         try:
-            return self.model(input_ids=input_ids, use_cache=False, **kwargs)
+            with torch.autocast(dev.type, dtype=self.compute or torch.bfloat16, enabled=self.compute is not None):
+                return self.model(input_ids=input_ids, use_cache=False, **kwargs)
         except _Stop:
             return None
         finally:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..model import LoadedModel, adapter_for, load_model
-from .capture import SITES, ActivationCapture, batches, parse_layers, parse_sites
+from .capture import (COMPUTE_DTYPES, SITES, ActivationCapture, batches, compute_dtype_for, nonfinite_hint,
+                      parse_layers, parse_sites)
 from .data import calibration_samples
 from .moments import Moments
 from .processes import available_memory, distributed
@@ -50,7 +51,8 @@ def memory_needed(widths: dict[int, dict[str, int]], cross_pairs: list[tuple[int
 
 
 def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_layer_window: int = 0,
-               num_batches: int | None = None, progress: bool = True, max_memory: int | None = None):
+               num_batches: int | None = None, progress: bool = True, max_memory: int | None = None,
+               compute: torch.dtype | None = None):
     """Stream `batches` of (input_ids, attention_mask) through `model` and return the float64 totals
     `{(layer, site): Moments}` (centred on the first batch's mean, complete Grams) and `{(l, m): X_lm}` — all-reduced when torch.distributed is initialised
     (each process must pass its own share of batches)."""
@@ -89,12 +91,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
         x = t.centre(h.to(cdt))
         t.add(x)
         if not torch.isfinite(t.s).all():
-            dt = str(h.dtype).replace("torch.", "")
-            if h.dtype in (torch.float16, torch.bfloat16):
-                hint = f"the model overflows in {dt}; load it with --dtype float32"
-            else:
-                hint = f"the model computes NaN/inf in {dt}; check its weights (NaN or huge values)"
-            raise NeuroprojError(f"non-finite activations at layer {i}, site {site}: {hint}")
+            raise NeuroprojError(f"non-finite activations at layer {i}, site {site}: {nonfinite_hint(model, compute)}")
         if site == "mlp.neurons" and K:
             for l in range(i - K, i):
                 if (l, i) in cross:
@@ -109,7 +106,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
     bar = tqdm(total=None, unit="tok", unit_scale=True, desc="collect", disable=not progress or rank != 0,
                dynamic_ncols=True)
     try:
-        with ActivationCapture(model, layers, sites, on_activation) as cap:
+        with ActivationCapture(model, layers, sites, on_activation, compute=compute) as cap:
             for input_ids, mask in batches:
                 cap.run(input_ids, mask)
                 recent.clear()
@@ -181,6 +178,9 @@ class CollectConfig(Config):
                                   "skip analysis)", ge=0)
     batch_size: int | None = opt(None, "windows per forward pass (default: ~4096 tokens)", kind=int, ge=1)
     max_memory_gb: float | None = opt(None, "memory the totals may use (default: what is free)", kind=float, gt=0.0)
+    compute_dtype: str = opt("auto", "matmul precision of the forwards of a float32 model: auto (bfloat16 where fast: "
+                             "CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; the totals stay float64",
+                             COMPUTE_DTYPES)
 
     def check(self) -> None:
         if self.cross_layer_window and "mlp.neurons" not in self.sites:
@@ -218,8 +218,9 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
     pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None and lm.tokenizer.pad_token_id is not None else 0
     all_batches = list(batches(ids, batch_size, pad, padding_side))
     mine = all_batches[rank::world]
+    compute = compute_dtype_for(cfg.compute_dtype, m)
     totals, cross = accumulate(m, mine, layers=layers, sites=sites, cross_layer_window=cross_layer_window,
-                               num_batches=len(mine), progress=progress, max_memory=max_memory)
+                               num_batches=len(mine), progress=progress, max_memory=max_memory, compute=compute)
     adapter = adapter_for(m)
     meta = {
         "format": FORMAT,
@@ -239,6 +240,7 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
         "seqlen": seqlen if isinstance(data, (str, os.PathLike)) else None,
         "seed": seed,
         "dtype": str(next(m.parameters()).dtype).replace("torch.", ""),
+        "compute_dtype": None if compute is None else str(compute).replace("torch.", ""),
         "processes": world,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
