@@ -79,6 +79,65 @@ class Adapter:
         g2 = torch.stack([self.norm_gain(n).double().cpu() ** 2 for n in norms]).mean(0)
         return g2.sqrt()
 
+    # -- attention heads: the second site. The input of the attention output projection is the heads' outputs
+    #    concatenated (head h: channels [h·hd, (h+1)·hd)), as the input of the MLP's output projection is its
+    #    neurons; under grouped-query attention query head h reads key/value head h // (H/KV).
+    def heads_refusal(self, model) -> str | None:
+        """Why this family's attention heads cannot be pruned (None: they can)."""
+        return (f"{model.config.model_type}: pruning attention heads is not supported for this family (its "
+                f"attention reads the head count from the shared config); prune MLP neurons or layers only")
+
+    def head_dim(self, model) -> int:
+        raise NotImplementedError
+
+    def num_heads(self, model, i) -> int:
+        raise NotImplementedError
+
+    def num_kv_heads(self, model, i) -> int:
+        raise NotImplementedError
+
+    def attn_out_proj(self, model, i) -> nn.Module:
+        raise NotImplementedError
+
+    def select_heads(self, model, i, heads, kv_heads) -> None:
+        """Keep only query heads `heads` and key/value heads `kv_heads` (sorted) of layer i; every kept query
+        head's key/value head must be kept, and the kept query heads per kept key/value head must be equal."""
+        raise NotImplementedError
+
+    def set_config_heads(self, config, heads: int, kv_heads: int) -> None:
+        raise NotImplementedError
+
+    def head_params(self, model, i) -> tuple[float, float]:
+        """Parameters one query head and one key/value head of layer i hold (q rows + o columns; k and v rows),
+        biases included."""
+        raise NotImplementedError
+
+    def drop_layers(self, model, drop) -> None:
+        """Remove the decoder layers `drop` (indices of the current model) in place: the layer list, the layer
+        count and the config's per-layer lists (`per_layer_keys`) shrink, and the kept layers' `layer_idx` (their
+        key/value cache slot) is renumbered, so the model is a standard one of fewer layers."""
+        drop = {int(i) for i in drop}
+        old = self.layers(model)
+        L = len(old)
+        kept = nn.ModuleList([l for i, l in enumerate(old) if i not in drop])
+        for name, mod in model.named_modules():
+            if mod is old:
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, kept)
+                break
+        config = model.config
+        setattr(config, self.layers_key, len(kept))
+        for key in self.per_layer_keys:
+            v = getattr(config, key, None)
+            if isinstance(v, (list, tuple)) and len(v) == L:
+                setattr(config, key, [x for i, x in enumerate(v) if i not in drop])
+        for j, layer in enumerate(kept):
+            for m in layer.modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = j
+
+    per_layer_keys = ("layer_types",)
+
     # -- the head: what follows the last decoder layer
     def final_norm(self, model) -> nn.Module | None:
         """The norm between the last decoder layer and the LM head (None: none)."""
@@ -220,6 +279,51 @@ class GatedAdapter(Adapter):
     def is_gated(self):
         return True
 
+    # attention: q/k/v/o projections of their own; the attention reads head counts from the projections' widths
+    # and `num_key_value_groups` (transformers >= 5), so layers may differ
+    def heads_refusal(self, model):
+        return None
+
+    def head_dim(self, model):
+        return self.attn(model, 0).head_dim
+
+    def num_heads(self, model, i):
+        return self.attn(model, i).q_proj.weight.shape[0] // self.head_dim(model)
+
+    def num_kv_heads(self, model, i):
+        return self.attn(model, i).k_proj.weight.shape[0] // self.head_dim(model)
+
+    def attn_out_proj(self, model, i):
+        return self.attn(model, i).o_proj
+
+    def select_heads(self, model, i, heads, kv_heads):
+        at, hd = self.attn(model, i), self.head_dim(model)
+        heads, kv_heads = sorted(int(h) for h in heads), sorted(int(k) for k in kv_heads)
+        group = self.num_heads(model, i) // self.num_kv_heads(model, i)
+        per_kv = {k: [h for h in heads if h // group == k] for k in kv_heads}
+        if any(h // group not in per_kv for h in heads) or len({len(v) for v in per_kv.values()}) != 1:
+            raise ValueError(f"layer {i}: heads {heads} with key/value heads {kv_heads} break the GQA layout")
+
+        def rows(idx):
+            return torch.tensor([c for j in idx for c in range(j * hd, (j + 1) * hd)], dtype=torch.long)
+
+        _slice_linear_(at.q_proj, rows(heads), dim=0)
+        _slice_linear_(at.k_proj, rows(kv_heads), dim=0)
+        _slice_linear_(at.v_proj, rows(kv_heads), dim=0)
+        _slice_linear_(at.o_proj, rows(heads), dim=1)
+        at.num_key_value_groups = len(heads) // len(kv_heads)
+
+    def head_params(self, model, i):
+        at = self.attn(model, i)
+        H, KV = self.num_heads(model, i), self.num_kv_heads(model, i)
+        q = sum(p.numel() for p in at.q_proj.parameters()) + at.o_proj.weight.numel()
+        kv = sum(p.numel() for proj in (at.k_proj, at.v_proj) for p in proj.parameters())
+        return q / H, kv / KV
+
+    def set_config_heads(self, config, heads, kv_heads):
+        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.num_attention_heads, config.num_key_value_heads = int(heads), int(kv_heads)
+
     def residual_norms(self, model, i):
         later = [m for l in self.layers(model)[i + 1:] for m in (l.input_layernorm, l.post_attention_layernorm)]
         return later + [model.model.norm]
@@ -268,6 +372,9 @@ class Phi3Adapter(GatedAdapter):
     """phi3: gate and up fused in `gate_up_proj` (rows [0, N) gate, [N, 2N) up)."""
 
     model_types = ("phi3",)
+
+    def heads_refusal(self, model):   # fused qkv_proj split by the shared config's head count
+        return Adapter.heads_refusal(self, model)
 
     def in_projs(self, model, i):
         return [self.mlp(model, i).gate_up_proj]

@@ -2,9 +2,11 @@
 
 - Uniform widths and no added bias: a standard checkpoint (`config.intermediate_size` changed) that plain
   `AutoModelForCausalLM.from_pretrained` loads.
-- Per-layer widths, an MLP bias the config cannot declare, or applied skip connections: the config carries
-  a `neuroproj_prune` section (`format`, `widths`, `out_bias`, `skips`) and `load_pruned` rebuilds the modules
-  and loads the weights strictly; it refuses what it cannot reproduce exactly.
+- Attention heads removed uniformly (`num_attention_heads`, `num_key_value_heads` changed) and whole layers removed
+  (`num_hidden_layers` and the per-layer lists such as `layer_types` shortened) are standard too.
+- Per-layer widths, per-layer head counts, an MLP bias the config cannot declare, or applied skip connections:
+  the config carries a `neuroproj_prune` section (`format`, `widths`, `heads`, `out_bias`, `skips`) and
+  `load_pruned` rebuilds the modules and loads the weights strictly; it refuses what it cannot reproduce exactly.
 
 Loading a model never imports the pruning stages: this module needs the adapters, the skip modules and io only.
 """
@@ -45,6 +47,15 @@ def update_config(model, added_bias: bool = False) -> None:
             a.declare_out_bias(model)
         else:
             section["out_bias"] = True
+    if a.heads_refusal(model) is None:   # attention heads: uniform → the config's counts, per-layer → the section
+        heads = [[a.num_heads(model, i), a.num_kv_heads(model, i)] for i in range(L)]
+        if len({tuple(h) for h in heads}) == 1:
+            c = model.config
+            if heads[0] != [c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads]:
+                a.set_config_heads(c, *heads[0])
+            section.pop("heads", None)
+        else:
+            section["heads"] = heads
     spec = skips_spec(model)
     if spec:   # the skip modules are rebuilt by load_pruned, which reads the widths explicitly
         section["widths"] = widths
@@ -150,7 +161,7 @@ def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
     if section and section.get("format") != CHECKPOINT_FORMAT:
         raise NeuroprojError(f"{path}: unknown neuroproj_prune checkpoint format {section.get('format')!r}; "
                              f"upgrade neuroproj-prune")
-    unknown = set(section) - {"format", "widths", "out_bias", "skips"}
+    unknown = set(section) - {"format", "widths", "out_bias", "skips", "heads"}
     if unknown:
         raise NeuroprojError(f"{path}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
     dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
@@ -162,6 +173,20 @@ def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
             raise NeuroprojError(f"{path}: {len(widths)} widths for {a.num_layers(model)} layers")
         for i, w in enumerate(widths):
             a.select_neurons(model, i, torch.arange(int(w)))
+    heads = section.get("heads")
+    if heads is not None:
+        L = a.num_layers(model)
+        ok = (isinstance(heads, list) and len(heads) == L and a.heads_refusal(model) is None
+              and all(isinstance(h, list) and len(h) == 2 and all(isinstance(v, int) and v > 0 for v in h) for h in heads))
+        if not ok:
+            raise NeuroprojError(f"{path}: 'heads' must give [query heads, key/value heads] for each of the {L} layers")
+        for i, (h, kv) in enumerate(heads):
+            H, KV = a.num_heads(model, i), a.num_kv_heads(model, i)
+            if kv > KV or h % kv or h // kv > H // KV:
+                raise NeuroprojError(f"{path}: layer {i} cannot have {h} heads in {kv} groups (the config has {H} in "
+                                     f"{KV})")
+            g = H // KV   # each kept group's first h/kv query heads: the layout the pruned model was written in
+            a.select_heads(model, i, [k * g + j for k in range(kv) for j in range(h // kv)], list(range(kv)))
     if section.get("out_bias"):
         for i in range(a.num_layers(model)):
             if a.out_bias(model, i) is None:

@@ -16,6 +16,8 @@ Cost: uniform nothing; global one forward (+ one backward with `alloc_weights=gr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from tqdm.auto import tqdm
 
@@ -53,11 +55,14 @@ def allocate_global(calib, cfg) -> dict[int, int]:
 
 
 def _curves(calib, cfg, fold_moments: dict | None = None) -> dict[int, torch.Tensor]:
-    """The error curves of the dense layers on the first `alloc_samples` calibration windows."""
+    """The error curves of the dense layers on the first `alloc_samples` calibration windows (the layers the
+    calibration prunes: none of those a plan removes whole)."""
     n = min(calib.ids.shape[0], cfg.alloc_samples)
-    return error_curves(calib.lm, calib.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
-                        ridge=cfg.ridge, batch_size=max(1, 2048 // calib.ids.shape[1]), compute=calib.compute,
-                        progress=calib.progress, fold_moments=fold_moments)
+    curves = error_curves(calib.lm, calib.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
+                          ridge=cfg.ridge, batch_size=max(1, 2048 // calib.ids.shape[1]), compute=calib.compute,
+                          progress=calib.progress, fold_moments=fold_moments)
+    kept = calib.widths()
+    return {i: c for i, c in curves.items() if i in kept}
 
 
 @ALLOCATIONS.register("search")
@@ -70,14 +75,8 @@ def allocate_search(calib, cfg) -> dict[int, int]:
     fold = {}
     curves = _curves(calib, cfg, fold_moments=fold)
     widths = allocate_by_error(curves, budget(calib, cfg), cfg.multiple, cfg.max_shift)
-    model, a, n = calib.lm.model, calib.lm.adapter, min(calib.ids.shape[0], cfg.alloc_samples)
-    orders = {}
-    for i, (G, mean) in fold.items():
-        W = a.out_weight(model, i).detach().double().cpu()
-        m = LayerMoments(i, G, mean, W, a.in_norms(model, i), ridge=cfg.ridge)
-        orders[i] = torch.argsort(SELECTORS[cfg.select](m, m.N, cfg.seed).scores, descending=True)
-    ridge = effective_ridge(cfg.ridge, n * calib.ids.shape[1], max(calib.widths().values()), warn=False)
-    net, fold = Supernet(model, a, fold, orders, ridge), None   # the supernet holds what it needs
+    model, a = calib.lm.model, calib.lm.adapter
+    net, fold = make_supernet(calib, cfg, fold), None   # the supernet holds what it needs
     grids = width_grids({i: c.numel() - 1 for i, c in curves.items()}, budget(calib, cfg), cfg.multiple,
                         cfg.max_shift)
     bs = max(1, 2048 // calib.held.shape[1])
@@ -93,6 +92,19 @@ def allocate_search(calib, cfg) -> dict[int, int]:
     calib.meta["search"] = {"held_out_windows": int(calib.held.shape[0]), "rounds": r.rounds,
                             "loss_start": r.loss_start, "loss_end": r.loss_end, "moves": r.moves}
     return r.widths
+
+
+def make_supernet(calib, cfg, fold: dict) -> Supernet:
+    """The supernet (search.py) of the dense MLPs from the allocation pass's fold moments {layer: (G, mean)}: each
+    layer's neurons in the selection's order, the ridge of `alloc_samples` windows."""
+    model, a, n = calib.lm.model, calib.lm.adapter, min(calib.ids.shape[0], cfg.alloc_samples)
+    orders = {}
+    for i, (G, mean) in fold.items():
+        W = a.out_weight(model, i).detach().double().cpu()
+        m = LayerMoments(i, G, mean, W, a.in_norms(model, i), ridge=cfg.ridge)
+        orders[i] = torch.argsort(SELECTORS[cfg.select](m, m.N, cfg.seed).scores, descending=True)
+    ridge = effective_ridge(cfg.ridge, n * calib.ids.shape[1], max(calib.widths().values()), warn=False)
+    return Supernet(model, a, fold, orders, ridge)
 
 
 def _scores(calib, cfg, i: int) -> torch.Tensor:
@@ -209,9 +221,34 @@ class _StopAfterTrunk(Exception):
     pass
 
 
+@dataclass
+class Curves:
+    """What one pass of the dense model over the allocation windows measures, every error in one unit (per token,
+    under the pass's token weights): `mlp` {layer: e_i(k), k = 0..N}; `attn` {layer: LayerMoments of the attention
+    output projection's input, its G weighted like the MLP's} (the head costs are read from them, budget.py);
+    `block` {layer: D_i = E_t[w_t‖x_i+1,t − x_i,t‖²], the cost of removing the whole layer}; `fold` {(site, layer):
+    (E[h hᵀ], E[h])} under the fold's rms weights (what one-shot refits use)."""
+
+    mlp: dict
+    attn: dict = field(default_factory=dict)
+    block: dict = field(default_factory=dict)
+    fold: dict = field(default_factory=dict)
+
+
 def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
                  seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True,
                  fold_moments: dict | None = None) -> dict[int, torch.Tensor]:
+    """The MLP error curves of `measure_curves` (its `fold` moments of the MLP into `fold_moments` when given)."""
+    c = measure_curves(lm, ids, select=select, weights=weights, batch_size=batch_size, seed=seed, ridge=ridge,
+                       compute=compute, progress=progress, fold=fold_moments is not None)
+    if fold_moments is not None:
+        fold_moments.update({i: v for (site, i), v in c.fold.items() if site == "mlp"})
+    return c.mlp
+
+
+def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
+                   seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True, attn: bool = False,
+                   blocks: bool = False, fold: bool = False) -> Curves:
     """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
     top-k neurons of `select` (see `error_curve`), with token t weighted so that all layers share one
     unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
@@ -219,30 +256,33 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
     ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `head`: w_t = ‖∂loss/∂x_L,t‖², the gradient at the
     last layer's output, for every layer (no backward through the trunk: the later layers' own gain is ignored).
     `rms`: w_t = 1/mean(x_i,t²), the error as the next norm sees it (no backward pass, blind to how much later
-    layers and the head amplify it). Cost: one forward (with grad one backward) of the dense model over `ids`,
-    the LM head in chunks (grad, head), one N² Gram per token and layer, one O(N³) Cholesky per layer; memory:
-    one batch's activations and L float32 N×N Grams (each made float64 in turn for its curve).
-    `fold_moments` (a dict): also filled with {layer: (E[h hᵀ], E[h])} of the same pass under the fold's rms
-    token weights (what `search.Supernet` folds with); twice the Grams' memory."""
+    layers and the head amplify it). With `attn`, the same for the attention output projection's input (its
+    weight under `grad`: the gradient at the attention's output, which is added to the residual stream), and with
+    `blocks` the cost of each whole layer (see `Curves`). Cost: one forward (with grad one backward) of the dense
+    model over `ids`, the LM head in chunks (grad, head), one N² Gram per token and layer (and one (H·hd)² with
+    `attn`), one O(N³) Cholesky per layer; memory: one batch's activations and L float32 N×N Grams (each made
+    float64 in turn for its curve), twice that with `fold`."""
     model, a = lm.model, lm.adapter
     dev = next(model.parameters()).device
     L = a.num_layers(model)
-    acts, outs = {}, {}
-    mom: list[Moments | None] = [None] * L
-    fmom: list[Moments | None] = [None] * L
+    sites = ["mlp", "attn"] if attn else ["mlp"]
+    proj = {"mlp": a.out_proj, "attn": a.attn_out_proj}
+    grabbed = {}
+    mom, fmom = {}, {}
+    block = {i: 0.0 for i in range(L)} if blocks else {}
     n = 0
 
     def grab(key, t):
-        kind, i = key
-        if kind == "h":
-            acts[i] = t.detach()
-        else:
-            if t.requires_grad:
-                t.retain_grad()
-            outs[i] = t
+        if key[0] in ("out", "attn_out") and t.requires_grad:
+            t.retain_grad()
+        grabbed[key] = t if key[0] in ("out", "attn_out", "in") else t.detach()
 
-    points = [(("h", i), a.out_proj(model, i), "in") for i in range(L)]
+    points = [((site, i), proj[site](model, i), "in") for site in sites for i in range(L)]
     points += [(("out", i), layer, "out") for i, layer in enumerate(a.layers(model))]
+    if attn and weights == "grad":
+        points += [(("attn_out", i), a.attn_out_proj(model, i), "out") for i in range(L)]
+    if blocks:
+        points += [(("in", 0), a.layers(model)[0], "call")]
     with hooked(points, grab):
         for b in tqdm(range(0, ids.shape[0], batch_size), desc="allocate", unit="batch", disable=not progress,
                       dynamic_ncols=True):
@@ -256,32 +296,46 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
                 _trunk_forward(model, a, x, compute)
             with torch.no_grad():
                 for i in range(L):
-                    o = outs[i]
-                    rms = rms_token_weights(o.detach().reshape(-1, o.shape[-1]).float()).unsqueeze(1) \
-                        if weights == "rms" or fold_moments is not None else None
-                    if weights == "grad":
-                        w = o.grad.reshape(-1, o.shape[-1]).float().pow(2).sum(-1, keepdim=True)
-                    else:
-                        w = g if weights == "head" else rms
-                    h = acts[i].reshape(w.shape[0], -1)
-                    if mom[i] is None:   # every layer's Gram at once: float32 totals (half of float64's memory)
-                        mom[i] = Moments(h.shape[1], dev, gram_dtype=torch.float32)
-                        fmom[i] = Moments(h.shape[1], dev, gram_dtype=torch.float32) if fold_moments is not None else None
-                    mom[i].add(h, w)
-                    if fmom[i] is not None:
-                        fmom[i].add(h, rms)
+                    o = grabbed[("out", i)]
+                    d = o.shape[-1]
+                    rms = rms_token_weights(o.detach().reshape(-1, d).float()).unsqueeze(1) \
+                        if weights == "rms" or fold else None
+                    for site in sites:
+                        if weights == "grad":
+                            src = o if site == "mlp" else grabbed[("attn_out", i)]
+                            w = src.grad.reshape(-1, d).float().pow(2).sum(-1, keepdim=True)
+                        else:
+                            w = g if weights == "head" else rms
+                        h = grabbed[(site, i)].reshape(w.shape[0], -1)
+                        if (site, i) not in mom:   # every layer's Gram at once: float32 totals (half of float64's memory)
+                            mom[site, i] = Moments(h.shape[1], dev, gram_dtype=torch.float32)
+                            if fold:
+                                fmom[site, i] = Moments(h.shape[1], dev, gram_dtype=torch.float32)
+                        mom[site, i].add(h, w)
+                        if fold:
+                            fmom[site, i].add(h, rms)
+                        if site == "mlp" and blocks:
+                            args, kw = grabbed[("in", 0)] if i == 0 else ((grabbed[("out", i - 1)],), {})
+                            prev = args[0] if args else kw["hidden_states"]
+                            delta = (o.detach().float() - prev.detach().float()).reshape(-1, d)
+                            block[i] += float((w.reshape(-1) * delta.pow(2).sum(-1)).sum())
                 n += x.numel()
-            acts.clear()
-            outs.clear()
-    curves = {}
+            grabbed.clear()
+    out = Curves({}, block={i: v / n for i, v in block.items()})
     for i in range(L):
-        Gi, mean = mom[i].finish()
         W = a.out_weight(model, i).detach().double().cpu()
         N = W.shape[1]
+        Gi, mean = mom["mlp", i].finish()
         # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
         m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
-        curves[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom[i].weight / n)
-        mom[i] = None
-        if fold_moments is not None:
-            fold_moments[i] = fmom[i].finish()
-    return curves
+        out.mlp[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom["mlp", i].weight / n)
+        if attn:   # the head costs are read from these moments: scaled so that refit errors share the MLP's unit
+            Ga, mean_a = mom["attn", i].finish()
+            Wo = a.attn_out_proj(model, i).weight.detach().double().cpu()
+            out.attn[i] = LayerMoments(i, Ga * (mom["attn", i].weight / n), mean_a, Wo, torch.ones(Wo.shape[1]),
+                                       ridge=effective_ridge(ridge, n, Wo.shape[1], warn=False))
+        for site in sites:
+            mom[site, i] = None
+            if fold:
+                out.fold[site, i] = fmom.pop((site, i)).finish()
+    return out

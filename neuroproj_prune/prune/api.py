@@ -27,25 +27,38 @@ from .calibrate import CALIBRATIONS, LayerWork, OneShot
 from .config import PruneConfig
 from .fold import RIDGE, FOLDS, fold_and_slice
 from .offload import open_model
+from .budget import Shape, resolve, trunk_params
+from .heads import choose_heads, fold_heads
 from .plan_file import Plan
 from .select import select_layer
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 def prune_layers(model, calib, cfg: PruneConfig, widths: dict[int, int] | None = None, *, plan: Plan | None = None,
-                 apply: bool = True) -> Plan:
-    """The one per-layer loop. For each layer the calibration hands over — sequential calibration measures it on
-    the hidden states the already-pruned layers produce — choose the neurons to keep (`widths[i]` of them by
-    `cfg.select`, refined by the pass hooks; or as `plan` says), then fold the removed ones into the kept ones and
-    slice the layer (unless `apply=False`). Returns the plan."""
+                 apply: bool = True, drop=()) -> Plan:
+    """The one per-layer loop. For each site the calibration hands over — sequential calibration measures it on
+    the hidden states the already-pruned layers produce — choose what stays (the MLP: `widths[i]` neurons by
+    `cfg.select`, refined by the pass hooks; the attention: the heads of `cfg.head_sparsity`; or as `plan` says),
+    then fold what goes into what stays and slice (unless `apply=False`). The layers in `drop` (or the plan's) are
+    passed through and removed at the end. Returns the plan."""
     given = plan is not None
-    plan = plan if given else Plan(meta={**plan_meta(cfg), **calib.meta})
+    plan = plan if given else Plan(meta={**plan_meta(cfg), **calib.meta}, drop=sorted(drop))
+    a = calib.lm.adapter
+    calib.drop, calib.heads = plan.drop, bool(plan.heads) if given else cfg.head_sparsity > 0
     for work in calib.layers():
         i = work.layer
+        if work.site == "attn":
+            if not given:
+                plan.heads[i] = choose_heads(model, a, work.moments, cfg)
+            if apply and i in plan.heads:
+                fold_heads(model, a, work, plan.heads[i], cfg)
+            continue
         if not given:
             plan.layers[i] = work.refine(select_layer(model, work.moments, widths[i], cfg))
         if apply and i in plan.layers:
             fold_layer(model, work, plan.layers[i], cfg)
+    if apply and plan.drop:
+        a.drop_layers(model, plan.drop)
     if not given and "fingerprint" in calib.meta:   # a disk stream knows it only after the pass
         plan.meta["fingerprint"] = calib.meta["fingerprint"]
     return plan
@@ -114,10 +127,12 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
     if plan_file is not None or clusters is not None:
         if plan_file is not None and clusters is not None:
             raise NeuroprojError("give a plan or a clustering, not both")
-        cfg = cfg.replace(calibration="oneshot")
         given = Plan.load(plan_file) if plan_file is not None else clusters
-    elif cfg.sparsity is None and cfg.keep is None:
-        raise NeuroprojError("give a sparsity in [0, 1), keep K or a plan")
+        # a plan's heads and removed layers are refitted in the sequential pass (dense statistics hold no attention)
+        blocks = isinstance(given, Plan) and (given.heads or given.drop)
+        cfg = cfg.replace(calibration="sequential" if blocks else "oneshot")
+    elif cfg.sparsity is None and cfg.keep is None and not cfg.budgeted:
+        raise NeuroprojError("give a sparsity in [0, 1), keep K, a target or a plan")
     if out is not None:
         prepare_out_dir(out, overwrite)  # refuse early, before any work
     t0 = time.time()
@@ -144,14 +159,19 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
     if given is not None:
         given.check(lm.model, lm.fingerprint)
     had_bias = a.out_has_bias(lm.model)
-    before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model)}
+    before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model),
+              "trunk": trunk_params(lm.model, a), "widths": [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]}
     calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress, stream=stream)
-    widths = ALLOCATIONS[cfg.allocation](calib, cfg) if given is None else None
-    p = prune_layers(lm.model, calib, cfg, widths, plan=given)
+    shape = resolve(calib, cfg) if given is None else Shape(cfg, list(getattr(given, "drop", [])))
+    calib.cfg, calib.drop = shape.cfg, shape.drop
+    widths = shape.widths
+    if given is None and widths is None:
+        widths = ALLOCATIONS[cfg.allocation](calib, shape.cfg)
+    p = prune_layers(lm.model, calib, shape.cfg, widths, plan=given, drop=shape.drop)
     update_config(lm.model, added_bias=cfg.adds_bias and not had_bias)
     summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
     summary["offload"] = stream.describe()
-    for key in ("reconstruct", "swaps", "search"):    # what the optional steps did
+    for key in ("reconstruct", "swaps", "search", "layers", "budget"):    # what the optional steps did
         if key in calib.meta:
             summary[key] = calib.meta[key]
     lm.fingerprint = None  # the weights changed
@@ -159,17 +179,25 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
 
 
 def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:
-    a = lm.adapter
-    kept = [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]
-    total_before = sum(p.layers[i]["width"] if i in p.layers else kept[i] for i in range(len(kept)))
+    a, model = lm.adapter, lm.model
+    L = a.num_layers(model)
+    kept = [a.width(model, i) for i in range(L)]
+    dense_rows = [i for i in range(len(before["widths"])) if i not in p.drop]   # the kept layers' dense indices
+    total_before = sum(before["widths"][i] for i in dense_rows)
+    trunk = trunk_params(model, a)
     return {
         "model": lm.spec, "sparsity": cfg.sparsity, "keep": cfg.keep, "actual_sparsity": 1 - sum(kept) / total_before,
         "select": cfg.select, "fold": cfg.fold, "allocation": cfg.allocation, "calibration": cfg.calibration,
         "target": cfg.target if cfg.calibration == "sequential" else None, "calibration_data": calib_desc,
         "config": cfg.to_dict(),
-        "params_before": before["params"], "params_after": num_params(lm.model),
-        "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": a.mlp_macs_per_token(lm.model),
-        "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept, "seconds": round(seconds, 1),
+        "params_before": before["params"], "params_after": num_params(model),
+        "trunk_params_before": before["trunk"], "trunk_params_after": trunk,
+        "removed_trunk_fraction": 1 - trunk / before["trunk"],
+        "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": a.mlp_macs_per_token(model),
+        "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept,
+        "heads": [[a.num_heads(model, i), a.num_kv_heads(model, i)] for i in range(L)]
+        if a.heads_refusal(model) is None else None,
+        "dropped_layers": list(p.drop), "seconds": round(seconds, 1),
     }
 
 

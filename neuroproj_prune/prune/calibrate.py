@@ -57,6 +57,7 @@ class LayerWork:
     layer: int
     moments: LayerMoments | None     # what selection reads (None: no statistics, only fold `none` applies)
     fold: FoldInputs | None          # what the fold uses
+    site: str = "mlp"                # mlp (neurons) or attn (heads)
     keep: torch.Tensor | None = None
     W_new: torch.Tensor | None = None
     b_new: torch.Tensor | None = None
@@ -77,6 +78,8 @@ class Calibration:
     name = ""
     ids = held = None       # calibration windows, held-back windows (sequential)
     compute = None
+    drop: list[int] = []    # whole layers the plan removes: no work for them (set before `layers()`)
+    heads = False           # whether the attention heads are pruned too: an `attn` work item before each MLP
 
     def __init__(self, lm: LoadedModel, cfg, *, data=None, stats=None, projections=None, progress: bool = True,
                  stream: LayerStream | None = None):
@@ -85,8 +88,9 @@ class Calibration:
         self.description, self.meta = None, {}
 
     def widths(self) -> dict[int, int]:
+        """The MLP width of every layer this calibration prunes (the layers a plan removes whole are not)."""
         a, m = self.lm.adapter, self.lm.model
-        return {i: a.width(m, i) for i in range(a.num_layers(m))}
+        return {i: a.width(m, i) for i in range(a.num_layers(m)) if i not in self.drop}
 
     def layers(self) -> Iterator[LayerWork]:
         raise NotImplementedError
@@ -137,6 +141,10 @@ class OneShot(Calibration):
 
     def layers(self):
         for i in range(self.lm.adapter.num_layers(self.lm.model)):
+            if i in self.drop:
+                continue
+            if self.heads:   # dense statistics hold no attention site: a plan's heads are sliced (fold none)
+                yield LayerWork(i, None, None, site="attn")
             if self.given is not None:
                 g = self.given.get(i)
                 yield LayerWork(i, None, None if g is None else FoldInputs(g["G"], g["mean"], g.get("C"), g.get("c"),
@@ -244,9 +252,16 @@ class Sequential(Calibration):
         try:
             for i in range(a.num_layers(model)):
                 layer = stream.fetch(i)
+                dense_step = self._dense_step(layer, calls, dense) if dense is not None else None
+                if i in self.drop:   # removed whole: the pruned stream goes on unchanged (identity)
+                    stream.release(i)
+                    bar.update(1)
+                    continue
+                if self.heads:       # heads first; the MLP is then measured behind the pruned attention
+                    yield self._measure_heads(i, layer, calls, hidden)
                 W = a.out_weight(model, i).detach().to(self.cdt)
                 b_old = a.out_bias(model, i)
-                work, acts, outs = self._measure(i, layer, W, calls, hidden, dense)
+                work, acts, outs = self._measure(i, layer, W, calls, hidden, dense_step)
                 yield work  # the loop prunes layer i in place and fills work.keep / W_new / b_new
                 if any([h.folded(work, layer) for h in self.hooks]):
                     acts.clear()   # the layer changed beyond its output projection: run it again
@@ -274,19 +289,67 @@ class Sequential(Calibration):
         states = layer_inputs(self.lm.model, self.lm.adapter, batches[rank::world], keep=self.stream.stash)
         hidden = [s[0] for s in states]          # the stream entering the current layer, per batch
         calls = [s[1:] for s in states]          # each batch's (args, kwargs) for the layers
-        dense = [h.clone() for h in hidden] if TARGETS[self.cfg.target].dense_stream else None
+        carry_dense = TARGETS[self.cfg.target].dense_stream or bool(self.drop)
+        dense = [h.clone() for h in hidden] if carry_dense else None
         return calls, hidden, dense
 
-    def _measure(self, i, layer, W, calls, hidden, dense):
+    def _target(self, i: int) -> str:
+        """The fold target of layer i's MLP: the configured one, or `drop_target` behind a removed layer (the layers
+        after a removal refit against the dense model, which is what makes up for the missing layer)."""
+        cfg = self.cfg
+        if self.drop and i > min(self.drop) and cfg.target == "layer" and cfg.fold == "lstsq":
+            additive_ok = self.lm.adapter.mlp_output_is_added(self.lm.model)
+            return cfg.drop_target if additive_ok or not TARGETS[cfg.drop_target].additive else "dense"
+        return cfg.target
+
+    def _dense_step(self, layer, calls, dense) -> list:
+        """Advance the dense model's stream through the (still dense) layer; per batch (its MLP neuron activations,
+        its output) for the dense fold targets."""
+        a, model, stream, grab, out = self.lm.adapter, self.lm.model, self.stream, {}, []
+        i = list(a.layers(model)).index(layer)
+        with torch.inference_mode(), hooked([("h", a.out_proj(model, i), "in")], grab.__setitem__):
+            for bi, (args, kw) in enumerate(calls):
+                dense_out = run_layer(layer, stream.bring(dense[bi]), args, kw, self.compute)
+                out.append((stream.stash(grab["h"]), stream.stash(dense_out)))
+                dense[bi] = out[-1][1]
+        return out
+
+    def _measure_heads(self, i, layer, calls, hidden) -> LayerWork:
+        """Run layer i on every batch and accumulate the (token-weighted) moments of its attention output
+        projection's input — the heads' outputs — for the head selection and the o_proj refit (heads.py)."""
+        model, a, cfg, stream = self.lm.model, self.lm.adapter, self.cfg, self.stream
+        dist = distributed()[0]
+        o = a.attn_out_proj(model, i)
+        W = o.weight.detach().double().cpu()
+        mo = Moments(W.shape[1], stream.device, product_dtype=self.compute if stream.device.type == "cuda" else None)
+        weigh, grab = WEIGHTINGS[cfg.weighting], {}
+        with torch.inference_mode(), hooked([("z", o, "in")], grab.__setitem__):
+            for bi, (args, kw) in enumerate(calls):
+                out = run_layer(layer, stream.bring(hidden[bi]), args, kw, self.compute)
+                w = weigh(out.reshape(-1, out.shape[-1]).to(self.cdt))
+                if bi == 0 and w is not None and dist is not None:
+                    mo.share_scale(w, dist)
+                mo.add(grab["z"].reshape(-1, W.shape[1]), w)
+        if dist is not None:
+            mo.all_reduce(dist)
+        G, mean = mo.finish()
+        if not torch.isfinite(G).all():
+            raise NeuroprojError(f"non-finite activations at layer {i}: {nonfinite_hint(model, self.compute)}")
+        ridge = effective_ridge(cfg.ridge, mo.tokens, W.shape[1])
+        w_in = a.attn(model, i).q_proj.weight.detach().double().norm(dim=1).cpu()
+        return LayerWork(i, LayerMoments(i, G, mean, W, w_in, ridge=ridge), FoldInputs(G, mean, ridge=ridge),
+                         site="attn")
+
+    def _measure(self, i, layer, W, calls, hidden, dense_step):
         """Run layer i on every batch and accumulate its moments (measure.py), telling the pass hooks of each
         batch; keep each batch's activations h and layer output for the carry. Under several processes the
         totals are summed across them (one weight scale: rank 0's first batch's). Returns (work, acts, outs)."""
         model, a, cfg, compute, cdt, stream = self.lm.model, self.lm.adapter, self.cfg, self.compute, self.cdt, self.stream
         dist = distributed()[0]
         N, d = W.shape[1], W.shape[0]
-        weigh, target = WEIGHTINGS[cfg.weighting], TARGETS[cfg.target]
+        weigh, target = WEIGHTINGS[cfg.weighting], TARGETS[self._target(i)]
         mo = Moments(N, stream.device, product_dtype=compute if stream.device.type == "cuda" else None)
-        tm = TargetMoments(d, N, stream.device) if dense is not None else None
+        tm = TargetMoments(d, N, stream.device) if target.dense_stream else None
         closed_form = a.mlp_output_is_added(model)   # else the carry runs the pruned layer again
         acts, outs, grab = [], [], {}
         for h_ in self.hooks:
@@ -304,11 +367,10 @@ class Sequential(Calibration):
                     for h_ in self.hooks:
                         h_.batch(Batch(bi, x, out, h, w, args, kw))
                     if tm is not None:
-                        dense_out = run_layer(layer, stream.bring(dense[bi]), args, kw, compute)
+                        h_dense, dense_out = (stream.bring(t) for t in dense_step[bi])
                         hc = h.to(cdt)
-                        y = target(TargetInputs(hc, grab["h"].reshape(-1, N).to(cdt), out, dense_out, W))
+                        y = target(TargetInputs(hc, h_dense.reshape(-1, N).to(cdt), out, dense_out, W))
                         tm.add(y, hc, w)
-                        dense[bi] = stream.stash(dense_out)
                     if closed_form:  # in the forward's own dtype (bf16 model or autocast: 2 bytes), exact in it
                         acts.append(stream.stash(h))
                         outs.append(stream.stash(out))
@@ -345,6 +407,11 @@ class Sequential(Calibration):
             if not acts:
                 for bi, (args, kw) in enumerate(calls):
                     hidden[bi] = stream.stash(run_layer(layer, stream.bring(hidden[bi]), args, kw, self.compute))
+                return
+            if work.keep is None:   # a plan that leaves this MLP as it is: its output goes on unchanged
+                hidden[:] = outs
+                acts.clear()
+                outs.clear()
                 return
             dev = W.device
             # h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width

@@ -9,8 +9,11 @@ from ..config import Config, ConfigError, opt
 from .allocate import ALLOCATIONS
 from .calibrate import CALIBRATIONS, COMPUTE_DTYPES
 from .fold import FOLDS, RIDGE
+from .heads import HEAD_GROUPS, HEAD_SELECTORS
 from .measure import TARGETS, WEIGHTINGS
 from .offload import OFFLOADS
+from .budget import AXES
+from .layers import LAYER_SELECTORS
 from .reconstruct import RECONSTRUCT_SCOPES
 from .select import SELECTORS
 
@@ -52,7 +55,8 @@ class PruneConfig(Config):
                              "layer's output, one backward pass), head (the loss gradient at the last layer's output "
                              "for every layer: no backward through the layers) or rms (no loss at all)",
                              ("grad", "head", "rms"))
-    search_samples: int = opt(8, "allocation search: held-back calibration windows that score candidate widths "
+    search_samples: int = opt(8, "held-back calibration windows that score candidates (allocation search, the layer "
+                              "choice by loss, the joint budget) "
                               "(drawn beside the calibration windows, never used to fit)", ge=1)
     search_rounds: int = opt(6, "allocation search: forward + backward passes over the held-back windows", ge=1)
     search_step: int = opt(32, "allocation search: neurons one move shifts between two layers (rounded up to "
@@ -76,6 +80,30 @@ class PruneConfig(Config):
                                      "for early stopping", ge=0.0, lt=1.0)
     reconstruct_scope: str = opt("mlp", "block reconstruction: the MLP alone, or the whole decoder layer "
                                  "(attention included, one batch of windows per step)", lambda: RECONSTRUCT_SCOPES)
+    head_sparsity: float = opt(0.0, "fraction of attention query heads to remove in every layer (uniform: a standard "
+                               "checkpoint; SmolLM2's 9 heads in 3 groups allow 1/3 and 2/3); 0 = keep all heads",
+                               ge=0.0, lt=1.0)
+    head_select: str = opt("obs", "which heads go: obs (the least output error after the least-squares refit of "
+                           "o_proj, greedy) or wanda-sp (smallest summed channel scores)", lambda: HEAD_SELECTORS)
+    head_groups: str = opt("query", "grouped-query attention: query (every key/value group loses the same number of "
+                           "query heads; the key/value heads stay) or kv (whole groups go, their query heads with "
+                           "them)", HEAD_GROUPS)
+    drop_layers: int = opt(0, "whole decoder layers to remove (chosen by --layer-select); the layers after a removed "
+                           "one are refitted against the dense model's outputs", ge=0)
+    layer_select: str = opt("loss", "which layers go: loss (the measured loss increase on held-back calibration "
+                            "windows when the layer alone is removed) or influence (ShortGPT's 1 - cos(in, out))",
+                            lambda: LAYER_SELECTORS)
+    drop_target: str = opt("dense", "what the MLPs behind a removed layer are refitted to: dense (the dense model's MLP "
+                           "outputs) or residual (also make up the stream's drift, the missing layer included)",
+                           ("dense", "residual"))
+    target_params: float | None = opt(None, "fraction of the decoder layers' parameters to remove, split across MLP "
+                                      "neurons, attention heads and whole layers by measured loss (instead of "
+                                      "--sparsity; --axes limits the axes)", kind=float, gt=0.0, lt=1.0)
+    target_speedup: float | None = opt(None, "the decode speed-up to reach, by its proxy: the bytes of weights read "
+                                       "per token (decoder layers + LM head) fall by this factor; becomes "
+                                       "--target-params", kind=float, gt=1.0)
+    axes: tuple = opt(AXES, "what --target-params may remove: a comma subset of mlp, heads, layers", AXES,
+                      item=str)
     offload: str = opt("auto", "where the decoder layers live during the sequential pass: none (all on the device), "
                        "cpu (host memory, one layer at a time on the device), disk (read from the model's safetensors "
                        "files and written to --out one layer at a time) or auto (by free memory: "
@@ -84,6 +112,17 @@ class PruneConfig(Config):
     # -- rules between fields (types, choices and ranges are declared above and checked by Config.validate)
     def check(self) -> None:
         self.refuse_together("sparsity", "keep")
+        self.refuse_together("target_params", "target_speedup")
+        budget = self.target_params is not None or self.target_speedup is not None
+        if budget and (self.keep is not None or self.head_sparsity or self.drop_layers):
+            raise ConfigError("target_params", "a parameter or speed target splits the budget itself: give it alone, "
+                              "or --sparsity / --keep, --head-sparsity and --drop-layers per axis")
+        if (budget or self.head_sparsity or self.drop_layers) and self.calibration != "sequential":
+            raise ConfigError("calibration", "attention heads and whole layers are measured in the sequential pass: "
+                              "use --calibration sequential")
+        if (budget or self.drop_layers) and self.offload in ("cpu", "disk"):
+            raise ConfigError("offload", f"choosing layers runs the whole model on held-back windows, which offload "
+                              f"{self.offload} does not hold: use --offload none or auto")
         if self.allocation == "search" and self.calibration != "sequential":
             raise ConfigError("allocation", "allocation search scores candidates with the sequential calibration's "
                               "data: use --calibration sequential or --allocation global")
@@ -119,15 +158,24 @@ class PruneConfig(Config):
         return bool(TARGETS[self.target].dense_stream)
 
     @property
+    def budgeted(self) -> bool:
+        """Whether the joint allocation splits a parameter (or speed) budget across the axes."""
+        return self.target_params is not None or self.target_speedup is not None
+
+    @property
     def held_out_windows(self) -> int:
-        """Calibration windows drawn beside the fitted ones and never fitted (the allocation search scores on them)."""
-        return self.search_samples if self.allocation == "search" else 0
+        """Calibration windows drawn beside the fitted ones and never fitted (the allocation search, the layer
+        choice by loss and the joint allocation score on them)."""
+        layers = self.drop_layers and self.layer_select == "loss"
+        return self.search_samples if self.allocation == "search" or layers or self.budgeted else 0
 
     @classmethod
     def make(cls, **given) -> "PruneConfig":
-        """From keyword arguments (None means: the default). Giving `keep` and no `sparsity` drops the default
-        sparsity."""
+        """From keyword arguments (None means: the default). Giving `keep` or a target and no `sparsity` drops the
+        default sparsity; giving only heads or layers to remove makes it 0 (the MLPs keep their width)."""
         given = cls.given_settings(given)
-        if "keep" in given and "sparsity" not in given:
+        if ("keep" in given or "target_params" in given or "target_speedup" in given) and "sparsity" not in given:
             given["sparsity"] = None
+        elif ("head_sparsity" in given or "drop_layers" in given) and "sparsity" not in given:
+            given["sparsity"] = 0.0    # heads or layers alone: the MLPs keep their width (refitted behind a removal)
         return cls(**given)

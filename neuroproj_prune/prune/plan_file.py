@@ -1,7 +1,10 @@
 """The plan file: which neurons each layer keeps and into which kept neuron each removed one folds.
 
 `plan.json` (format `neuroproj-prune/plan/1`): `{"format", "meta": {settings, fingerprint, ...}, "layers":
-{"<i>": {"width": N, "keep": [sorted kept indices], "representative": {"<removed j>": kept r}}}}`. `prune`
+{"<i>": {"width": N, "keep": [sorted kept indices], "representative": {"<removed j>": kept r}}}}`. A plan that
+also prunes attention heads or whole layers is `neuroproj-prune/plan/2`, with `"heads": {"<i>": {"heads": H,
+"kv_heads": KV, "keep": [kept query heads], "keep_kv": [kept key/value heads]}}` and `"drop_layers": [i, ...]`
+(layer indices are the dense model's). `prune`
 writes it beside every checkpoint; `prune --plan` applies a written (or edited) one as it is, and
 `Plan.from_clusters` makes one from a `cluster` file. Readers import this module; `Plan.load` checks the schema.
 """
@@ -19,6 +22,7 @@ from ..model import adapter_for
 
 
 FORMAT = "neuroproj-prune/plan/1"
+FORMAT_BLOCKS = "neuroproj-prune/plan/2"     # with heads or dropped layers
 
 
 @dataclass
@@ -27,15 +31,25 @@ class Plan:
 
     layers: dict[int, dict] = field(default_factory=dict)  # i -> {"keep": [...], "representative": {j: r}, "width": N}
     meta: dict = field(default_factory=dict)
+    heads: dict[int, dict] = field(default_factory=dict)   # i -> {"heads", "kv_heads", "keep", "keep_kv"}
+    drop: list[int] = field(default_factory=list)          # whole decoder layers removed (dense indices)
+
+    def table(self, site: str) -> dict:
+        """The per-layer entries of a site: `mlp` (neurons) or `attn` (heads)."""
+        return self.layers if site == "mlp" else self.heads
 
     def keep(self, i) -> torch.Tensor:
         return torch.tensor(self.layers[i]["keep"], dtype=torch.long)
 
     def to_json(self) -> str:
-        doc = {"format": FORMAT, "meta": self.meta,
+        doc = {"format": FORMAT_BLOCKS if self.heads or self.drop else FORMAT, "meta": self.meta,
                "layers": {str(i): {"width": d["width"], "keep": d["keep"],
                                    "representative": {str(k): v for k, v in d["representative"].items()}}
                           for i, d in sorted(self.layers.items())}}
+        if self.heads or self.drop:
+            doc["heads"] = {str(i): {k: d[k] for k in ("heads", "kv_heads", "keep", "keep_kv")}
+                            for i, d in sorted(self.heads.items())}
+            doc["drop_layers"] = sorted(self.drop)
         return json.dumps(doc, indent=1)
 
     def save(self, path) -> Path:
@@ -48,7 +62,8 @@ class Plan:
         (an edited plan with `1.5` or `"3"` is refused, not truncated)."""
         try:
             doc = json.loads(Path(path).read_text())
-            assert isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc["layers"], dict)
+            assert isinstance(doc, dict) and doc.get("format") in (FORMAT, FORMAT_BLOCKS)
+            assert isinstance(doc["layers"], dict)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError, KeyError, TypeError):
             raise NeuroprojError(f"{path} is not a readable neuroproj-prune plan file") from None
         layers = {}
@@ -63,7 +78,19 @@ class Plan:
                 raise NeuroprojError(f"{where}: 'representative' must map removed to kept neuron numbers")
             layers[int(i)] = {"width": d["width"], "keep": list(keep),
                               "representative": {int(k): v for k, v in rep.items()}}
-        return cls(layers, doc.get("meta", {}) if isinstance(doc.get("meta"), dict) else {})
+        heads = {}
+        for i, d in (doc.get("heads") or {}).items():
+            ok = (isinstance(i, str) and i.isdigit() and isinstance(d, dict)
+                  and all(_whole(d.get(k)) for k in ("heads", "kv_heads"))
+                  and all(isinstance(d.get(k), list) and all(_whole(j) for j in d[k]) for k in ("keep", "keep_kv")))
+            if not ok:
+                raise NeuroprojError(f"{path}: heads of layer {i!r}: 'heads', 'kv_heads' and every 'keep'/'keep_kv' "
+                                     f"entry must be whole numbers")
+            heads[int(i)] = {k: d[k] for k in ("heads", "kv_heads", "keep", "keep_kv")}
+        drop = doc.get("drop_layers") or []
+        if not isinstance(drop, list) or not all(_whole(i) for i in drop):
+            raise NeuroprojError(f"{path}: 'drop_layers' must be a list of layer numbers")
+        return cls(layers, doc.get("meta", {}) if isinstance(doc.get("meta"), dict) else {}, heads, sorted(drop))
 
     @classmethod
     def from_clusters(cls, clusters, model) -> "Plan":
@@ -108,9 +135,37 @@ class Plan:
             if bad:
                 raise NeuroprojError(f"the plan's representatives for layer {i} are invalid ({bad[0][0]} -> "
                                      f"{bad[0][1]}): each removed neuron must fold into a kept one")
+        for i, d in self.heads.items():
+            self._check_heads(a, model, L, i, d)
+        if any(not 0 <= i < L for i in self.drop) or len(set(self.drop)) >= L or len(set(self.drop)) != len(self.drop):
+            raise NeuroprojError(f"the plan drops layers {self.drop}; the model has {L} layers (each in [0, {L}), "
+                                 f"no repeats, at least one kept)")
+        both = sorted((set(self.layers) | set(self.heads)) & set(self.drop))
+        if both:
+            raise NeuroprojError(f"the plan both prunes and removes layer {both[0]}: give its neurons and heads or "
+                                 f"list it in drop_layers, not both")
         if fp and fingerprint and fingerprint != fp:
             raise NeuroprojError("the plan was made for another model (its fingerprint differs from this model's): "
                                  "make the plan on this model")
+
+
+    @staticmethod
+    def _check_heads(a, model, L, i, d) -> None:
+        if not 0 <= i < L:
+            raise NeuroprojError(f"the plan prunes the heads of layer {i} but the model has {L} layers")
+        refusal = a.heads_refusal(model)
+        if refusal:
+            raise NeuroprojError(refusal)
+        H, KV = a.num_heads(model, i), a.num_kv_heads(model, i)
+        if (d["heads"], d["kv_heads"]) != (H, KV):
+            raise NeuroprojError(f"the plan expects layer {i} to have {d['heads']} heads in {d['kv_heads']} groups, "
+                                 f"the model has {H} in {KV}: it is for another model")
+        g, keep, kv = H // KV, d["keep"], d["keep_kv"]
+        per = [sum(1 for h in keep if h // g == k) for k in kv]
+        if (not keep or len(set(keep)) != len(keep) or not all(0 <= h < H for h in keep) or len(set(kv)) != len(kv)
+                or not all(0 <= k < KV for k in kv) or any(h // g not in kv for h in keep) or len(set(per)) != 1):
+            raise NeuroprojError(f"the plan's heads for layer {i} are invalid: each kept query head's key/value head "
+                                 f"kept, the same number of query heads kept in every kept group")
 
 
 def _whole(v) -> bool:

@@ -1,0 +1,240 @@
+"""What a run removes: MLP neurons, attention heads, whole layers — set per axis, or split from one budget.
+
+Per axis (`sparsity`/`keep`, `head_sparsity`, `drop_layers`) a user says how much of each goes; `resolve` then
+only picks the layers (layers.py). With one budget, `target_params` P (or `target_speedup` S, turned into P by its
+proxy, the bytes of weights read per token: (T + E)·(1 − 1/S) of the T decoder-layer and E LM-head parameters),
+P·T parameters of the decoder layers go, split across the axes in `axes` by measured loss:
+
+    pieces     one pass of the dense model (allocate.measure_curves) prices every axis in one unit (per-token output
+               errors under the loss-gradient weights, ≈ loss): e_i(k) the MLP refit error of layer i keeping k
+               neurons, a_i(r) the o_proj refit error of layer i at head level r (the same level in every layer: a
+               standard checkpoint; heads.head_levels), D_i the cost of removing layer i; the layers are ranked by
+               `layer_select` on the held-back windows
+    candidates every head level r × the d first-ranked layers (d = 0, 1, … while they fit the budget), the rest of
+               the budget from the MLP widths (allocation uniform or global); predicted cost
+               Σ a_i(r) + Σ D_i + Σ e_i(k_i)
+    decision   the pieces are a local, additive model of the loss — it ranks, it does not decide: per head level
+               the best-predicted d and d = 0 (MLP only is always among them) are applied one-shot to the dense
+               model (the MLPs' and o_proj's least-squares refits from the pass's moments, the layers left out) and
+               the lowest loss on the held-back windows wins
+
+Cost: the pass (allocation global's, plus an (H·hd)² Gram per layer and token), the layer scores (layers.py: ≈ L/2
+forwards of the held-back windows for `loss`), per head level and layer one greedy OBS (heads.py), and one forward
+of the held-back windows per finalist (≤ 2 per head level).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NeuroprojError
+from .allocate import allocate_by_error, layer_width, make_supernet, measure_curves
+from .fold import chol_solve
+from .heads import channels, check_heads, head_counts, head_levels, keep_heads, refit_error
+from .layers import choose_layers, mean_loss
+
+AXES = ("mlp", "heads", "layers")
+
+
+@dataclass
+class Shape:
+    """What the loop removes: the per-axis settings (`cfg`, its budget resolved), the layers removed whole, and the
+    MLP widths when the budget chose them (None: the allocation makes them from `cfg.sparsity`)."""
+
+    cfg: object
+    drop: list
+    widths: dict | None = None
+
+
+# ------------------------------------------------------------------------------------------- parameters
+def trunk_params(model, a) -> int:
+    """Parameters of the decoder layers (what `target_params` is a fraction of; embeddings and head excluded)."""
+    return sum(p.numel() for layer in a.layers(model) for p in layer.parameters())
+
+
+def neuron_params(model, a, i) -> float:
+    """Parameters one MLP neuron of layer i holds: its input rows (and their biases) and its output column."""
+    inputs = sum(p.numel() for proj in a.in_projs(model, i) for p in proj.parameters())
+    return (inputs + a.out_weight(model, i).numel()) / a.width(model, i)
+
+
+def head_params_removed(model, a, i, level: float, mode: str) -> float:
+    if level == 0:
+        return 0.0
+    H, KV = a.num_heads(model, i), a.num_kv_heads(model, i)
+    heads, kv = head_counts(H, KV, level, mode)
+    q, k = a.head_params(model, i)
+    return (H - heads) * q + (KV - kv) * k
+
+
+def speedup_params(model, a, speedup: float) -> float:
+    """The `target_params` whose weights read per token are 1/`speedup` of the dense model's: the decoder layers and
+    the LM head are read for every token (the input embedding only one row)."""
+    T = trunk_params(model, a)
+    E = model.get_output_embeddings().weight.numel()
+    P = (T + E) * (1 - 1 / speedup) / T
+    if P >= 0.95:
+        raise NeuroprojError(f"a {speedup:g}x speed-up would remove {P:.0%} of the decoder layers (the LM head alone "
+                             f"is {E / (T + E):.0%} of the weights read per token): ask for at most "
+                             f"{1 / (1 - 0.9 * T / (T + E)):.2f}x")
+    return P
+
+
+# ---------------------------------------------------------------------------------------------- resolve
+def resolve(calib, cfg) -> Shape:
+    """The per-axis settings of a run: as given (the layers to drop chosen by `layer_select`), or split from the
+    budget (see the module docstring). What was measured goes into `calib.meta` ("layers", "budget")."""
+    lm = calib.lm
+    if not cfg.budgeted:
+        drop = []
+        if cfg.drop_layers:
+            drop, cost = choose_layers(lm, _judge(calib, cfg), cfg, cfg.drop_layers, calib.compute, calib.progress)
+            calib.meta["layers"] = {"select": cfg.layer_select, "cost": cost, "drop": drop}
+        if cfg.head_sparsity:
+            check_heads(lm.model, lm.adapter, cfg)
+        return Shape(cfg, drop)
+    return _split(calib, cfg)
+
+
+def _judge(calib, cfg):
+    """The windows that judge: the held-back ones, else (influence needs no loss) the first calibration windows."""
+    return calib.held if calib.held is not None else calib.ids[:cfg.search_samples]
+
+
+@dataclass
+class _Candidate:
+    level: float
+    drop: list
+    widths: dict
+    removed: float
+    predicted: float
+    measured: float | None = None
+
+    def describe(self, T) -> dict:
+        return {"head_sparsity": self.level, "drop_layers": self.drop, "mlp_neurons": sum(self.widths.values()),
+                "removed_fraction": round(self.removed / T, 4), "predicted": self.predicted,
+                "held_out_loss": self.measured}
+
+
+def _split(calib, cfg) -> Shape:
+    lm, axes = calib.lm, set(cfg.axes)
+    model, a = lm.model, lm.adapter
+    if calib.ids is None:
+        raise NeuroprojError("a parameter budget is split by measured loss: it needs the sequential calibration's text")
+    L, T = a.num_layers(model), trunk_params(model, a)
+    P = cfg.target_params if cfg.target_params is not None else speedup_params(model, a, cfg.target_speedup)
+    goal = P * T
+    heads = "heads" in axes and a.heads_refusal(model) is None
+    if axes == {"heads"} and not heads:
+        raise NeuroprojError(a.heads_refusal(model))
+    levels = head_levels(a.num_heads(model, 0), a.num_kv_heads(model, 0), cfg.head_groups) if heads else [0.0]
+    n = min(calib.ids.shape[0], cfg.alloc_samples)
+    c = measure_curves(lm, calib.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
+                       ridge=cfg.ridge, batch_size=max(1, 2048 // calib.ids.shape[1]), compute=calib.compute,
+                       progress=calib.progress, attn=heads, blocks="layers" in axes, fold=True)
+    order, layer_cost = [], {}
+    if "layers" in axes:
+        order, layer_cost = choose_layers(lm, _judge(calib, cfg), cfg, L - 1, calib.compute, calib.progress)
+        order = sorted(order, key=layer_cost.get)
+
+    # the heads each layer keeps at each level, and their cost
+    hd, entries, head_cost = (a.head_dim(model) if heads else 0), {}, {}
+    for r in levels[1:]:
+        for i in range(L):
+            m = c.attn[i]
+            e = keep_heads(m, a.num_heads(model, i), a.num_kv_heads(model, i), hd, r, cfg.head_groups,
+                           cfg.head_select)
+            entries[r, i], head_cost[r, i] = e, refit_error(m, channels(e["keep"], hd))
+
+    N = {i: a.width(model, i) for i in range(L)}
+    nu = {i: neuron_params(model, a, i) for i in range(L)}
+    layer_p = {i: sum(p.numel() for p in a.layers(model)[i].parameters()) for i in range(L)}
+    cands = []
+    for r in levels:
+        for d in range(len(order) + 1 if "layers" in axes else 1):
+            drop = sorted(order[:d])
+            kept = [i for i in range(L) if i not in drop]
+            removed = sum(layer_p[i] for i in drop) + sum(head_params_removed(model, a, i, r, cfg.head_groups)
+                                                         for i in kept)
+            rest = goal - removed
+            if "mlp" in axes:
+                if rest < 0:
+                    break
+                widths = _mlp_widths(c, cfg, {i: N[i] for i in kept}, nu, rest)
+                if widths is None:
+                    continue
+            elif rest > 0:
+                continue
+            else:
+                widths = {i: N[i] for i in kept}
+            removed += sum((N[i] - k) * nu[i] for i, k in widths.items())
+            pred = (sum(head_cost.get((r, i), 0.0) for i in kept) + sum(c.block[i] for i in drop)
+                    + sum(float(c.mlp[i][k]) for i, k in widths.items()))
+            cands.append(_Candidate(r, drop, widths, removed, pred))
+            if "mlp" not in axes:
+                break   # the first d that reaches the budget
+    if not cands:
+        raise NeuroprojError(f"no way to remove {P:.0%} of the decoder layers' parameters with {', '.join(cfg.axes)}:"
+                             f" add an axis (--axes mlp,heads,layers) or lower the target")
+    finalists = []
+    for r in levels:
+        mine = [x for x in cands if x.level == r]
+        for x in ([min(mine, key=lambda x: x.predicted)] if mine else []) + [x for x in mine if not x.drop][:1]:
+            if x not in finalists:
+                finalists.append(x)
+    if len(finalists) > 1:
+        _measure(calib, cfg, c, finalists, entries, hd)
+        best = min(finalists, key=lambda x: x.measured)
+    else:
+        best = finalists[0]
+    calib.meta["budget"] = {"target_params": P, "axes": list(cfg.axes), "trunk_params": T,
+                            "chosen": best.describe(T), "finalists": [x.describe(T) for x in finalists],
+                            "candidates": len(cands), "layer_cost": layer_cost}
+    kept_N = sum(N[i] for i in best.widths)
+    resolved = cfg.replace(target_params=None, target_speedup=None, keep=None, head_sparsity=best.level,
+                           drop_layers=len(best.drop), sparsity=1 - sum(best.widths.values()) / kept_N)
+    return Shape(resolved, best.drop, best.widths)
+
+
+def _mlp_widths(c, cfg, N: dict, nu: dict, rest: float) -> dict | None:
+    """The MLP widths of the kept layers that remove `rest` parameters (None: more than 90 % of their neurons)."""
+    mean_nu = sum(nu[i] for i in N) / len(N)
+    total_keep = round(sum(N.values()) - rest / mean_nu)
+    if total_keep < 0.1 * sum(N.values()):
+        return None
+    if cfg.allocation == "uniform":
+        s = 1 - total_keep / sum(N.values())
+        return {i: layer_width(n, s, None, cfg.multiple) for i, n in N.items()}
+    return allocate_by_error({i: c.mlp[i] for i in N}, total_keep, cfg.multiple, cfg.max_shift)
+
+
+def _measure(calib, cfg, c, finalists, entries, hd) -> None:
+    """Each finalist's loss on the held-back windows, applied one-shot to the dense model (then restored)."""
+    lm = calib.lm
+    model, a = lm.model, lm.adapter
+    net = make_supernet(calib, cfg, {i: v for (site, i), v in c.fold.items() if site == "mlp"})
+    dense_o = {i: a.attn_out_proj(model, i).weight.detach().clone() for (site, i) in c.fold if site == "attn"}
+    bs = cfg.batch_size or max(1, 4096 // calib.held.shape[1])
+    try:
+        for x in finalists:
+            net.restore()
+            net.apply(x.widths)
+            for i, W in dense_o.items():
+                o = a.attn_out_proj(model, i)
+                o.weight.data.copy_(W if x.level == 0 or i in x.drop else
+                                    _refit_o(W, c.fold["attn", i], channels(entries[x.level, i]["keep"], hd), cfg.ridge))
+            x.measured = mean_loss(lm, calib.held, calib.compute, bs, skip=set(x.drop))
+    finally:
+        net.restore()
+        for i, W in dense_o.items():
+            a.attn_out_proj(model, i).weight.data.copy_(W)
+
+
+def _refit_o(W: torch.Tensor, moments, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """o_proj's least-squares refit on the kept channels, the removed ones zero (full width, W's dtype)."""
+    G, _ = moments
+    Wd = W.double().cpu()
+    full = torch.zeros_like(Wd)
+    full[:, keep] = chol_solve(G[keep][:, keep], (Wd @ G)[:, keep], ridge)
+    return full.to(W.dtype).to(W.device)

@@ -1,0 +1,115 @@
+"""Whole decoder layers: which go, scored on the held-back calibration windows. One registry, `LAYER_SELECTORS`,
+of functions `cost(lm, ids, compute, batch_size) -> {layer: cost}`; the layers of lowest cost go first:
+
+    loss       the measured increase of the mean next-token loss when layer i alone is removed. The layers'
+               inputs x_0 … x_L are computed once; candidate i re-runs the forward from x_i without layer i.
+               Cost: Σ_i (L−1−i) layer forwards ≈ L/2 forwards of the windows, plus one LM head pass per candidate
+    influence  ShortGPT's block influence, the token mean of 1 − cos(x_i, x_i+1) (one forward; no loss: it cannot
+               see how much the later layers and the head amplify a layer's change)
+
+`choose_layers(lm, held, cfg, n)` takes the n cheapest by `cfg.layer_select`; the sequential pass then passes the
+stream through them unchanged and refits the layers behind them against the dense model (calibrate.py), which is
+where a refit beats plain layer dropping. `mean_loss` is the model's loss on windows, with layers left out: what
+the joint budget (budget.py) measures its candidates by.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NeuroprojError
+from ..registry import Registry
+from .calibrate import layer_inputs, run_layer
+
+LAYER_SELECTORS = Registry("layer select", "cost(lm, ids, compute, batch_size) -> {layer: cost}, lowest removed first")
+
+
+def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [ids[b:b + batch_size] for b in range(0, ids.shape[0], batch_size)]
+
+
+def head_loss(model, adapter, x: torch.Tensor, ids: torch.Tensor, compute=None, chunk_tokens: int = 2048) -> float:
+    """The summed next-token cross-entropy of token ids `ids` (batch, T) given the last layer's output x: the final
+    norm and the LM head on `chunk_tokens` rows at a time (bounded logits, whatever the vocabulary)."""
+    d = x.shape[-1]
+    rows, targets = x[:, :-1].reshape(-1, d), ids[:, 1:].reshape(-1).to(x.device)
+    total = 0.0
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
+                                                enabled=compute is not None):
+        for c in range(0, rows.shape[0], chunk_tokens):
+            z = adapter.logits(model, adapter.head_input(model, rows[c:c + chunk_tokens])).float()
+            total += float(torch.nn.functional.cross_entropy(z, targets[c:c + chunk_tokens], reduction="sum"))
+    return total
+
+
+def mean_loss(lm, ids: torch.Tensor, compute=None, batch_size: int = 4, skip=()) -> float:
+    """The mean next-token loss (nats per token) of the model on token ids (windows, T), the layers in `skip` left
+    out (the stream passes them unchanged). Cost: one forward of the kept layers and the LM head."""
+    model, a = lm.model, lm.adapter
+    total, batches = 0.0, _batches(ids, batch_size)
+    for b, (x, args, kw) in zip(batches, layer_inputs(model, a, batches)):
+        with torch.inference_mode():
+            for i, layer in enumerate(a.layers(model)):
+                if i not in skip:
+                    x = run_layer(layer, x, args, kw, compute)
+        total += head_loss(model, a, x, b, compute)
+    return total / ids[:, 1:].numel()
+
+
+def _stream(lm, ids, compute, batch_size):
+    """Per batch: (its ids, [x_0 … x_L] the input of every layer and the last one's output, args, kwargs)."""
+    model, a = lm.model, lm.adapter
+    out = []
+    for b, (x, args, kw) in zip(_batches(ids, batch_size), layer_inputs(model, a, _batches(ids, batch_size))):
+        xs = [x]
+        with torch.inference_mode():
+            for layer in a.layers(model):
+                xs.append(run_layer(layer, xs[-1], args, kw, compute))
+        out.append((b, xs, args, kw))
+    return out
+
+
+@LAYER_SELECTORS.register("loss")
+def layer_loss(lm, ids, compute=None, batch_size: int = 4, progress: bool = False) -> dict[int, float]:
+    """ΔL_i: the mean loss with layer i removed minus the dense model's, on `ids` (see the module docstring)."""
+    model, a = lm.model, lm.adapter
+    layers, L = a.layers(model), a.num_layers(model)
+    states = _stream(lm, ids, compute, batch_size)
+    count = sum(b[:, 1:].numel() for b, *_ in states)
+    base = sum(head_loss(model, a, xs[L], b, compute) for b, xs, _, _ in states) / count
+    cost = {}
+    for i in tqdm(range(L), desc="layer losses", unit="layer", disable=not progress, dynamic_ncols=True):
+        total = 0.0
+        for b, xs, args, kw in states:
+            h = xs[i]
+            with torch.inference_mode():
+                for j in range(i + 1, L):
+                    h = run_layer(layers[j], h, args, kw, compute)
+            total += head_loss(model, a, h, b, compute)
+        cost[i] = total / count - base
+    return cost
+
+
+@LAYER_SELECTORS.register("influence")
+def layer_influence(lm, ids, compute=None, batch_size: int = 4, progress: bool = False) -> dict[int, float]:
+    """ShortGPT's block influence: the token mean of 1 − cos(x_i, x_i+1)."""
+    states = _stream(lm, ids, compute, batch_size)
+    L = lm.adapter.num_layers(lm.model)
+    cost = {}
+    for i in range(L):
+        cos = [torch.nn.functional.cosine_similarity(xs[i].float(), xs[i + 1].float(), dim=-1).reshape(-1)
+               for _, xs, _, _ in states]
+        cost[i] = float(1 - torch.cat(cos).mean())
+    return cost
+
+
+def choose_layers(lm, ids, cfg, n: int, compute=None, progress: bool = False) -> tuple[list[int], dict]:
+    """The n layers of lowest cost by `cfg.layer_select` on token ids `ids` (sorted), and every layer's cost."""
+    L = lm.adapter.num_layers(lm.model)
+    if not 0 <= n < L:
+        raise NeuroprojError(f"cannot remove {n} of the model's {L} layers: remove at most {L - 1}")
+    if ids is None:
+        raise NeuroprojError("choosing layers needs calibration text (the sequential calibration's windows)")
+    bs = cfg.batch_size or max(1, 4096 // ids.shape[1])
+    cost = LAYER_SELECTORS[cfg.layer_select](lm, ids, compute, bs, progress)
+    return sorted(sorted(cost, key=cost.get)[:n]), cost

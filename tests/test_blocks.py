@@ -1,0 +1,245 @@
+"""The whole block: attention heads (GQA both ways), whole layers, the one parameter budget (issue 28)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+import neuroproj_prune as npp
+from neuroproj_prune.cli import main
+from neuroproj_prune.errors import NeuroprojError
+from neuroproj_prune.model import LoadedModel, adapter_for, load_pruned, model_fingerprint
+from neuroproj_prune.prune import Plan, prune
+from neuroproj_prune.prune.heads import HEAD_SELECTORS, channels, refit_error, select_obs
+from neuroproj_prune.prune.layers import layer_loss, mean_loss
+from neuroproj_prune.prune.select import LayerMoments
+
+from conftest import C4, tiny_model
+
+
+def gqa_model(family="llama", layers=4, seed=0):
+    """A tiny model with 6 query heads in 2 key/value groups (head_dim 8)."""
+    torch.manual_seed(seed)
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config, "mistral": tf.MistralConfig,
+           "gemma2": tf.Gemma2Config}[family]
+    cfg = cls(vocab_size=384, hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=6,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=0, eos_token_id=0,
+              pad_token_id=0)
+    cfg.initializer_range = 0.2
+    m = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def _lm(model, tokenizer):
+    return LoadedModel(model, tokenizer, "tiny", model_fingerprint(model))
+
+
+def _ids(seed=0, n=16, T=48):
+    return torch.randint(0, 384, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+SEQ = dict(multiple=1, batch_size=8, compute_dtype="float32", progress=False)
+
+
+def test_keeping_every_head_is_bit_exact():
+    m = gqa_model()
+    ids = _ids()
+    ref = m(ids).logits
+    a = adapter_for(m)
+    for i in range(a.num_layers(m)):
+        a.select_heads(m, i, list(range(6)), [0, 1])
+    assert torch.equal(m(ids).logits, ref)
+
+
+def test_obs_downdates_equal_the_refit_errors():
+    """select_obs's greedy steps (inverse downdates) against recomputing every candidate's refit error."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2000, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    G = X.T @ X / X.shape[0]
+    m = LayerMoments(0, G, X.mean(0), torch.randn(10, 24, generator=g, dtype=torch.float64), torch.ones(24), ridge=1e-7)
+    units = [[h] for h in range(6)]   # 6 heads of 4 channels
+    alive, brute = list(range(6)), []
+    for _ in range(4):
+        cost = {u: refit_error(m, channels([h for v in alive if v != u for h in units[v]], 4)) for u in alive}
+        best = min(cost, key=cost.get)
+        alive.remove(best)
+        brute.append(best)
+    assert select_obs(m, units, 4, 4) == sorted(brute)
+
+
+def _duplicate_head_model():
+    """Head 1 computes exactly what head 0 does, head 4 what head 3 does (same groups, same query rows): removing
+    them and refitting o_proj must give the dense output back."""
+    m = gqa_model(layers=2)
+    at = m.model.layers[0].self_attn
+    at.q_proj.weight[8:16] = at.q_proj.weight[0:8]
+    at.q_proj.weight[32:40] = at.q_proj.weight[24:32]
+    return m
+
+
+def test_refit_absorbs_a_duplicate_head(tokenizer, tmp_path):
+    """Removing heads 1 and 4 (copies) of layer 0 alone: the least-squares refit of o_proj gives the dense output
+    back; slicing without a refit (fold none) does not."""
+    ids = _ids(n=8)
+    dense = _duplicate_head_model()
+    ref = dense(ids).logits
+    Plan(heads={0: {"heads": 6, "kv_heads": 2, "keep": [0, 2, 3, 5], "keep_kv": [0, 1]}}).save(tmp_path / "p.json")
+    for fold, exact in (("lstsq", True), ("none", False)):
+        lm = _lm(copy.deepcopy(dense), tokenizer)
+        prune(lm, ids, plan_file=tmp_path / "p.json", fold=fold, weighting="none", **SEQ)
+        err = (lm.model(ids).logits - ref).abs().max().item()
+        assert (err < 1e-3) == exact, (fold, err)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("mode,sparsity,expect", [("query", 1 / 3, (4, 2)), ("kv", 0.5, (3, 1))])
+def test_heads_checkpoint_is_standard(family, mode, sparsity, expect, tokenizer, tmp_path):
+    """Uniform head counts: config counts changed, plain from_pretrained loads identical logits."""
+    lm = _lm(gqa_model(family), tokenizer)
+    ids = _ids()
+    _, plan, s = prune(lm, ids, head_sparsity=sparsity, head_groups=mode, sparsity=0.25, out=tmp_path / "o", **SEQ)
+    a = lm.adapter
+    assert all((a.num_heads(lm.model, i), a.num_kv_heads(lm.model, i)) == expect for i in range(4))
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == expect and "neuroproj_prune" not in cfg
+    re = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    assert torch.equal(re(ids).logits, lm.model(ids).logits)
+    saved = Plan.load(tmp_path / "o" / "plan.json")
+    assert saved.heads == plan.heads and len(saved.heads) == 4
+
+
+def test_per_layer_heads_reload_exactly(tokenizer, tmp_path):
+    """A plan with different head counts per layer: the section's `heads`, rebuilt by load_pruned."""
+    lm = _lm(gqa_model(), tokenizer)
+    ids = _ids()
+    plan = Plan(heads={1: {"heads": 6, "kv_heads": 2, "keep": [0, 2, 4, 5], "keep_kv": [0, 1]},
+                       2: {"heads": 6, "kv_heads": 2, "keep": [3, 4, 5], "keep_kv": [1]}})
+    for i in range(4):
+        plan.layers[i] = {"width": 96, "keep": list(range(96)), "representative": {}}
+    plan.save(tmp_path / "plan.json")
+    prune(lm, ids, plan_file=tmp_path / "plan.json", out=tmp_path / "o", **SEQ)
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["neuroproj_prune"]["heads"] == [[6, 2], [4, 2], [3, 1], [6, 2]]
+    re = load_pruned(tmp_path / "o")
+    assert torch.equal(re(ids).logits, lm.model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_dropped_layers_give_a_standard_checkpoint(family, tokenizer, tmp_path):
+    lm = _lm(gqa_model(family, layers=5), tokenizer)
+    types = list(getattr(lm.model.config, "layer_types", None) or [])
+    ids = _ids()
+    _, plan, s = prune(lm, ids, drop_layers=2, sparsity=0.0, out=tmp_path / "o", **SEQ)
+    assert len(plan.drop) == 2 and s["dropped_layers"] == plan.drop
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and "neuroproj_prune" not in cfg
+    if types:
+        assert cfg["layer_types"] == [t for i, t in enumerate(types) if i not in plan.drop]
+    re = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    assert torch.equal(re(ids).logits, lm.model(ids).logits)
+    # the key/value cache slots were renumbered: generation with a cache equals generation without
+    prompt = ids[:1, :8]
+    with_cache = re.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    without = re.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_layer_loss_is_the_loss_without_the_layer(tokenizer):
+    """layer_loss's cached re-runs against the model with the layer really removed."""
+    m = gqa_model(layers=3)
+    lm = _lm(m, tokenizer)
+    ids = _ids(n=4)
+    cost = layer_loss(lm, ids, None, 2)
+    base = mean_loss(lm, ids)
+    for i in range(3):
+        cut = copy.deepcopy(m)
+        adapter_for(cut).drop_layers(cut, [i])
+        ref = torch.nn.functional.cross_entropy(cut(ids).logits[:, :-1].reshape(-1, 384).float(),
+                                                ids[:, 1:].reshape(-1)).item()
+        assert abs(cost[i] - (ref - base)) < 1e-4, (i, cost[i], ref - base)
+
+
+def test_refit_after_a_dropped_layer_beats_no_refit(tokenizer):
+    """The layers behind a removed one are refitted against the dense model: lower loss on the calibration text
+    than the same layer removed with the rest untouched."""
+    ids = _ids(n=16, T=64)
+    dense = gqa_model(layers=4, seed=1)
+    plain = copy.deepcopy(dense)
+    lm = _lm(copy.deepcopy(dense), tokenizer)
+    _, plan, _ = prune(lm, ids, drop_layers=1, sparsity=0.0, **SEQ)
+    adapter_for(plain).drop_layers(plain, plan.drop)
+    assert mean_loss(lm, ids) < mean_loss(_lm(plain, tokenizer), ids)
+
+
+@pytest.mark.parametrize("axes", ["mlp", "mlp,heads", "mlp,heads,layers", "layers"])
+def test_target_params_removes_that_share(axes, tokenizer):
+    lm = _lm(gqa_model(layers=4), tokenizer)
+    T = sum(p.numel() for l in lm.model.model.layers for p in l.parameters())
+    _, plan, s = prune(lm, _ids(n=16, T=64), target_params=0.3, axes=axes, search_samples=4, **SEQ)
+    after = sum(p.numel() for l in lm.model.model.layers for p in l.parameters())
+    assert s["removed_trunk_fraction"] == pytest.approx(1 - after / T)
+    if "mlp" in axes:
+        assert abs(s["removed_trunk_fraction"] - 0.3) < 0.01
+    else:
+        assert s["removed_trunk_fraction"] >= 0.3 and plan.drop
+    chosen = s["budget"]["chosen"]
+    if "heads" not in axes:
+        assert chosen["head_sparsity"] == 0 and not plan.heads
+    if "layers" not in axes:
+        assert not plan.drop
+    finalists = s["budget"]["finalists"]
+    if len(finalists) > 1:   # the measured best won
+        assert chosen["held_out_loss"] == min(f["held_out_loss"] for f in finalists)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2"])
+def test_heads_refused_where_the_family_cannot(family, tokenizer):
+    lm = _lm(tiny_model(family), tokenizer)
+    with pytest.raises(NeuroprojError, match="heads"):
+        prune(lm, _ids(), head_sparsity=0.5, **SEQ)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--head-sparsity", "0.1"], "removes no head"),
+    (["--head-sparsity", "1.5"], "head_sparsity must be"),
+    (["--target-params", "0.3", "--head-sparsity", "0.5"], "give it alone"),
+    (["--target-params", "0.3", "--calibration", "oneshot"], "sequential"),
+    (["--drop-layers", "4"], "remove at most 3"),
+    (["--target-params", "0.3", "--axes", "mlp,wings"], "axes"),
+    (["--target-speedup", "50"], "speed-up"),
+])
+def test_block_settings_refused_in_one_line(args, msg, tiny_dir, tmp_path, capsys):
+    d = tiny_dir("llama", layers=4)
+    capsys.readouterr()
+    try:
+        rc = main(["prune", "--model", str(d), "--data", str(C4), "--samples", "4", "--seqlen", "32",
+                   "--out", str(tmp_path / "o"), *args])
+    except SystemExit as e:   # argparse's own errors
+        rc = e.code
+    assert rc == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d["heads"]["0"].update(keep=[0, 1, 2, 3]), "invalid"),         # group 1 loses all its heads
+    (lambda d: d["heads"]["0"].update(keep=[0, 9]), "invalid"),
+    (lambda d: d["heads"]["0"].update(keep=["0"]), "whole numbers"),
+    (lambda d: d.update(drop_layers=[0, 1, 2, 3]), "at least one kept"),
+    (lambda d: d.update(drop_layers=[1, 1]), "no repeats"),
+    (lambda d: d.update(drop_layers=[0]), "not both"),
+    (lambda d: d["heads"]["0"].update(heads=8), "another model"),
+])
+def test_hostile_block_plans_refused(edit, msg, tokenizer, tmp_path):
+    lm = _lm(gqa_model(), tokenizer)
+    p = Plan(heads={0: {"heads": 6, "kv_heads": 2, "keep": [0, 1, 3, 4], "keep_kv": [0, 1]}}, drop=[2])
+    doc = json.loads(p.to_json())
+    edit(doc)
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(NeuroprojError, match=msg):
+        prune(lm, _ids(), plan_file=tmp_path / "plan.json", **SEQ)
