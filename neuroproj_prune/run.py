@@ -44,8 +44,8 @@ from .evaluate.api import EvalConfig
 from .export import EXPORTERS, ExportConfig, export
 from .export.common import HF_TYPES
 from .export.gguf import GGUF_TYPES
-from .io import check_writable, write_json, write_text
-from .model import LoadedModel, adapter_for, load_model, model_config
+from .io import check_output, removed_if_left_empty, write_json, write_text
+from .model import LoadedModel, adapter_for, load_model, model_config, model_source
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
@@ -217,7 +217,8 @@ def validate(r: dict, path) -> None:
         v = r[section][key]
         looks_like_file = str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or str(v).startswith((".", "/", "~"))
         if v and looks_like_file and not data_path(v).is_file():  # else: a `datasets` name
-            raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
+            what = "is a directory: give a .txt or .jsonl file" if data_path(v).is_dir() else "not found"
+            raise NeuroprojError(f"recipe key '{section}.{key}': file {v} {what}")
     pc = prune_config(r)
     collect_config(r)
     configs = {name: section_config(r, name) for name in SECTIONS if name not in ("prune", "stats")}
@@ -245,9 +246,14 @@ def validate(r: dict, path) -> None:
             raise NeuroprojError(f"recipe key 'eval.tasks': {e}") from None
     if r["sweep"]["enabled"] and configs["sweep"].tasks:
         load_tasks(list(configs["sweep"].tasks))
-    try:   # the model's config (no weights); a hub model that cannot be reached now fails at its first stage
+    # the model's config, checked against its weights' headers (model_config); a hub model that cannot be reached now
+    # fails at its first stage, a local one is refused here
+    source, _, _ = model_source(r["model"])
+    try:
         config = model_config(r["model"])
     except NeuroprojError:
+        if isinstance(source, Path):
+            raise
         config = None
     if config is not None and r["heatmaps"]["enabled"] and r["stats"]["enabled"]:
         L = adapter_for(config).config_layers(config)
@@ -286,15 +292,15 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     """Run a recipe (path, shipped name, or dict already validated) end to end; returns {"ran": [...],
     "skipped": [...], "output_dir": ...}. Cost: the sum of the stages that are not up to date."""
     r = load_recipe(recipe, overrides) if not isinstance(recipe, dict) else recipe
-    out = Path(r["output_dir"])
-    check_writable(out)
+    out = check_output(r["output_dir"], "dir", flag="output_dir")   # an existing run directory is resumed
     created = not out.exists()
-    try:
-        return _run(r, out, progress, log)
-    except BaseException:
-        if created and not (out / "run_state.json").exists():  # nothing finished: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with removed_if_left_empty([out]):   # the parents made for it, once it is gone
+        try:
+            return _run(r, out, progress, log)
+        except BaseException:
+            if created and not (out / "run_state.json").exists():  # nothing finished: leave nothing behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _run(r: dict, out: Path, progress, log) -> dict:

@@ -92,7 +92,7 @@ CASES = [
     ("prune disk with one-shot", ["prune", "--model", "{model}", *COMMON, "--sparsity", "0.3", "--calibration",
                                   "oneshot", "--offload", "disk", "--out", "{d}/o20"], "calibration sequential", "o20"),
     ("eval NaN model", ["eval", "--model", "{d}/nanmodel", "--data", str(WIKI), "--seqlen", "64", "--max-windows", "2",
-                        "--json", "{d}/o13.json"], "not finite", "o13.json"),
+                        "--json", "{d}/o13.json"], "non-finite", "o13.json"),
     ("eval json under a file", ["eval", "--model", "{model}", "--data", str(WIKI), "--json", "{d}/afile/e.json"],
      "is a file", None),
     ("sweep bad sparsities", ["sweep", "--model", "{model}", *COMMON, "--eval-data", str(WIKI), "--sparsities", "abc",

@@ -117,6 +117,27 @@ class LayerClusters:
             "poles": [p.to_json() for p in self.poles], **self.extra,
         }
 
+    def check(self, where: str) -> None:
+        """Refuse a clustering that is not one: labels in [−1, n_clusters) for the N neurons (−1: noise, exactly the
+        `noise` list), one representative per cluster, a neuron of that cluster, poles whose members carry their
+        label. Cost: O(N)."""
+        N, K = self.n_neurons, self.n_clusters
+        lab = self.labels
+        bad = f"{where}: the clustering is damaged or edited"
+        if lab.ndim != 1 or N < 1 or (lab.size and (lab.min() < -1 or lab.max() >= K)):
+            raise NeuroprojError(f"{bad} (labels must lie in [-1, {K}) for its {K} clusters): re-run cluster")
+        if sorted(self.representatives) != list(range(K)) or any(
+                not 0 <= r < N or lab[r] != c for c, r in self.representatives.items()):
+            raise NeuroprojError(f"{bad} (each of its {K} clusters needs a representative among its own members, a "
+                                 f"neuron in [0, {N})): re-run cluster")
+        if sorted(int(x) for x in self.noise) != [int(j) for j in np.flatnonzero(lab < 0)]:
+            raise NeuroprojError(f"{bad} (the noise list differs from the neurons labelled -1): re-run cluster")
+        for p in self.poles:
+            m = np.asarray(p.members, dtype=np.int64)
+            if not 0 <= p.id < K or (m.size and (m.min() < 0 or m.max() >= N)) or (lab[m] != p.id).any() or \
+                    m.size != int((lab == p.id).sum()):
+                raise NeuroprojError(f"{bad} (pole {p.id}'s members do not carry its label): re-run cluster")
+
     @classmethod
     def from_json(cls, d: dict) -> "LayerClusters":
         known = {"n_neurons", "n_clusters", "algo", "metric", "representative", "eps", "min_samples", "k", "labels",
@@ -168,6 +189,8 @@ def load_clusters(path) -> Clusters:
             raise NeuroprojError(f"{path} is not a neuroproj-prune clusters file (format "
                                  f"{d.get('format') if isinstance(d, dict) else None!r})")
         layers = {int(i): LayerClusters.from_json(v) for i, v in d["layers"].items()}
+        for i, lc in layers.items():
+            lc.check(f"{path}: layer {i}")
     except NeuroprojError:
         raise
     except Exception as e:

@@ -660,6 +660,15 @@ class ProjectConfig(Config):
             raise ConfigError("checkpoint_dir", "--checkpoint-every and --resume need --checkpoint-dir")
 
 
+def _check_dims(dims: int, widths: dict) -> None:
+    """Refuse `dims` at or above a (layer, site)'s number of points: N points span at most N − 1 dimensions, so the
+    extra coordinates would be noise the fit cannot determine (checked before any fit)."""
+    (i, s), N = min(widths.items(), key=lambda kv: kv[1], default=((None, None), None))
+    if N is not None and dims >= N:
+        raise NeuroprojError(f"--dims {dims}: layer {i} {s} has {N} neurons (points), which span at most {N - 1} "
+                             f"dimensions: give --dims {N - 1} or less")
+
+
 def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None, model=None, data=None,
             dtype="auto", device="auto", progress: bool = True, **settings) -> Projections:
     """Project the neurons of each (layer, site) to R^dims and (with `out`) save the points. `config` (or the
@@ -701,6 +710,7 @@ def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None
         from tqdm.auto import tqdm
 
         keys = [(i, s) for i in lay for s in sites]
+        _check_dims(dims, {k: stats.width(*k) for k in keys})
         iters = {}
         for i, s in tqdm(keys, desc="project", disable=not progress, dynamic_ncols=True):
             P, st, hist = fit_exact(stats.correlation(i, s), dims, norm_order=norm_order, init=init, refine=refine,
@@ -720,6 +730,9 @@ def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None
         L = adapter_for(lm.model).num_layers(lm.model)
         lay = parse_layers(layers if layers is not None else (stats.layers if stats is not None else None), L)
         keys = [(i, s) for i in lay for s in sites]
+        a = adapter_for(lm.model)
+        _check_dims(dims, {(i, s): a.width(lm.model, i) if s == "mlp.neurons" else a.hidden_size(lm.model)
+                           for i, s in keys})
         points, mean_rho, fitter, desc, total = _minibatch(
             lm, data, keys, dims=dims, init=init, norm_order=norm_order, lr=cfg.lr, steps=cfg.steps,
             epochs=cfg.epochs, samples=cfg.samples, seqlen=cfg.seqlen, seed=seed, batch_size=cfg.batch_size,

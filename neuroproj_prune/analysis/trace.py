@@ -145,6 +145,11 @@ def trace(model, projections, prompt: str | None = None, config: TraceConfig | N
     ids = enc["input_ids"]
     if ids.shape[1] == 0:
         raise NeuroprojError("the prompt tokenizes to no tokens")
+    ctx = a.context_length(lm.model.config)   # positions past it are not the model's (checked before generating)
+    if ctx is not None and ids.shape[1] + max_new_tokens > ctx:
+        raise NeuroprojError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {max_new_tokens} exceed the "
+                             f"model's context of {ctx} tokens: give --max-new-tokens {max(0, ctx - ids.shape[1])} "
+                             f"or less (or a shorter prompt)")
     dev = next(lm.model.parameters()).device
     t0 = time.time()
     if max_new_tokens > 0:

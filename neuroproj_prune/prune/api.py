@@ -115,7 +115,8 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
         if plan_file is not None and clusters is not None:
             raise NeuroprojError("give a plan or a clustering, not both")
         cfg = cfg.replace(calibration="oneshot")
-        given = Plan.load(plan_file) if plan_file is not None else clusters
+        given = Plan.load(plan_file) if plan_file is not None else \
+            load_clusters(clusters) if not hasattr(clusters, "layers") else clusters   # read (and checked) before the model
     elif cfg.sparsity is None and cfg.keep is None:
         raise NeuroprojError("give a sparsity in [0, 1), keep K or a plan")
     if out is not None:
