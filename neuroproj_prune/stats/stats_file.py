@@ -98,8 +98,8 @@ class Stats(TensorFile):
 
     # -- checks
     def validate(self) -> None:
-        """The file against its schema and physics. The header: layers (distinct, within `num_layers`), sites (some
-        ones), one width per layer, the hidden size. Every listed (layer, site): count ≥ 1, shift and sum (N,), a Gram
+        """The file against its schema and physics. The header: layers (distinct, within `num_layers`), sites (at least
+        one), one width per layer, the hidden size. Every listed (layer, site): count ≥ 1, shift and sum (N,), a Gram
         (N, N), all finite, N as the header says; and what activations can give: E[(h − c)²] (the Gram's diagonal,
         a sum of squares) ≥ 0, and a covariance whose correlations lie in [−1, 1] within rounding (`_physical`).
         Every cross block (N_l, N_m), finite, its correlations within [−1, 1] too. Cost: one pass over the tensors
