@@ -110,6 +110,11 @@ def _hostile_files(d, model, t, meta, tokenizer):
     save_tensors(d / "rho.safetensors", rho, meta)
     lacks = {k: v for k, v in t.items() if not k.startswith("layer.2.") and not k.startswith("cross.1.2")}
     save_tensors(d / "lacks.safetensors", lacks, meta)               # the header still lists layer 2
+    pt, pmeta = load_tensors(d / "p.safetensors", "neuroproj-prune/projection/1", "projection", "project")
+    pt = dict(pt)
+    pt["layer.1.mlp.neurons"] = pt["layer.1.mlp.neurons"].clone()
+    pt["layer.1.mlp.neurons"][3, 0] = float("nan")
+    save_tensors(d / "pnan.safetensors", pt, pmeta)
     # -- clusterings: of another model (same shapes, other weights), with a label out of range
     other = d / "other"
     tiny_model("llama", seed=1).save_pretrained(other)
@@ -215,6 +220,7 @@ CASES = [
                                          "--out", "{d}/o35"], "clustering was made for another model", "o35"),
     ("prune clusters label out of range", ["prune", "--model", "{model}", *COMMON, "--clusters", "{d}/c-labels.json",
                                            "--out", "{d}/o36"], "labels must lie in [-1, 32)", "o36"),
+    ("cluster NaN projections", ["cluster", "{d}/pnan.safetensors", "--out", "{d}/o52"], "NaN/inf points", "o52"),
     ("recipe binary", ["run", "{d}/binary.txt"], "not UTF-8", None),
     ("recipe --set not YAML", ["run", "{d}/recipe.yaml", "--set", "prune.sparsity=[0.2"], "not YAML", "run"),
     # -- NaN models, refused by every command when they load

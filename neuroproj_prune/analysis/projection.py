@@ -346,6 +346,24 @@ class Projections(TensorFile):
         self.get(layer, site)
         return float(self.meta["stress"][f"{int(layer)}/{site}"])
 
+    def validate(self) -> None:
+        """The header (dims, layers, sites) against the tensors: one (N, dims) matrix of finite points per listed
+        (layer, site), N ≥ 1. Cost: one pass over the points."""
+        where = self.path or "projections"
+        damaged = "the file is damaged or edited; re-run project"
+        try:
+            dims, layers, sites = int(self.meta["dims"]), [int(i) for i in self.layers], [str(x) for x in self.sites]
+        except (KeyError, TypeError, ValueError):
+            raise NeuroprojError(f"{where}: the header lacks dims/layers/sites: re-run project") from None
+        for i in layers:
+            for site in sites:
+                P = self._t.get(f"layer.{i}.{site}")
+                if P is None or P.ndim != 2 or P.shape[0] < 1 or P.shape[1] != dims:
+                    raise NeuroprojError(f"{where}: the header lists layer {i} {site} with {dims} dims, the file holds "
+                                         f"{None if P is None else tuple(P.shape)}: {damaged}")
+                if not torch.isfinite(P).all():
+                    raise NeuroprojError(f"{where}: layer {i} {site} holds NaN/inf points: {damaged}")
+
     def order(self, layer: int, site: str = DEFAULT_SITE) -> torch.Tensor:
         """argsort of a 1-D projection (the seed's linear ordering); an error for n > 1."""
         P = self.get(layer, site)
@@ -359,9 +377,12 @@ class Projections(TensorFile):
 
 
 def load_projections(path) -> Projections:
-    """Read a projection file; a one-line NeuroprojError for a missing, corrupt or foreign file."""
+    """Read a projection file; a one-line NeuroprojError for a missing, corrupt or foreign file, and for one whose
+    tensors do not fit its header (`Projections.validate`)."""
     tensors, meta = load_tensors(path, FORMAT, "projection", "project")
-    return Projections(tensors, meta, str(path))
+    proj = Projections(tensors, meta, str(path))
+    proj.validate()
+    return proj
 
 
 # ------------------------------------------------------------------------------------------ minibatch

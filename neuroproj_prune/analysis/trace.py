@@ -60,8 +60,25 @@ class Trace(TensorFile):
 
 
 def load_trace(path) -> Trace:
+    """Read a trace file; a one-line NeuroprojError for a missing, corrupt or foreign file, and for one whose tensors
+    do not fit its header: T token ids and texts, n_prompt ≤ T, a finite (T, width) matrix per listed (layer, site)."""
     tensors, meta = load_tensors(path, FORMAT, "trace", "trace")
-    return Trace(tensors, meta, str(path))
+    tr = Trace(tensors, meta, str(path))
+    damaged = f"{path}: the file is damaged or edited; re-run trace"
+    try:
+        T, n_prompt = len(tr.tokens), tr.n_prompt
+        keys = [f"layer.{int(i)}.{s}" for i in tr.layers for s in tr.sites]
+    except (KeyError, TypeError, ValueError):
+        raise NeuroprojError(f"{damaged} (its header lacks tokens/n_prompt/layers/sites)") from None
+    ids = tensors.get("input_ids")
+    if ids is None or tuple(ids.shape) != (T,) or not 0 < n_prompt <= T:
+        raise NeuroprojError(f"{damaged} ({T} tokens in the header, input ids {None if ids is None else tuple(ids.shape)})")
+    for k in keys:
+        h = tensors.get(k)
+        if h is None or h.ndim != 2 or h.shape[0] != T or not torch.isfinite(h).all():
+            raise NeuroprojError(f"{damaged} ({k}: {None if h is None else tuple(h.shape)}, expected ({T}, width), "
+                                 f"finite)")
+    return tr
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:

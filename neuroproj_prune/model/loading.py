@@ -1,9 +1,11 @@
 """Loading causal LMs: hub ids, local directories, `.gguf` files, pruned directories and the offline default.
 
-Architecture facts live in `adapters`; pruned checkpoints are rebuilt by `checkpoint`.
+Architecture facts live in `adapters`; pruned checkpoints are rebuilt by `checkpoint`; a config is checked against
+its weights by `weights` before any weight is read.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -187,19 +189,17 @@ def load_tokenizer(source, kwargs: dict, spec):
                              f"of the model it was made from into it") from None
 
 
-class _quiet_transformers:
+@contextlib.contextmanager
+def _quiet_transformers():
     """transformers' logging at error level for the duration (its loading report is turned into one refusal)."""
+    from transformers.utils import logging
 
-    def __enter__(self):
-        from transformers.utils import logging
-
-        self._level = logging.get_verbosity()
-        logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging
-
-        logging.set_verbosity(self._level)
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def model_source(spec) -> tuple[Path | str, dict, bool]:

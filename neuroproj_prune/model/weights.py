@@ -131,14 +131,15 @@ def disagreement(model, where: str, missing, unexpected, mismatched, section_wid
     L = a.num_layers(model)
     fix = "fix config.json, or use it with the weights it was written for"
     prefix = _layer_prefix(model, a)
-    # layers: a layer whose every tensor is missing is not in the files; a left-over key of layer i >= L is
-    per_layer = {}
+    # layers: a layer whose every tensor is missing is not in the files; a left-over key of a layer i >= L is one
+    # the config leaves out
+    per_layer, lacking = {}, set(missing)
     for n, _ in model.named_parameters():
         i = _layer_of(n, prefix)
         if i is not None:
             per_layer.setdefault(i, []).append(n)
-    gone = {i for i, ns in per_layer.items() if all(n in set(missing) for n in ns)}
-    extra = {i for i in (_layer_of(k, prefix) or _layer_of(_strip(k, model), prefix) for k in unexpected)
+    gone = {i for i, ns in per_layer.items() if all(n in lacking for n in ns)}
+    extra = {i for i in (_layer_of(k, prefix) or _layer_of(_prefixed(k, model), prefix) for k in unexpected)
              if i is not None and i >= L}
     if gone or extra:
         held = sorted((set(range(L)) - gone) | extra)
@@ -170,9 +171,8 @@ def disagreement(model, where: str, missing, unexpected, mismatched, section_wid
             continue
         attn_prefixes += [n + "." for n, m in model.named_modules() if m is mod]
     for n, (s, m) in shapes.items():
-        if any(n.startswith(ap) for ap in attn_prefixes):
-            heads = ", ".join(f"{k} {getattr(config, k)}" for k in ("num_attention_heads", "num_key_value_heads",
-                                                                      "head_dim", "n_head") if getattr(config, k, None))
+        if s is not None and any(n.startswith(ap) for ap in attn_prefixes):
+            heads = ", ".join(f"{k} {getattr(config, k)}" for k in a.head_keys if getattr(config, k, None))
             return (f"{where}: the weights hold {n} of shape {tuple(s)}, its config's head counts ({heads}) make "
                     f"{tuple(m)}: {fix}")
     if mismatched:
@@ -185,6 +185,6 @@ def disagreement(model, where: str, missing, unexpected, mismatched, section_wid
             else "") + f", which its config has no place for (it would be dropped): {fix}")
 
 
-def _strip(key: str, model) -> str:
+def _prefixed(key: str, model) -> str:
     """A checkpoint key with the base-model prefix added, as the model names it (`layers.0.x` → `model.layers.0.x`)."""
     return f"{model.base_model_prefix}.{key}"
