@@ -204,6 +204,18 @@ def check_writable(path) -> None:
                              f"filesystem)")
 
 
+def check_same_weights(**fingerprints) -> None:
+    """Refuse inputs that describe different weights: `fingerprints` names each input's model fingerprint (None: the
+    input does not say). Statistics, projections, clusterings and traces carry the fingerprint of the model they
+    were made on; a stage that reads two of them (or one and a model) calls this before any work."""
+    given = [(k, v) for k, v in fingerprints.items() if v]
+    for k, v in given[1:]:
+        if v != given[0][1]:
+            (a, va) = given[0]
+            raise NeuroprojError(f"inputs from different models: the {k} were made on another model than the {a} "
+                                 f"(fingerprint {v}, not {va}): make them from one model")
+
+
 def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """One safetensors file with `meta` (JSON) under the metadata key `neuroproj_prune`."""
     from safetensors.torch import save_file

@@ -144,6 +144,8 @@ def _set(d: dict, dotted: str, value) -> None:
 def load_recipe(path, overrides=()) -> dict:
     """Read, override (`key.sub=value`, value parsed as YAML), fill defaults and validate a recipe."""
     path = recipe_path(path)
+    if path.is_dir():
+        raise NeuroprojError(f"recipe {path} is a directory: give a YAML file (or a shipped recipe's name)")
     if not path.is_file():
         raise NeuroprojError(f"recipe {path} not found")
     try:

@@ -120,8 +120,8 @@ def _hostile_files(d, model, t, meta, tokenizer):
     tiny_model("llama", seed=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
     so = npp.collect(str(other), str(C4), samples=4, seqlen=32, progress=False)
-    npp.cluster(npp.project(so, mode="exact", dims=3, progress=False), algo="kmeans", keep_fraction=0.5,
-                out=d / "c-other.json")
+    po = npp.project(so, mode="exact", dims=3, out=d / "p-other.safetensors", progress=False)
+    npp.cluster(po, algo="kmeans", keep_fraction=0.5, out=d / "c-other.json")
     shutil.rmtree(other)
     c = json.loads((d / "c-other.json").read_text())
     c["layers"]["0"]["labels"][0] = 999
@@ -220,6 +220,13 @@ CASES = [
                                          "--out", "{d}/o35"], "clustering was made for another model", "o35"),
     ("prune clusters label out of range", ["prune", "--model", "{model}", *COMMON, "--clusters", "{d}/c-labels.json",
                                            "--out", "{d}/o36"], "labels must lie in [-1, 32)", "o36"),
+    ("heatmap projections of another model", ["heatmap", "{stats}", "--projections", "{d}/p-other.safetensors",
+                                              "--layers", "0", "--out", "{d}/o53"], "made on another model", "o53"),
+    ("trace projections of another model", ["trace", "--model", "{model}", "--projections", "{d}/p-other.safetensors",
+                                            "--out", "{d}/o54"], "made on another model", "o54"),
+    ("recipe is a directory", ["run", "{d}/busy"], "is a directory", None),
+    ("collect data empty", ["collect", "--model", "{model}", "--data", "", "--out", "{d}/o55"], "the data is empty",
+     "o55"),
     ("cluster NaN projections", ["cluster", "{d}/pnan.safetensors", "--out", "{d}/o52"], "NaN/inf points", "o52"),
     ("recipe binary", ["run", "{d}/binary.txt"], "not UTF-8", None),
     ("recipe --set not YAML", ["run", "{d}/recipe.yaml", "--set", "prune.sparsity=[0.2"], "not YAML", "run"),

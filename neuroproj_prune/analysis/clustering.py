@@ -37,7 +37,7 @@ import torch
 
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
-from ..io import write_text
+from ..io import check_same_weights, write_text
 from ..model import LoadedModel, load_model
 from ..registry import Registry
 from ..stats import SITES, Stats, energy, load_stats, parse_layers
@@ -581,16 +581,11 @@ def cluster(projections=None, config: ClusterConfig | None = None, *, stats=None
     rep = representative if representative != "auto" else ("energy" if lm is not None else "medoid")
 
     # the inputs must describe the same weights
-    prints = {}
-    if proj is not None and (proj.meta or {}).get("fingerprint"):
-        prints["projections"] = proj.meta["fingerprint"]
-    if st is not None and st.meta.get("fingerprint"):
-        prints["statistics"] = st.meta["fingerprint"]
-    if lm is not None:
-        prints["model"] = lm.fingerprint
-    if len(set(prints.values())) > 1:
-        raise NeuroprojError("inputs come from different models: " +
-                             ", ".join(f"{k} {v}" for k, v in prints.items()))
+    prints = {"projections": (proj.meta or {}).get("fingerprint") if proj is not None else None,
+              "statistics": st.meta.get("fingerprint") if st is not None else None,
+              "model": lm.fingerprint if lm is not None else None}
+    check_same_weights(**prints)
+    prints = {k: v for k, v in prints.items() if v}
 
     if proj is not None:
         if site not in proj.sites:

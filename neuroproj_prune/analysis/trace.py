@@ -21,7 +21,7 @@ import torch
 
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
-from ..io import TensorFile, load_tensors
+from ..io import TensorFile, check_same_weights, load_tensors
 from ..model import LoadedModel, load_model
 from ..stats import SITES, ActivationCapture, parse_layers, parse_sites
 from .projection import Projections, load_projections
@@ -148,6 +148,7 @@ def trace(model, projections, prompt: str | None = None, config: TraceConfig | N
     temperature, top_k, top_p, layers, sites = cfg.temperature, cfg.top_k, cfg.top_p, cfg.layers, cfg.sites
     proj = projections if isinstance(projections, Projections) else load_projections(projections)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    check_same_weights(model=lm.fingerprint, projections=proj.meta.get("fingerprint"))
     a = lm.adapter
     L = a.num_layers(lm.model)
     lay = [i for i in proj.layers if i in parse_layers(layers, L)] if layers is not None else proj.layers

@@ -56,7 +56,7 @@ from ..analysis.projection import load_projections
 from ..analysis.trace import FORMAT as TRACE_FORMAT
 from ..config import Config, opt
 from ..errors import NeuroprojError
-from ..io import LazyTensorFile, write_text
+from ..io import LazyTensorFile, check_same_weights, write_text
 from ..model import LoadedModel, load_model
 from ..evaluate.api import read_eval
 from ..prune.api import SUMMARY_FILE, read_summary
@@ -261,6 +261,9 @@ def _gather_points(run: Path, model, layers_spec, notes: list[str]):
         if cand.is_file():
             plan, plan_src = Plan.load(cand), str(cand.relative_to(run))
             break
+    check_same_weights(projections=proj.meta.get("fingerprint"), statistics=(stats_meta or {}).get("fingerprint"),
+                       clusters=clusters.meta.get("fingerprint") if clusters is not None else None,
+                       plan=plan.meta.get("fingerprint") if plan is not None else None)
     wout = _energy_weights(model, stats_meta, set(layers), notes)
     cl_site = (clusters.meta.get("site") or "mlp.neurons") if clusters is not None else None
     sets, role_src = [], set()
