@@ -335,7 +335,8 @@ def _add_sweep(sub):
 
 def _run_sweep(a):
     rows = sweep(a.model, a.data, a.eval_data, SweepConfig.from_args(a),
-                 prune_config=PruneConfig.from_args(a, exclude=SWEPT, sparsity=None), out=a.out, dtype=a.dtype, device=a.device)
+                 prune_config=PruneConfig.from_args(a, exclude=SWEPT, sparsity=None), out=a.out, dtype=a.dtype,
+                 device=a.device)
     print((Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.csv, results.md, tradeoff.png ({len(rows)} cells)")
 

@@ -83,7 +83,8 @@ def check_output(path, kind: str, *, overwrite: bool = False, into: bool = False
         raise NeuroprojError(f"{flag} is empty: name {what} to write")
     p = Path(str(path)).expanduser()
     if p.name in ("", ".", ".."):
-        raise NeuroprojError(f"{flag} {str(path)!r} names no new entry (it is a directory itself): name {what} to write")
+        raise NeuroprojError(f"{flag} {str(path)!r} names no new entry (it is a directory itself): name {what} to "
+                             f"write")
     if not overwrite:
         if kind == "file" and p.is_dir():
             raise NeuroprojError(f"output {p} is a directory, and {flag} names a file here: give a file name (e.g. "

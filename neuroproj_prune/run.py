@@ -257,13 +257,51 @@ def validate(r: dict, path) -> None:
         if isinstance(source, Path):
             raise
         config = None
-    if config is not None and r["heatmaps"]["enabled"] and r["stats"]["enabled"]:
-        L = adapter_for(config).config_layers(config)
-        for key, spec in (("heatmaps.layers", configs["heatmaps"].layers), ("stats.layers", r["stats"]["layers"])):
-            try:
+    if config is not None:
+        _check_against_model(r, configs, pc, config)
+
+
+def _check_against_model(r: dict, configs: dict, pc: PruneConfig, config) -> None:
+    """The settings whose range depends on the model, from its config (no weights read), so that no stage runs on a
+    recipe a later stage would refuse: layer specs within its layers, windows within its context, projection dims
+    below the neurons of a layer, a trace that fits the context, `keep` within the width, `alloc_samples` within the
+    calibration windows."""
+    a = adapter_for(config)
+    L, ctx, width = a.config_layers(config), a.context_length(config), a.config_width(config)
+    S, on = r["stats"], {name: bool(r[name]["enabled"]) for name in SECTIONS}
+    projected = on["stats"] and on["projection"]
+    layer_specs = [("stats.layers", S["layers"], on["stats"]), ("projection.layers", configs["projection"].layers,
+                   projected), ("heatmaps.layers", configs["heatmaps"].layers, on["stats"] and on["heatmaps"])]
+    for key, spec, used in layer_specs:
+        try:
+            if used:
                 parse_layers(spec, L)
-            except NeuroprojError as e:
-                raise NeuroprojError(f"recipe key '{key}': {e}") from None
+        except NeuroprojError as e:
+            raise NeuroprojError(f"recipe key '{key}': {e}") from None
+    if ctx is not None:
+        minibatch = projected and configs["projection"].mode == "minibatch"
+        windows = [("calibration.seqlen", r["calibration"]["seqlen"], on["stats"] or on["prune"] or on["sweep"]),
+                   ("eval.seqlen", configs["eval"].seqlen, on["eval"]),
+                   ("sweep.eval_seqlen", configs["sweep"].eval_seqlen, on["sweep"]),
+                   ("recover.seqlen", configs["recover"].seqlen, on["recover"]),
+                   ("projection.seqlen", configs["projection"].seqlen, minibatch)]
+        for key, v, used in windows:
+            if used and v is not None and v > ctx:
+                raise NeuroprojError(f"recipe key '{key}': {v} tokens exceed the model's context of {ctx}")
+        if on["trace"] and configs["trace"].max_new_tokens >= ctx:
+            raise NeuroprojError(f"recipe key 'trace.max_new_tokens': {configs['trace'].max_new_tokens} leaves no room "
+                                 f"for the prompt in the model's context of {ctx} tokens")
+    if projected:
+        sites = list(configs["projection"].site or collect_config(r).sites)
+        N = min(width if site == "mlp.neurons" else int(config.hidden_size) for site in sites)
+        if configs["projection"].dims >= N:
+            raise NeuroprojError(f"recipe key 'projection.dims': {configs['projection'].dims} dims for {N} neurons "
+                                 f"(points), which span at most {N - 1}: give {N - 1} or less")
+    if on["prune"] and pc.keep is not None and pc.keep > width:
+        raise NeuroprojError(f"recipe key 'prune.keep': {pc.keep} exceeds the model's {width} MLP neurons per layer")
+    if on["prune"] and pc.allocation != "uniform" and pc.alloc_samples is not None and pc.alloc_samples > pc.samples:
+        raise NeuroprojError(f"recipe key 'prune.alloc_samples': {pc.alloc_samples} exceeds the calibration's "
+                             f"{pc.samples} windows")
 
 
 # -------------------------------------------------------------------------------------------- state

@@ -297,6 +297,12 @@ CASES = [
                             "--set", "export.type=q4_0"], "export.type", "run"),
     ("recipe heatmap layer out of range", ["run", "{d}/recipe.yaml", "--set", "heatmaps.layers=7"], "heatmaps.layers",
      "run"),
+    ("recipe eval window past the context", ["run", "{d}/recipe.yaml", "--set", "eval.seqlen=4096"], "eval.seqlen",
+     "run"),
+    ("recipe trace past the context", ["run", "{d}/recipe.yaml", "--set", "trace.enabled=true", "--set",
+                                       "trace.max_new_tokens=600"], "trace.max_new_tokens", "run"),
+    ("recipe dims above the points", ["run", "{d}/recipe.yaml", "--set", "projection.dims=64"], "projection.dims",
+     "run"),
 ]
 
 
@@ -458,3 +464,11 @@ def test_writes_that_fail_are_one_error(tmp_path, monkeypatch):
     with pytest.raises(npp.NeuroprojError, match="Permission denied"):
         write_text(tmp_path / "x.txt", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
+
+
+def test_api_refuses_conflicting_settings(env):
+    """The API, like the CLI, names the pair: a plan (or clustering) gives the kept sets, a sparsity would choose them
+    too; nothing is read or loaded before the refusal."""
+    for given in ({"plan_file": "no-such-plan.json"}, {"clusters": "no-such-clusters.json"}):
+        with pytest.raises(npp.NeuroprojError, match="sparsity chooses them too"):
+            npp.prune(env["model"], str(C4), sparsity=0.3, progress=False, **given)

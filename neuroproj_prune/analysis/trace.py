@@ -61,7 +61,8 @@ class Trace(TensorFile):
 
 def load_trace(path) -> Trace:
     """Read a trace file; a one-line NeuroprojError for a missing, corrupt or foreign file, and for one whose tensors
-    do not fit its header: T token ids and texts, n_prompt ≤ T, a finite (T, width) matrix per listed (layer, site)."""
+    do not fit its header: T token ids and texts, n_prompt ≤ T, a finite (T, width) matrix per listed (layer,
+    site)."""
     tensors, meta = load_tensors(path, FORMAT, "trace", "trace")
     tr = Trace(tensors, meta, str(path))
     damaged = f"{path}: the file is damaged or edited; re-run trace"
@@ -72,7 +73,8 @@ def load_trace(path) -> Trace:
         raise NeuroprojError(f"{damaged} (its header lacks tokens/n_prompt/layers/sites)") from None
     ids = tensors.get("input_ids")
     if ids is None or tuple(ids.shape) != (T,) or not 0 < n_prompt <= T:
-        raise NeuroprojError(f"{damaged} ({T} tokens in the header, input ids {None if ids is None else tuple(ids.shape)})")
+        raise NeuroprojError(f"{damaged} ({T} tokens in the header, input ids "
+                             f"{None if ids is None else tuple(ids.shape)})")
     for k in keys:
         h = tensors.get(k)
         if h is None or h.ndim != 2 or h.shape[0] != T or not torch.isfinite(h).all():
