@@ -143,7 +143,7 @@ def _add_project(sub):
     _model_args(p, required=False)
     p.add_argument("--data", default=None, help="minibatch mode: " + DATA_HELP)
     p.add_argument("--out", required=True, help="output PROJ.safetensors")
-    p.set_defaults(func=_run_project, outputs={"out": "file", "checkpoint_dir": "dir?"})
+    p.set_defaults(func=_run_project, outputs={"out": "file", "checkpoint_dir": "dir?", "log_dir": "dir?"})
 
 
 def _run_project(a):
