@@ -24,7 +24,7 @@ from .evaluate import evaluate, format_summary
 from .evaluate.api import EvalConfig
 from .evaluate.tasks import GROUP, TASKS, WHEEL_NAME, cache_dir as tasks_cache_dir, fetch, read_manifest
 from .export import EXPORTERS, ExportConfig, export
-from .io import check_writable, prepare_out_dir
+from .io import check_output, prepare_out_dir, removed_if_left_empty
 from .model import load_model
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
@@ -66,7 +66,7 @@ def _add_collect(sub):
     p.add_argument("--data", required=True, help=DATA_HELP)
     CollectConfig.add_arguments(p)
     p.add_argument("--out", required=True, help="output STATS.safetensors")
-    p.set_defaults(func=_run_collect)
+    p.set_defaults(func=_run_collect, outputs={"out": "file"})
 
 
 def _run_collect(a):
@@ -119,7 +119,7 @@ def _add_cluster(sub):
     p.add_argument("--stats", default=None, help="STATS.safetensors: correlation space, energy, --compare")
     p.add_argument("--model", default=None, help="with --stats: energy representatives (" + MODEL_HELP + ")")
     p.add_argument("--out", required=True, help="output CLUSTERS.json")
-    p.set_defaults(func=_run_cluster)
+    p.set_defaults(func=_run_cluster, outputs={"out": "file"})
 
 
 def _run_cluster(a):
@@ -143,7 +143,7 @@ def _add_project(sub):
     _model_args(p, required=False)
     p.add_argument("--data", default=None, help="minibatch mode: " + DATA_HELP)
     p.add_argument("--out", required=True, help="output PROJ.safetensors")
-    p.set_defaults(func=_run_project)
+    p.set_defaults(func=_run_project, outputs={"out": "file", "checkpoint_dir": "dir?", "log_dir": "dir?"})
 
 
 def _run_project(a):
@@ -170,7 +170,7 @@ def _add_heatmap(sub):
     HeatmapConfig.add_arguments(p)
     p.add_argument("--out", required=True, help="output directory (written whole)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=_run_heatmap)
+    p.set_defaults(func=_run_heatmap, outputs={"out": "dir"})
 
 
 def _run_heatmap(a):
@@ -193,7 +193,7 @@ def _add_eval(sub):
     EvalConfig.add_arguments(p)
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_eval)
+    p.set_defaults(func=_run_eval, outputs={"json_out": "file"})
 
 
 def _run_eval(a):
@@ -255,7 +255,7 @@ def _add_prune(sub):
     PruneConfig.add_arguments(p, defaults={"sparsity": None})
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=_run_prune)
+    p.set_defaults(func=_run_prune, outputs={"out": "dir"})
 
 
 BLOCK_SETTINGS = ("head_sparsity", "drop_layers", "target_params", "target_speedup")
@@ -266,7 +266,7 @@ def _run_prune(a):
     if len(given) > 1:
         raise NeuroprojError("give --plan or --clusters, not both")
     if given:
-        chosen = [f"--{n.replace('_', '-')}" for n in ("sparsity", "keep", "select", "allocation")
+        chosen = [f"--{n.replace('_', '-')}" for n in ("sparsity", "keep", "select", "allocation", *BLOCK_SETTINGS)
                   if getattr(a, n) is not None]
         if chosen:
             raise NeuroprojError(f"{given[0]} says which neurons each layer keeps; {chosen[0]} chooses them too: "
@@ -306,7 +306,7 @@ def _add_recover(sub):
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and a state of other settings)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_recover)
+    p.set_defaults(func=_run_recover, outputs={"out": "dir"})
 
 
 def _run_recover(a):
@@ -334,12 +334,13 @@ def _add_sweep(sub):
     SweepConfig.add_arguments(p)
     PruneConfig.add_arguments(p, exclude=SWEPT)  # the settings every cell shares
     p.add_argument("--out", required=True, help="sweep directory (resumed when it exists)")
-    p.set_defaults(func=_run_sweep)
+    p.set_defaults(func=_run_sweep, outputs={"out": "dir?"})
 
 
 def _run_sweep(a):
     rows = sweep(a.model, a.data, a.eval_data, SweepConfig.from_args(a),
-                 prune_config=PruneConfig.from_args(a, sparsity=None), out=a.out, dtype=a.dtype, device=a.device)
+                 prune_config=PruneConfig.from_args(a, exclude=SWEPT, sparsity=None), out=a.out, dtype=a.dtype,
+                 device=a.device)
     print((Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.csv, results.md, tradeoff.png ({len(rows)} cells)")
 
@@ -393,7 +394,7 @@ def _add_skips(sub):
     p.add_argument("--eval-data", default=None, help="text for perplexity before/after --apply")
     p.add_argument("--report", required=True, help="output directory: skips.json, skips.csv, skips.md, skips.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_skips)
+    p.set_defaults(func=_run_skips, outputs={"out": "dir", "report": "dir?"})
 
 
 def _run_skips(a) -> dict:
@@ -437,7 +438,7 @@ def _add_view(sub):
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html)")
     ViewConfig.add_arguments(p)
-    p.set_defaults(func=_run_view)
+    p.set_defaults(func=_run_view, outputs={"out": "file"})
 
 
 def _run_view(a):
@@ -456,7 +457,7 @@ def _add_trace(sub):
     p.add_argument("--projections", required=True, help="PROJ.safetensors (its layers and sites are traced)")
     TraceConfig.add_arguments(p)
     p.add_argument("--out", required=True, help="output TRACE.safetensors (the viewer reads RUN_DIR/trace.safetensors)")
-    p.set_defaults(func=_run_trace)
+    p.set_defaults(func=_run_trace, outputs={"out": "file"})
 
 
 def _run_trace(a):
@@ -482,7 +483,7 @@ def _add_export(sub):
     p.add_argument("--out", required=True, help="output file (gguf) or directory")
     ExportConfig.add_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=_run_export)
+    p.set_defaults(func=_run_export, outputs=lambda a: {"out": "file" if a.to == "gguf" else "dir"})
 
 
 def _run_export(a):
@@ -505,16 +506,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OUTPUTS = ("out", "json_out", "report")  # the arguments that name something the command writes
+def outputs(args) -> dict[str, str]:
+    """{argument: kind} of what the command writes: "file", "dir" (replaced with --overwrite) or "dir?" (a directory
+    the command adds to or resumes: it may exist); `set_defaults(outputs=...)` of each subcommand declares them."""
+    declared = getattr(args, "outputs", None) or {}
+    declared = declared(args) if callable(declared) else declared
+    return {name: kind for name, kind in declared.items() if getattr(args, name, None) is not None}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for name in OUTPUTS:  # an output that cannot be written is refused before any work
-            if getattr(args, name, None):
-                check_writable(args.__dict__[name])
-        args.func(args)
+        made = outputs(args)
+        for name, kind in made.items():   # every output checked before any work: name, kind, writable parent
+            flag = "--json" if name == "json_out" else "--" + name.replace("_", "-")
+            check_output(args.__dict__[name], kind.rstrip("?"), flag=flag, into=kind.endswith("?"),
+                         overwrite=getattr(args, "overwrite", False) and not kind.endswith("?"))
+        with removed_if_left_empty(args.__dict__[n] for n in made):   # no directory a failure made is left behind
+            args.func(args)
     except NeuroprojError as e:
         print(f"neuroproj-prune: error: {e}", file=sys.stderr)
         return 2

@@ -198,9 +198,10 @@ class Config:
                                     metavar=f.name.upper())
 
     @classmethod
-    def from_args(cls, args, **extra):
-        """The config of parsed CLI arguments (flags made by `add_arguments`) plus `extra` settings."""
-        given = {n: getattr(args, n) for n in cls.field_names() if hasattr(args, n)}
+    def from_args(cls, args, exclude=(), **extra):
+        """The config of parsed CLI arguments (flags made by `add_arguments`) plus `extra` settings; the fields in
+        `exclude` are left at their defaults (their flags, if any, belong to another config of the command)."""
+        given = {n: getattr(args, n) for n in cls.field_names() if hasattr(args, n) and n not in exclude}
         given.update(extra)
         return cls.make(**given)
 

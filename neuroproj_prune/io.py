@@ -31,15 +31,24 @@ def _umask() -> int:
 
 def atomic_write(path, write) -> Path:
     """Call `write(tmp_path)`, then rename the temporary file onto `path`; remove it on any failure.
-    The file gets the usual mode (0666 less the umask), not mkstemp's private 0600."""
+    The file gets the usual mode (0666 less the umask), not mkstemp's private 0600. A path that cannot be written
+    (a directory in its place, a read-only directory) is one NeuroprojError, never a traceback at the rename."""
     path = Path(path)
+    if path.is_dir():
+        raise NeuroprojError(f"cannot write {path}: it is a directory; give a file name")
     _make_parent(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise NeuroprojError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:   # a directory made in its place meanwhile, a read-only target
+            raise NeuroprojError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -58,9 +67,58 @@ def _make_parent(path: Path) -> None:
 def prepare_out_dir(out, overwrite: bool) -> None:
     """Refuse an existing non-empty output directory (or a file in its place) unless `overwrite`."""
     out = Path(out)
+    check_output(out, "dir", overwrite=overwrite)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise NeuroprojError(f"output {out} exists and is not empty: choose another --out or pass --overwrite")
-    check_writable(out)
+
+
+def check_output(path, kind: str, *, overwrite: bool = False, into: bool = False, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written as `kind` ("file" or "dir"): an empty name (or one
+    that names no entry: `.`, `..`, `/`), an existing directory where a file goes or a file where a directory goes
+    (unless `overwrite`, which replaces it), a parent that is a file or not writable (`check_writable`); with `into`
+    (a directory the command adds to or resumes), an existing one that is not writable itself. Cost: a few stat
+    calls."""
+    what = "a file" if kind == "file" else "a directory"
+    if path is None or not str(path).strip():
+        raise NeuroprojError(f"{flag} is empty: name {what} to write")
+    p = Path(str(path)).expanduser()
+    if p.name in ("", ".", ".."):
+        raise NeuroprojError(f"{flag} {str(path)!r} names no new entry (it is a directory itself): name {what} to "
+                             f"write")
+    if not overwrite:
+        if kind == "file" and p.is_dir():
+            raise NeuroprojError(f"output {p} is a directory, and {flag} names a file here: give a file name (e.g. "
+                                 f"{p / 'NAME'})")
+        if kind == "dir" and (p.is_file() or p.is_symlink() and not p.is_dir()):
+            raise NeuroprojError(f"output {p} is a file, and {flag} names a directory here: choose another {flag}, or "
+                                 f"pass --overwrite where the command has it")
+    check_writable(p)
+    if into and p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+        raise NeuroprojError(f"cannot write into {p}: it is not writable (permissions or a read-only filesystem)")
+    return p
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(paths):
+    """On a failure inside the block, remove the directories among `paths` and their parents that did not exist
+    when it began and are empty now (never a directory that holds anything): a failed command leaves behind no
+    directory it created for its output."""
+    fresh = []
+    for path in paths:
+        p = Path(path).expanduser().absolute()
+        while not p.exists() and p != p.parent:
+            fresh.append(p)
+            p = p.parent
+    try:
+        yield
+    except BaseException:
+        for p in sorted(set(fresh), key=lambda q: len(q.parts), reverse=True):   # the deepest first
+            try:
+                if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                    p.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def _remove_stale(out: Path) -> None:
@@ -96,13 +154,16 @@ def atomic_dir(out, overwrite: bool = False):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        try:
+            if out.exists() or out.is_symlink():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+            else:
+                os.replace(tmp, out)
+        except OSError as e:   # a file made in its place meanwhile, a read-only parent
+            raise NeuroprojError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -142,6 +203,18 @@ def check_writable(path) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise NeuroprojError(f"cannot write {path}: {parent} is not writable (permissions or a read-only "
                              f"filesystem)")
+
+
+def check_same_weights(**fingerprints) -> None:
+    """Refuse inputs that describe different weights: `fingerprints` names each input's model fingerprint (None: the
+    input does not say). Statistics, projections, clusterings and traces carry the fingerprint of the model they
+    were made on; a stage that reads two of them (or one and a model) calls this before any work."""
+    given = [(k, v) for k, v in fingerprints.items() if v]
+    for k, v in given[1:]:
+        if v != given[0][1]:
+            (a, va) = given[0]
+            raise NeuroprojError(f"inputs from different models: the {k} were made on another model than the {a} "
+                                 f"(fingerprint {v}, not {va}): make them from one model")
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -330,17 +403,27 @@ class StoredTensor:
 
 
 def stored_tensors(path) -> dict[str, StoredTensor]:
-    """The tensors of a safetensors file, by name, from its header alone (nothing else is read)."""
+    """The tensors of a safetensors file, by name, from its header alone (nothing else is read). A header that
+    cannot be parsed, or whose tensors end past the end of the file (a truncated copy), is a NeuroprojError."""
     path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError("header size")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise NeuroprojError(f"{path} is not a readable safetensors file ({e}): write it again") from None
-    header.pop("__metadata__", None)
-    return {k: StoredTensor(path, v["dtype"], v["shape"], 8 + n + v["data_offsets"][0],
-                            v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
+        header.pop("__metadata__", None)
+        out = {k: StoredTensor(path, v["dtype"], [int(x) for x in v["shape"]], 8 + n + int(v["data_offsets"][0]),
+                               int(v["data_offsets"][1]) - int(v["data_offsets"][0])) for k, v in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
+        raise NeuroprojError(f"{path} is not a readable safetensors file ({type(e).__name__}: its header is damaged): "
+                             f"write it again") from None
+    end = max((t.offset + t.nbytes for t in out.values()), default=8 + n)
+    if end > size or any(t.nbytes < 0 for t in out.values()):
+        raise NeuroprojError(f"{path} is truncated or damaged: its header promises {end} bytes, the file has {size}; "
+                             f"write (or download) it again")
+    return out
 
 
 def _entry(t) -> tuple[str, tuple, int]:

@@ -44,8 +44,8 @@ from .evaluate.api import EvalConfig
 from .export import EXPORTERS, ExportConfig, export
 from .export.common import HF_TYPES
 from .export.gguf import GGUF_TYPES
-from .io import check_writable, write_json, write_text
-from .model import LoadedModel, adapter_for, load_model, model_config
+from .io import check_output, removed_if_left_empty, write_json, write_text
+from .model import LoadedModel, adapter_for, load_model, model_config, model_source
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
@@ -144,6 +144,8 @@ def _set(d: dict, dotted: str, value) -> None:
 def load_recipe(path, overrides=()) -> dict:
     """Read, override (`key.sub=value`, value parsed as YAML), fill defaults and validate a recipe."""
     path = recipe_path(path)
+    if path.is_dir():
+        raise NeuroprojError(f"recipe {path} is a directory: give a YAML file (or a shipped recipe's name)")
     if not path.is_file():
         raise NeuroprojError(f"recipe {path} not found")
     try:
@@ -217,7 +219,8 @@ def validate(r: dict, path) -> None:
         v = r[section][key]
         looks_like_file = str(v).endswith((".txt", ".jsonl", ".json", ".raw")) or str(v).startswith((".", "/", "~"))
         if v and looks_like_file and not data_path(v).is_file():  # else: a `datasets` name
-            raise NeuroprojError(f"recipe key '{section}.{key}': file {v} not found")
+            what = "is a directory: give a .txt or .jsonl file" if data_path(v).is_dir() else "not found"
+            raise NeuroprojError(f"recipe key '{section}.{key}': file {v} {what}")
     pc = prune_config(r)
     collect_config(r)
     configs = {name: section_config(r, name) for name in SECTIONS if name not in ("prune", "stats")}
@@ -245,17 +248,60 @@ def validate(r: dict, path) -> None:
             raise NeuroprojError(f"recipe key 'eval.tasks': {e}") from None
     if r["sweep"]["enabled"] and configs["sweep"].tasks:
         load_tasks(list(configs["sweep"].tasks))
-    try:   # the model's config (no weights); a hub model that cannot be reached now fails at its first stage
+    # the model's config, checked against its weights' headers (model_config); a hub model that cannot be reached now
+    # fails at its first stage, a local one is refused here
+    source, _, _ = model_source(r["model"])
+    try:
         config = model_config(r["model"])
     except NeuroprojError:
+        if isinstance(source, Path):
+            raise
         config = None
-    if config is not None and r["heatmaps"]["enabled"] and r["stats"]["enabled"]:
-        L = adapter_for(config).config_layers(config)
-        for key, spec in (("heatmaps.layers", configs["heatmaps"].layers), ("stats.layers", r["stats"]["layers"])):
-            try:
+    if config is not None:
+        _check_against_model(r, configs, pc, config)
+
+
+def _check_against_model(r: dict, configs: dict, pc: PruneConfig, config) -> None:
+    """The settings whose range depends on the model, from its config (no weights read), so that no stage runs on a
+    recipe a later stage would refuse: layer specs within its layers, windows within its context, projection dims
+    below the neurons of a layer, a trace that fits the context, `keep` within the width, `alloc_samples` within the
+    calibration windows."""
+    a = adapter_for(config)
+    L, ctx, width = a.config_layers(config), a.context_length(config), a.config_width(config)
+    S, on = r["stats"], {name: bool(r[name]["enabled"]) for name in SECTIONS}
+    projected = on["stats"] and on["projection"]
+    layer_specs = [("stats.layers", S["layers"], on["stats"]), ("projection.layers", configs["projection"].layers,
+                   projected), ("heatmaps.layers", configs["heatmaps"].layers, on["stats"] and on["heatmaps"])]
+    for key, spec, used in layer_specs:
+        try:
+            if used:
                 parse_layers(spec, L)
-            except NeuroprojError as e:
-                raise NeuroprojError(f"recipe key '{key}': {e}") from None
+        except NeuroprojError as e:
+            raise NeuroprojError(f"recipe key '{key}': {e}") from None
+    if ctx is not None:
+        minibatch = projected and configs["projection"].mode == "minibatch"
+        windows = [("calibration.seqlen", r["calibration"]["seqlen"], on["stats"] or on["prune"] or on["sweep"]),
+                   ("eval.seqlen", configs["eval"].seqlen, on["eval"]),
+                   ("sweep.eval_seqlen", configs["sweep"].eval_seqlen, on["sweep"]),
+                   ("recover.seqlen", configs["recover"].seqlen, on["recover"]),
+                   ("projection.seqlen", configs["projection"].seqlen, minibatch)]
+        for key, v, used in windows:
+            if used and v is not None and v > ctx:
+                raise NeuroprojError(f"recipe key '{key}': {v} tokens exceed the model's context of {ctx}")
+        if on["trace"] and configs["trace"].max_new_tokens >= ctx:
+            raise NeuroprojError(f"recipe key 'trace.max_new_tokens': {configs['trace'].max_new_tokens} leaves no room "
+                                 f"for the prompt in the model's context of {ctx} tokens")
+    if projected:
+        sites = list(configs["projection"].site or collect_config(r).sites)
+        N = min(width if site == "mlp.neurons" else int(config.hidden_size) for site in sites)
+        if configs["projection"].dims >= N:
+            raise NeuroprojError(f"recipe key 'projection.dims': {configs['projection'].dims} dims for {N} neurons "
+                                 f"(points), which span at most {N - 1}: give {N - 1} or less")
+    if on["prune"] and pc.keep is not None and pc.keep > width:
+        raise NeuroprojError(f"recipe key 'prune.keep': {pc.keep} exceeds the model's {width} MLP neurons per layer")
+    if on["prune"] and pc.allocation != "uniform" and pc.alloc_samples is not None and pc.alloc_samples > pc.samples:
+        raise NeuroprojError(f"recipe key 'prune.alloc_samples': {pc.alloc_samples} exceeds the calibration's "
+                             f"{pc.samples} windows")
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -286,15 +332,15 @@ def run(recipe, overrides=(), *, progress: bool = True, log=print) -> dict:
     """Run a recipe (path, shipped name, or dict already validated) end to end; returns {"ran": [...],
     "skipped": [...], "output_dir": ...}. Cost: the sum of the stages that are not up to date."""
     r = load_recipe(recipe, overrides) if not isinstance(recipe, dict) else recipe
-    out = Path(r["output_dir"])
-    check_writable(out)
+    out = check_output(r["output_dir"], "dir", flag="output_dir")   # an existing run directory is resumed
     created = not out.exists()
-    try:
-        return _run(r, out, progress, log)
-    except BaseException:
-        if created and not (out / "run_state.json").exists():  # nothing finished: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with removed_if_left_empty([out]):   # the parents made for it, once it is gone
+        try:
+            return _run(r, out, progress, log)
+        except BaseException:
+            if created and not (out / "run_state.json").exists():  # nothing finished: leave nothing behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _run(r: dict, out: Path, progress, log) -> dict:

@@ -345,7 +345,8 @@ def test_error_stats_file_mismatch_and_corrupt(capsys, tmp_path, tiny_dir, bad_i
 
 
 def test_error_nan_activations(capsys, tmp_path, tokenizer):
-    """A NaN weight makes activations NaN: a clear error, in the API and the CLI (no file left)."""
+    """A NaN weight makes activations NaN: a clear error in the API (a model in memory); the CLI refuses the
+    checkpoint when it loads, naming the tensor (no file left)."""
     model = tiny_model("llama", dtype=torch.float32)
     model.model.layers[1].mlp.up_proj.weight[3, 0] = float("nan")
     with pytest.raises(NeuroprojError, match="non-finite activations at layer 1"):
@@ -354,7 +355,7 @@ def test_error_nan_activations(capsys, tmp_path, tokenizer):
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     out = tmp_path / "s.safetensors"
-    msg = _fails(capsys, _collect_args(d, SHAKESPEARE, out), "non-finite activations at layer 1", out)
+    msg = _fails(capsys, _collect_args(d, SHAKESPEARE, out), "non-finite weights (NaN/inf in model.layers.1.mlp.up_proj", out)
     assert "NaN" in msg
 
 

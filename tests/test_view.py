@@ -206,7 +206,7 @@ def test_token_alignment(run_dir, tiny_dir):
 
 def test_missing_parts_render(run_dir, browser, tmp_path):
     """Only projections, clusters and a pruned checkpoint: no sweep, skips, eval, heatmaps or trace sections,
-    the rest renders without errors; an empty directory renders a 'nothing to show' page."""
+    the rest renders without errors; an empty directory is refused (one error, no page)."""
     part = tmp_path / "part"
     part.mkdir()
     for f in ("projections.safetensors", "clusters.json"):
@@ -230,12 +230,9 @@ def test_missing_parts_render(run_dir, browser, tmp_path):
         page.close()
     empty = tmp_path / "empty"
     empty.mkdir()
-    page, errors = open_page(browser, npp.view(empty, tmp_path / "empty.html"))
-    try:
-        assert page.query_selector("#empty") is not None and page.query_selector("section") is None
-        assert errors == []
-    finally:
-        page.close()
+    with pytest.raises(npp.NeuroprojError, match="holds nothing the report shows"):   # not a page saying nothing
+        npp.view(empty, tmp_path / "empty.html")
+    assert not (tmp_path / "empty.html").exists()
 
 
 def test_size_limit_quantizes_trace(run_dir, tiny_dir, tmp_path):

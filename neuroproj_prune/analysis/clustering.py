@@ -37,7 +37,7 @@ import torch
 
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
-from ..io import write_text
+from ..io import check_same_weights, write_text
 from ..model import LoadedModel, load_model
 from ..registry import Registry
 from ..stats import SITES, Stats, energy, load_stats, parse_layers
@@ -117,6 +117,27 @@ class LayerClusters:
             "poles": [p.to_json() for p in self.poles], **self.extra,
         }
 
+    def check(self, where: str) -> None:
+        """Refuse a clustering that is not one: labels in [−1, n_clusters) for the N neurons (−1: noise, exactly the
+        `noise` list), one representative per cluster, a neuron of that cluster, poles whose members carry their
+        label. Cost: O(N)."""
+        N, K = self.n_neurons, self.n_clusters
+        lab = self.labels
+        bad = f"{where}: the clustering is damaged or edited"
+        if lab.ndim != 1 or N < 1 or (lab.size and (lab.min() < -1 or lab.max() >= K)):
+            raise NeuroprojError(f"{bad} (labels must lie in [-1, {K}) for its {K} clusters): re-run cluster")
+        if sorted(self.representatives) != list(range(K)) or any(
+                not 0 <= r < N or lab[r] != c for c, r in self.representatives.items()):
+            raise NeuroprojError(f"{bad} (each of its {K} clusters needs a representative among its own members, a "
+                                 f"neuron in [0, {N})): re-run cluster")
+        if sorted(int(x) for x in self.noise) != [int(j) for j in np.flatnonzero(lab < 0)]:
+            raise NeuroprojError(f"{bad} (the noise list differs from the neurons labelled -1): re-run cluster")
+        for p in self.poles:
+            m = np.asarray(p.members, dtype=np.int64)
+            if not 0 <= p.id < K or (m.size and (m.min() < 0 or m.max() >= N)) or (lab[m] != p.id).any() or \
+                    m.size != int((lab == p.id).sum()):
+                raise NeuroprojError(f"{bad} (pole {p.id}'s members do not carry its label): re-run cluster")
+
     @classmethod
     def from_json(cls, d: dict) -> "LayerClusters":
         known = {"n_neurons", "n_clusters", "algo", "metric", "representative", "eps", "min_samples", "k", "labels",
@@ -168,6 +189,8 @@ def load_clusters(path) -> Clusters:
             raise NeuroprojError(f"{path} is not a neuroproj-prune clusters file (format "
                                  f"{d.get('format') if isinstance(d, dict) else None!r})")
         layers = {int(i): LayerClusters.from_json(v) for i, v in d["layers"].items()}
+        for i, lc in layers.items():
+            lc.check(f"{path}: layer {i}")
     except NeuroprojError:
         raise
     except Exception as e:
@@ -558,16 +581,11 @@ def cluster(projections=None, config: ClusterConfig | None = None, *, stats=None
     rep = representative if representative != "auto" else ("energy" if lm is not None else "medoid")
 
     # the inputs must describe the same weights
-    prints = {}
-    if proj is not None and (proj.meta or {}).get("fingerprint"):
-        prints["projections"] = proj.meta["fingerprint"]
-    if st is not None and st.meta.get("fingerprint"):
-        prints["statistics"] = st.meta["fingerprint"]
-    if lm is not None:
-        prints["model"] = lm.fingerprint
-    if len(set(prints.values())) > 1:
-        raise NeuroprojError("inputs come from different models: " +
-                             ", ".join(f"{k} {v}" for k, v in prints.items()))
+    prints = {"projections": (proj.meta or {}).get("fingerprint") if proj is not None else None,
+              "statistics": st.meta.get("fingerprint") if st is not None else None,
+              "model": lm.fingerprint if lm is not None else None}
+    check_same_weights(**prints)
+    prints = {k: v for k, v in prints.items() if v}
 
     if proj is not None:
         if site not in proj.sites:

@@ -13,7 +13,7 @@ import torch
 
 from ..config import Config, opt
 from ..errors import NeuroprojError
-from ..io import atomic_dir, prepare_out_dir
+from ..io import atomic_dir, check_same_weights, prepare_out_dir
 from ..stats import SITES, Stats, load_stats, parse_layers
 from .projection import Projections, fit_exact, load_projections
 
@@ -85,6 +85,8 @@ def heatmaps(stats_or_path, config: HeatmapConfig | None = None, *, projections=
     proj = None
     if projections is not None:
         proj = projections if isinstance(projections, Projections) else load_projections(projections)
+    if proj is not None:   # the order of another model's neurons would scramble this one's picture
+        check_same_weights(statistics=stats.meta.get("fingerprint"), projections=proj.meta.get("fingerprint"))
     if site not in stats.sites:
         raise NeuroprojError(f"the statistics have no site {site} (sites {stats.sites})")
     lay = parse_layers(layers, stats.meta.get("num_layers", max(stats.layers) + 1))

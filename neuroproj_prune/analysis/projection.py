@@ -346,6 +346,24 @@ class Projections(TensorFile):
         self.get(layer, site)
         return float(self.meta["stress"][f"{int(layer)}/{site}"])
 
+    def validate(self) -> None:
+        """The header (dims, layers, sites) against the tensors: one (N, dims) matrix of finite points per listed
+        (layer, site), N ≥ 1. Cost: one pass over the points."""
+        where = self.path or "projections"
+        damaged = "the file is damaged or edited; re-run project"
+        try:
+            dims, layers, sites = int(self.meta["dims"]), [int(i) for i in self.layers], [str(x) for x in self.sites]
+        except (KeyError, TypeError, ValueError):
+            raise NeuroprojError(f"{where}: the header lacks dims/layers/sites: re-run project") from None
+        for i in layers:
+            for site in sites:
+                P = self._t.get(f"layer.{i}.{site}")
+                if P is None or P.ndim != 2 or P.shape[0] < 1 or P.shape[1] != dims:
+                    raise NeuroprojError(f"{where}: the header lists layer {i} {site} with {dims} dims, the file holds "
+                                         f"{None if P is None else tuple(P.shape)}: {damaged}")
+                if not torch.isfinite(P).all():
+                    raise NeuroprojError(f"{where}: layer {i} {site} holds NaN/inf points: {damaged}")
+
     def order(self, layer: int, site: str = DEFAULT_SITE) -> torch.Tensor:
         """argsort of a 1-D projection (the seed's linear ordering); an error for n > 1."""
         P = self.get(layer, site)
@@ -359,9 +377,12 @@ class Projections(TensorFile):
 
 
 def load_projections(path) -> Projections:
-    """Read a projection file; a one-line NeuroprojError for a missing, corrupt or foreign file."""
+    """Read a projection file; a one-line NeuroprojError for a missing, corrupt or foreign file, and for one whose
+    tensors do not fit its header (`Projections.validate`)."""
     tensors, meta = load_tensors(path, FORMAT, "projection", "project")
-    return Projections(tensors, meta, str(path))
+    proj = Projections(tensors, meta, str(path))
+    proj.validate()
+    return proj
 
 
 # ------------------------------------------------------------------------------------------ minibatch
@@ -660,6 +681,15 @@ class ProjectConfig(Config):
             raise ConfigError("checkpoint_dir", "--checkpoint-every and --resume need --checkpoint-dir")
 
 
+def _check_dims(dims: int, widths: dict) -> None:
+    """Refuse `dims` at or above a (layer, site)'s number of points: N points span at most N − 1 dimensions, so the
+    extra coordinates would be noise the fit cannot determine (checked before any fit)."""
+    (i, s), N = min(widths.items(), key=lambda kv: kv[1], default=((None, None), None))
+    if N is not None and dims >= N:
+        raise NeuroprojError(f"--dims {dims}: layer {i} {s} has {N} neurons (points), which span at most {N - 1} "
+                             f"dimensions: give --dims {N - 1} or less")
+
+
 def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None, model=None, data=None,
             dtype="auto", device="auto", progress: bool = True, **settings) -> Projections:
     """Project the neurons of each (layer, site) to R^dims and (with `out`) save the points. `config` (or the
@@ -701,6 +731,7 @@ def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None
         from tqdm.auto import tqdm
 
         keys = [(i, s) for i in lay for s in sites]
+        _check_dims(dims, {k: stats.width(*k) for k in keys})
         iters = {}
         for i, s in tqdm(keys, desc="project", disable=not progress, dynamic_ncols=True):
             P, st, hist = fit_exact(stats.correlation(i, s), dims, norm_order=norm_order, init=init, refine=refine,
@@ -720,6 +751,9 @@ def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None
         L = adapter_for(lm.model).num_layers(lm.model)
         lay = parse_layers(layers if layers is not None else (stats.layers if stats is not None else None), L)
         keys = [(i, s) for i in lay for s in sites]
+        a = adapter_for(lm.model)
+        _check_dims(dims, {(i, s): a.width(lm.model, i) if s == "mlp.neurons" else a.hidden_size(lm.model)
+                           for i, s in keys})
         points, mean_rho, fitter, desc, total = _minibatch(
             lm, data, keys, dims=dims, init=init, norm_order=norm_order, lr=cfg.lr, steps=cfg.steps,
             epochs=cfg.epochs, samples=cfg.samples, seqlen=cfg.seqlen, seed=seed, batch_size=cfg.batch_size,

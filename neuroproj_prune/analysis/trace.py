@@ -21,7 +21,7 @@ import torch
 
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
-from ..io import TensorFile, load_tensors
+from ..io import TensorFile, check_same_weights, load_tensors
 from ..model import LoadedModel, load_model
 from ..stats import SITES, ActivationCapture, parse_layers, parse_sites
 from .projection import Projections, load_projections
@@ -60,8 +60,27 @@ class Trace(TensorFile):
 
 
 def load_trace(path) -> Trace:
+    """Read a trace file; a one-line NeuroprojError for a missing, corrupt or foreign file, and for one whose tensors
+    do not fit its header: T token ids and texts, n_prompt ≤ T, a finite (T, width) matrix per listed (layer,
+    site)."""
     tensors, meta = load_tensors(path, FORMAT, "trace", "trace")
-    return Trace(tensors, meta, str(path))
+    tr = Trace(tensors, meta, str(path))
+    damaged = f"{path}: the file is damaged or edited; re-run trace"
+    try:
+        T, n_prompt = len(tr.tokens), tr.n_prompt
+        keys = [f"layer.{int(i)}.{s}" for i in tr.layers for s in tr.sites]
+    except (KeyError, TypeError, ValueError):
+        raise NeuroprojError(f"{damaged} (its header lacks tokens/n_prompt/layers/sites)") from None
+    ids = tensors.get("input_ids")
+    if ids is None or tuple(ids.shape) != (T,) or not 0 < n_prompt <= T:
+        raise NeuroprojError(f"{damaged} ({T} tokens in the header, input ids "
+                             f"{None if ids is None else tuple(ids.shape)})")
+    for k in keys:
+        h = tensors.get(k)
+        if h is None or h.ndim != 2 or h.shape[0] != T or not torch.isfinite(h).all():
+            raise NeuroprojError(f"{damaged} ({k}: {None if h is None else tuple(h.shape)}, expected ({T}, width), "
+                                 f"finite)")
+    return tr
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -131,6 +150,7 @@ def trace(model, projections, prompt: str | None = None, config: TraceConfig | N
     temperature, top_k, top_p, layers, sites = cfg.temperature, cfg.top_k, cfg.top_p, cfg.layers, cfg.sites
     proj = projections if isinstance(projections, Projections) else load_projections(projections)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    check_same_weights(model=lm.fingerprint, projections=proj.meta.get("fingerprint"))
     a = lm.adapter
     L = a.num_layers(lm.model)
     lay = [i for i in proj.layers if i in parse_layers(layers, L)] if layers is not None else proj.layers
@@ -145,6 +165,11 @@ def trace(model, projections, prompt: str | None = None, config: TraceConfig | N
     ids = enc["input_ids"]
     if ids.shape[1] == 0:
         raise NeuroprojError("the prompt tokenizes to no tokens")
+    ctx = a.context_length(lm.model.config)   # positions past it are not the model's (checked before generating)
+    if ctx is not None and ids.shape[1] + max_new_tokens > ctx:
+        raise NeuroprojError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {max_new_tokens} exceed the "
+                             f"model's context of {ctx} tokens: give --max-new-tokens {max(0, ctx - ids.shape[1])} "
+                             f"or less (or a shorter prompt)")
     dev = next(lm.model.parameters()).device
     t0 = time.time()
     if max_new_tokens > 0:

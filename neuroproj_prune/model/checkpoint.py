@@ -22,6 +22,7 @@ from ..errors import NeuroprojError
 from ..io import atomic_dir, write_safetensors
 from .adapters import adapter_for
 from .skip_modules import attach_skips, skips_spec
+from .weights import check_weights, stored_shapes
 
 SECTION = "neuroproj_prune"
 CHECKPOINT_FORMAT = "neuroproj-prune/checkpoint/1"
@@ -146,32 +147,45 @@ def save_streamed(model, directory, stored: dict, max_shard_size=None) -> None:
                                                          encoding="utf-8")
 
 
-def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
-    """Rebuild a checkpoint whose config has a `neuroproj_prune` section (per-layer widths, added MLP
-    biases, applied skips) and load its weights strictly; refuse what cannot be reproduced exactly."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise NeuroprojError(f"cannot read the checkpoint config in {path}: {str(e).splitlines()[0][:200]}") from None
+def pruned_section(config, where) -> dict:
+    """The `neuroproj_prune` section of a checkpoint config, its schema checked: a known format and keys, one
+    whole-number width per layer in [1, the config's width] (the config's width is their maximum), `out_bias` true or
+    false, `skips` a mapping. An edited section is refused here, before any module is built from it."""
     section = getattr(config, SECTION, None) or {}
+    if not isinstance(section, dict):
+        raise NeuroprojError(f"{where}: the config's neuroproj_prune section is not a mapping: prune again")
     if section and section.get("format") != CHECKPOINT_FORMAT:
-        raise NeuroprojError(f"{path}: unknown neuroproj_prune checkpoint format {section.get('format')!r}; "
+        raise NeuroprojError(f"{where}: unknown neuroproj_prune checkpoint format {section.get('format')!r}; "
                              f"upgrade neuroproj-prune")
     unknown = set(section) - {"format", "widths", "out_bias", "skips", "heads"}
     if unknown:
-        raise NeuroprojError(f"{path}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
-    dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
-    model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
-    a = adapter_for(model)
+        raise NeuroprojError(f"{where}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
+    a = adapter_for(config)
     widths = section.get("widths")
     if widths is not None:
-        if len(widths) != a.num_layers(model):
-            raise NeuroprojError(f"{path}: {len(widths)} widths for {a.num_layers(model)} layers")
-        for i, w in enumerate(widths):
+        L, W = a.config_layers(config), a.config_width(config)
+        ok = isinstance(widths, list) and len(widths) == L and all(
+            isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= W for w in widths)
+        if not ok:
+            raise NeuroprojError(f"{where}: the neuroproj_prune section's widths must be {L} whole numbers in [1, {W}] "
+                                 f"(one per layer; {a.width_key} is their maximum), got {str(widths)[:80]}: fix the "
+                                 f"section, or prune again")
+    if not isinstance(section.get("out_bias", False), bool) or not isinstance(section.get("skips") or {}, dict):
+        raise NeuroprojError(f"{where}: the neuroproj_prune section's out_bias must be true/false and skips a mapping: "
+                             f"fix the section, or prune again")
+    return section
+
+
+def build_pruned(config, section: dict, dtype, where):
+    """The model a checkpoint's config and `neuroproj_prune` section describe (weights uninitialised): per-layer
+    widths sliced, added biases and skip modules attached. On the meta device (`with torch.device("meta")`) it
+    costs nothing and gives the shapes `check_weights` compares."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    a = adapter_for(model)
+    if section.get("widths") is not None:
+        for i, w in enumerate(section["widths"]):
             a.select_neurons(model, i, torch.arange(int(w)))
     heads = section.get("heads")
     if heads is not None:
@@ -192,10 +206,35 @@ def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
             if a.out_bias(model, i) is None:
                 a.set_out_bias(model, i, torch.zeros(a.hidden_size(model)))
     if section.get("skips"):
-        attach_skips(model, section["skips"])
+        try:
+            attach_skips(model, section["skips"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise NeuroprojError(f"{where}: the neuroproj_prune section's skips are damaged ({type(e).__name__}): "
+                                 f"apply the skips again") from None
+    return model
+
+
+def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):
+    """Rebuild a checkpoint whose config has a `neuroproj_prune` section (per-layer widths, added MLP
+    biases, applied skips) and load its weights strictly; refuse what cannot be reproduced exactly: a section
+    that does not fit the config (`pruned_section`), weights that do not fit the section (`check_weights`: layer
+    count, widths, hidden size from the tensors' shapes, before any is read)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise NeuroprojError(f"cannot read the checkpoint config in {path}: {str(e).splitlines()[0][:200]}") from None
+    section = pruned_section(config, path)
+    dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32").replace("torch.", ""))
+    model = build_pruned(config, section, dt, path)
+    a = adapter_for(model)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise NeuroprojError(f"{path} holds no .safetensors weights")
+    check_weights(model, stored_shapes(path), str(path), section.get("widths"))
     state = {}
     for f in files:
         try:

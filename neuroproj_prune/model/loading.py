@@ -1,9 +1,11 @@
 """Loading causal LMs: hub ids, local directories, `.gguf` files, pruned directories and the offline default.
 
-Architecture facts live in `adapters`; pruned checkpoints are rebuilt by `checkpoint`.
+Architecture facts live in `adapters`; pruned checkpoints are rebuilt by `checkpoint`; a config is checked against
+its weights by `weights` before any weight is read.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -18,7 +20,8 @@ from torch import nn
 from ..errors import NeuroprojError
 from ..io import atomic_dir
 from .adapters import Adapter, adapter_for
-from .checkpoint import SECTION, load_pruned
+from .checkpoint import SECTION, build_pruned, load_pruned, pruned_section
+from .weights import check_weights, refusal_of_report, stored_shapes
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +54,12 @@ def resolve_device(device: str | None) -> torch.device:
             raise NeuroprojError(f"device {device!r}: this torch build or machine has no CUDA GPU; use --device cpu")
         if dev.index is not None and dev.index >= n:
             raise NeuroprojError(f"device {device!r}: this machine has {n} CUDA device(s) (cuda:0-cuda:{n - 1})")
-    elif dev.type not in ("cpu", "mps", "xpu"):
+    elif dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise NeuroprojError(f"device {device!r}: this torch build or machine has no {dev.type.upper()} device; use "
+                                 f"--device cpu (or cuda where there is one)")
+    elif dev.type != "cpu":
         raise NeuroprojError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
     return dev
 
@@ -122,61 +130,139 @@ def _is_pruned_dir(path: Path) -> bool:
 
 def load_model(spec: str, dtype="auto", device="auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local directory, a `.gguf` file, a pruned
-    directory (per-layer widths, skips) or the alias `smollm2-135m`. Refuses unsupported architectures
-    before loading weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory (per-layer widths, skips) or the alias `smollm2-135m`. Before any weight is read, the config is
+    checked against the weights (`model_config`: unsupported families, layer count, widths, hidden size and
+    attention shapes from the tensors' headers); after loading, transformers' own report of missing, unexpected and
+    mismatched keys is a refusal too (never a random initialisation, never a dropped tensor), and so are
+    non-finite weights. Cost: the load, plus one pass over the parameters (finiteness, fingerprint)."""
+    from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, kwargs, pruned = model_source(spec)
     if pruned:
-        model, tok = load_pruned(source, dtype=dt, device=dev, return_tokenizer=True)
-        return LoadedModel(model, _prepare_tokenizer(tok), str(spec), model_fingerprint(model))
-    model_config(spec, source, kwargs)  # refuse unsupported families before reading weights
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, trust_remote_code=False)
-        tok = AutoTokenizer.from_pretrained(source, **kwargs, trust_remote_code=False)
-    except (OSError, ValueError, SafetensorError) as e:  # a truncated or corrupt weights file
-        raise NeuroprojError(f"could not load model {spec!r}: {str(e).splitlines()[0][:300]}") from None
-    model.to(dev).eval()
-    model.requires_grad_(False)
+        model = load_pruned(source, dtype=dt, device=dev)
+    else:
+        model_config(spec, source, kwargs)  # refuse unsupported families and disagreeing weights before loading
+        try:
+            with _quiet_transformers():   # its loading report becomes one refusal below
+                model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, trust_remote_code=False,
+                                                                   output_loading_info=True)
+        except (OSError, ValueError, SafetensorError) as e:  # a truncated or corrupt weights file
+            raise NeuroprojError(f"could not load model {spec!r}: {str(e).splitlines()[0][:300]}") from None
+        except RuntimeError as e:
+            if "mismatched" not in str(e) and "size mismatch" not in str(e):
+                raise
+            raise NeuroprojError(f"{spec}: tensors of its weights have other shapes than its config makes: fix "
+                                 f"config.json, or use it with the weights it was written for") from None
+        refusal_of_report(model, str(spec), info)
+        model.to(dev).eval()
+        model.requires_grad_(False)
+    check_finite(model, spec)
+    tok = load_tokenizer(source, kwargs, spec)
     return LoadedModel(model, _prepare_tokenizer(tok), str(spec), model_fingerprint(model))
+
+
+def check_finite(model: nn.Module, spec) -> None:
+    """Refuse weights that hold NaN or inf: nothing computed from them (statistics, a pruned model, a perplexity, a
+    trace, an export) means anything. Cost: one pass over the parameters."""
+    for name, p in model.named_parameters():
+        if p.device.type != "meta" and not torch.isfinite(p).all():
+            raise NeuroprojError(f"model {spec!r} has non-finite weights (NaN/inf in {name}): check or re-download "
+                                 f"the checkpoint")
+
+
+def load_tokenizer(source, kwargs: dict, spec):
+    """The tokenizer beside the weights; a model directory without one is refused with what to copy there."""
+    from transformers import AutoTokenizer
+
+    if isinstance(source, Path) and not kwargs.get("gguf_file") and not any(
+            (source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                             "vocab.json", "spiece.model")):
+        raise NeuroprojError(f"model {spec!r} has no tokenizer (no tokenizer.json or tokenizer_config.json in "
+                             f"{source}): copy the tokenizer files of the model it was made from into it")
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        first = " ".join(str(e).split())
+        raise NeuroprojError(f"model {spec!r}: its tokenizer does not load ({first[:200]}); copy the tokenizer files "
+                             f"of the model it was made from into it") from None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging at error level for the duration (its loading report is turned into one refusal)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def model_source(spec) -> tuple[Path | str, dict, bool]:
     """Where `load_model` reads `spec` from: (a local directory or a hub id, `from_pretrained` keyword arguments
     (the GGUF file name), whether it is a pruned directory that `load_pruned` rebuilds)."""
+    kinds = f"a model directory, a .gguf file, a hub id or {SMOLLM2_ALIAS!r}"
+    if not str(spec).strip():
+        raise NeuroprojError(f"the model is empty: give {kinds}")
     path = Path(os.path.expanduser(str(spec)))
     if str(spec) == SMOLLM2_ALIAS:
         return _smollm2_dir(), {}, False
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise NeuroprojError(f"model file {spec} not found")
+            raise NeuroprojError(f"model file {spec} not found" + (" (it is a directory)" if path.is_dir() else ""))
         return path.parent, {"gguf_file": path.name}, False
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise NeuroprojError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+            raise NeuroprojError(f"{spec} is a directory without config.json: not a Hugging Face model directory; "
+                                 f"give {kinds}")
         return path, {}, _is_pruned_dir(path)
-    if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+    if path.exists():
+        raise NeuroprojError(f"model {spec!r} is a file, not a model: give {kinds} (a directory holds config.json "
+                             f"and the weights)")
+    if str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
         raise NeuroprojError(f"model {spec!r} not found: give a model directory, a .gguf file, a hub id or {SMOLLM2_ALIAS!r}")
     return str(spec), {}, False  # a hub id
 
 
 def model_config(spec, source=None, kwargs=None):
-    """The transformers config of `spec` (an unsupported family refused); nothing but the config is read."""
+    """The transformers config of `spec`, checked before any weight is read: an unsupported family is refused, and
+    so is a local checkpoint whose weights disagree with it (`weights.check_weights`: the model the config — and a
+    pruned checkpoint's `neuroproj_prune` section — makes, built on the meta device, against the safetensors
+    headers). Cost: the config, the headers and an empty model (no memory, no weight read)."""
     from transformers import AutoConfig
 
     if source is None:
         source, kwargs, _ = model_source(spec)
+    kwargs = kwargs or {}
     try:
-        config = AutoConfig.from_pretrained(source, **(kwargs or {}), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source, **kwargs, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        if kwargs.get("gguf_file"):
+            raise _bad_gguf(spec) from None
         raise NeuroprojError(
             f"could not load model {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             f"offline, use a local directory, a .gguf file or {SMOLLM2_ALIAS!r}"
         ) from None
+    except Exception:   # noqa: BLE001 - the gguf reader fails on a cut header with struct/index/key errors
+        if kwargs.get("gguf_file"):
+            raise _bad_gguf(spec) from None
+        raise
     adapter_for(config)
+    if isinstance(source, Path) and not kwargs.get("gguf_file") and any(source.glob("*.safetensors")):
+        section = pruned_section(config, spec)
+        with torch.device("meta"):
+            model = build_pruned(config, section, torch.float32, spec)
+        check_weights(model, stored_shapes(source), str(spec), section.get("widths"))
     return config
+
+
+def _bad_gguf(spec) -> NeuroprojError:
+    return NeuroprojError(f"{spec} is not a readable GGUF file (truncated, or not GGUF: its header cannot be read): "
+                          f"download or export it again")
 
 
 def _prepare_tokenizer(tok):

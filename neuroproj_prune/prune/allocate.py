@@ -54,10 +54,25 @@ def allocate_global(calib, cfg) -> dict[int, int]:
     return allocate_by_error(_curves(calib, cfg), budget(calib, cfg), cfg.multiple, cfg.max_shift)
 
 
+ALLOC_SAMPLES = 32   # the default of --alloc-samples, where the calibration has that many windows
+
+
+def alloc_windows(calib, cfg) -> int:
+    """How many calibration windows measure the error curves: `alloc_samples`, refused above the windows the
+    calibration has (checked before the curves' passes); by default min(32, those windows)."""
+    have = int(calib.ids.shape[0])
+    if cfg.alloc_samples is None:
+        return min(have, ALLOC_SAMPLES)
+    if cfg.alloc_samples > have:
+        raise NeuroprojError(f"--alloc-samples {cfg.alloc_samples}: the calibration has {have} windows to measure "
+                             f"the error curves on: give at most {have}, or more --samples")
+    return cfg.alloc_samples
+
+
 def _curves(calib, cfg, fold_moments: dict | None = None) -> dict[int, torch.Tensor]:
-    """The error curves of the dense layers on the first `alloc_samples` calibration windows (the layers the
+    """The error curves of the dense layers on the first `alloc_windows` calibration windows (the layers the
     calibration prunes: none of those a plan removes whole)."""
-    n = min(calib.ids.shape[0], cfg.alloc_samples)
+    n = alloc_windows(calib, cfg)
     curves = error_curves(calib.lm, calib.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
                           ridge=cfg.ridge, batch_size=max(1, 2048 // calib.ids.shape[1]), compute=calib.compute,
                           progress=calib.progress, fold_moments=fold_moments)
@@ -97,7 +112,7 @@ def allocate_search(calib, cfg) -> dict[int, int]:
 def make_supernet(calib, cfg, fold: dict) -> Supernet:
     """The supernet (search.py) of the dense MLPs from the allocation pass's fold moments {layer: (G, mean)}: each
     layer's neurons in the selection's order, the ridge of `alloc_samples` windows."""
-    model, a, n = calib.lm.model, calib.lm.adapter, min(calib.ids.shape[0], cfg.alloc_samples)
+    model, a, n = calib.lm.model, calib.lm.adapter, alloc_windows(calib, cfg)
     orders = {}
     for i, (G, mean) in fold.items():
         W = a.out_weight(model, i).detach().double().cpu()

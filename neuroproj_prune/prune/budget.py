@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NeuroprojError
-from .allocate import allocate_by_error, layer_width, make_supernet, measure_curves
+from .allocate import alloc_windows, allocate_by_error, layer_width, make_supernet, measure_curves
 from .fold import chol_solve
 from .heads import channels, check_heads, head_counts, head_levels, keep_heads, refit_error
 from .layers import choose_layers, mean_loss
@@ -129,7 +129,7 @@ def _split(calib, cfg) -> Shape:
     if axes == {"heads"} and not heads:
         raise NeuroprojError(a.heads_refusal(model))
     levels = head_levels(a.num_heads(model, 0), a.num_kv_heads(model, 0), cfg.head_groups) if heads else [0.0]
-    n = min(calib.ids.shape[0], cfg.alloc_samples)
+    n = alloc_windows(calib, cfg)
     c = measure_curves(lm, calib.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
                        ridge=cfg.ridge, batch_size=max(1, 2048 // calib.ids.shape[1]), compute=calib.compute,
                        progress=calib.progress, attn=heads, blocks="layers" in axes, fold=True)

@@ -49,7 +49,9 @@ class PruneConfig(Config):
     seqlen: int = opt(512, "tokens per calibration window", ge=2)
     seed: int = opt(0, "which calibration windows are drawn; selection seeds", ge=0)
     batch_size: int | None = opt(None, "calibration windows per forward pass (default ~4096 tokens)", kind=int, ge=1)
-    alloc_samples: int = opt(32, "global allocation: calibration windows that measure the error curves", ge=1)
+    alloc_samples: int | None = opt(None, "global allocation: calibration windows that measure the error curves "
+                                    "(default min(32, the calibration's windows); more than it has is refused)",
+                                    kind=int, ge=1)
     max_shift: float = opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one", gt=0.0, le=1.0)
     alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units: the loss gradient at each "
                              "layer's output, one backward pass), head (the loss gradient at the last layer's output "

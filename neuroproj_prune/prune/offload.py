@@ -58,7 +58,8 @@ from torch import nn
 from ..errors import NeuroprojError
 from ..io import stored_tensors, write_safetensors
 from ..model import LoadedModel, adapter_for, load_model, model_config, model_source, resolve_device, resolve_dtype
-from ..model.loading import _prepare_tokenizer, fingerprint_of, param_sample
+from ..model.loading import _prepare_tokenizer, fingerprint_of, load_tokenizer, param_sample
+from ..model.weights import checkpoint_names
 from ..registry import Registry
 from ..stats import available_memory, distributed
 
@@ -407,35 +408,6 @@ def _put(module: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> 
     setattr(module.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=False) if parameter else value)
 
 
-def checkpoint_names(model: nn.Module, keys, where: str) -> dict[str, str]:
-    """{state-dict name: checkpoint key} for a model built from its config, as `from_pretrained` pairs them: the
-    renames transformers applies on loading (legacy names, e.g. gpt_neox's `embed_out`), the base-model prefix
-    added or dropped. Records the renames used as `_weight_conversions`, as `from_pretrained` does, so that saving
-    reverts them the same way. A checkpoint whose tensors transformers merges or splits on loading is refused."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-    except ImportError:   # transformers 4: names as stored
-        return {k: k for k in keys}
-    mapping = get_model_conversion_mapping(model)
-    renames = [m for m in mapping if not isinstance(m, WeightConverter)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    meta_state = model.state_dict()
-    prefix = model.base_model_prefix
-    names = {}
-    for key in keys:
-        name, converted = rename_source_key(key, renames, converters, prefix, meta_state)
-        if name not in meta_state and key in meta_state:
-            name, converted = rename_source_key(key, [], [], prefix, meta_state)
-        if converted is not None:
-            raise NeuroprojError(f"{where}: transformers converts {key} when it loads this checkpoint, and offload "
-                                 f"'disk' reads tensors as stored: use --offload cpu")
-        if name in meta_state:
-            names[name] = key
-    model._weight_conversions = [m for m in mapping if m.was_used()]
-    return names
-
-
 def disk_refusal(spec, source, kwargs: dict, pruned: bool, out) -> str | None:
     """Why `spec` cannot be streamed from disk (None: it can)."""
     if out is None:
@@ -462,7 +434,7 @@ def open_disk(spec, source: Path, dtype: torch.dtype, placement: Placement, out)
     disk (see the module docstring); layers are written to a scratch directory beside `out` (None: another
     process writes). Memory: the non-layer weights."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = model_config(spec, source, {})
     with init_empty_weights():   # parameters on the meta device; buffers (rotary tables) made for real
@@ -483,10 +455,7 @@ def open_disk(spec, source: Path, dtype: torch.dtype, placement: Placement, out)
     stream = DiskStream(model, placement, names, files, scratch)
     try:
         stream.load_rest()
-        try:
-            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise NeuroprojError(f"could not load model {spec!r}: {str(e).splitlines()[0][:300]}") from None
+        tok = load_tokenizer(source, {}, spec)
     except BaseException:
         stream.close()
         raise

@@ -98,7 +98,14 @@ class Plan:
         unclustered neurons; every other member folds into its pole's representative. Layers the clustering
         does not cover keep all their neurons."""
         a = adapter_for(model)
-        p = cls(meta={"select": "clusters", "clusters": getattr(clusters, "path", None)})
+        meta = getattr(clusters, "meta", {}) or {}
+        site = meta.get("site") or "mlp.neurons"
+        if site != "mlp.neurons":
+            raise NeuroprojError(f"the clustering groups {site} channels; prune keeps and folds MLP neurons: cluster "
+                                 f"projections of the site mlp.neurons")
+        # the fingerprint of the model the clustering was made on: `check` compares it with the pruned model's
+        p = cls(meta={"select": "clusters", "clusters": getattr(clusters, "path", None),
+                      "fingerprint": meta.get("fingerprint")})
         for i in clusters.layers:
             lc = clusters[i]
             N = a.width(model, i) if 0 <= i < a.num_layers(model) else lc.n_neurons
@@ -145,8 +152,9 @@ class Plan:
             raise NeuroprojError(f"the plan both prunes and removes layer {both[0]}: give its neurons and heads or "
                                  f"list it in drop_layers, not both")
         if fp and fingerprint and fingerprint != fp:
-            raise NeuroprojError("the plan was made for another model (its fingerprint differs from this model's): "
-                                 "make the plan on this model")
+            made = "clustering" if self.meta.get("select") == "clusters" else "plan"
+            raise NeuroprojError(f"the {made} was made for another model (its fingerprint differs from this model's): "
+                                 f"make the {made} on this model")
 
 
     @staticmethod

@@ -43,6 +43,7 @@ import json
 import math
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
-from ..io import atomic_dir, check_writable, file_sha256
+from ..io import atomic_dir, check_writable, file_sha256, stored_tensors
 from ..model import LoadedModel, adapter_for, load_model, model_fingerprint, num_params, resolve_device, save_pruned
 from ..stats import read_text, tokenize
 
@@ -313,10 +314,28 @@ def _load_progress(state: Path) -> dict | None:
         p = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         p = None
-    if not isinstance(p, dict) or p.get("format") != STATE_FORMAT or not (state / "accelerate").is_dir():
-        raise NeuroprojError(f"{state} is not a readable recover state (damaged?): delete it, or pass --overwrite "
-                             f"to start over")
+    if not isinstance(p, dict) or p.get("format") != STATE_FORMAT or not (state / "accelerate").is_dir() or \
+            not _state_files_whole(state):
+        raise NeuroprojError(f"{state} is not a readable recover state (damaged or truncated files): delete it, or "
+                             f"pass --overwrite to start over")
     return p
+
+
+def _state_files_whole(state: Path) -> bool:
+    """Whether every file of a saved state is whole, by what can be told without loading it: safetensors headers
+    that fit their files (`io.stored_tensors`), torch's zip archives (optimizer, scheduler, RNG) with their
+    central directory at the end. Cost: a header read per file."""
+    for f in state.rglob("*"):
+        if not f.is_file():
+            continue
+        if f.suffix == ".safetensors":
+            try:
+                stored_tensors(f)
+            except NeuroprojError:
+                return False
+        elif f.suffix in (".bin", ".pkl", ".pt", ".pth") and not zipfile.is_zipfile(f):
+            return False
+    return True
 
 
 def _mismatch(saved: dict, now: dict) -> list[str]:
@@ -402,7 +421,12 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
     identity = {"config": cfg.to_dict(), "input": student.fingerprint,
                 "teacher": teacher.fingerprint or model_fingerprint(teacher.model), "data": _data_id(data)}
     state = out / STATE_DIR
-    saved = _load_progress(state) if out.is_dir() else None
+    try:
+        saved = _load_progress(state) if out.is_dir() else None
+    except NeuroprojError:
+        if not overwrite:
+            raise
+        saved = None   # a damaged state, given up with --overwrite (removed below)
     if saved is not None and saved["identity"] != identity:
         if not overwrite:
             diff = "; ".join(_mismatch(saved["identity"]["config"], identity["config"])
@@ -444,12 +468,16 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
     # -- start or resume
     best_params = None
     if saved is not None:
-        acc.load_state(str(state / "accelerate"))
-        prog = saved
-        if (state / "best.safetensors").is_file():
-            from safetensors.torch import load_file
+        try:
+            acc.load_state(str(state / "accelerate"))
+            if (state / "best.safetensors").is_file():
+                from safetensors.torch import load_file
 
-            best_params = load_file(str(state / "best.safetensors"))
+                best_params = load_file(str(state / "best.safetensors"))
+        except Exception as e:  # noqa: BLE001 - torch, safetensors and accelerate each raise their own on a damaged file
+            raise NeuroprojError(f"{state} does not load ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
+                                 f"delete it, or pass --overwrite to start over") from None
+        prog = saved
         log(f"[recover] resuming {state} at step {prog['step']} of {steps}")
     else:
         before = _held_out(model, teacher.model, held_w, cfg, acc, teacher_nll=True)

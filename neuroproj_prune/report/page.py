@@ -56,7 +56,7 @@ from ..analysis.projection import load_projections
 from ..analysis.trace import FORMAT as TRACE_FORMAT
 from ..config import Config, opt
 from ..errors import NeuroprojError
-from ..io import LazyTensorFile, write_text
+from ..io import LazyTensorFile, check_same_weights, write_text
 from ..model import LoadedModel, load_model
 from ..evaluate.api import read_eval
 from ..prune.api import SUMMARY_FILE, read_summary
@@ -246,33 +246,24 @@ def _gather_points(run: Path, model, layers_spec, notes: list[str]):
     stats_meta, e2 = None, {}
     sf = run / "stats.safetensors"
     sites = [s for s in SITE_ORDER if s in proj.sites] + [s for s in proj.sites if s not in SITE_ORDER]
+    # a damaged file of the run is one error (its reader's), never a section quietly left out
     if sf.is_file():
-        try:
-            stats_meta, _ = second_moment_diagonals(sf, layers=[], sites=[])
-        except NeuroprojError as e:
-            notes.append(f"stats.safetensors not readable ({e}): no activation energy")
+        stats_meta, _ = second_moment_diagonals(sf, layers=[], sites=[])
     num_layers = int((stats_meta or {}).get("num_layers") or (max(proj.layers) + 1 if proj.layers else 0))
     layers = _layer_selection(layers_spec, proj.layers, num_layers)
     if stats_meta is not None:
-        try:
-            _, e2 = second_moment_diagonals(sf, layers=layers, sites=sites)
-        except NeuroprojError as e:
-            notes.append(f"stats.safetensors not readable ({e}): no activation energy")
-            stats_meta = None
+        _, e2 = second_moment_diagonals(sf, layers=layers, sites=sites)
     clusters = None
     if (run / "clusters.json").is_file():
-        try:
-            clusters = load_clusters(run / "clusters.json")
-        except NeuroprojError as e:
-            notes.append(str(e))
+        clusters = load_clusters(run / "clusters.json")
     plan, plan_src = None, None
     for cand in (run / "plan.json", run / "pruned" / "plan.json"):
         if cand.is_file():
-            try:
-                plan, plan_src = Plan.load(cand), str(cand.relative_to(run))
-                break
-            except NeuroprojError as e:
-                notes.append(str(e))
+            plan, plan_src = Plan.load(cand), str(cand.relative_to(run))
+            break
+    check_same_weights(projections=proj.meta.get("fingerprint"), statistics=(stats_meta or {}).get("fingerprint"),
+                       clusters=clusters.meta.get("fingerprint") if clusters is not None else None,
+                       plan=plan.meta.get("fingerprint") if plan is not None else None)
     wout = _energy_weights(model, stats_meta, set(layers), notes)
     cl_site = (clusters.meta.get("site") or "mlp.neurons") if clusters is not None else None
     sets, role_src = [], set()
@@ -794,10 +785,15 @@ def _gather(run, model, max_points, trace_file, max_table_rows, trace_encoding, 
     if points is None and (run / "trace.safetensors").is_file():
         notes.append("trace.safetensors present but no projections.safetensors: the trace is not shown")
     sw = _sweep_section(run)
-    return {"run": run, "notes": notes, "points": points, "trace": th,
-            "heat": _heatmap_items(run, sel if layers is not None else None),
-            "summary": _summary_section(run), "eval": _eval_section(run), "sweep": sw,
-            "skips": _skips_section(run, max_table_rows, notes),
+    g = {"run": run, "notes": notes, "points": points, "trace": th,
+         "heat": _heatmap_items(run, sel if layers is not None else None),
+         "summary": _summary_section(run), "eval": _eval_section(run), "sweep": sw,
+         "skips": _skips_section(run, max_table_rows, notes)}
+    if not any(g[k] for k in ("points", "heat", "summary", "eval", "sweep", "skips")):
+        raise NeuroprojError(f"{run} holds nothing the report shows (projections.safetensors, heatmaps/, "
+                             f"pruned/prune_summary.json, eval.json, sweep/, skips/): give a run directory, e.g. the "
+                             f"output_dir of `neuroproj-prune run`")
+    return {**g,
             "layers_spec": None if layers is None else str(layers),
             "skeleton": {"format": "neuroproj-prune/report/1", "run_dir": str(run.resolve()),
                          "title": run.resolve().name, "created": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -52,8 +52,13 @@ def data_path(spec) -> Path:
 
 def read_text(spec: str, max_chars: int | None = None) -> TextSource:
     """Read a data spec into one string (documents joined by a blank line)."""
+    if not str(spec).strip():
+        raise NeuroprojError("the data is empty: give a .txt or .jsonl file (field 'text') or a datasets name")
     path = data_path(spec)
     if path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists():
+        if path.is_dir():
+            raise NeuroprojError(f"data {spec} is a directory: give a .txt or .jsonl file (field 'text') in it, or a "
+                                 f"datasets name")
         if not path.is_file():
             raise NeuroprojError(f"data file {spec} not found")
         raw = path.read_bytes()

@@ -98,33 +98,53 @@ class Stats(TensorFile):
 
     # -- checks
     def validate(self) -> None:
-        """Every (layer, site) holds count ≥ 1, shift and sum (N,), a Gram (N, N), all finite, N as the header
-        says; every cross block (N_l, N_m). Cost: one pass over the tensors."""
+        """The file against its schema and physics. The header: layers (distinct, within `num_layers`), sites (at least
+        one), one width per layer, the hidden size. Every listed (layer, site): count ≥ 1, shift and sum (N,), a Gram
+        (N, N), all finite, N as the header says; and what activations can give: E[(h − c)²] (the Gram's diagonal,
+        a sum of squares) ≥ 0, and a covariance whose correlations lie in [−1, 1] within rounding (`_physical`).
+        Every cross block (N_l, N_m), finite, its correlations within [−1, 1] too. Cost: one pass over the tensors
+        (O(N²) per layer, in row blocks)."""
         where = self.path or "statistics"
+        damaged = "the file is damaged or edited; re-run collect"
         try:
-            widths, d = list(self.meta["widths"]), int(self.meta["hidden_size"])
-            layers, sites = self.layers, self.sites
+            widths, d = [int(w) for w in self.meta["widths"]], int(self.meta["hidden_size"])
+            L = int(self.meta.get("num_layers", len(widths)))
+            layers, sites = [int(i) for i in self.layers], [str(x) for x in self.sites]
         except (KeyError, TypeError, ValueError):
             raise NeuroprojError(f"{where}: the header lacks widths/hidden_size/layers/sites: re-run collect") from None
+        if len(widths) != L or len(set(layers)) != len(layers) or any(not 0 <= i < L for i in layers) or \
+                not layers or not sites:
+            raise NeuroprojError(f"{where}: the header's layers {layers} / sites {sites} do not fit its {L} layers and "
+                                 f"{len(widths)} widths: {damaged}")
         for i in layers:
             for s in sites:
                 N = widths[i] if s == "mlp.neurons" else d
                 shapes = {"count": (1,), "shift": (N,), "sum": (N,), "gram": (N, N)}
                 for what, shape in shapes.items():
                     x = self._t.get(f"layer.{i}.{s}.{what}")
-                    if x is None or tuple(x.shape) != shape:
-                        raise NeuroprojError(f"{where}: layer {i} {s} {what} has shape "
-                                             f"{None if x is None else tuple(x.shape)}, expected {shape}: "
-                                             f"the file is damaged or edited; re-run collect")
+                    if x is None:
+                        raise NeuroprojError(f"{where}: the header lists layer {i} {s}, the file holds no {what} of "
+                                             f"it: {damaged}")
+                    if tuple(x.shape) != shape:
+                        raise NeuroprojError(f"{where}: layer {i} {s} {what} has shape {tuple(x.shape)}, expected "
+                                             f"{shape}: {damaged}")
                     if not torch.isfinite(x.double()).all():
                         raise NeuroprojError(f"{where}: layer {i} {s} {what} holds NaN/inf: re-run collect "
                                              f"(with --dtype float32 if the model overflows)")
                 if int(self._t[f"layer.{i}.{s}.count"]) < 1:
                     raise NeuroprojError(f"{where}: layer {i} {s} counts no tokens: re-run collect")
+                _physical(where, f"layer {i} {s}", self._t[f"layer.{i}.{s}.gram"], self._t[f"layer.{i}.{s}.sum"],
+                          self.count(i, s))
         for l, m in self.cross_pairs:
             x = self._t[f"cross.{l}.{m}.gram"]
-            if tuple(x.shape) != (widths[l], widths[m]) or not torch.isfinite(x).all():
+            if l not in layers or m not in layers or "mlp.neurons" not in sites or \
+                    tuple(x.shape) != (widths[l], widths[m]) or not torch.isfinite(x).all():
                 raise NeuroprojError(f"{where}: cross block ({l}, {m}) is damaged: re-run collect")
+            n, Sl, Sm = self.count(l), self._get(l, "mlp.neurons", "sum"), self._get(m, "mlp.neurons", "sum")
+            _bounded(where, f"cross block ({l}, {m})",
+                     lambda r0, r1: x[r0:r1].double() / n - torch.outer(Sl[r0:r1] / n, Sm / n), x.shape[0],
+                     self._get(l, "mlp.neurons", "gram").diagonal() / n - (Sl / n) ** 2,
+                     self._get(m, "mlp.neurons", "gram").diagonal() / n - (Sm / n) ** 2)
 
     def check_model(self, lm: LoadedModel) -> None:
         """Refuse statistics that were collected on other weights."""
@@ -137,6 +157,46 @@ class Stats(TensorFile):
 
     def file_hash(self) -> str | None:
         return file_sha256(self.path) if self.path else None
+
+
+# rounding allowed in the physical checks: float64 totals of float32 (or bfloat16-input) products
+_REL, _ABS = 1e-3, 1e-6
+
+
+def _physical(where: str, what: str, G: torch.Tensor, S: torch.Tensor, n: int) -> None:
+    """Refuse moments no activations can give: a negative E[(h − c)²] (the shifted Gram's diagonal, a sum of squares),
+    a variance below zero beyond rounding, correlations outside [−1, 1] (`_bounded`): a Gram that is not positive
+    semi-definite by what an O(N²) look can tell (an eigen-decomposition would cost O(N³))."""
+    gd = G.diagonal()
+    if (gd < 0).any():
+        j = int((gd < 0).nonzero()[0])
+        raise NeuroprojError(f"{where}: {what}: neuron {j} has a negative E[h²] (its Gram diagonal {float(gd[j]):.3g}), "
+                             f"which no activations give: the file is damaged or edited; re-run collect")
+    m = S.double() / n
+    v = gd.double() / n - m * m
+    scale = float(v.abs().max()) if v.numel() else 0.0
+    if (v < -_ABS * scale).any():
+        j = int((v < -_ABS * scale).nonzero()[0])
+        raise NeuroprojError(f"{where}: {what}: neuron {j} has a negative variance ({float(v[j]):.3g}), which no "
+                             f"activations give: the file is damaged or edited; re-run collect")
+    _bounded(where, what, lambda r0, r1: G[r0:r1].double() / n - torch.outer(m[r0:r1], m), G.shape[0], v, v)
+
+
+def _bounded(where: str, what: str, rows, N: int, var_a: torch.Tensor, var_b: torch.Tensor, block: int = 1024) -> None:
+    """Refuse |Cov_ij| > sqrt(Var_i Var_j) beyond rounding (a correlation outside [−1, 1]). `rows(r0, r1)` gives
+    rows r0:r1 of the covariance; they are looked at in blocks, so the extra memory is block × N."""
+    sa, sb = var_a.clamp(min=0).sqrt(), var_b.clamp(min=0).sqrt()
+    scale = max(float(var_a.abs().max()) if var_a.numel() else 0.0, float(var_b.abs().max()) if var_b.numel() else 0.0)
+    for r in range(0, N, block):
+        c = rows(r, min(N, r + block))
+        bad = c.abs() > torch.outer(sa[r:r + block], sb) * (1 + _REL) + _ABS * scale
+        if bad.any():
+            i, j = (int(x) for x in bad.nonzero()[0])
+            den = float(sa[r + i] * sb[j])
+            rho = f"{float(c[i, j]) / den:.4g}" if den > 0 else "undefined (zero variance, nonzero covariance)"
+            raise NeuroprojError(f"{where}: {what}: neurons {r + i} and {j} have a correlation of {rho}, outside "
+                                 f"[-1, 1]: the Gram is not positive semi-definite; the file is damaged or edited; "
+                                 f"re-run collect")
 
 
 def load_stats(path) -> Stats:
@@ -177,6 +237,9 @@ def second_moment_diagonals(path, layers=None, sites=None) -> tuple[dict, dict[t
                            f.diagonal(k + "gram").astype(np.float64))
                 if n < 1 or not (np.isfinite(c).all() and np.isfinite(S).all() and np.isfinite(g).all()):
                     raise NeuroprojError(f"{path}: layer {i} {s} counts no tokens or holds NaN/inf: re-run collect")
+                if (g < 0).any():
+                    raise NeuroprojError(f"{path}: layer {i} {s} has a negative E[h²] (a Gram diagonal below zero), "
+                                         f"which no activations give: the file is damaged or edited; re-run collect")
                 m = S / n
                 out[(i, s)] = np.maximum(g / n - m * m, 0.0) + (c + m) ** 2
     return meta, out
