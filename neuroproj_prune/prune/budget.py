@@ -24,6 +24,7 @@ of the held-back windows per finalist (≤ 2 per head level).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from .heads import channels, check_heads, head_counts, head_levels, keep_heads, 
 from .layers import choose_layers, mean_loss
 
 AXES = ("mlp", "heads", "layers")
+LAYER_CANDIDATES = 8   # layers whose removal the budget measures (those of lowest influence); the rest rank after
 
 
 @dataclass
@@ -90,11 +92,16 @@ def resolve(calib, cfg) -> Shape:
         drop = []
         if cfg.drop_layers:
             drop, cost = choose_layers(lm, _judge(calib, cfg), cfg, cfg.drop_layers, calib.compute, calib.progress)
-            calib.meta["layers"] = {"select": cfg.layer_select, "cost": cost, "drop": drop}
+            calib.meta["layers"] = {"select": cfg.layer_select, "cost": _finite(cost), "drop": drop}
         if cfg.head_sparsity:
             check_heads(lm.model, lm.adapter, cfg)
         return Shape(cfg, drop)
     return _split(calib, cfg)
+
+
+def _finite(cost: dict) -> dict:
+    """Layer costs for JSON: the layers not measured (+inf) as null."""
+    return {i: (v if math.isfinite(v) else None) for i, v in cost.items()}
 
 
 def _judge(calib, cfg):
@@ -135,7 +142,8 @@ def _split(calib, cfg) -> Shape:
                        progress=calib.progress, attn=heads, blocks="layers" in axes, fold=True)
     order, layer_cost = [], {}
     if "layers" in axes:
-        order, layer_cost = choose_layers(lm, _judge(calib, cfg), cfg, L - 1, calib.compute, calib.progress)
+        order, layer_cost = choose_layers(lm, _judge(calib, cfg), cfg, L - 1, calib.compute, calib.progress,
+                                          candidates=min(L - 1, LAYER_CANDIDATES))
         order = sorted(order, key=layer_cost.get)
 
     # the heads each layer keeps at each level, and their cost
@@ -190,7 +198,7 @@ def _split(calib, cfg) -> Shape:
         best = finalists[0]
     calib.meta["budget"] = {"target_params": P, "axes": list(cfg.axes), "trunk_params": T,
                             "chosen": best.describe(T), "finalists": [x.describe(T) for x in finalists],
-                            "candidates": len(cands), "layer_cost": layer_cost}
+                            "candidates": len(cands), "layer_cost": _finite(layer_cost)}
     kept_N = sum(N[i] for i in best.widths)
     resolved = cfg.replace(target_params=None, target_speedup=None, keep=None, head_sparsity=best.level,
                            drop_layers=len(best.drop), sparsity=1 - sum(best.widths.values()) / kept_N)

@@ -115,6 +115,8 @@ class PruneConfig(Config):
     def check(self) -> None:
         self.refuse_together("sparsity", "keep")
         self.refuse_together("target_params", "target_speedup")
+        for axis in ("target_params", "target_speedup"):
+            self.refuse_together("sparsity", axis)
         budget = self.target_params is not None or self.target_speedup is not None
         if budget and (self.keep is not None or self.head_sparsity or self.drop_layers):
             raise ConfigError("target_params", "a parameter or speed target splits the budget itself: give it alone, "

@@ -1,9 +1,10 @@
 """Whole decoder layers: which go, scored on the held-back calibration windows. One registry, `LAYER_SELECTORS`,
-of functions `cost(lm, ids, compute, batch_size) -> {layer: cost}`; the layers of lowest cost go first:
+of functions `cost(lm, ids, compute, batch_size, progress, candidates) -> {layer: cost}`; the layers of lowest cost go first:
 
     loss       the measured increase of the mean next-token loss when layer i alone is removed. The layers'
-               inputs x_0 … x_L are computed once; candidate i re-runs the forward from x_i without layer i.
-               Cost: Σ_i (L−1−i) layer forwards ≈ L/2 forwards of the windows, plus one LM head pass per candidate
+               inputs x_0 … x_L are computed once; candidate i re-runs the forward from x_i without layer i. Only
+               the 2n + 4 layers of lowest influence (below) are candidates when n layers go: each costs a forward
+               of the layers after it and an LM head pass (a quarter of SmolLM2's forward: its 49k vocabulary)
     influence  ShortGPT's block influence, the token mean of 1 − cos(x_i, x_i+1) (one forward; no loss: it cannot
                see how much the later layers and the head amplify a layer's change)
 
@@ -14,6 +15,8 @@ the joint budget (budget.py) measures its candidates by.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -21,7 +24,8 @@ from ..errors import NeuroprojError
 from ..registry import Registry
 from .calibrate import layer_inputs, run_layer
 
-LAYER_SELECTORS = Registry("layer select", "cost(lm, ids, compute, batch_size) -> {layer: cost}, lowest removed first")
+LAYER_SELECTORS = Registry("layer select", "cost(lm, ids, compute, batch_size, progress, candidates) -> {layer: cost}, "
+                           "lowest removed first")
 
 
 def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -70,15 +74,22 @@ def _stream(lm, ids, compute, batch_size):
 
 
 @LAYER_SELECTORS.register("loss")
-def layer_loss(lm, ids, compute=None, batch_size: int = 4, progress: bool = False) -> dict[int, float]:
-    """ΔL_i: the mean loss with layer i removed minus the dense model's, on `ids` (see the module docstring)."""
+def layer_loss(lm, ids, compute=None, batch_size: int = 4, progress: bool = False, candidates: int | None = None
+               ) -> dict[int, float]:
+    """ΔL_i: the mean loss with layer i removed minus the dense model's, on `ids` (see the module docstring).
+    `candidates`: measure only that many layers, those of lowest block influence (from the same forward; the
+    others get +inf): every candidate costs a forward of the layers after it and an LM head pass."""
     model, a = lm.model, lm.adapter
     layers, L = a.layers(model), a.num_layers(model)
     states = _stream(lm, ids, compute, batch_size)
     count = sum(b[:, 1:].numel() for b, *_ in states)
     base = sum(head_loss(model, a, xs[L], b, compute) for b, xs, _, _ in states) / count
-    cost = {}
-    for i in tqdm(range(L), desc="layer losses", unit="layer", disable=not progress, dynamic_ncols=True):
+    todo = range(L)
+    if candidates is not None and candidates < L:
+        infl = _influence(states, L)
+        todo = sorted(sorted(infl, key=infl.get)[:candidates])
+    cost = {i: math.inf for i in range(L)}
+    for i in tqdm(todo, desc="layer losses", unit="layer", disable=not progress, dynamic_ncols=True):
         total = 0.0
         for b, xs, args, kw in states:
             h = xs[i]
@@ -90,11 +101,7 @@ def layer_loss(lm, ids, compute=None, batch_size: int = 4, progress: bool = Fals
     return cost
 
 
-@LAYER_SELECTORS.register("influence")
-def layer_influence(lm, ids, compute=None, batch_size: int = 4, progress: bool = False) -> dict[int, float]:
-    """ShortGPT's block influence: the token mean of 1 − cos(x_i, x_i+1)."""
-    states = _stream(lm, ids, compute, batch_size)
-    L = lm.adapter.num_layers(lm.model)
+def _influence(states, L) -> dict[int, float]:
     cost = {}
     for i in range(L):
         cos = [torch.nn.functional.cosine_similarity(xs[i].float(), xs[i + 1].float(), dim=-1).reshape(-1)
@@ -103,13 +110,24 @@ def layer_influence(lm, ids, compute=None, batch_size: int = 4, progress: bool =
     return cost
 
 
-def choose_layers(lm, ids, cfg, n: int, compute=None, progress: bool = False) -> tuple[list[int], dict]:
-    """The n layers of lowest cost by `cfg.layer_select` on token ids `ids` (sorted), and every layer's cost."""
+@LAYER_SELECTORS.register("influence")
+def layer_influence(lm, ids, compute=None, batch_size: int = 4, progress: bool = False, candidates=None
+                    ) -> dict[int, float]:
+    """ShortGPT's block influence: the token mean of 1 − cos(x_i, x_i+1)."""
+    L = lm.adapter.num_layers(lm.model)
+    return _influence(_stream(lm, ids, compute, batch_size), L)
+
+
+def choose_layers(lm, ids, cfg, n: int, compute=None, progress: bool = False, candidates: int | None = None
+                  ) -> tuple[list[int], dict]:
+    """The n layers of lowest cost by `cfg.layer_select` on token ids `ids` (sorted), and every layer's cost.
+    `loss` measures the 2n + 4 layers of lowest influence (`candidates` to say otherwise)."""
     L = lm.adapter.num_layers(lm.model)
     if not 0 <= n < L:
         raise NeuroprojError(f"cannot remove {n} of the model's {L} layers: remove at most {L - 1}")
     if ids is None:
         raise NeuroprojError("choosing layers needs calibration text (the sequential calibration's windows)")
     bs = cfg.batch_size or max(1, 4096 // ids.shape[1])
-    cost = LAYER_SELECTORS[cfg.layer_select](lm, ids, compute, bs, progress)
+    cost = LAYER_SELECTORS[cfg.layer_select](lm, ids, compute, bs, progress,
+                                             candidates if candidates is not None else 2 * n + 4)
     return sorted(sorted(cost, key=cost.get)[:n]), cost
