@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from .evaluate import evaluate, format_summary
 from .evaluate.api import EvalConfig
 from .evaluate.tasks import GROUP, TASKS, WHEEL_NAME, cache_dir as tasks_cache_dir, fetch, read_manifest
 from .export import EXPORTERS, ExportConfig, export
+from .export.gguf import K_QUANTS, k_quant_fallbacks
 from .io import check_writable, prepare_out_dir
-from .model import load_model
+from .model import invocation, load_model
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
@@ -469,7 +471,11 @@ def _add_export(sub):
     p = sub.add_parser(
         "export", help="write a (pruned or dense) model as gguf (llama.cpp), nemotron-nas (per-layer widths) or hf",
         description="gguf: llama.cpp's own converter (llama architecture for uniform widths, deci with exact "
-                    "per-layer widths otherwise), --type f32|f16|bf16|q8_0|q4_0. nemotron-nas: DeciLMForCausalLM "
+                    "per-layer widths otherwise), --type f32|f16|bf16|q8_0|q4_0, or the K-quants q4_k_m|q5_k_m|q6_k "
+                    "by llama.cpp's llama-quantize (built once into the cache: cmake and a C++ compiler, minutes). "
+                    "K-quants store rows in blocks of 256: an MLP tensor whose rows are not a multiple of 256 long "
+                    "falls back to q5_0/q5_1/q8_0 (ffn_down: prune with --multiple 256 to keep it; gate/up: the "
+                    "hidden size decides), and the command lists what fell back. nemotron-nas: DeciLMForCausalLM "
                     "with block_configs (what vLLM, SGLang, mlx-lm, TensorRT-LLM read), widths zero-padded to the "
                     "format's multiple of 256, modeling files beside the weights. hf: what prune writes. Refuses "
                     "what a format cannot hold (applied skips, added MLP biases) before writing anything.")
@@ -485,6 +491,9 @@ def _run_export(a):
     cfg = ExportConfig.from_args(a)
     out = export(a.model, a.to, a.out, cfg, overwrite=a.overwrite)
     print(f"wrote {out} ({a.to}, {cfg.type}){'; logits verified identical' if cfg.verify else ''}")
+    if a.to == "gguf" and cfg.type in K_QUANTS:
+        for line in k_quant_fallbacks(out):
+            print(f"  not in a K-type (llama.cpp's fallback): {line}")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -505,12 +514,14 @@ OUTPUTS = ("out", "json_out", "report")  # the arguments that name something the
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         for name in OUTPUTS:  # an output that cannot be written is refused before any work
             if getattr(args, name, None):
                 check_writable(args.__dict__[name])
-        args.func(args)
+        with invocation(shlex.join(["neuroproj-prune", *argv])):   # the command the model cards name
+            args.func(args)
     except NeuroprojError as e:
         print(f"neuroproj-prune: error: {e}", file=sys.stderr)
         return 2
