@@ -393,3 +393,20 @@ def test_missing_runtime_is_one_line(ggufs, monkeypatch):
     monkeypatch.setitem(sys.modules, "xllamacpp", None)   # `import xllamacpp` raises ImportError
     with pytest.raises(NeuroprojError, match=r"xllamacpp.*pip install 'neuroproj-prune\[export\]'"):
         LlamaCpp(ggufs["uniform"])
+
+
+def test_time_split_profiler_times_every_op(ggufs):
+    """eval/bench_time_split.py's profiler (llama_op_profile.cpp, compiled against the cached llama.cpp build):
+    every decoded token's graph is timed node by node; each layer's three MLP products are found and called once
+    per layer and token, and the split covers the MLP, attention and the head."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    import bench_time_split as bts
+
+    run = bts.profile(ggufs["uniform"], [1, 504, 3458, 282], decode=3, threads=1)
+    assert run["tokens"] == 3 and run["perf_n_eval"] == 3 and run["perf_ms_per_token"] > 0
+    mm = {x["weight"]: x["calls"] for x in run["nodes"] if x["op"] == "MUL_MAT"}
+    for w in ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_q.weight", "attn_output.weight"):
+        assert mm[w] == 3 * 3, (w, mm)   # 3 layers x 3 tokens
+    assert mm["output.weight"] == 3   # the output matrix, once per token
+    s = bts.split(run)
+    assert all(s[k] > 0 for k in ("mlp", "attention", "head")) and s["ops"] > 9 * 3, s
