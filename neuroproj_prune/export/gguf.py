@@ -31,7 +31,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import NeuroprojError, require
+from ..errors import NeuroprojError, missing_extra
 from ..model import LoadedModel, cache_dir
 from ..model.card import TAGS, base_model_id, description
 from .common import EXPORTERS, PREFLIGHTS, _refuse_extras, features, source_summary
@@ -280,7 +280,10 @@ def k_quant_fallbacks(path) -> list[str]:
 def preflight(type: str) -> None:
     """What a GGUF export needs beyond the model, checked before the model is loaded: the converter's tokenizer
     library, and for K-quants llama-quantize (built once here when the cache lacks it)."""
-    require("sentencepiece", "GGUF export (llama.cpp's converter reads tokenizers with it)")
+    try:
+        import sentencepiece  # noqa: F401 (the converter imports it in a subprocess, where it would fail late)
+    except ImportError:
+        raise missing_extra("sentencepiece", "GGUF export (llama.cpp's converter reads tokenizers with it)") from None
     if type in K_QUANTS:
         llama_quantize()
 

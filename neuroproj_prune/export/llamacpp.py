@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import math
 
-from ..errors import NeuroprojError, require
+from ..errors import NeuroprojError, missing_extra
 
 
 def _xllamacpp():
-    return require("xllamacpp", "running GGUF files in llama.cpp")
+    try:
+        import xllamacpp
+    except ImportError:
+        raise missing_extra("xllamacpp", "running GGUF files in llama.cpp") from None
+    return xllamacpp
 
 
 class LlamaCpp:
