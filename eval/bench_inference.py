@@ -1,21 +1,29 @@
-"""Inference speed and quality of dense vs pruned SmolLM2 in transformers (CPU) and llama.cpp (xllamacpp, CPU).
+"""Inference speed and quality of dense vs pruned models in transformers (CPU) and llama.cpp (xllamacpp, CPU), in
+every GGUF type users run.
 
-    nice -n 10 python eval/bench_inference.py --model dense=smollm2-135m --model u30=runs/smol-uniform-0.3 \
-        --model g30=runs/smol-global-0.3 ... --out eval/results/inference.md
+    nice -n 10 python eval/bench_inference.py --model dense=smollm2-135m --model u30=runs/smollm2-135m/pruned \
+        --reps 6 --out eval/results/inference.md          # ~1.5 h on a quiet 2-core CPU (see below)
+    python eval/bench_inference.py --model dense=smollm2-135m --model u30=DIR --types f32,q4_k_m --reps 1 \
+        --decode 4 --batch 2 --prefill 32 --ppl-windows 1 --ppl-len 64 --agree-tokens 4 --no-peak --out /tmp/inf.md
 
-Per model, interleaved over --reps rounds (ratios come from one run on a shared machine; medians):
+Per round (--reps rounds, ≥ 5 for a claim), every model runs every cell back to back — transformers float32 and
+llama.cpp in each --types GGUF type (f32, q8_0, q4_0, q4_k_m, q5_k_m, q6_k), batch 1 and --batch — so each cell's
+dense and pruned runs form an interleaved pair on the same machine state; the table gives medians with min–max
+over the rounds and the per-round ratios pruned / dense (median, min–max):
 - prefill tokens/s on a --prefill-token prompt (transformers: one forward with cache; llama.cpp: the server's
   prompt timing), decode tokens/s at batch 1 and --batch (transformers: a greedy loop on the KV cache;
-  llama.cpp: --batch concurrent requests on --batch slots, aggregate tokens/s), ms per decoded token;
+  llama.cpp: --batch concurrent requests on --batch slots, aggregate tokens/s);
 - peak RSS of a fresh process that loads the model, prefills and decodes (VmHWM, `--peak` child mode);
 - the ideal speed-up beside each measurement: weights read per decoded token (all linear layers + output
   matrix) and MACs per prefill token (linear layers + attention at the prompt length), dense / pruned;
-- quality: perplexity on the first --ppl-windows windows of --ppl-len tokens of WikiText-2 in transformers
-  and in llama.cpp (f32 GGUF; hidden states from llama.cpp's embedding endpoint, logits with the GGUF's own
-  output matrix), and for --quant-models also q8_0 / q4_0; greedy continuations of --agree-prompts compared
-  token by token, with the largest next-token log-prob difference.
+- quality: perplexity on the first --ppl-windows windows of --ppl-len tokens of WikiText-2 in transformers and in
+  llama.cpp for every type (hidden states from llama.cpp's embedding endpoint, logits with the GGUF's own output
+  matrix); greedy continuations of the prompts compared token by token (f32), with the largest next-token
+  log-prob difference.
 llama.cpp runs with its defaults for speed (f16 KV cache, flash attention auto) and `precise` (f32 KV, no
-flash attention) for the agreement and perplexity checks.
+flash attention) for the agreement and perplexity checks. Cost per round for SmolLM2 pairs on 2 threads: ~2 min
+of transformers and ~1 min per type in llama.cpp (6 types: ~8 min a round, ~50 min for 6 rounds) plus the
+exports (the K-quants need llama-quantize, `scripts/setup.sh`) and the perplexities.
 """
 from __future__ import annotations
 
@@ -175,19 +183,37 @@ def peak(spec, runtime, args) -> float:
 
 
 # --------------------------------------------------------------------------------------------- main
+KEYS = {"hf": ("prefill", "decode1", "decodeB"), "lc": ("prefill", "decode1", "decodeB")}
+
+
+def measure_round(args, names, lms, ggufs, types, ids512, prompts64, cells) -> None:
+    """One round: every model in transformers, then every type with every model in llama.cpp, back to back, so
+    that each dense/pruned pair of a cell is measured within seconds of each other (interleaved pairs)."""
+    for n in names:
+        m = lms[n].model
+        cells["hf", "f32", n]["prefill"].append(hf_prefill(m, torch.tensor([ids512])))
+        cells["hf", "f32", n]["decode1"].append(hf_decode(m, torch.tensor(prompts64[:1]), args.decode))
+        cells["hf", "f32", n]["decodeB"].append(hf_decode(m, torch.tensor(prompts64), args.decode))
+    for t in types:
+        for n in names:
+            for k, v in lc_speed(ggufs[n, t], ids512, prompts64, args.decode, args.batch, args.threads).items():
+                cells["lc", t, n][k].append(v)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", action="append", default=[], help="NAME=SPEC (first: the dense reference)")
     ap.add_argument("--work", default="runs/bench_inference", help="where the GGUF exports go")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds (each gives one dense/pruned pair per cell)")
+    ap.add_argument("--types", default="f32,q8_0,q4_0,q4_k_m,q5_k_m,q6_k", help="GGUF types run in llama.cpp")
     ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--ppl-len", type=int, default=512)
     ap.add_argument("--agree-tokens", type=int, default=32)
-    ap.add_argument("--quant-models", default="", help="comma list of NAMEs also exported q8_0 and q4_0")
+    ap.add_argument("--no-peak", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--out", default="eval/results/inference.md")
     ap.add_argument("--peak-model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--peak-runtime", default=None, help=argparse.SUPPRESS)
@@ -199,12 +225,16 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     names = [m.split("=", 1)[0] for m in args.model]
     specs = dict(m.split("=", 1) for m in args.model)
+    types = [t for t in args.types.split(",") if t]
+    if "f32" not in types:
+        types.insert(0, "f32")   # the agreement and perplexity checks read the f32 file
     lms, ggufs, ideal = {}, {}, {}
     for n in names:
         lms[n] = npp.load_model(specs[n], dtype="float32", device="cpu")
-        ggufs[n] = work / f"{n}-f32.gguf"
-        if not ggufs[n].is_file():
-            export(lms[n], "gguf", ggufs[n], type="f32")
+        for t in types:
+            ggufs[n, t] = work / f"{n}-{t}.gguf"
+            if not ggufs[n, t].is_file():
+                export(lms[n], "gguf", ggufs[n, t], type=t)
         ideal[n] = ideal_counts(lms[n].model, args.prefill)
         ideal[n]["uniform"] = features(lms[n].model)["uniform"]
         print(f"{n}: {specs[n]}, {ideal[n]['params'] / 1e6:.1f} M parameters", flush=True)
@@ -212,102 +242,95 @@ def main():
     text_ids = tok(WIKI.read_text()[:20000])["input_ids"]
     ids512 = text_ids[:args.prefill]
     prompts64 = [text_ids[1000 + 64 * k:1000 + 64 * (k + 1)] for k in range(args.batch)]
-    speed = {n: {k: [] for k in ("hf_prefill", "hf_decode1", "hf_decodeB", "lc_prefill", "lc_decode1", "lc_decodeB")}
-             for n in names}
+    cells = {("hf", "f32", n): {k: [] for k in KEYS["hf"]} for n in names}
+    cells.update({("lc", t, n): {k: [] for k in KEYS["lc"]} for t in types for n in names})
     for rep in range(args.reps):
-        for n in names:
-            m = lms[n].model
-            s = speed[n]
-            s["hf_prefill"].append(hf_prefill(m, torch.tensor([ids512])))
-            s["hf_decode1"].append(hf_decode(m, torch.tensor(prompts64[:1]), args.decode))
-            s["hf_decodeB"].append(hf_decode(m, torch.tensor(prompts64), args.decode))
-            lc = lc_speed(ggufs[n], ids512, prompts64, args.decode, args.batch, args.threads)
-            for k, v in lc.items():
-                s["lc_" + k].append(v)
-            print(f"rep {rep} {n}: " + " ".join(f"{k} {v[-1]:.1f}" for k, v in s.items()), flush=True)
-    med = {n: {k: statistics.median(v) for k, v in speed[n].items()} for n in names}
-    peaks = {n: {"hf": peak(specs[n], "transformers", args), "lc": peak(ggufs[n], "llamacpp", args)} for n in names}
+        measure_round(args, names, lms, ggufs, types, ids512, prompts64, cells)
+        print(f"round {rep + 1}/{args.reps}: " + "; ".join(
+            f"{r} {t} {n} b1 {c['decode1'][-1]:.1f}" for (r, t, n), c in cells.items()), flush=True)
+    peaks = {} if args.no_peak else {
+        n: {"hf": peak(specs[n], "transformers", args), "lc": peak(ggufs[n, "f32"], "llamacpp", args)} for n in names}
     wins = windows(tok, args.ppl_windows, args.ppl_len)
     quality = {}
     for n in names:
-        q = {"hf_ppl": hf_ppl(lms[n].model, wins), "lc_ppl_f32": lc_ppl(ggufs[n], wins, args.threads)}
-        q.update(agreement(lms[n].model, tok, ggufs[n], args.agree_tokens, args.threads))
+        q = {"hf_ppl": hf_ppl(lms[n].model, wins)}
+        q.update({f"lc_ppl_{t}": lc_ppl(ggufs[n, t], wins, args.threads) for t in types})
+        q.update(agreement(lms[n].model, tok, ggufs[n, "f32"], args.agree_tokens, args.threads))
         quality[n] = q
         print(f"{n}: {q}", flush=True)
-    quant = {}
-    for n in [x for x in args.quant_models.split(",") if x]:
-        for t in ("q8_0", "q4_0"):
-            path = work / f"{n}-{t}.gguf"
-            if not path.is_file():
-                export(lms[n], "gguf", path, type=t)
-            lc = lc_speed(path, ids512, prompts64, args.decode, 1, args.threads)
-            quant[(n, t)] = {"ppl": lc_ppl(path, wins, args.threads), "size_mib": path.stat().st_size / 2**20,
-                             "prefill": lc["prefill"], "decode1": lc["decode1"]}
-            print(f"{n} {t}: {quant[(n, t)]}", flush=True)
-    write_report(args, names, specs, med, peaks, ideal, quality, quant, ggufs)
+    sizes = {f"{n}/{t}": ggufs[n, t].stat().st_size / 2**20 for n in names for t in types}
+    write_report(args, names, specs, types, cells, peaks, ideal, quality, sizes)
 
 
-def write_report(args, names, specs, med, peaks, ideal, quality, quant, ggufs):
-    d = names[0]
+def _spread(v: list[float], fmt: str = ".1f") -> str:
+    return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})"
+
+
+def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    return cpu
+
+
+def write_report(args, names, specs, types, cells, peaks, ideal, quality, sizes):
     import xllamacpp
 
-    L = [f"# Inference speed: dense vs pruned SmolLM2-135M, transformers and llama.cpp on CPU", "",
-         f"Command: `nice -n 10 python eval/bench_inference.py {' '.join('--model ' + n + '=' + specs[n] for n in names)} "
-         f"--reps {args.reps} --threads {args.threads} --quant-models {args.quant_models}`", "",
-         f"Machine: {cpu}, {args.threads} threads (`nproc` {os.cpu_count()}, shared with other jobs), torch "
-         f"{torch.__version__} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), xllamacpp {xllamacpp.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-         f"Medians of {args.reps} interleaved rounds. Prefill: one {args.prefill}-token prompt (WikiText-2). "
-         f"Decode: {args.decode} greedy tokens after a 64-token prompt; batch {args.batch}: aggregate tokens/s of "
-         f"{args.batch} sequences (llama.cpp: {args.batch} concurrent requests on {args.batch} slots, prompt processing "
-         f"included). transformers float32; llama.cpp f32 GGUF with its defaults (f16 KV cache). Peak: resident-set high-water mark (VmHWM) of a "
-         f"fresh process that loads the model, prefills {args.prefill} tokens and decodes 16. Ideal: dense / pruned "
-         f"weights read per decoded token (linear layers + output matrix; decode) and MACs per prefill token "
-         f"(+ attention at {args.prefill} tokens; prefill).", "",
-         "| model | params | ideal decode × | ideal prefill × | HF prefill tok/s (×) | HF decode b1 tok/s (×) | ms/token | "
-         f"HF decode b{args.batch} tok/s (×) | llama.cpp prefill tok/s (×) | llama.cpp decode b1 tok/s (×) | ms/token | "
-         f"llama.cpp decode b{args.batch} tok/s (×) | peak MiB HF / llama.cpp |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for n in names:
-        m, r, i = med[n], med[d], ideal[n]
+    d = names[0]
+    L = ["# Inference speed: dense vs pruned, transformers and llama.cpp on CPU", "",
+         f"Command: `nice -n 10 python eval/bench_inference.py {' '.join(sys.argv[1:])}`", "",
+         f"Machine: {machine()}, {args.threads} threads (`nproc` {os.cpu_count()}), torch {torch.__version__} "
+         f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), xllamacpp {xllamacpp.__version__}; "
+         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {args.reps} interleaved rounds: in each, every model "
+         f"runs every cell back to back, so a cell's dense and pruned runs form a pair; each entry is the median "
+         f"(min–max) over the rounds, and ×: the median (min–max) of the per-round ratios pruned / dense. Prefill: one "
+         f"{args.prefill}-token prompt (WikiText-2). Decode: {args.decode} greedy tokens after a 64-token prompt; batch "
+         f"{args.batch}: aggregate tokens/s of {args.batch} sequences (llama.cpp: {args.batch} concurrent requests on "
+         f"{args.batch} slots, prompt processing included). transformers float32; llama.cpp with its defaults "
+         f"(f16 KV cache, flash attention auto). Ideal: dense / pruned weights read per decoded token (linear layers "
+         f"+ output matrix) and MACs per prefill token (+ attention at {args.prefill} tokens).", "",
+         "| runtime | type | model | params | decode b1 tok/s | × | decode b" + str(args.batch) + " tok/s | × | "
+         "prefill tok/s | × | ideal decode × | ideal prefill × |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (rt, t, n), c in cells.items():
+        ref = cells[rt, t, d]
 
-        def c(k):
-            return f"{m[k]:.1f} ({m[k] / r[k]:.2f})"
+        def ratio(k):
+            if n == d:
+                return "–"
+            return _spread([a / b for a, b in zip(c[k], ref[k])], ".2f")
 
-        L.append(f"| {n} | {i['params'] / 1e6:.1f} M | {ideal[d]['weights_per_token'] / i['weights_per_token']:.2f} | "
-                 f"{ideal[d]['macs_per_prefill_token'] / i['macs_per_prefill_token']:.2f} | {c('hf_prefill')} | "
-                 f"{c('hf_decode1')} | {1000 / m['hf_decode1']:.1f} | {c('hf_decodeB')} | {c('lc_prefill')} | "
-                 f"{c('lc_decode1')} | {1000 / m['lc_decode1']:.1f} | {c('lc_decodeB')} | "
-                 f"{peaks[n]['hf']:.0f} / {peaks[n]['lc']:.0f} |")
-    L += ["", f"## Quality: transformers vs llama.cpp (f32 GGUF, f32 KV cache, no flash attention)", "",
+        i = ideal[n]
+        L.append(f"| {'transformers' if rt == 'hf' else 'llama.cpp'} | {t} | {n} | {i['params'] / 1e6:.1f} M | "
+                 f"{_spread(c['decode1'])} | {ratio('decode1')} | {_spread(c['decodeB'])} | {ratio('decodeB')} | "
+                 f"{_spread(c['prefill'])} | {ratio('prefill')} | "
+                 f"{ideal[d]['weights_per_token'] / i['weights_per_token']:.2f} | "
+                 f"{ideal[d]['macs_per_prefill_token'] / i['macs_per_prefill_token']:.2f} |")
+    if peaks:
+        L += ["", "Peak resident memory (VmHWM) of a fresh process that loads the model, prefills "
+              f"{args.prefill} tokens and decodes 16: " + "; ".join(
+                  f"{n} {peaks[n]['hf']:.0f} MiB (transformers) / {peaks[n]['lc']:.0f} MiB (llama.cpp f32)" for n in names)]
+    L += ["", "## Quality: transformers vs llama.cpp, and what each GGUF type costs", "",
           f"Perplexity on the first {args.ppl_windows} windows of {args.ppl_len} tokens of WikiText-2 test (each window "
-          f"scored alone). Greedy: {args.agree_tokens} tokens after each of {len(PROMPTS)} prompts, llama.cpp vs "
-          f"transformers on the same checkpoint; Δ log-prob: the largest difference of the top-5 next-token log-probs "
-          f"along the agreeing prefix.", "",
-          "| model | GGUF arch | ppl transformers | ppl llama.cpp f32 | rel. diff | greedy equal | max Δ log-prob |",
-          "|---|---|---|---|---|---|---|"]
+          f"scored alone; llama.cpp: f32 KV cache, no flash attention, hidden states × the GGUF's own output matrix). "
+          f"Greedy: {args.agree_tokens} tokens after each of {len(PROMPTS)} prompts, llama.cpp f32 vs transformers; "
+          f"Δ log-prob: the largest difference of the top-5 next-token log-probs along the agreeing prefix.", "",
+          "| model | GGUF arch | ppl transformers | greedy equal | max Δ log-prob | "
+          + " | ".join(f"ppl {t} (Δ vs f32, MiB)" for t in types) + " |", "|---|---|---|---|---|" + "---|" * len(types)]
     for n in names:
         q = quality[n]
         arch = "llama" if ideal[n]["uniform"] else "deci"
-        L.append(f"| {n} | {arch} | {q['hf_ppl']:.3f} | {q['lc_ppl_f32']:.3f} | "
-                 f"{(q['lc_ppl_f32'] / q['hf_ppl'] - 1) * 100:+.3f} % | {q['greedy_equal']} | {q['max_dlogprob']:.1e} |")
-    if quant:
-        L += ["", "## Quantized GGUF (llama.cpp, batch 1)", "",
-              "| model | type | size MiB | ppl llama.cpp | prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|"]
-        for (n, t), q in quant.items():
-            L.append(f"| {n} | {t} | {q['size_mib']:.0f} | {q['ppl']:.3f} | {q['prefill']:.1f} | {q['decode1']:.1f} |")
-        for n in sorted({n for n, _ in quant}):
-            L.append(f"| {n} | f32 | {ggufs[n].stat().st_size / 2**20:.0f} | {quality[n]['lc_ppl_f32']:.3f} | "
-                     f"{med[n]['lc_prefill']:.1f} | {med[n]['lc_decode1']:.1f} |")
+        f32 = q["lc_ppl_f32"]
+        L.append(f"| {n} | {arch} | {q['hf_ppl']:.3f} | {q['greedy_equal']} | {q['max_dlogprob']:.1e} | " + " | ".join(
+            f"{q[f'lc_ppl_{t}']:.3f} ({(q[f'lc_ppl_{t}'] / f32 - 1) * 100:+.2f} %, {sizes[f'{n}/{t}']:.0f})"
+            for t in types) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(L) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"speed": med, "peak": peaks, "ideal": ideal, "quality": quality,
-         "quant": {f"{n}/{t}": q for (n, t), q in quant.items()}}, indent=1))
+        {"cells": {"/".join(k): v for k, v in cells.items()}, "peak": peaks, "ideal": ideal, "quality": quality,
+         "sizes_mib": sizes}, indent=1))
     print("\n".join(L))
 
 

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import neuroproj_prune as npp  # noqa: E402
+from neuroproj_prune.errors import missing_extra  # noqa: E402
 from neuroproj_prune.export import export  # noqa: E402
 
 sys.path.insert(0, str(REPO / "eval"))
@@ -45,8 +46,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--out", default="eval/results/inference_mlx.md")
     a = ap.parse_args()
-    import mlx_lm
-    from mlx_lm.utils import load_model
+    try:
+        import mlx_lm
+        from mlx_lm.utils import load_model
+    except ImportError:
+        raise SystemExit(f"check_mlx: {missing_extra('mlx-lm', 'running the nemotron-nas export in mlx')}") from None
 
     torch.set_num_threads(2)
     rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from .evaluate import evaluate, format_summary
 from .evaluate.api import EvalConfig
 from .evaluate.tasks import GROUP, TASKS, WHEEL_NAME, cache_dir as tasks_cache_dir, fetch, read_manifest
 from .export import EXPORTERS, ExportConfig, export
+from .export.gguf import K_QUANTS, k_quant_fallbacks
 from .io import check_output, prepare_out_dir, removed_if_left_empty
-from .model import load_model
+from .model import invocation, load_model
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
@@ -285,7 +287,7 @@ def _run_prune(a):
     print("  kept per layer: " + " ".join(str(k) for k in kept))
     print(f"  parameters {s['params_before']:,} -> {s['params_after']:,}; MLP MACs/token "
           f"{s['mlp_macs_per_token_before']:,} -> {s['mlp_macs_per_token_after']:,}; {s['seconds']} s")
-    print(f"  wrote {a.out} (prune_summary.json, plan.json)")
+    print(f"  wrote {a.out} in {s['save_dtype']} (README.md: the model card, prune_summary.json, plan.json)")
 
 
 # ------------------------------------------------------------------------------------------- recover
@@ -318,7 +320,7 @@ def _run_recover(a):
           f"{r['steps']} steps, {r['seconds']} s")
     print(f"  held-out perplexity {h['ppl_before']:.3f} -> {h['ppl_after']:.3f} (teacher {h['teacher_ppl']:.3f}{gap}), "
           f"KL {h['kl_before']:.4f} -> {h['kl_after']:.4f}; kept {r['kept']} (step {r['kept_step']})")
-    print(f"  wrote {a.out} (prune_summary.json: recover)")
+    print(f"  wrote {a.out} in {r['save_dtype']} (README.md: the model card, prune_summary.json: recover)")
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -474,7 +476,11 @@ def _add_export(sub):
     p = sub.add_parser(
         "export", help="write a (pruned or dense) model as gguf (llama.cpp), nemotron-nas (per-layer widths) or hf",
         description="gguf: llama.cpp's own converter (llama architecture for uniform widths, deci with exact "
-                    "per-layer widths otherwise), --type f32|f16|bf16|q8_0|q4_0. nemotron-nas: DeciLMForCausalLM "
+                    "per-layer widths otherwise), --type f32|f16|bf16|q8_0|q4_0, or the K-quants q4_k_m|q5_k_m|q6_k "
+                    "by llama.cpp's llama-quantize (built once into the cache: cmake and a C++ compiler, minutes). "
+                    "K-quants store rows in blocks of 256: an MLP tensor whose rows are not a multiple of 256 long "
+                    "falls back to q5_0/q5_1/q8_0 (ffn_down: prune with --multiple 256 to keep it; gate/up: the "
+                    "hidden size decides), and the command lists what fell back. nemotron-nas: DeciLMForCausalLM "
                     "with block_configs (what vLLM, SGLang, mlx-lm, TensorRT-LLM read), widths zero-padded to the "
                     "format's multiple of 256, modeling files beside the weights. hf: what prune writes. Refuses "
                     "what a format cannot hold (applied skips, added MLP biases) before writing anything.")
@@ -490,6 +496,9 @@ def _run_export(a):
     cfg = ExportConfig.from_args(a)
     out = export(a.model, a.to, a.out, cfg, overwrite=a.overwrite)
     print(f"wrote {out} ({a.to}, {cfg.type}){'; logits verified identical' if cfg.verify else ''}")
+    if a.to == "gguf" and cfg.type in K_QUANTS:
+        for line in k_quant_fallbacks(out):
+            print(f"  not in a K-type (llama.cpp's fallback): {line}")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -515,6 +524,7 @@ def outputs(args) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         made = outputs(args)
@@ -522,7 +532,8 @@ def main(argv=None) -> int:
             flag = "--json" if name == "json_out" else "--" + name.replace("_", "-")
             check_output(args.__dict__[name], kind.rstrip("?"), flag=flag, into=kind.endswith("?"),
                          overwrite=getattr(args, "overwrite", False) and not kind.endswith("?"))
-        with removed_if_left_empty(args.__dict__[n] for n in made):   # no directory a failure made is left behind
+        # no directory a failure made is left behind; the model cards name the command
+        with removed_if_left_empty(args.__dict__[n] for n in made), invocation(shlex.join(["neuroproj-prune", *argv])):
             args.func(args)
     except NeuroprojError as e:
         print(f"neuroproj-prune: error: {e}", file=sys.stderr)

@@ -168,6 +168,11 @@ class Config:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def changed(self) -> dict:
+        """The settings that differ from their defaults (what a command has to say to repeat this config)."""
+        defaults = self.recipe_defaults()
+        return {k: v for k, v in self.to_dict().items() if v != defaults[k]}
+
     @classmethod
     def recipe_defaults(cls, exclude=()) -> dict:
         """The recipe section: every field and its default (lists as YAML lists)."""

@@ -401,6 +401,14 @@ class StoredTensor:
     def __repr__(self):
         return f"StoredTensor({self.path!r}, {self.tag}, {self.shape}, offset={self.offset}, nbytes={self.nbytes})"
 
+    def load(self) -> torch.Tensor:
+        """The tensor, read from its file into memory (one positioned read of `nbytes`)."""
+        dtype = next(d for d, tag in _ST_TAGS.items() if tag == self.tag)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = bytearray(f.read(self.nbytes))
+        return torch.frombuffer(data, dtype=dtype).reshape(self.shape) if self.nbytes else torch.empty(self.shape, dtype=dtype)
+
 
 def stored_tensors(path) -> dict[str, StoredTensor]:
     """The tensors of a safetensors file, by name, from its header alone (nothing else is read). A header that

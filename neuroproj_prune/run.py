@@ -40,12 +40,12 @@ from .analysis.trace import TraceConfig
 from .config import ConfigError
 from .errors import NeuroprojError
 from .evaluate import default_eval_data, evaluate, load_tasks
-from .evaluate.api import EvalConfig
+from .evaluate.api import EvalConfig, read_eval
 from .export import EXPORTERS, ExportConfig, export
 from .export.common import HF_TYPES
 from .export.gguf import GGUF_TYPES
 from .io import check_output, removed_if_left_empty, write_json, write_text
-from .model import LoadedModel, adapter_for, load_model, model_config, model_source
+from .model import LoadedModel, adapter_for, load_model, model_config, model_source, write_card
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
@@ -430,9 +430,14 @@ def _run(r: dict, out: Path, progress, log) -> dict:
     ecfg = section_config(r, "eval")
     stage("eval_dense", E["enabled"] and E["dense"], _hash("eval", model_key, E), [out / "eval_dense.json"],
           lambda: evaluate(lm(), ecfg, data=eval_data, json_out=out / "eval_dense.json", progress=progress))
-    stage("eval", E["enabled"] and Pr["enabled"], _hash("eval", h_final, E), [out / "eval.json"],
-          lambda: evaluate(str(final_d), ecfg, data=eval_data, json_out=out / "eval.json", dtype=r["dtype"],
-                           device=r["device"], progress=progress))
+    def do_eval():
+        evaluate(str(final_d), ecfg, data=eval_data, json_out=out / "eval.json", dtype=r["dtype"], device=r["device"],
+                 progress=progress)
+        dense = out / "eval_dense.json"   # the checkpoint's card gains the numbers measured here
+        write_card(final_d, evaluation=read_eval(out / "eval.json"),
+                   dense_evaluation=read_eval(dense) if dense.is_file() else None)
+
+    stage("eval", E["enabled"] and Pr["enabled"], _hash("eval", h_final, E), [out / "eval.json"], do_eval)
 
     Sw = r["sweep"]
 

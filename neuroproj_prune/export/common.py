@@ -3,14 +3,19 @@ output at the path `tmp` and raises `NeuroprojError` *before writing* for what i
 features of a model an exporter must be able to express, and the torch dtypes of the type names."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ..errors import NeuroprojError
-from ..model import adapter_for
+from ..model import CARD_FILE, adapter_for, command, model_card
 from ..registry import Registry
 
 HF_TYPES = ("f32", "f16", "bf16")
 EXPORTERS = Registry("export format", "write(lm: LoadedModel, tmp: Path, *, type: str) -> None")
+# per format, what `export` checks before it loads the model: `preflight(type)` raises for a missing dependency
+PREFLIGHTS: dict = {}
 
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -35,3 +40,22 @@ def _refuse_extras(f: dict, fmt: str) -> None:
     if f["added_bias"] or f["mlp_bias"]:
         raise NeuroprojError(f"the model has MLP biases (added by the bias fold or --add-bias), which this {fmt} "
                              f"export cannot hold: prune without --add-bias, or use --to hf")
+
+
+def source_summary(lm) -> dict | None:
+    """prune_summary.json of the checkpoint directory `lm` was loaded from (None for a dense model)."""
+    f = Path(str(lm.spec)) / "prune_summary.json"
+    if not f.is_file():
+        return None
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise NeuroprojError(f"{f} is not readable JSON: the checkpoint is damaged; prune again") from None
+    return doc if isinstance(doc, dict) else None
+
+
+def write_card(lm, directory: Path, fmt: str, type: str, loader: str) -> None:
+    """The model card of an export (README.md): the source checkpoint's summary, the format, the command."""
+    card = model_card(source_summary(lm), spec=str(lm.spec), loader=loader,
+                      export={"format": fmt, "type": type, "command": command()})
+    (directory / CARD_FILE).write_text(card, encoding="utf-8")

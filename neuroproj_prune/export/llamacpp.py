@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import math
 
-from ..errors import NeuroprojError
+from ..errors import NeuroprojError, missing_extra
 
 
 def _xllamacpp():
     try:
         import xllamacpp
     except ImportError:
-        raise NeuroprojError("running GGUF files needs the package xllamacpp: pip install xllamacpp") from None
+        raise missing_extra("xllamacpp", "running GGUF files in llama.cpp") from None
     return xllamacpp
 
 
@@ -112,3 +112,16 @@ def output_weight(gguf_path):
 
 def nll_to_ppl(total: float, count: int) -> float:
     return math.exp(total / max(count, 1))
+
+
+def gguf_perplexity(path, windows: list[list[int]], threads: int = 2) -> float:
+    """Perplexity of a GGUF in llama.cpp over token windows (each scored alone): final-norm hidden states from
+    llama.cpp (float32 KV cache, no flash attention), logits with the GGUF's own output matrix (de-quantized by
+    gguf-py, as llama.cpp stores it), exp(mean NLL of every next token). Cost: one forward per window."""
+    ll = LlamaCpp(path, threads=threads, ctx=len(windows[0]), embedding=True, batch=len(windows[0]), precise=True)
+    W = output_weight(path)
+    nll, count = 0.0, 0
+    for w in windows:
+        t, c = perplexity_from_hidden(ll.hidden(w), W, w)
+        nll, count = nll + t, count + c
+    return nll_to_ppl(nll, count)

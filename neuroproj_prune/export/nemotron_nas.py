@@ -17,7 +17,7 @@ import torch
 
 from ..errors import NeuroprojError
 from ..model import LoadedModel, adapter_for
-from .common import EXPORTERS, HF_TYPES, TORCH_DTYPES, _refuse_extras, features
+from .common import EXPORTERS, HF_TYPES, TORCH_DTYPES, _refuse_extras, features, write_card
 
 
 NAS_MULTIPLE = 256  # the width granularity of the nemotron-nas readers (ffn_mult → intermediate size)
@@ -114,6 +114,7 @@ def export_nemotron_nas(lm: LoadedModel, tmp: Path, *, type: str = "f32", exact:
         lm.tokenizer.save_pretrained(tmp)
     (tmp / "configuration_decilm.py").write_text(_CONFIGURATION_DECILM)
     (tmp / "modeling_decilm.py").write_text(_MODELING_DECILM)
+    write_card(lm, tmp, "nemotron-nas", type, "trust_remote_code")
 
 
 _CONFIGURATION_DECILM = '''"""DeciLM / nemotron-nas config (written by neuroproj-prune): llama plus per-layer `block_configs`."""

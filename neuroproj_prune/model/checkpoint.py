@@ -19,13 +19,15 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import NeuroprojError
-from ..io import atomic_dir, write_safetensors
+from ..io import StoredTensor, atomic_dir, write_safetensors, write_text
 from .adapters import adapter_for
+from .card import CARD_FILE, model_card
 from .skip_modules import attach_skips, skips_spec
 from .weights import check_weights, stored_shapes
 
 SECTION = "neuroproj_prune"
 CHECKPOINT_FORMAT = "neuroproj-prune/checkpoint/1"
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: the dtype of the model's own files
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -72,28 +74,77 @@ def update_config(model, added_bias: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------- save / load
 def save_pruned(model, tokenizer, out, *, summary: dict | None = None, extra_files: dict | None = None,
-                overwrite: bool = False, stored: dict | None = None) -> Path:
+                overwrite: bool = False, stored: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the checkpoint atomically: a temporary directory beside `out`, renamed when complete.
     Uniform widths and no added bias → a standard checkpoint (plain `from_pretrained`); otherwise the
     config carries a `neuroproj_prune` section and `load_pruned` rebuilds the modules.
     `stored`: {state-dict name: io.StoredTensor} for weights that are not in memory (meta tensors: the layers a
-    disk-streamed prune wrote out as it went); the weights are then written by `save_streamed`."""
+    disk-streamed prune wrote out as it went); the weights are then written by `save_streamed`.
+    `dtype`: the floating-point dtype the weights are stored in (None: the model's); the model in memory is left
+    as it is (the cast copy costs one tensor at a time for streamed layers, else the stored size once).
+    With a `summary` (prune_summary.json) the model card README.md is written too."""
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
         if stored:
-            save_streamed(model, tmp, stored)
+            save_streamed(model, tmp, stored, dtype=dtype)
         else:
-            model.save_pretrained(tmp)
+            save_cast(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if summary is not None:
             (tmp / "prune_summary.json").write_text(json.dumps(summary, indent=2))
+            (tmp / CARD_FILE).write_text(model_card(summary, loader=loader(model.config)), encoding="utf-8")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
     return out
 
 
-def save_streamed(model, directory, stored: dict, max_shard_size=None) -> None:
+def write_card(directory, *, evaluation: dict | None = None, dense_evaluation: dict | None = None) -> Path:
+    """Render a checkpoint directory's model card again from its prune_summary.json and config.json, with the
+    numbers an evaluation measured (eval.json of the checkpoint and of its dense model); written atomically."""
+    d = Path(directory)
+    try:
+        summary = json.loads((d / "prune_summary.json").read_text(encoding="utf-8"))
+        section = json.loads((d / "config.json").read_text(encoding="utf-8")).get(SECTION)
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise NeuroprojError(f"{d} holds no readable prune_summary.json and config.json: prune again") from None
+    card = model_card(summary, evaluation=evaluation, dense_evaluation=dense_evaluation,
+                      loader="load_pruned" if section else "transformers")
+    return write_text(d / CARD_FILE, card)
+
+
+def loader(config) -> str:
+    """How a checkpoint of this config loads: plain transformers, or `load_pruned` (a neuroproj_prune section)."""
+    return "load_pruned" if getattr(config, SECTION, None) else "transformers"
+
+
+def save_cast(model, directory, dtype: torch.dtype | None) -> None:
+    """`model.save_pretrained(directory)` with the floating-point weights stored in `dtype` and the config saying
+    so. Tied weights stay tied (one cast copy per storage), so they are still stored once."""
+    current = next(model.parameters()).dtype
+    if dtype is None or dtype == current:
+        model.save_pretrained(directory)
+        return
+    cast, state = {}, {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            t = cast.setdefault(key, t.detach().to(dtype))
+        state[name] = t
+    model.save_pretrained(directory, state_dict=state)
+    _set_config_dtype(Path(directory), dtype)
+
+
+def _set_config_dtype(directory: Path, dtype: torch.dtype) -> None:
+    """config.json's `dtype` (save_pretrained writes the in-memory model's): the dtype the files hold."""
+    f = directory / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg["dtype"] = str(dtype).split(".")[1]
+    cfg.pop("torch_dtype", None)
+    f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_streamed(model, directory, stored: dict, max_shard_size=None, dtype: torch.dtype | None = None) -> None:
     """What `model.save_pretrained(directory)` writes — config.json, generation_config.json, the safetensors
     shards (and their index when there are several), byte for byte — for a model some of whose weights are not in
     memory: each meta tensor's bytes are copied from the file `stored[name]` names, the others written from
@@ -101,6 +152,7 @@ def save_streamed(model, directory, stored: dict, max_shard_size=None) -> None:
     or tensor parallelism): dtype and architectures in the config, the ignored keys dropped, tied weights stored
     once (`remove_tied_weights_from_state_dict`), save-time renames (`revert_weight_conversion`), shards of at
     most `max_shard_size` (save_pretrained's default) in state-dict order (`split_torch_state_dict_into_shards`).
+    `dtype`: floating-point tensors are cast to it as they are written (a stored one is then read into memory).
     Memory: the largest in-memory tensor; disk reads: each stored tensor once."""
     import inspect
 
@@ -115,7 +167,7 @@ def save_streamed(model, directory, stored: dict, max_shard_size=None) -> None:
     directory = Path(directory)
     if max_shard_size is None:
         max_shard_size = inspect.signature(type(model).save_pretrained).parameters["max_shard_size"].default
-    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.dtype = str(dtype or model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(directory)
     if model.can_generate():
@@ -138,7 +190,7 @@ def save_streamed(model, directory, stored: dict, max_shard_size=None) -> None:
                     raise NeuroprojError(f"{name} is neither in memory nor in the streamed layer files: this "
                                          f"architecture cannot be written from streamed layers; use --offload cpu")
                 t = where
-            tensors[name] = t
+            tensors[name] = _cast(t, dtype)
         write_safetensors(directory / shard, tensors, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
@@ -193,11 +245,11 @@ def build_pruned(config, section: dict, dtype, where):
         ok = (isinstance(heads, list) and len(heads) == L and a.heads_refusal(model) is None
               and all(isinstance(h, list) and len(h) == 2 and all(isinstance(v, int) and v > 0 for v in h) for h in heads))
         if not ok:
-            raise NeuroprojError(f"{path}: 'heads' must give [query heads, key/value heads] for each of the {L} layers")
+            raise NeuroprojError(f"{where}: 'heads' must give [query heads, key/value heads] for each of the {L} layers")
         for i, (h, kv) in enumerate(heads):
             H, KV = a.num_heads(model, i), a.num_kv_heads(model, i)
             if kv > KV or h % kv or h // kv > H // KV:
-                raise NeuroprojError(f"{path}: layer {i} cannot have {h} heads in {kv} groups (the config has {H} in "
+                raise NeuroprojError(f"{where}: layer {i} cannot have {h} heads in {kv} groups (the config has {H} in "
                                      f"{KV})")
             g = H // KV   # each kept group's first h/kv query heads: the layout the pruned model was written in
             a.select_heads(model, i, [k * g + j for k in range(kv) for j in range(h // kv)], list(range(kv)))
@@ -212,6 +264,20 @@ def build_pruned(config, section: dict, dtype, where):
             raise NeuroprojError(f"{where}: the neuroproj_prune section's skips are damaged ({type(e).__name__}): "
                                  f"apply the skips again") from None
     return model
+
+
+def _cast(t, dtype: torch.dtype | None):
+    """A tensor (or a StoredTensor, read from its file only when it must change) in `dtype` if floating-point."""
+    if dtype is None:
+        return t
+    if isinstance(t, StoredTensor):
+        if t.tag not in _FLOAT_TAGS or _FLOAT_TAGS[t.tag] == dtype:
+            return t
+        t = t.load()
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+_FLOAT_TAGS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def load_pruned(path, dtype=None, device=None, return_tokenizer: bool = False):

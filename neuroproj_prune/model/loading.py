@@ -228,6 +228,53 @@ def model_source(spec) -> tuple[Path | str, dict, bool]:
     return str(spec), {}, False  # a hub id
 
 
+def source_dtype(spec) -> torch.dtype:
+    """The floating-point dtype of the model's own files, which a checkpoint is saved in by default: for a local
+    directory, the dtype most floating-point parameters have in its safetensors headers (read without the data),
+    else config.json's `dtype` / `torch_dtype`; a hub id's config; float32 for a `.gguf` file and the offline
+    alias (both de-quantized to float32), for float64 files and for anything it cannot tell. Cost: the headers."""
+    from safetensors import safe_open
+
+    try:
+        source, kwargs, _ = model_source(spec)
+    except NeuroprojError:
+        return torch.float32
+    if "gguf_file" in kwargs:
+        return torch.float32
+    counts: dict[str, int] = {}
+    for f in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    counts[sl.get_dtype()] = counts.get(sl.get_dtype(), 0) + n
+        except (OSError, SafetensorError):
+            continue
+    floats = {t: n for t, n in counts.items() if t in _FILE_DTYPES}
+    if floats:
+        return _FILE_DTYPES[max(floats, key=floats.get)]
+    try:
+        name = getattr(model_config(spec, source, kwargs), "dtype", None)
+    except NeuroprojError:
+        return torch.float32
+    name = str(name).replace("torch.", "") if name is not None else "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float32}
+
+
+def save_dtype(choice: str, spec) -> torch.dtype:
+    """The dtype a checkpoint of the model `spec` is written in: `auto` → `source_dtype(spec)`, else as named
+    (float32, bfloat16, float16)."""
+    if choice == "auto":
+        return source_dtype(spec)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+
+
 def model_config(spec, source=None, kwargs=None):
     """The transformers config of `spec`, checked before any weight is read: an unsupported family is refused, and
     so is a local checkpoint whose weights disagree with it (`weights.check_weights`: the model the config — and a

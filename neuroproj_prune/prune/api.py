@@ -19,7 +19,7 @@ import torch
 from ..analysis.clustering import load_clusters
 from ..errors import NeuroprojError
 from ..io import prepare_out_dir
-from ..model import LoadedModel, num_params, save_pruned, update_config
+from ..model import LoadedModel, api_call, command, num_params, save_dtype, save_pruned, source_dtype, update_config
 from ..model.skip_modules import skip_source_remapper
 from ..stats import distributed
 from .allocate import ALLOCATIONS
@@ -147,14 +147,22 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
                             warn=rank == 0)
     try:
         p, summary = _prune(lm, stream, cfg, data, stats, given, progress and rank == 0, t0)
+        dt = save_dtype(cfg.save_dtype, lm.spec)
+        summary.update(source_dtype=_name(source_dtype(lm.spec)), save_dtype=_name(dt), command=command(
+            api_call("npp.prune", lm.spec, data, stats=stats, plan_file=plan_file, clusters=clusters, out=out,
+                     **cfg.changed())))
         if out is not None and rank == 0:
             save_pruned(lm.model, lm.tokenizer, out, summary=summary, overwrite=overwrite,
-                        extra_files={"plan.json": p.to_json()}, stored=stream.stored)
+                        extra_files={"plan.json": p.to_json()}, stored=stream.stored, dtype=dt)
         if dist is not None:
             dist.barrier()  # the others return once the checkpoint is there
     finally:
         stream.close()
     return lm, p, summary
+
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _prune(lm, stream, cfg, data, stats, given, progress, t0):

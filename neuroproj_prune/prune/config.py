@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError, opt
+from ..model import SAVE_DTYPES
 from .allocate import ALLOCATIONS
 from .calibrate import CALIBRATIONS, COMPUTE_DTYPES
 from .fold import FOLDS, RIDGE
@@ -41,7 +42,8 @@ class PruneConfig(Config):
                          "error) or none", lambda: WEIGHTINGS)
     output_weighting: str = opt("none", "selection sees output errors scaled by the downstream norms' gains "
                                 "(norms) or not (none)", ("none", "norms"))
-    multiple: int = opt(64, "round widths to a multiple (1 = exact)", ge=1)
+    multiple: int = opt(64, "round widths to a multiple (1 = exact; 32 for GGUF q8_0/q4_0; 256 keeps every "
+                        "ffn_down of a K-quant GGUF, q4_k_m/q5_k_m/q6_k, in its K-type)", ge=1)
     ridge: float = opt(RIDGE, "relative ridge of the least-squares solves (raised to 1e-2 on too few tokens)", ge=0.0)
     add_bias: bool | None = opt(None, "let folds write an MLP output bias on architectures without one "
                                 "(default: only for the bias fold)", kind=bool)
@@ -110,6 +112,9 @@ class PruneConfig(Config):
                        "cpu (host memory, one layer at a time on the device), disk (read from the model's safetensors "
                        "files and written to --out one layer at a time) or auto (by free memory: "
                        "neuroproj_prune/prune/offload.py gives the formula); the checkpoint is the same", lambda: ("auto", *OFFLOADS))
+    save_dtype: str = opt("auto", "dtype of the written checkpoint: auto (that of the model's own files: a bfloat16 "
+                          "model pruned in float32 on a CPU is saved in bfloat16; float32 for GGUF and float32 "
+                          "models), float32, bfloat16 or float16", SAVE_DTYPES)
 
     # -- rules between fields (types, choices and ranges are declared above and checked by Config.validate)
     def check(self) -> None:

@@ -28,7 +28,7 @@ bytes each: student logits, their log-softmax and its gradient, the teacher's lo
 holds one more copy of the trained parameters in CPU memory (4 bytes per parameter).
 
 Precision: `dtype=auto` is bfloat16 autocast on CUDA (teacher in bfloat16, student master weights float32)
-and float32 on the CPU. The output is cast to the input checkpoint's stored dtype.
+and float32 on the CPU. The output is written in `save_dtype` (auto: the dtype of the input checkpoint's files).
 
 Resume: every `save_every` steps `accelerate.Accelerator.save_state` writes model, optimizer, scheduler and
 RNG states (safetensors and weights-only torch files) plus `progress.json` (step, loss curve, evaluations,
@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..io import atomic_dir, check_writable, file_sha256, stored_tensors
-from ..model import LoadedModel, adapter_for, load_model, model_fingerprint, num_params, resolve_device, save_pruned
+from ..model import (SAVE_DTYPES, LoadedModel, adapter_for, api_call, command, load_model, model_fingerprint, num_params,
+                     resolve_device, save_dtype, save_pruned)
 from ..stats import read_text, tokenize
 
 STATE_DIR = ".recover_state"
@@ -96,6 +97,8 @@ class RecoverConfig(Config):
     keep: str = opt("best", "weights written: best (lowest held-out loss among the evaluations, the input "
                     "included) or last", ("best", "last"))
     save_every: int = opt(100, "steps between resumable states in OUT/.recover_state (0: none)", ge=0)
+    save_dtype: str = opt("auto", "dtype of the written checkpoint: auto (that of PRUNED_DIR's files, which prune "
+                          "wrote in the dense model's dtype), float32, bfloat16 or float16", SAVE_DTYPES)
 
     def check(self) -> None:
         if not self.lora_targets.strip(" ,"):
@@ -136,12 +139,6 @@ def _read_summary(path: Path) -> dict | None:
     return s
 
 
-def _stored_dtype(path: Path) -> torch.dtype:
-    """The dtype the input checkpoint stores (what the output is cast back to)."""
-    cfg = json.loads((path / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
 def _check_out(out: Path, pruned: Path, overwrite: bool) -> None:
@@ -400,7 +397,7 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and dev.type == "cuda")
     summary = _read_summary(pruned)
     plan_text = (pruned / "plan.json").read_text() if (pruned / "plan.json").is_file() else None
-    stored = _stored_dtype(pruned)
+    stored = save_dtype(cfg.save_dtype, str(pruned))   # auto: the dtype of the input's files
     t_spec = teacher_model.spec if teacher_model is not None else _teacher_spec(cfg, summary, pruned)
 
     # -- inputs, all checked before anything is written
@@ -418,7 +415,8 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
     _check_teacher(teacher, student, t_spec, summary)
     teacher.model.eval().requires_grad_(False)
     targets = _lora_targets(student.model, cfg.lora_targets) if cfg.method == "lora" else None
-    identity = {"config": cfg.to_dict(), "input": student.fingerprint,
+    trained = {k: v for k, v in cfg.to_dict().items() if k != "save_dtype"}   # what the state's weights depend on
+    identity = {"config": trained, "input": student.fingerprint,
                 "teacher": teacher.fingerprint or model_fingerprint(teacher.model), "data": _data_id(data)}
     state = out / STATE_DIR
     try:
@@ -574,7 +572,9 @@ def recover(pruned_dir, data, out, config: RecoverConfig | None = None, *, teach
                      "ppl_before": first["ppl"], "ppl_after": after["ppl"], "kl_before": first["kl"],
                      "kl_after": after["kl"],
                      "gap_closed": (first["ppl"] - after["ppl"]) / gap if gap > 0 else None},
-        "evals": evals, "loss_curve": prog["curve"],
+        "evals": evals, "loss_curve": prog["curve"], "save_dtype": str(stored).replace("torch.", ""),
+        "command": command(api_call("npp.recover", str(pruned), data if isinstance(data, str) else str(data),
+                                    str(out), **cfg.changed())),
     }
     new_summary = dict(summary or {})
     if new_summary.get("recover"):
