@@ -49,7 +49,7 @@ from .model import LoadedModel, adapter_for, load_model, model_config, model_sou
 from .prune import PruneConfig, prune
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
-from .stats import collect, load_stats, parse_layers
+from .stats import check_sites, collect, load_stats, parse_layers
 from .stats.data import data_path
 from .stats.collect import CollectConfig
 from .sweep import SweepConfig, sweep
@@ -222,10 +222,15 @@ def validate(r: dict, path) -> None:
             what = "is a directory: give a .txt or .jsonl file" if data_path(v).is_dir() else "not found"
             raise NeuroprojError(f"recipe key '{section}.{key}': file {v} {what}")
     pc = prune_config(r)
-    collect_config(r)
+    cc = collect_config(r)
     configs = {name: section_config(r, name) for name in SECTIONS if name not in ("prune", "stats")}
     if r["recover"]["enabled"] and not r["prune"]["enabled"]:
         raise NeuroprojError("recipe stage 'recover' trains the pruned model: enable prune too")
+    pj = configs["projection"]
+    absent = [x for x in (pj.site or ()) if x not in cc.sites]
+    if r["projection"]["enabled"] and pj.mode == "exact" and absent:
+        raise NeuroprojError(f"recipe key 'projection.site': the statistics collect no site(s) {', '.join(absent)}: "
+                             f"add them to stats.sites")
     if r["skips"]["enabled"] and not r["stats"]["cross_layer_window"]:
         raise NeuroprojError("recipe stage 'skips' needs cross-layer statistics: set stats.cross_layer_window >= 1")
     for s in configs["sweep"].sparsities:
@@ -257,6 +262,11 @@ def validate(r: dict, path) -> None:
         if isinstance(source, Path):
             raise
         config = None
+    if config is not None and r["stats"]["enabled"]:
+        try:   # a site the family lacks (attn.heads where heads are unknown)
+            check_sites(config, cc.sites)
+        except NeuroprojError as e:
+            raise NeuroprojError(f"recipe key 'stats.sites': {e}") from None
     if config is not None:
         _check_against_model(r, configs, pc, config)
 

@@ -78,6 +78,20 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **kw):
     return model
 
 
+def gqa_llama(dtype=torch.float32, seed: int = 0, layers: int = 4):
+    """A tiny llama with grouped-query attention: 6 query heads of 8 channels in 2 key/value groups (hidden 48,
+    MLP 96); init std 0.2 as `tiny_model`."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.2)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(request):
     """Tiny models run on one thread: for many tiny ops, thread hand-offs cost more than they save (and on a

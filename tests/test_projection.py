@@ -21,7 +21,7 @@ from neuroproj_prune.analysis.heatmap import band_score, fiedler_order, heatmaps
 from neuroproj_prune.model import LoadedModel, model_fingerprint
 from neuroproj_prune.analysis.projection import FORMAT, fit_exact, normalised_stress
 
-from conftest import SHAKESPEARE, tiny_model
+from conftest import SHAKESPEARE, gqa_llama, tiny_model
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -258,3 +258,40 @@ def test_exact_projects_the_layers_the_statistics_hold(tiny_dir, tmp_path):
                  "--layers", "1", "--out", str(stats)]) == 0
     assert main(["project", str(stats), "--mode", "exact", "--out", str(tmp_path / "p.safetensors")]) == 0
     assert load_projections(tmp_path / "p.safetensors").layers == [1]
+
+
+def test_head_site_projects_channels_with_their_layout(tokenizer, tmp_path):
+    """Site attn.heads projects like any other: one point per channel of o_proj's input, the stress against the
+    statistics' correlation; the file carries the statistics' heads' layout (head_dim, heads, kv_heads), so a
+    reader groups points into heads (`head_of`). A duplicated head (query rows of head 1 copied from head 0, same
+    key/value group) makes its channels coincide with head 0's in the projection; minibatch mode writes the
+    model's layout. A damaged layout in a header is refused in one line."""
+    from neuroproj_prune.stats import head_layout
+
+    model = gqa_llama(layers=2)
+    q = model.model.layers[1].self_attn.q_proj.weight
+    q[8:16] = q[0:8]
+    lm = LoadedModel(model, tokenizer, "gqa", model_fingerprint(model))
+    ids = torch.tensor(tokenizer(SHAKESPEARE.read_text()[:20_000])["input_ids"][: 12 * 48]).view(12, 48)
+    stats = npp.collect(lm, ids, sites="mlp.neurons,attn.heads", compute_dtype="float32",
+                        out=tmp_path / "s.safetensors", progress=False)
+    pr = npp.project(stats.path, dims=3, out=tmp_path / "p.safetensors", progress=False)
+    back = npp.load_projections(tmp_path / "p.safetensors")
+    assert back.sites == ["mlp.neurons", "attn.heads"]
+    assert back.head_layout == stats.head_layout == {"head_dim": 8, "heads": [6, 6], "kv_heads": [2, 2]}
+    assert back.head_of(1).tolist() == [c // 8 for c in range(48)]
+    for i in (0, 1):
+        P = back.get(i, "attn.heads")
+        assert P.shape == (48, 3) and torch.equal(P, pr.get(i, "attn.heads"))
+        assert back.stress(i, "attn.heads") == pytest.approx(
+            normalised_stress(P, stats.correlation(i, "attn.heads")), rel=1e-3)
+    P = back.get(1, "attn.heads").double()
+    D = torch.cdist(P, P)
+    twins = D[torch.arange(8), torch.arange(8) + 8]
+    assert float(twins.max()) < 0.05 * float(D.median())          # head 1's channels sit on head 0's
+    D0 = torch.cdist(back.get(0, "attn.heads").double(), back.get(0, "attn.heads").double())
+    assert float(D0[torch.arange(8), torch.arange(8) + 8].min()) > 10 * float(twins.max())   # not so in layer 0
+    mb = npp.project(mode="minibatch", dims=2, site="attn.heads", model=lm, data=ids, batch_size=4, progress=False)
+    assert mb.get(0, "attn.heads").shape == (48, 2) and mb.head_layout == back.head_layout
+    with pytest.raises(NeuroprojError, match="heads' layout"):
+        head_layout({**back.meta, "kv_heads": [4, 4]}, "p.safetensors")   # 6 heads do not split into 4 groups

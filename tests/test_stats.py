@@ -23,7 +23,7 @@ from neuroproj_prune import cli
 from neuroproj_prune.errors import NeuroprojError
 from neuroproj_prune.model import LoadedModel, model_fingerprint
 
-from conftest import C4, FAMILIES, REPO, SHAKESPEARE, tiny_model
+from conftest import C4, FAMILIES, REPO, SHAKESPEARE, gqa_llama, tiny_model
 
 SITES = ("mlp.neurons", "mlp.out", "attn.out")
 GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
@@ -114,6 +114,59 @@ def test_matches_numpy_every_family(family):
         Nl = hl.shape[1]
         assert rel(st.cross_covariance(l, m), np.cov(hl.T, hm.T, bias=True)[:Nl, Nl:]) < 1e-10, (l, m)
         assert rel(st.cross_correlation(l, m), np.corrcoef(hl.T, hm.T)[:Nl, Nl:]) < 1e-10, (l, m)
+
+
+def test_head_site_matches_numpy_gqa(tmp_path):
+    """Site attn.heads (the input of o_proj) on a grouped-query llama: count, mean, covariance, correlation and
+    E[z zᵀ] equal numpy's on activations taken by a hook of this test's own on `self_attn.o_proj`, to 1e-10 in
+    float64, batched with left padding (padding excluded); the header's layout (head_dim 8, 6 heads in 2 groups
+    per layer) survives a save, and it is the model's: with the value rows of key/value head 1 zeroed in layer 2,
+    exactly the channels of query heads 3-5 (head c // 8, group head // 3) are dead there."""
+    model = gqa_llama(dtype=torch.float64)
+    seqs = [random_ids(1, n, seed=n)[0].tolist() for n in (24, 17, 24, 9, 20)]
+    out = tmp_path / "s.safetensors"
+    st = npp.collect(loaded(model), seqs, sites="mlp.neurons,attn.heads", batch_size=2, padding_side="left",
+                     out=out, progress=False)
+    ref: dict[int, list] = {}
+    hs = [model.model.layers[i].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a, i=i: ref.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]).double().numpy().copy()))
+        for i in range(4)]
+    try:
+        with torch.no_grad():
+            for s in seqs:
+                model(input_ids=torch.tensor([s]))
+    finally:
+        for h in hs:
+            h.remove()
+    back = npp.load_stats(out)
+    assert back.sites == ["mlp.neurons", "attn.heads"]
+    assert back.head_layout == {"head_dim": 8, "heads": [6] * 4, "kv_heads": [2] * 4}
+    for i in range(4):
+        z = np.concatenate(ref[i])
+        assert z.shape == (sum(map(len, seqs)), 48) and back.count(i, "attn.heads") == z.shape[0]
+        assert back.width(i, "attn.heads") == 48 and not back.dead(i, "attn.heads").any()
+        assert rel(back.mean(i, "attn.heads"), z.mean(0)) < 1e-10, i
+        assert rel(back.covariance(i, "attn.heads"), np.cov(z.T, bias=True)) < 1e-10, i
+        assert rel(back.correlation(i, "attn.heads"), np.corrcoef(z.T)) < 1e-10, i
+        assert rel(back.second_moment(i, "attn.heads"), z.T @ z / z.shape[0]) < 1e-10, i
+    # the layout says which channels a key/value head feeds: silence kv head 1 of layer 2
+    model.model.layers[2].self_attn.v_proj.weight[8:16] = 0
+    dead = npp.collect(loaded(model), random_ids(3, 16), sites="attn.heads", layers="2", progress=False)
+    lay = dead.head_layout
+    group = (np.arange(48) // lay["head_dim"]) // (lay["heads"][2] // lay["kv_heads"][2])
+    assert dead.dead(2, "attn.heads").numpy().tolist() == (group == 1).tolist()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_head_site_refused_where_heads_are_unknown(capsys, tmp_path, tiny_dir, family):
+    """A family whose adapter refuses heads (gpt2 has no head layout; phi3 fuses q/k/v): collect's site attn.heads is
+    one error naming the site, exit 2, no file; the API refuses the same before any forward pass."""
+    out = tmp_path / "s.safetensors"
+    msg = _fails(capsys, _collect_args(tiny_dir(family), SHAKESPEARE, out, "--sites", "mlp.neurons,attn.heads"),
+                 "site attn.heads is not supported for", out)
+    assert family in msg
+    with pytest.raises(NeuroprojError, match="attn.heads"):
+        npp.collect(loaded(tiny_model(family)), random_ids(2, 8), sites="attn.heads", progress=False)
 
 
 def test_layer_subset_and_file_roundtrip(tmp_path):

@@ -23,7 +23,7 @@ from neuroproj_prune.cli import main
 from neuroproj_prune.analysis.trace import load_trace
 from neuroproj_prune.report.page import load_page_data, trace_activations
 
-from conftest import SHAKESPEARE, WIKI
+from conftest import SHAKESPEARE, WIKI, gqa_llama
 
 CHROMIUM = os.environ.get("NPP_CHROMIUM", "/usr/bin/chromium")   # Debian's; NPP_CHROMIUM overrides
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -316,6 +316,105 @@ def test_2d_and_strip(run_dir, browser, tmp_path, dims):
         page.focus("#layer")
         page.keyboard.press("ArrowRight")
         assert scatter_points(page)["key"] == "2/mlp.neurons"
+        assert errors == []
+    finally:
+        page.close()
+
+
+def test_head_site_beside_mlp(browser, tokenizer, tmp_path):
+    """The head site (attn.heads) of a grouped-query llama (4 layers, 6 query heads of 8 channels in 2 key/value
+    groups) with a plan/2 applied by prune: layer 0 loses query heads 1 and 4, layer 1 key/value group 0 (heads
+    0-2), layer 2 is removed whole, layer 3 untouched. The page's data: a head-site set per layer whose roles mark
+    exactly the removed heads' channels (head h = channels 8h..8h+7), the dropped layer's MLP and heads all removed,
+    per-layer head rows (H, KV, roles, dropped) and per-head energy equal to Σ over the head's channels of E[z²]
+    taken by a hook of this test's own on o_proj (times ‖W_o[:, c]‖² with the model given); the summary lists the
+    plan's heads and dropped layer. In the browser: one legend entry per head with the removed ones grey ×, the
+    per-head table and the layers × heads map beside the scatter, the dropped layer struck through in the layer
+    list, no console errors."""
+    import copy
+
+    from neuroproj_prune.model import LoadedModel, model_fingerprint
+    from neuroproj_prune.prune import Plan
+
+    model = gqa_llama()
+    lm = LoadedModel(model, tokenizer, "tiny-gqa", model_fingerprint(model))
+    ids = torch.randint(1, 384, (6, 32), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    st = npp.collect(lm, ids, sites="mlp.neurons,attn.heads", compute_dtype="float32",
+                     out=run / "stats.safetensors", progress=False)
+    npp.project(st, dims=3, site="mlp.neurons,attn.heads", out=run / "projections.safetensors", progress=False)
+    z: dict[int, list] = {}
+    hs = [model.model.layers[i].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a, i=i: z.setdefault(i, []).append(a[0].reshape(-1, 48).double())) for i in range(4)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in hs:
+            h.remove()
+    ez2 = {i: torch.cat(v).pow(2).mean(0).numpy() for i, v in z.items()}                # E[z_c²], (48,)
+    w2 = {i: model.model.layers[i].self_attn.o_proj.weight.double().pow(2).sum(0).numpy() for i in range(4)}
+    plan = Plan(heads={0: {"heads": 6, "kv_heads": 2, "keep": [0, 2, 3, 5], "keep_kv": [0, 1]},
+                       1: {"heads": 6, "kv_heads": 2, "keep": [3, 4, 5], "keep_kv": [1]}}, drop=[2])
+    plan.save(tmp_path / "plan.json")
+    npp.prune(LoadedModel(copy.deepcopy(model), tokenizer, "tiny-gqa", lm.fingerprint), ids,
+              plan_file=tmp_path / "plan.json", out=run / "pruned", multiple=1, batch_size=8,
+              compute_dtype="float32", progress=False)
+    removed = {0: {1, 4}, 1: {0, 1, 2}, 2: set(range(6)), 3: set()}
+
+    data = load_page_data(npp.view(run, tmp_path / "plain.html", model=None))
+    P = data["projections"]
+    assert P["sites"] == ["mlp.neurons", "attn.heads"] and P["dropped"] == [2]
+    assert P["plan_source"] == "pruned/plan.json"
+    H = P["heads"]
+    assert H["head_dim"] == 8 and [r["layer"] for r in H["rows"]] == [0, 1, 2, 3]
+    for i in range(4):
+        e = P["points"][f"{i}/attn.heads"]
+        want = np.repeat([int(h in removed[i]) for h in range(6)], 8)
+        assert e["N"] == 48 and e["M"] == 48 and e["role"].tolist() == want.tolist(), i
+        assert (e["rep"] == -1).all() and bool(e.get("dropped")) == (i == 2)
+        np.testing.assert_allclose(e["energy"], ez2[i], rtol=1e-4)                       # float32 on the page
+        row = H["rows"][i]
+        assert (row["H"], row["KV"], row["dropped"]) == (6, 2, i == 2)
+        assert row["role"] == [int(h in removed[i]) for h in range(6)], i
+        np.testing.assert_allclose(row["energy"], ez2[i].reshape(6, 8).sum(1), rtol=1e-5)
+    m2 = P["points"]["2/mlp.neurons"]
+    assert m2["dropped"] and (m2["role"] == 1).all()                                   # the whole layer goes
+    assert "role" not in P["points"]["0/mlp.neurons"]       # the plan leaves the MLPs alone (no clustering here)
+    S = data["summary"]
+    assert S["dropped"] == [2] and S["summary"]["dropped_layers"] == [2]
+    assert S["heads"] == [{"layer": 0, "before": 6, "kept": 4, "kv_before": 2, "kv_kept": 2},
+                          {"layer": 1, "before": 6, "kept": 3, "kv_before": 2, "kv_kept": 1}]
+
+    weighted = tmp_path / "weighted.html"
+    Pw = load_page_data(npp.view(run, weighted, model=lm))["projections"]
+    assert "W_o" in Pw["energy_kind"] and "W_o" in Pw["heads"]["energy_kind"]
+    for i in range(4):
+        np.testing.assert_allclose(Pw["heads"]["rows"][i]["energy"], (ez2[i] * w2[i]).reshape(6, 8).sum(1), rtol=1e-5)
+        np.testing.assert_allclose(Pw["points"][f"{i}/attn.heads"]["energy"], ez2[i] * w2[i], rtol=1e-4)
+
+    page, errors = open_page(browser, weighted)
+    try:
+        assert page.get_attribute("#layer-list .lyr[data-layer='2']", "class") == "lyr dropped"
+        assert page.get_attribute("#layer-list .lyr[data-layer='0']", "class") == "lyr cur"
+        assert page.get_attribute("#heads-map", "data-removed") == str(sum(map(len, removed.values())))
+        assert page.query_selector("#heads-map .main-svg") is not None
+        page.select_option("#site", "attn.heads")
+        tr = page.evaluate("""() => document.getElementById('scatter').data.map(t => ({name: t.name,
+            ids: Array.from(t.customdata), color: t.marker.color[0], symbol: t.marker.symbol}))""")
+        assert len(tr) == 6 and all(t["name"].startswith(f"head {h} · kv {h // 3}") for h, t in enumerate(tr))
+        for h, t in enumerate(tr):
+            assert sorted(t["ids"]) == list(range(8 * h, 8 * h + 8))                  # channels of head h
+            assert ("removed" in t["name"]) == (h in removed[0]) and (t["symbol"] == "x") == (h in removed[0])
+            assert (t["color"] == "#9e9e9e") == (h in removed[0])
+        status = page.evaluate("Array.from(document.querySelectorAll('#heads-table tr[data-head]'))"
+                               ".map(r => r.className)")
+        assert status == ["removed" if h in removed[0] else "" for h in range(6)]
+        page.click("#layer-list .lyr[data-layer='2']")
+        page.wait_for_function("document.getElementById('scatter').getAttribute('data-key') === '2/attn.heads'")
+        assert "removed whole" in page.inner_text("#info")
+        assert page.get_attribute("#layer-list .lyr[data-layer='2']", "class") == "lyr dropped cur"
+        assert page.query_selector("#summary-heads tbody tr") is not None
         assert errors == []
     finally:
         page.close()

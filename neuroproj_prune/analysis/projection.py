@@ -32,7 +32,10 @@ Two modes:
   averaged with all_reduce before each step, and rank 0 writes.
 
 File format (safetensors): one float32 tensor `layer.{i}.{site}` of shape (N, n) per layer and site,
-metadata key `neuroproj_prune` holding JSON (see `FORMAT` and `_meta`).
+metadata key `neuroproj_prune` holding JSON (see `FORMAT` and `project`). The site `attn.heads` (points = the
+channels of the attention output projection's input) adds the heads' layout of the statistics file's schema
+(`stats.HEAD_KEYS`: head_dim, heads and kv_heads per layer), so that readers group channels into heads
+(`Projections.head_layout`, `Projections.head_of`).
 """
 from __future__ import annotations
 
@@ -49,8 +52,8 @@ from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..io import TensorFile, load_tensors, save_tensors
 from ..model import LoadedModel, adapter_for, load_model
-from ..stats import (SITES, ActivationCapture, Stats, batches, calibration_ids, distributed, join_processes, load_stats,
-                     parse_layers, parse_sites)
+from ..stats import (HEAD_KEYS, HEAD_SITE, SITES, ActivationCapture, Stats, batches, calibration_ids, distributed,
+                     head_layout, head_meta, join_processes, load_stats, parse_layers, parse_sites, site_width)
 
 FORMAT = "neuroproj-prune/projection/1"
 INITS = ("cmds", "single_point", "rand", "randn")
@@ -342,6 +345,20 @@ class Projections(TensorFile):
                                  f"(layers {self.layers}, sites {self.sites})")
         return self._t[key]
 
+    @property
+    def head_layout(self) -> dict | None:
+        """The heads' layout of site attn.heads (`stats.head_layout`: head_dim, heads and kv_heads per layer);
+        None when the file has no such site."""
+        return head_layout(self.meta, self.path or "projections")
+
+    def head_of(self, layer: int) -> torch.Tensor:
+        """The query head of every point of (layer, attn.heads): channel c belongs to head c // head_dim."""
+        P, lay = self.get(layer, HEAD_SITE), self.head_layout
+        if lay is None or P.shape[0] != lay["heads"][int(layer)] * lay["head_dim"]:
+            raise NeuroprojError(f"the projections of layer {layer} {HEAD_SITE} do not fit their heads' layout "
+                                 f"({lay}): re-run project")
+        return torch.arange(P.shape[0]) // lay["head_dim"]
+
     def stress(self, layer: int, site: str = DEFAULT_SITE) -> float:
         self.get(layer, site)
         return float(self.meta["stress"][f"{int(layer)}/{site}"])
@@ -561,7 +578,7 @@ def _minibatch(lm, data, keys, *, dims, init, norm_order, lr, steps, epochs, sam
     if per_epoch < 1:
         raise NeuroprojError(f"{len(windows)} batch(es) for {world} processes: use more --samples or a smaller --batch-size")
     total_steps = int(steps) if steps is not None else per_epoch * int(epochs)
-    widths = {(i, s): (adapter.width(m, i) if s == "mlp.neurons" else adapter.hidden_size(m)) for i, s in keys}
+    widths = {(i, s): site_width(m, i, s) for i, s in keys}
     pdev = _device(device) if device not in (None, "auto") else next(m.parameters()).device
     fitter = MinibatchFitter(widths, dims, init=init, norm_order=norm_order, lr=lr, seed=seed, device=pdev)
     ckdir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -776,6 +793,9 @@ def project(stats_or_path=None, config: ProjectConfig | None = None, *, out=None
         "seed": seed, "seconds": round(time.time() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **extra,
     }
+    if HEAD_SITE in sites:   # the heads' layout, as the statistics file's schema writes it
+        layout = stats.head_layout if stats is not None and mode == "exact" else head_meta(lm.model)
+        meta.update({k: layout[k] for k in HEAD_KEYS})
     proj = Projections(tensors, meta)
     if out is not None and int(os.environ.get("RANK", "0")) == 0:
         proj.save(out)

@@ -84,8 +84,8 @@ class Adapter:
     #    concatenated (head h: channels [h·hd, (h+1)·hd)), as the input of the MLP's output projection is its
     #    neurons; under grouped-query attention query head h reads key/value head h // (H/KV).
     def heads_refusal(self, model) -> str | None:
-        """Why this family's attention heads cannot be pruned (None: they can)."""
-        return (f"{model.config.model_type}: pruning attention heads is not supported for this family (its "
+        """Why this family's attention heads cannot be pruned (None: they can). `model`: a model or its config."""
+        return (f"{getattr(model, 'config', model).model_type}: pruning attention heads is not supported for this family (its "
                 f"attention reads the head count from the shared config); prune MLP neurons or layers only")
 
     def head_dim(self, model) -> int:

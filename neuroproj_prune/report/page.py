@@ -11,6 +11,12 @@ files are absent is left out):
   removed). Hover: neuron index, cluster, activation energy — E[h²]·‖w_out‖² when the model's weights
   are known (`model=`, or the model the statistics name when it loads locally), else E[h²] from
   `stats.safetensors` — and for removed neurons the representative they are folded into.
+  The site `attn.heads` (the channels of o_proj's input) is grouped by head with the layout the projection
+  file carries (`stats.head_layout`): one legend entry and colour per head, kept and removed heads from a
+  plan/2's `heads`, a per-head table (key/value group, status, energy Σ_c E[z_c²]·‖W_o[:, c]‖² over the head's
+  channels, Σ_c E[z_c²] without the model's weights) and a layers × heads map beside the scatter; the layers a
+  plan removes whole (`drop_layers`) are struck through in the layer list, and their neurons and heads shown as
+  removed. The prune summary adds the plan's heads per layer and the layers it removes.
 - `trace.safetensors` (from `neuroproj_prune.trace`) — a token slider over prompt and generated tokens,
   the text with the current token highlighted, points sized by |activation| and coloured by sign on a
   scale centred at zero.
@@ -61,11 +67,11 @@ from ..model import LoadedModel, load_model
 from ..evaluate.api import read_eval
 from ..prune.api import SUMMARY_FILE, read_summary
 from ..prune.plan_file import Plan
-from ..stats import parse_layers, second_moment_diagonals
+from ..stats import HEAD_SITE, head_layout, parse_layers, second_moment_diagonals
 from ..sweep import RESULTS_CSV, read_results
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-SITE_ORDER = ("mlp.neurons", "mlp.out", "attn.out")
+SITE_ORDER = ("mlp.neurons", "attn.heads", "mlp.out", "attn.out")
 DATA_ID = "npp-data"
 
 # The size budget (see the module docstring). 20 MB: a page Chromium parses and draws in a few seconds, and
@@ -177,9 +183,11 @@ def _weights_bytes(spec) -> int | None:
 
 
 def _energy_weights(model, stats_meta, layers, notes):
-    """‖w_out,j‖² per layer from a model (LoadedModel/spec), or None. `model="auto"`: the model the stats
-    name, only when it is a local directory (of at most AUTO_MODEL_MAX_BYTES of weights: the report does not
-    load an 8B model on its own) or the offline alias, and its fingerprint matches."""
+    """{(layer, site): squared norms of the output map's columns}: ‖w_out,j‖² of the MLP (`mlp.neurons`) and,
+    where the family has heads, ‖W_o[:, c]‖² of the attention output projection (`attn.heads`), from a model
+    (LoadedModel/spec), or None. `model="auto"`: the model the stats name, only when it is a local directory (of
+    at most AUTO_MODEL_MAX_BYTES of weights: the report does not load an 8B model on its own) or the offline
+    alias, and its fingerprint matches."""
     if model is None or model is False or stats_meta is None:
         return None
 
@@ -203,11 +211,15 @@ def _energy_weights(model, stats_meta, layers, notes):
         else:
             lm = load_model(str(model), dtype="float32", device="cpu")
         a = lm.adapter
+        heads = a.heads_refusal(lm.model) is None
         out = {}
         for i in range(a.num_layers(lm.model)):
             if i in layers:
                 W = a.out_weight(lm.model, i).detach().double().cpu()
-                out[i] = (W * W).sum(0).numpy()
+                out[(i, "mlp.neurons")] = (W * W).sum(0).numpy()
+                if heads:   # nn.Linear: y = W_o z, W_o (d, H·hd)
+                    W = a.attn_out_proj(lm.model, i).weight.detach().double().cpu()
+                    out[(i, HEAD_SITE)] = (W * W).sum(0).numpy()
         return out
     except Exception as e:  # noqa: BLE001 - a model that does not load only costs the weights
         if model != "auto":
@@ -252,7 +264,8 @@ def _gather_points(run: Path, model, layers_spec, notes: list[str]):
     num_layers = int((stats_meta or {}).get("num_layers") or (max(proj.layers) + 1 if proj.layers else 0))
     layers = _layer_selection(layers_spec, proj.layers, num_layers)
     if stats_meta is not None:
-        _, e2 = second_moment_diagonals(sf, layers=layers, sites=sites)
+        want = sites + ([HEAD_SITE] if HEAD_SITE in (stats_meta.get("sites") or []) and HEAD_SITE not in sites else [])
+        _, e2 = second_moment_diagonals(sf, layers=layers, sites=want)
     clusters = None
     if (run / "clusters.json").is_file():
         clusters = load_clusters(run / "clusters.json")
@@ -265,6 +278,15 @@ def _gather_points(run: Path, model, layers_spec, notes: list[str]):
                        clusters=clusters.meta.get("fingerprint") if clusters is not None else None,
                        plan=plan.meta.get("fingerprint") if plan is not None else None)
     wout = _energy_weights(model, stats_meta, set(layers), notes)
+    layout, bad = None, []  # the heads' layout: the projection file's, else the statistics' (the same schema)
+    for meta, where in ((proj.meta, "projections.safetensors"), (stats_meta, "stats.safetensors")):
+        try:
+            layout = layout or head_layout(meta or {}, where)
+        except NeuroprojError as e:
+            bad.append(str(e))
+    if layout is None and bad:
+        notes.append(f"{bad[0]}: points of {HEAD_SITE} not grouped into heads")
+    dropped = set(plan.drop) if plan is not None else set()
     cl_site = (clusters.meta.get("site") or "mlp.neurons") if clusters is not None else None
     sets, role_src = [], set()
     for i in layers:
@@ -287,11 +309,20 @@ def _gather_points(run: Path, model, layers_spec, notes: list[str]):
                 ps["n_clusters"] = lc.n_clusters
             e = e2.get((i, s))
             if e is not None and e.shape[0] == N:
-                if s == "mlp.neurons" and wout is not None and i in wout and wout[i].shape[0] == N:
-                    e = e * wout[i]
+                w = (wout or {}).get((i, s))
+                if w is not None and w.shape[0] == N:
+                    e = e * w
                 ps["fields"].append(("energy", e, "f4"))
             role = rep = None
-            if s == "mlp.neurons" and plan is not None and i in plan.layers and plan.layers[i]["width"] == N:
+            if s in ("mlp.neurons", HEAD_SITE) and i in dropped:   # the whole layer goes
+                role, rep = np.ones(N, dtype=np.uint8), np.full(N, -1, dtype=np.int64)
+                ps["dropped"] = True
+                role_src.add(f"plan ({plan_src}): layers removed whole")
+            elif s == HEAD_SITE and plan is not None and (plan.heads or dropped):
+                role, rep = _head_roles(plan.heads.get(i), layout, i, N)
+                if role is not None:
+                    role_src.add(f"plan ({plan_src}): heads")
+            elif s == "mlp.neurons" and plan is not None and i in plan.layers and plan.layers[i]["width"] == N:
                 d = plan.layers[i]
                 role = np.ones(N, dtype=np.uint8)          # 1 removed
                 role[np.asarray(d["keep"], dtype=np.int64)] = 0  # 0 kept
@@ -314,14 +345,78 @@ def _gather_points(run: Path, model, layers_spec, notes: list[str]):
             if role is not None:
                 ps["fields"] += [("role", role, "u1"), ("rep", rep, wide)]
             sets.append(ps)
-    energy_kind = ("E[h²]·‖w_out‖² (mlp.neurons), E[h²] (other sites)" if wout is not None else "E[h²]")
+    energy_kind = ("E[h²]·‖w_out‖² (mlp.neurons), E[z²]·‖W_o[:, c]‖² (attn.heads), E[h²] (other sites)"
+                   if wout is not None else "E[h²]")
     head = {"sites": sites, "dims": proj.dims, "energy_kind": energy_kind, "role_source": sorted(role_src),
+            "heads": _heads_summary(layers, layout, e2, wout, plan, plan_src, notes),
+            "dropped": sorted(dropped), "plan_source": plan_src,
             "cluster_site": cl_site,
             "clusters_meta": _jsonable({k: v for k, v in (clusters.meta if clusters is not None else {}).items()
                                         if isinstance(v, (str, int, float, bool, type(None)))}),
             "projection_meta": _jsonable({k: proj.meta.get(k) for k in ("mode", "dims", "norm_order", "init", "model")}),
             "all_layers": proj.layers}
     return {"head": head, "sets": sets, "layers": layers}
+
+
+def _head_roles(entry, layout, i, N):
+    """(role, rep) of the N channels of (layer i, attn.heads) from a plan/2 heads entry: 0 kept, 1 removed (a
+    head has no representative: rep −1); channel c is head c // head_dim. A layer the plan leaves alone keeps every
+    head; an entry (or a layout) that does not fit the projected channels gives no roles (`_heads_summary` notes
+    a plan of other head counts)."""
+    if layout is None or i >= len(layout["heads"]) or layout["heads"][i] * layout["head_dim"] != N:
+        return None, None
+    hd = layout["head_dim"]
+    role = np.zeros(N, dtype=np.uint8)
+    if entry is not None:
+        if entry["heads"] * hd != N or any(not 0 <= h < entry["heads"] for h in entry["keep"]):
+            return None, None
+        role[:] = 1
+        for h in entry["keep"]:
+            role[h * hd:(h + 1) * hd] = 0
+    return role, np.full(N, -1, dtype=np.int64)
+
+
+def _heads_summary(layers, layout, e2, wout, plan, plan_src, notes):
+    """The per-head view of every shown layer: heads H, key/value heads KV, each head's energy Σ_c E[z_c²]
+    (·‖W_o[:, c]‖² with the model's weights) over its head_dim channels, and its role (0 kept, 1 removed) from
+    the plan; a layer the plan removes whole has every head removed. From the heads' layout of the files, else
+    from the plan's heads entries (no energy then). None when neither says anything about heads."""
+    heads = plan.heads if plan is not None else {}
+    drop = set(plan.drop) if plan is not None else set()
+    if layout is None and not heads:
+        return None
+    rows = []
+    for i in layers:
+        if layout is not None and i < len(layout["heads"]):
+            H, KV, hd = layout["heads"][i], layout["kv_heads"][i], layout["head_dim"]
+        elif i in heads:
+            H, KV, hd = heads[i]["heads"], heads[i]["kv_heads"], None
+        else:
+            continue
+        row = {"layer": i, "H": H, "KV": KV, "energy": None, "role": None, "dropped": i in drop}
+        z = e2.get((i, HEAD_SITE))
+        if hd is not None and z is not None and z.shape[0] == H * hd:
+            w = (wout or {}).get((i, HEAD_SITE))
+            row["energy"] = [float(x) for x in (z * w if w is not None and w.shape == z.shape else z)
+                             .reshape(H, hd).sum(1)]
+        entry = heads.get(i)
+        if i in drop:
+            row["role"] = [1] * H
+        elif entry is not None and entry["heads"] == H:
+            keep = set(entry["keep"])
+            row["role"] = [0 if h in keep else 1 for h in range(H)]
+        elif entry is not None:
+            notes.append(f"plan: layer {i} has {entry['heads']} heads in the plan, {H} in the statistics: its heads "
+                         f"are not marked")
+        elif heads or drop:
+            row["role"] = [0] * H
+        rows.append(row)
+    if not rows:
+        return None
+    kind = ("Σ E[z²]·‖W_o[:, c]‖² over the head's channels" if wout is not None
+            else "Σ E[z²] over the head's channels")
+    return {"head_dim": layout["head_dim"] if layout else None, "rows": rows, "energy_kind": kind,
+            "source": f"plan ({plan_src})" if heads or drop else None}
 
 
 _ITEM = {"f2": 2, "f4": 4, "i4": 4, "i2": 2, "i1": 1, "u1": 1}
@@ -372,6 +467,8 @@ def _encode_set(ps, M: int) -> dict:
     sel = (lambda a: a) if idx is None else (lambda a: a[idx])
     e = {"N": N, "M": N if idx is None else len(idx), "n": ps["n"], "xyz": _enc(sel(ps["P"]), "f2"),
          "idx": None if idx is None else _enc(idx, ps["idx_dtype"]), "stress": ps["stress"]}
+    if ps.get("dropped"):
+        e["dropped"] = True
     for name, a, dt in ps["fields"]:
         e[name] = _enc(sel(a), dt)
     if "n_clusters" in ps:
@@ -491,7 +588,9 @@ def _png_bytes(path: Path) -> int:
 
 
 def _summary_section(run: Path):
-    """The prune summary (prune/api.py's schema) and the plan's widths of the run's checkpoint."""
+    """The prune summary (prune/api.py's schema) and, from the plan of the run's checkpoint, its widths before, the
+    dense indices of the kept layers (`layers`, when the plan names every one), the layers removed whole and the
+    heads before and kept per layer."""
     for d in (run / "pruned", run):
         if (d / SUMMARY_FILE).is_file():
             s = read_summary(d)
@@ -500,7 +599,13 @@ def _summary_section(run: Path):
             if plan.is_file():
                 p = Plan.load(plan)
                 widths = [p.layers[i]["width"] for i in sorted(p.layers)]
-            return {"file": str((d / SUMMARY_FILE).relative_to(run)), "summary": _jsonable(s), "widths": widths}
+                layers = sorted(p.layers) if len(p.layers) == len(s["kept"]) else None
+                heads = [{"layer": i, "before": e["heads"], "kept": len(e["keep"]), "kv_before": e["kv_heads"],
+                          "kv_kept": len(e["keep_kv"])} for i, e in sorted(p.heads.items())]
+            else:
+                layers, heads, p = None, [], None
+            return {"file": str((d / SUMMARY_FILE).relative_to(run)), "summary": _jsonable(s), "widths": widths,
+                    "layers": layers, "dropped": sorted(p.drop) if p is not None else [], "heads": heads}
     return None
 
 

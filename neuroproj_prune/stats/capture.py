@@ -10,7 +10,9 @@ The forwards that capture run under bfloat16 autocast where `compute_dtype_for` 
 (`compute_dtype` "auto": CPUs with AVX512-BF16/AMX, CUDA): the activations are then bfloat16 products.
 
 Sites of a layer: `mlp.neurons` = input of the MLP output projection, `mlp.out` = output of the MLP block,
-`attn.out` = output of the attention block.
+`attn.out` = output of the attention block, `attn.heads` = input of the attention output projection (the heads'
+outputs concatenated: head h owns channels [h·head_dim, (h+1)·head_dim); only in families whose adapter knows the
+head layout, see `check_sites`).
 """
 from __future__ import annotations
 
@@ -77,7 +79,31 @@ def hooked(points, fn):
             h.remove()
 
 
-SITES = ("mlp.neurons", "mlp.out", "attn.out")
+SITES = ("mlp.neurons", "mlp.out", "attn.out", "attn.heads")
+HEAD_SITE = "attn.heads"
+
+
+def check_sites(model, sites) -> None:
+    """Refuse, in one line, a site the model's family does not have: `attn.heads` needs an adapter that knows
+    the heads' layout (`Adapter.heads_refusal` is None). `model`: a model or its config."""
+    if HEAD_SITE in sites:
+        why = adapter_for(model).heads_refusal(model)
+        if why is not None:
+            raise NeuroprojError(f"site {HEAD_SITE} is not supported for {getattr(model, 'config', model).model_type} models (the tool "
+                                 f"reads attention heads only in the families whose heads it can prune); use the "
+                                 f"sites {', '.join(s for s in SITES if s != HEAD_SITE)}")
+
+
+def site_width(model, i, site) -> int:
+    """Channels of `site` in layer i: the MLP width (`mlp.neurons`), heads × head_dim (`attn.heads`), else the
+    hidden size."""
+    a = adapter_for(model)
+    if site == "mlp.neurons":
+        return a.width(model, i)
+    if site == HEAD_SITE:
+        check_sites(model, [site])
+        return a.num_heads(model, i) * a.head_dim(model)
+    return a.hidden_size(model)
 
 
 def parse_layers(spec, num_layers: int) -> list[int]:
@@ -132,13 +158,15 @@ class ActivationCapture:
     (tokens, width), in the order the layers run. Used by statistics, minibatch projection and traces.
 
     Sites: `mlp.neurons` = input of the MLP output projection (forward pre-hook), `mlp.out` = output of
-    the MLP block, `attn.out` = output of the attention block.
+    the MLP block, `attn.out` = output of the attention block, `attn.heads` = input of the attention output
+    projection (forward pre-hook; refused in one line for families without a known head layout).
     """
 
     def __init__(self, model, layers, sites, fn, stop_after_last: bool = True, compute: torch.dtype | None = None):
         self.model, self.fn, self.compute = model, fn, compute
         self.adapter: Adapter = adapter_for(model)
         self.layers, self.sites = list(layers), list(sites)
+        check_sites(model, self.sites)
         self.stop_after_last = stop_after_last
         self._mask: torch.Tensor | None = None
         sig = inspect.signature(model.forward).parameters
@@ -154,6 +182,8 @@ class ActivationCapture:
         for i in self.layers:   # (the forward's order decides when each fires, not this list's)
             if "mlp.neurons" in self.sites:
                 pts.append(((i, "mlp.neurons"), a.out_proj(m, i), "in"))
+            if HEAD_SITE in self.sites:
+                pts.append(((i, HEAD_SITE), a.attn_out_proj(m, i), "in"))
             if "attn.out" in self.sites:
                 pts.append(((i, "attn.out"), a.attn(m, i), "out"))
             if "mlp.out" in self.sites:

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..model import LoadedModel, adapter_for, load_model
-from .capture import (COMPUTE_DTYPES, SITES, ActivationCapture, batches, compute_dtype_for, nonfinite_hint,
-                      parse_layers, parse_sites)
+from .capture import (COMPUTE_DTYPES, HEAD_SITE, SITES, ActivationCapture, batches, check_sites, compute_dtype_for,
+                      nonfinite_hint, parse_layers, parse_sites, site_width)
 from .data import calibration_samples
 from .moments import Moments
 from .processes import available_memory, distributed
-from .stats_file import FORMAT, Stats
+from .stats_file import FORMAT, Stats, head_meta
 
 
 # ------------------------------------------------------------------------------------------ accumulate
@@ -60,6 +60,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
     L = adapter.num_layers(model)
     layers = parse_layers(layers, L)
     sites = parse_sites(sites)
+    check_sites(model, sites)
     dev = next(model.parameters()).device
     cdt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     K = int(cross_layer_window)
@@ -73,7 +74,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
     width = {i: {} for i in layers}
     for i in layers:
         for s in sites:
-            width[i][s] = adapter.width(model, i) if s == "mlp.neurons" else adapter.hidden_size(model)
+            width[i][s] = site_width(model, i, s)
     need = memory_needed(width, pairs, 4096)
     avail = max_memory if max_memory is not None else available_memory(dev)
     if need > avail:
@@ -171,7 +172,9 @@ class CollectConfig(Config):
     seqlen: int = opt(512, "tokens per window", ge=2)
     seed: int = opt(0, "which windows are drawn", ge=0)
     sites: tuple = opt(("mlp.neurons",), "comma list of activation sites: mlp.neurons (the MLP's neurons), mlp.out "
-                       "(the MLP block's output), attn.out (the attention block's output)", SITES, item=str)
+                       "(the MLP block's output), attn.out (the attention block's output), attn.heads (the attention "
+                       "heads' outputs: the input of the attention output projection, head_dim channels a head)",
+                       SITES, item=str)
     layers: str | None = opt(None, "layer SPEC such as 0-3,7 (negative indices count from the end; default all)",
                              kind=str)
     cross_layer_window: int = opt(0, "also collect Σ h_l h_mᵀ of mlp.neurons for layer pairs l < m <= l+K (the "
@@ -205,6 +208,7 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
     max_memory = None if cfg.max_memory_gb is None else int(cfg.max_memory_gb * 2**30)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     m = lm.model
+    check_sites(m, parse_sites(sites))   # before the data is read
     if isinstance(data, (str, os.PathLike)):
         ids, desc = calibration_ids(lm, data, samples, seqlen, seed)
     else:
@@ -222,6 +226,7 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
     totals, cross = accumulate(m, mine, layers=layers, sites=sites, cross_layer_window=cross_layer_window,
                                num_batches=len(mine), progress=progress, max_memory=max_memory, compute=compute)
     adapter = adapter_for(m)
+    meta_sites = list(parse_sites(sites))
     meta = {
         "format": FORMAT,
         "model": lm.spec,
@@ -232,7 +237,7 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
         "mlp_in_blocks": adapter.in_blocks(),
         "widths": [adapter.width(m, i) for i in range(adapter.num_layers(m))],
         "layers": sorted({i for i, _ in totals}),
-        "sites": list(parse_sites(sites)),
+        "sites": meta_sites,
         "cross_layer_window": int(cross_layer_window),
         "tokens": next(iter(totals.values())).tokens,
         "data": desc,
@@ -243,6 +248,7 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
         "compute_dtype": None if compute is None else str(compute).replace("torch.", ""),
         "processes": world,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(head_meta(m) if HEAD_SITE in meta_sites else {}),
     }
     stats = Stats._from_totals(totals, cross, meta)
     if out is not None and rank == 0:

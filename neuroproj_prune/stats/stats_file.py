@@ -5,6 +5,11 @@ Per (layer, site): `layer.{i}.{site}.count` (int64, 1), `.shift` c (N), `.sum` S
 G = Σ (h − c)(h − c)ᵀ (N, N), float64; per collected cross-layer pair `cross.{l}.{m}.gram` (N_l, N_m). The JSON
 metadata says the model (fingerprint, widths, hidden size), layers, sites, the data and the settings. `Stats`
 derives every moment from them (float64, CPU); `load_stats` checks a file against this schema.
+
+With the site `attn.heads` the metadata also holds the heads' layout (`HEAD_KEYS`): `head_dim` and, per layer of
+the model, `heads` (query heads H_i) and `kv_heads` (key/value heads KV_i); channel c of layer i belongs to query
+head c // head_dim, which reads key/value head (c // head_dim) // (H_i / KV_i). `head_meta(model)` writes them,
+`head_layout(meta)` reads them (the projection file carries the same keys; the viewer reads them there).
 """
 from __future__ import annotations
 
@@ -12,10 +17,51 @@ import torch
 
 from ..errors import NeuroprojError
 from ..io import LazyTensorFile, TensorFile, file_sha256, load_tensors
-from ..model import LoadedModel
+from ..model import LoadedModel, adapter_for
 from .moments import correlation, dead_neurons
 
 FORMAT = "neuroproj-prune/stats/1"
+HEAD_KEYS = ("head_dim", "heads", "kv_heads")
+
+
+def head_meta(model) -> dict:
+    """The header fields that group the channels of site `attn.heads` into heads (see the module docstring)."""
+    a = adapter_for(model)
+    L = a.num_layers(model)
+    return {"head_dim": int(a.head_dim(model)), "heads": [int(a.num_heads(model, i)) for i in range(L)],
+            "kv_heads": [int(a.num_kv_heads(model, i)) for i in range(L)]}
+
+
+def head_layout(meta: dict, where: str = "the file") -> dict | None:
+    """`{"head_dim": hd, "heads": [H_i], "kv_heads": [KV_i]}` from a statistics or projection header; None when
+    the header has none (no site attn.heads); one error when it is malformed (H_i not a multiple of KV_i, ...)."""
+    if not isinstance(meta, dict) or all(k not in meta for k in HEAD_KEYS):
+        return None
+    hd, H, KV = (meta.get(k) for k in HEAD_KEYS)
+    ok = (_count(hd) and isinstance(H, list) and isinstance(KV, list) and len(H) == len(KV)
+          and all(_count(h) and _count(k) and h % k == 0 for h, k in zip(H, KV)))
+    if not ok:
+        raise NeuroprojError(f"{where}: the heads' layout in the header (head_dim, heads, kv_heads) is damaged: "
+                             f"re-run collect")
+    return {"head_dim": int(hd), "heads": [int(h) for h in H], "kv_heads": [int(k) for k in KV]}
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def site_width_of(meta: dict, layer: int, site: str, where: str = "the file") -> int:
+    """Channels of (layer, site) as a statistics header says: widths[i] (`mlp.neurons`), heads[i]·head_dim
+    (`attn.heads`), else hidden_size."""
+    if site == "mlp.neurons":
+        return int(meta["widths"][layer])
+    if site == "attn.heads":
+        lay = head_layout(meta, where)
+        if lay is None:
+            raise NeuroprojError(f"{where}: site attn.heads without the heads' layout (head_dim, heads, kv_heads) in "
+                                 f"the header: re-run collect")
+        return lay["heads"][layer] * lay["head_dim"]
+    return int(meta["hidden_size"])
 
 
 class Stats(TensorFile):
@@ -53,6 +99,11 @@ class Stats(TensorFile):
                 f"re-run collect with those --layers/--sites"
             )
         return self._t[key]
+
+    @property
+    def head_layout(self) -> dict | None:
+        """The heads' layout of site attn.heads (`head_layout`), None without that site."""
+        return head_layout(self.meta, self.path or "statistics")
 
     def count(self, layer, site="mlp.neurons") -> int:
         return int(self._get(layer, site, "count")[0])
@@ -116,9 +167,13 @@ class Stats(TensorFile):
                 not layers or not sites:
             raise NeuroprojError(f"{where}: the header's layers {layers} / sites {sites} do not fit its {L} layers and "
                                  f"{len(widths)} widths: {damaged}")
+        try:
+            width = {(i, s): site_width_of(self.meta, i, s, where) for i in layers for s in sites}
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise NeuroprojError(f"{where}: the header's widths do not give every site's width: {damaged}") from None
         for i in layers:
             for s in sites:
-                N = widths[i] if s == "mlp.neurons" else d
+                N = width[(i, s)]
                 shapes = {"count": (1,), "shift": (N,), "sum": (N,), "gram": (N, N)}
                 for what, shape in shapes.items():
                     x = self._t.get(f"layer.{i}.{s}.{what}")

@@ -13,6 +13,9 @@
     { name: "removed (folded)", sym: "x", sym2: "x-thin-open", size3: 4, size2: 7, glyph: "×" },
     { name: "kept representative", sym: "diamond", sym2: "diamond", size3: 7, size2: 10, glyph: "◆" },
   ];
+  // a layer the plan removes whole (drop_layers): every point removed, nothing folded
+  const ROLE_DROPPED = { name: "removed (layer removed whole)", sym: "x", sym2: "x-thin-open", size3: 4, size2: 7 };
+  const HEAD_SITE = "attn.heads";
   const PCFG = { displaylogo: false, responsive: true };
 
   // ------------------------------------------------------------------------------------ decoding
@@ -143,7 +146,7 @@
   const state = { site: null, layerIdx: 0, token: 0, colour: "cluster" };
   const P = D.projections;
   const TR = D.trace;
-  let scatterDiv = null, tokenSpans = [];
+  let scatterDiv = null, tokenSpans = [], selectLayer = () => {};
 
   function keyOf() { return P.layers[state.layerIdx] + "/" + state.site; }
   function traceRow(key, t) {
@@ -155,6 +158,17 @@
     return row;
   }
   function activationMode(key) { return state.colour === "activation" && TR && TR.acts[key]; }
+  function isDropped(layer) { return !!(P.dropped && P.dropped.indexOf(layer) >= 0); }
+  /* The heads of a (layer, attn.heads) set: {hd, H, KV, row} (row: P.heads.rows' entry, with per-head energy
+     and role), or null when the page has no heads' layout that fits the set (its points are then shown as any site's). */
+  function headInfo(key) {
+    const e = P.points[key], HS = P.heads, parts = key.split("/");
+    if (!e || !HS || !HS.head_dim || parts.slice(1).join("/") !== HEAD_SITE) return null;
+    const row = HS.rows.find((r) => r.layer === +parts[0]);
+    if (!row || row.H * HS.head_dim !== e.N) return null;
+    return { hd: HS.head_dim, H: row.H, KV: row.KV, row: row };
+  }
+  function headGone(hi, h) { return !!(hi.row.role && hi.row.role[h] === 1); }
 
   function buildTraces(key) {
     const e = P.points[key];
@@ -162,14 +176,31 @@
     const cl = arr(e.cluster), role = arr(e.role), rep = arr(e.rep), en = arr(e.energy);
     const act = activationMode(key) ? traceRow(key, state.token) : null;
     const A = act ? (TR.acts[key].absmax || 1) : 1;
-    const groups = role ? [[], [], []] : [[]];
-    for (let k = 0; k < M; k++) groups[role ? role[k] : 0].push(k);
+    const hi = headInfo(key);
+    // one group per role (kept, removed, representative), or per head on the head site: {R, name, colour, gi}
+    let groups;
+    if (hi) {
+      const g = hi.H / hi.KV;
+      groups = [];
+      for (let h = 0; h < hi.H; h++) {
+        const gone = headGone(hi, h);
+        groups.push({ items: [], gi: gone ? 1 : 0, R: gone ? (e.dropped ? ROLE_DROPPED : ROLE[1]) : ROLE[0], head: h,
+          name: "head " + h + " · kv " + Math.floor(h / g) + (gone ? " · removed" : ""),
+          colour: gone ? NOISE : PALETTE[h % PALETTE.length] });
+      }
+      for (let k = 0; k < M; k++) groups[Math.min(hi.H - 1, Math.floor((idx ? idx[k] : k) / hi.hd))].items.push(k);
+    } else {
+      groups = (role ? [0, 1, 2] : [0]).map((gi) => ({ items: [], gi: gi, name: null, colour: null,
+        R: !role ? { name: "neurons", sym: "circle", sym2: "circle", size3: 4.5, size2: 7 }
+          : gi === 1 && e.dropped ? ROLE_DROPPED : ROLE[gi] }));
+      for (let k = 0; k < M; k++) groups[role ? role[k] : 0].items.push(k);
+    }
     const three = n >= 3, two = n === 2;
     const traces = [];
     let first = true;
-    groups.forEach((g, gi) => {
+    groups.forEach((G) => {
+      const g = G.items, gi = G.gi, R = G.R;
       if (!g.length) return;
-      const R = role ? ROLE[gi] : { name: "neurons", sym: "circle", sym2: "circle", size3: 4.5, size2: 7 };
       const x = [], y = [], z = [], color = [], size = [], text = [];
       for (const k of g) {
         const j = idx ? idx[k] : k;
@@ -178,9 +209,13 @@
         else if (two) y.push(xyz[k * n + 1]);
         else y.push((((j * 2654435761) >>> 0) % 1000) / 500 - 1);
         const c = cl ? cl[k] : null;
-        let h = "neuron " + j + "<br>cluster " + (c === null ? "–" : c < 0 ? "noise" : c);
+        let h = hi ? "channel " + j + " · head " + G.head + " (kv " + Math.floor(G.head / (hi.H / hi.KV)) + ")"
+          : "neuron " + j + "<br>cluster " + (c === null ? "–" : c < 0 ? "noise" : c);
+        if (hi && c !== null) h += "<br>cluster " + (c < 0 ? "noise" : c);
         if (en) h += "<br>energy " + fmt(en[k]);
-        if (role) {
+        if (e.dropped) h += "<br>removed (the plan removes layer " + P.layers[state.layerIdx] + " whole)";
+        else if (hi && hi.row.role) h += G.gi === 1 ? "<br>removed (head " + G.head + " removed)" : "<br>kept";
+        else if (role) {
           if (role[k] === 1) h += "<br>removed → folded into " + (rep[k] >= 0 ? rep[k] : "–");
           else if (role[k] === 2) h += "<br>kept (representative)";
           else h += "<br>kept";
@@ -191,20 +226,20 @@
           color.push(a);
           size.push((three ? 3 : 4) + (three ? 16 : 20) * Math.abs(a) / A);
         } else {
-          color.push(c === null ? (role ? ["#1565c0", "#c62828", "#000000"][gi] : "#1565c0")
+          color.push(G.colour ? G.colour : c === null ? (role ? ["#1565c0", "#c62828", "#000000"][gi] : "#1565c0")
             : c < 0 ? NOISE : PALETTE[c % PALETTE.length]);
           size.push(three ? R.size3 : R.size2);
         }
         text.push(h);
       }
-      const marker = { size: size, color: color, symbol: three ? R.sym : R.sym2, opacity: gi === 1 && role ? 0.75 : 0.9 };
+      const marker = { size: size, color: color, symbol: three ? R.sym : R.sym2, opacity: gi === 1 && (role || hi) ? 0.75 : 0.9 };
       if (gi === 2 && role) marker.line = { color: "#000", width: 1 };
       if (act) {
         Object.assign(marker, { colorscale: [[0, "#2166ac"], [0.25, "#67a9cf"], [0.5, "#d9d9d9"], [0.75, "#ef8a62"], [1, "#b2182b"]], cmin: -A, cmax: A, cmid: 0, showscale: first,
           colorbar: { title: { text: "activation" }, thickness: 14, len: 0.7 } });
         first = false;
       }
-      const tr = { name: R.name + " (" + g.length + ")", x: x, y: y, text: text, hovertemplate: "%{text}<extra></extra>",
+      const tr = { name: (G.name || R.name) + " (" + g.length + ")", x: x, y: y, text: text, hovertemplate: "%{text}<extra></extra>",
         mode: "markers", marker: marker, customdata: g };
       if (three) { tr.type = "scatter3d"; tr.z = z; } else tr.type = M > 4000 ? "scattergl" : "scatter";
       traces.push(tr);
@@ -214,7 +249,8 @@
 
   function layout(key) {
     const e = P.points[key];
-    const title = "layer " + P.layers[state.layerIdx] + " · " + state.site + " · " + e.M + " of " + e.N + " neurons";
+    const title = "layer " + P.layers[state.layerIdx] + " · " + state.site + " · " + e.M + " of " + e.N +
+      (headInfo(key) ? " channels" : " neurons") + (isDropped(P.layers[state.layerIdx]) ? " · layer removed whole" : "");
     const L = { title: { text: title, font: { size: 14 } }, margin: { l: 10, r: 10, t: 40, b: 10 }, showlegend: true,
       legend: { x: 0, y: 1 }, uirevision: state.site, hovermode: "closest" };
     if (e.n >= 3) L.scene = { xaxis: { title: { text: "p1" } }, yaxis: { title: { text: "p2" } }, zaxis: { title: { text: "p3" } }, aspectmode: "data" };
@@ -226,11 +262,17 @@
   function updateInfo(key) {
     const e = P.points[key], info = document.getElementById("info");
     info.textContent = "";
-    const rows = [["layer", P.layers[state.layerIdx]], ["site", state.site], ["neurons", e.N + (e.M < e.N ? " (" + e.M + " shown)" : "")],
+    const rows = [["layer", P.layers[state.layerIdx]], ["site", state.site], [headInfo(key) ? "channels" : "neurons", e.N + (e.M < e.N ? " (" + e.M + " shown)" : "")],
       ["dims", e.n], ["normalised stress", e.stress]];
     if (e.n_clusters !== undefined) rows.push(["clusters", e.n_clusters]);
+    const layerNo = P.layers[state.layerIdx], hi = headInfo(key);
+    if (isDropped(layerNo)) rows.push(["plan", "layer removed whole (drop_layers)"]);
     const role = arr(e.role);
-    if (role) {
+    if (hi) {
+      const kept = hi.row.role ? hi.row.role.filter((r) => r === 0).length : hi.H;
+      rows.push(["heads", hi.H + " in " + hi.KV + " key/value groups, " + hi.hd + " channels each"]);
+      if (hi.row.role) rows.push(["kept / removed heads", kept + " / " + (hi.H - kept)]);
+    } else if (role) {
       const c = [0, 0, 0];
       for (let k = 0; k < role.length; k++) c[role[k]]++;
       rows.push(["kept / of them representatives", (c[0] + c[2]) + " / " + c[2]], ["removed", c[1]]);
@@ -242,11 +284,73 @@
     rows.forEach(([k, v]) => t.append(el("tr", {}, el("td", { text: k }), el("td", { text: fmt(v) }))));
     info.append(t);
     const leg = el("div", { class: "muted" });
-    leg.append(el("p", { text: "Symbols: ● kept · × removed · ◆ kept representative (removed neurons folded into it)." +
+    leg.append(el("p", { text: (hi ? "Symbols: ● kept head · × removed head." : "Symbols: ● kept · × removed · ◆ kept representative (removed neurons folded into it).") +
       (P.role_source.length ? " Roles from " + P.role_source.join("; ") + "." : " No plan or clustering: all neurons alike.") }));
     leg.append(el("p", { text: activationMode(key) ? "Colour: activation sign (red > 0, blue < 0, scale centred at 0, fixed over all tokens); size: |activation|."
+      : hi ? "Colour: head (one legend entry per head; grey × = removed head)."
       : e.cluster ? "Colour: cluster (grey = DBSCAN noise)." : "Colour: role (no clustering for this site)." }));
     info.append(leg);
+    if (hi) info.append(headTable(hi));
+  }
+
+  /* The heads of the layer shown: key/value group, status and energy (shaded by the layer's largest). */
+  function headTable(hi) {
+    const row = hi.row, E = row.energy, g = hi.H / hi.KV;
+    const top = E ? Math.max(...E.map((x) => x || 0)) || 1 : 1;
+    const t = el("table", { id: "heads-table", class: "heads" });
+    t.append(el("tr", {}, el("th", { text: "head" }), el("th", { text: "kv" }), el("th", { text: "status" }),
+      el("th", { text: "energy" })));
+    for (let h = 0; h < hi.H; h++) {
+      const gone = headGone(hi, h);
+      const en = el("td", { class: "num", text: E ? fmt(E[h]) : "–" });
+      if (E) en.style.background = "rgba(21, 101, 192, " + (0.08 + 0.6 * Math.max(0, E[h]) / top).toFixed(3) + ")";
+      const sw = el("span", { class: "swatch" });
+      sw.style.background = gone ? NOISE : PALETTE[h % PALETTE.length];
+      t.append(el("tr", { class: gone ? "removed" : "", "data-head": String(h) },
+        el("td", {}, sw, String(h)), el("td", { text: String(Math.floor(h / g)) }),
+        el("td", { text: row.role ? (gone ? (row.dropped ? "removed (layer)" : "removed") : "kept") : "–" }), en));
+    }
+    return el("div", {}, el("p", { class: "muted", text: "Heads of layer " + row.layer + (row.dropped ? " (removed whole)" : "") +
+      "; energy: " + P.heads.energy_kind + "." }), t);
+  }
+
+  /* The layers × heads map beside the scatter: energy (share of the layer's largest head), removed heads ×,
+     layers removed whole named so on the axis; the layer shown outlined; a click shows that layer. */
+  let headsMap = null;
+  function drawHeadsMap() {
+    const HS = P.heads;
+    const rows = HS.rows, H = Math.max(...rows.map((r) => r.H));
+    const hasE = rows.some((r) => r.energy);
+    const z = rows.map((r) => {
+      const top = r.energy ? Math.max(...r.energy) || 1 : 1;
+      return Array.from({ length: H }, (_, h) => h >= r.H ? null : r.energy ? r.energy[h] / top : r.role ? 1 - r.role[h] : 1);
+    });
+    const text = rows.map((r) => Array.from({ length: H }, (_, h) => h >= r.H ? "" : "layer " + r.layer + " · head " + h +
+      " (kv " + Math.floor(h / (r.H / r.KV)) + ")" + (r.energy ? "<br>energy " + fmt(r.energy[h]) : "") +
+      (r.dropped ? "<br>layer removed whole" : r.role ? (r.role[h] === 1 ? "<br>removed" : "<br>kept") : "")));
+    const gx = [], gy = [];
+    rows.forEach((r) => { if (r.role) r.role.forEach((v, h) => { if (v === 1) { gx.push(h); gy.push(r.layer); } }); });
+    const traces = [{ type: "heatmap", x: Array.from({ length: H }, (_, h) => h), y: rows.map((r) => r.layer), z: z, text: text,
+      hovertemplate: "%{text}<extra></extra>", colorscale: "Blues", zmin: 0, zmax: 1, showscale: false, xgap: 1, ygap: 1 }];
+    if (gx.length) traces.push({ type: "scatter", mode: "markers", x: gx, y: gy, name: "removed", hoverinfo: "skip",
+      marker: { symbol: "x-thin-open", size: 9, color: "#c62828", line: { width: 2, color: "#c62828" } } });
+    const L = { title: { text: "heads: " + (hasE ? "energy (share of the layer's largest)" : "kept / removed"), font: { size: 12 } },
+      margin: { l: 70, r: 8, t: 30, b: 36 }, showlegend: false, height: Math.min(520, 90 + 16 * rows.length),
+      xaxis: { title: { text: "head" }, dtick: H > 16 ? 4 : 1, range: [-0.5, H - 0.5] },
+      yaxis: { autorange: "reversed", tickvals: rows.map((r) => r.layer),
+        ticktext: rows.map((r) => (r.dropped ? "✕ " : "") + "layer " + r.layer), tickfont: { size: 10 } } };
+    headsMap.setAttribute("data-removed", String(gx.length));
+    Plotly.newPlot(headsMap, traces, L, PCFG);
+    headsMap.on("plotly_click", (ev) => {
+      const i = ev.points && ev.points.length ? P.layers.indexOf(ev.points[0].y) : -1;
+      if (i >= 0) selectLayer(i);
+    });
+  }
+  function markHeadsMap() {
+    if (!headsMap || !headsMap.layout) return;
+    const L = P.layers[state.layerIdx];
+    Plotly.relayout(headsMap, { shapes: [{ type: "rect", xref: "paper", x0: 0, x1: 1, yref: "y", y0: L - 0.5, y1: L + 0.5,
+      line: { color: "#e65100", width: 2 }, fillcolor: "rgba(0,0,0,0)" }] });
   }
 
   function update() {
@@ -256,7 +360,9 @@
       scatterDiv.textContent = "no projection for layer " + P.layers[state.layerIdx] + " / " + state.site;
       return;
     }
+    markHeadsMap();
     document.getElementById("layer-label").textContent = String(P.layers[state.layerIdx]);
+    document.querySelectorAll("#layer-list .lyr").forEach((b) => b.classList.toggle("cur", +b.getAttribute("data-i") === state.layerIdx));
     Plotly.react(scatterDiv, buildTraces(key), layout(key), PCFG);
     scatterDiv.setAttribute("data-key", key);
     updateInfo(key);
@@ -301,6 +407,18 @@
     s.append(controls);
     siteSel.addEventListener("change", () => { state.site = siteSel.value; update(); });
     layer.addEventListener("input", () => { state.layerIdx = +layer.value; update(); });
+    selectLayer = (i) => { state.layerIdx = i; layer.value = String(i); update(); };
+    // the layer list: one button per layer shown; the layers the plan removes whole are struck through
+    const list = el("div", { id: "layer-list", class: "layer-list" });
+    P.layers.forEach((L, i) => {
+      const b = el("button", { class: "lyr" + (isDropped(L) ? " dropped" : ""), "data-i": String(i), "data-layer": String(L),
+        title: "layer " + L + (isDropped(L) ? ": removed whole by the plan" : ""), text: String(L) });
+      b.addEventListener("click", () => selectLayer(i));
+      list.append(b);
+    });
+    s.append(list);
+    if (P.dropped && P.dropped.length) s.append(el("p", { class: "muted", text: "Struck through: layers the plan (" + P.plan_source +
+      ") removes whole (" + P.dropped.join(", ") + "); their neurons and heads are shown as removed." }));
     if (TR) {
       state.colour = "activation";
       const colour = el("select", { id: "colour" }, el("option", { value: "activation", text: "trace activation" }),
@@ -328,7 +446,13 @@
           ". " + (m.alignment || "") + (TR.encoding === "i1" ? ". Activations stored as 8-bit integers (per-token scale)." : ".") })));
     }
     scatterDiv = el("div", { id: "scatter" });
-    s.append(el("div", { class: "explorer" }, scatterDiv, el("div", { class: "side", id: "info" })));
+    const side = el("div", { class: "side" }, el("div", { id: "info" }));
+    if (P.heads && P.heads.rows.length && P.heads.rows.some((r) => r.energy || r.role)) {
+      headsMap = el("div", { id: "heads-map" });
+      side.append(headsMap);
+    }
+    s.append(el("div", { class: "explorer" }, scatterDiv, side));
+    if (headsMap) drawHeadsMap();
   }
 
   // ------------------------------------------------------------------------------------- heatmaps
@@ -364,12 +488,21 @@
       const div = el("div", { id: "summary-plot", class: "plot" });
       row.append(div);
       s.append(row);
-      const L = S.kept.map((_, i) => i);
+      // x: the dense model's layer numbers when the plan names every kept layer (a plan that removes layers
+      // leaves gaps), else the checkpoint's
+      const dense = D.summary.layers && D.summary.layers.length === S.kept.length;
+      const L = dense ? D.summary.layers : S.kept.map((_, i) => i);
       const tr = [{ type: "bar", name: "kept", x: L, y: S.kept, marker: { color: "#1565c0" } }];
-      if (D.summary.widths) tr.unshift({ type: "bar", name: "before", x: L, y: D.summary.widths, marker: { color: "#cfd8dc" } });
+      if (D.summary.widths && D.summary.widths.length === S.kept.length)
+        tr.unshift({ type: "bar", name: "before", x: L, y: D.summary.widths, marker: { color: "#cfd8dc" } });
       Plotly.newPlot(div, tr, { title: { text: "MLP neurons per layer", font: { size: 13 } }, barmode: "overlay",
-        xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "neurons" } }, margin: { t: 40 } }, PCFG);
+        xaxis: { title: { text: dense ? "layer (dense model's numbering)" : "layer" } }, yaxis: { title: { text: "neurons" } }, margin: { t: 40 } }, PCFG);
     } else s.append(row);
+    if (D.summary.dropped && D.summary.dropped.length)
+      s.append(el("p", { id: "summary-dropped", text: "Layers removed whole (dense numbering): " + D.summary.dropped.join(", ") }));
+    if (D.summary.heads && D.summary.heads.length)
+      s.append(el("h3", { text: "Attention heads per layer (the plan's; others keep every head)" }),
+        sortableTable(["layer", "before", "kept", "kv_before", "kv_kept"], D.summary.heads, "summary-heads"));
   }
 
   // ----------------------------------------------------------------------------------- evaluation
