@@ -91,10 +91,21 @@ def description(summary: dict | None, base: str) -> str:
     if not summary:
         return f"{base}, not pruned, written by neuroproj-prune."
     s = summary
-    text = (f"{base} with {s.get('actual_sparsity', 0):.1%} of its MLP neurons removed by neuroproj-prune "
-            f"({s.get('select')} selection, {s.get('fold')} fold, {s.get('allocation')} widths, "
-            f"{s.get('calibration')} calibration): {s.get('neurons_after'):,} of {s.get('neurons_before'):,} neurons, "
-            f"{_count(s.get('params_after', 0))} of {_count(s.get('params_before', 0))} parameters.")
+    if s.get("skips") is not None and s.get("neurons_after") is None:   # `skips --apply`: no neurons removed
+        text = (f"{base} with {len(s['skips'].get('applied') or [])} MLP skips applied by neuroproj-prune, "
+                f"{_count(s.get('params_after', 0))} parameters.")
+    else:
+        parts = [f"{s.get('neurons_after', 0):,} of {s.get('neurons_before', 0):,} neurons"]
+        heads = s.get("heads") or []
+        before = [h for i, h in enumerate(s.get("heads_before") or []) if i not in set(s.get("dropped_layers") or [])]
+        if heads and before and sum(h[0] for h in heads) != sum(h[0] for h in before):
+            parts.append(f"{sum(h[0] for h in heads)} of {sum(h[0] for h in before)} attention heads")
+        if s.get("dropped_layers"):
+            parts.append(f"decoder layers {s['dropped_layers']} removed")
+        text = (f"{base} with {s.get('actual_sparsity', 0):.1%} of its MLP neurons removed by neuroproj-prune "
+                f"({s.get('select')} selection, {s.get('fold')} fold, {s.get('allocation')} widths, "
+                f"{s.get('calibration')} calibration): {', '.join(parts)}, "
+                f"{_count(s.get('params_after', 0))} of {_count(s.get('params_before', 0))} parameters.")
     rec = s.get("recover")
     if rec:
         text += (f" Then distilled from {rec.get('teacher')} ({rec.get('method')}, {rec.get('tokens_seen'):,} tokens "

@@ -174,7 +174,8 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
         given.check(lm.model, lm.fingerprint)
     had_bias = a.out_has_bias(lm.model)
     before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model),
-              "trunk": trunk_params(lm.model, a), "widths": [a.width(lm.model, i) for i in range(a.num_layers(lm.model))]}
+              "trunk": trunk_params(lm.model, a), "widths": [a.width(lm.model, i) for i in range(a.num_layers(lm.model))],
+              "heads": _heads(lm.model, a)}
     calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress, stream=stream)
     shape = resolve(calib, cfg) if given is None else Shape(cfg, list(getattr(given, "drop", [])))
     calib.cfg, calib.drop = shape.cfg, shape.drop
@@ -190,6 +191,13 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
             summary[key] = calib.meta[key]
     lm.fingerprint = None  # the weights changed
     return p, summary
+
+
+def _heads(model, a) -> list | None:
+    """[query heads, key/value heads] of every layer (None where the family has no head site)."""
+    if a.heads_refusal(model) is not None:
+        return None
+    return [[a.num_heads(model, i), a.num_kv_heads(model, i)] for i in range(a.num_layers(model))]
 
 
 def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:
@@ -209,8 +217,7 @@ def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:
         "removed_trunk_fraction": 1 - trunk / before["trunk"],
         "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": a.mlp_macs_per_token(model),
         "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept,
-        "heads": [[a.num_heads(model, i), a.num_kv_heads(model, i)] for i in range(L)]
-        if a.heads_refusal(model) is None else None,
+        "heads_before": before["heads"], "heads": _heads(model, a),
         "dropped_layers": list(p.drop), "seconds": round(seconds, 1),
     }
 
