@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,8 @@ import torch  # noqa: E402
 import neuroproj_prune as npp  # noqa: E402
 from neuroproj_prune.export import export  # noqa: E402
 from neuroproj_prune.export.gguf import llama_cpp_build  # noqa: E402
+
+from bench_inference import machine  # noqa: E402  (eval/ is the script's directory)
 
 SOURCE = Path(__file__).with_name("llama_op_profile.cpp")
 # 1-3 B geometries (the models' config.json): hidden, MLP width, layers, heads, KV heads, vocabulary, tied head
@@ -176,12 +177,7 @@ def widths(spec: str) -> list[int]:
 
 
 def write_report(args, names, specs, types, cells, w, out: Path) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = machine()
     d, p = names[0], names[-1]
     what = (f"random weights, geometry {args.geometry} ({GEOMETRIES[args.geometry]})" if args.geometry else
             ", ".join(f"{n} = {specs[n]}" for n in names))

@@ -232,7 +232,7 @@ def source_dtype(spec) -> torch.dtype:
     """The floating-point dtype of the model's own files, which a checkpoint is saved in by default: for a local
     directory, the dtype most floating-point parameters have in its safetensors headers (read without the data),
     else config.json's `dtype` / `torch_dtype`; a hub id's config; float32 for a `.gguf` file and the offline
-    alias (both de-quantized to float32), for float64 files and for anything it cannot tell. Cost: the headers."""
+    alias (both de-quantized to float32) and for anything it cannot tell (float64 files stay float64). Cost: the headers."""
     from safetensors import safe_open
 
     try:
@@ -264,7 +264,7 @@ def source_dtype(spec) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
-_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float32}
+_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def save_dtype(choice: str, spec) -> torch.dtype:

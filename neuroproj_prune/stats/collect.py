@@ -29,7 +29,7 @@ from ..model import LoadedModel, adapter_for, load_model
 from .capture import (COMPUTE_DTYPES, HEAD_SITE, SITES, ActivationCapture, batches, check_sites, compute_dtype_for,
                       nonfinite_hint, parse_layers, parse_sites, site_width)
 from .data import calibration_samples
-from .moments import Moments
+from .moments import Moments, no_autocast
 from .processes import available_memory, distributed
 from .stats_file import FORMAT, Stats, head_meta
 
@@ -97,7 +97,8 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
             for l in range(i - K, i):
                 if (l, i) in cross:
                     xl = recent[l]
-                    blk = (xl.T @ x).double()
+                    with no_autocast(x.device):   # the forward's autocast would make this a bfloat16 product
+                        blk = (xl.T @ x).double()
                     cross[(l, i)] = blk if cross[(l, i)] is None else cross[(l, i)].add_(blk)
             recent[i] = x
             for l in [l for l in recent if l <= i - K]:

@@ -47,6 +47,12 @@ def gram_(G: torch.Tensor, x: torch.Tensor, product_dtype: torch.dtype | None = 
         G[i:i + block, :i + block] += mm(x[:, i:i + block].T, x[:, :i + block]).to(G.dtype)
 
 
+def no_autocast(device):
+    """A context without autocast on `device`: the totals' products run in the dtype their code names, also when the
+    hook that feeds them fires inside a bfloat16-autocast forward (a bfloat16 product would lose 3 digits)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def _mm(dtype):
     """torch.mm with float32 outputs for low-precision inputs (CUDA: `out_dtype`); float32 products elsewhere."""
     def mm(a, b):
@@ -104,6 +110,10 @@ class Moments:
     def add(self, h: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor | None:
         """Accumulate one batch of h (tokens, N; any float dtype: products as `gram_` says) with weights w (tokens,
         1; float32/64) or None; returns the scaled weights it used (None when unweighted)."""
+        with no_autocast(h.device):   # called from hooks inside the forward's autocast: products stay as said
+            return self._add(h, w)
+
+    def _add(self, h: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor | None:
         if self.G is None:
             self._alloc(h.shape[1], h.device)
         self.tokens += h.shape[0]
