@@ -485,7 +485,9 @@ def _add_export(sub):
                     "format's multiple of 256, modeling files beside the weights. hf: what prune writes. Refuses "
                     "what a format cannot hold (applied skips, added MLP biases) before writing anything.")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--to", required=True, help=" | ".join(EXPORTERS))
+    p.add_argument("--to", required=True, help=" | ".join(EXPORTERS) + " (gguf and nemotron-nas hold per-layer MLP "
+                   "widths, fewer layers and one head count for every layer; a checkpoint with per-layer head counts "
+                   "is refused there: --to hf)")
     p.add_argument("--out", required=True, help="output file (gguf) or directory")
     ExportConfig.add_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

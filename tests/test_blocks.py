@@ -126,6 +126,11 @@ def test_per_layer_heads_reload_exactly(tokenizer, tmp_path):
     assert cfg["neuroproj_prune"]["heads"] == [[6, 2], [4, 2], [3, 1], [6, 2]]
     re = load_pruned(tmp_path / "o")
     assert torch.equal(re(ids).logits, lm.model(ids).logits)
+    # formats that cannot hold per-layer head counts refuse in one line, before writing anything
+    from neuroproj_prune.cli import main
+    for to, out in (("gguf", tmp_path / "x.gguf"), ("nemotron-nas", tmp_path / "nas")):
+        assert main(["export", str(tmp_path / "o"), "--to", to, "--out", str(out)]) == 2
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])

@@ -29,6 +29,7 @@ def features(model) -> dict:
     widths = [a.width(model, i) for i in range(a.num_layers(model))]
     return {"model_type": cfg.model_type, "widths": widths, "uniform": len(set(widths)) == 1,
             "skips": bool(section.get("skips")), "added_bias": bool(section.get("out_bias")),
+            "layer_heads": bool(section.get("heads")),
             "mlp_bias": a.out_has_bias(model), "attention_bias": bool(getattr(cfg, "attention_bias", False)),
             "hidden": a.hidden_size(model)}
 
@@ -37,6 +38,10 @@ def _refuse_extras(f: dict, fmt: str) -> None:
     if f["skips"]:
         raise NeuroprojError(f"the model has applied skip connections, which the {fmt} format cannot hold: "
                              f"export the checkpoint before `skips --apply`, or use --to hf")
+    if f["layer_heads"]:
+        raise NeuroprojError(f"the model has a different number of attention heads per layer, which this {fmt} export "
+                             f"cannot hold yet: prune with one head count for every layer (--head-sparsity, or a "
+                             f"--target-params budget), or use --to hf")
     if f["added_bias"] or f["mlp_bias"]:
         raise NeuroprojError(f"the model has MLP biases (added by the bias fold or --add-bias), which this {fmt} "
                              f"export cannot hold: prune without --add-bias, or use --to hf")
