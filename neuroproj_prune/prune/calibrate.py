@@ -295,7 +295,7 @@ class Sequential(Calibration):
 
     def _target(self, i: int) -> str:
         """The fold target of layer i's MLP: the configured one, or `drop_target` behind a removed layer (the layers
-        after a removal refit against the dense model, which is what makes up for the missing layer)."""
+        after a removal refit against the dense model's stream, which is what makes up for the missing layer)."""
         cfg = self.cfg
         if self.drop and i > min(self.drop) and cfg.target == "layer" and cfg.fold == "lstsq":
             additive_ok = self.lm.adapter.mlp_output_is_added(self.lm.model)
