@@ -436,3 +436,34 @@ def test_q4_k_m_of_pruned_smollm2_loses_no_more_than_the_dense_model(smollm2, tm
         loss[name] = gguf_perplexity(q, wins) / gguf_perplexity(f32, wins) - 1
     assert any("ffn_down: Q5_0" in l and "rows of 1088" in l for l in k_quant_fallbacks(q))
     assert loss["pruned"] <= loss["dense"] + 0.01, loss
+
+
+@pytest.mark.parametrize("shape", ["heads", "drop", "heads+widths"])
+def test_llamacpp_agrees_on_heads_and_dropped_layers(smol_tokenizer, tmp_path, shape):
+    """Issue 28's shapes in llama.cpp: one head count in every layer (2 of 4 query heads, both key/value heads),
+    a decoder layer removed, and uniform heads beside per-layer MLP widths (the deci architecture): greedy text
+    equal to transformers, next-token log-probs within 1e-4."""
+    pytest.importorskip("xllamacpp")
+    from neuroproj_prune.export.llamacpp import LlamaCpp
+
+    model = _tiny(smol_tokenizer, WIDTHS if shape == "heads+widths" else [256, 256, 256, 256])
+    a = adapter_for(model)
+    if shape == "drop":
+        a.drop_layers(model, [1])
+    else:
+        for i in range(a.num_layers(model)):
+            a.select_heads(model, i, [0, 2], [0, 1])
+    update_config(model)
+    d = save_pruned(model, smol_tokenizer, tmp_path / "ckpt")
+    lm = npp.load_model(str(d), dtype="float32", device="cpu")
+    assert a.num_layers(lm.model) == (3 if shape == "drop" else len(WIDTHS) if shape == "heads+widths" else 4)
+    assert lm.adapter.num_heads(lm.model, 0) == (4 if shape == "drop" else 2)
+    ll = LlamaCpp(export(d, "gguf", tmp_path / "m.gguf"), threads=1, ctx=256)
+    for text in PROMPTS:
+        ids = lm.tokenizer(text)["input_ids"]
+        got, top = ll.greedy(ids, 8, n_probs=5)
+        ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(ids):]
+        assert got == ref.tolist(), text
+        lp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        for tok, v in top[0].items():
+            assert abs(lp[tok].item() - v) < 1e-4, (text, tok, lp[tok].item(), v)

@@ -181,6 +181,17 @@ def get_model_class(name, mmproj=False):
                 self.ftype = gguf.LlamaFileType.MOSTLY_Q4_0
 
         if name == "DeciLMForCausalLM":
+            def set_gguf_parameters(self):
+                # the converter writes key/value lengths as hidden // heads, which is wrong once heads were removed
+                # (issue 28): with the config's head_dim it is the head_dim
+                H, hd = self.hparams["num_attention_heads"], self.hparams.get("head_dim")
+                if hd and "block_configs" in self.hparams:
+                    self.hparams["num_attention_heads"] = self.hparams["hidden_size"] // hd
+                try:
+                    super().set_gguf_parameters()
+                finally:
+                    self.hparams["num_attention_heads"] = H
+
             def set_vocab(self):  # the llama path (DeciModel only knows Llama-3 and Llama-2 vocabularies)
                 try:
                     self._set_vocab_sentencepiece()
