@@ -116,26 +116,11 @@ def table_row(a, rows) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- profile
-@contextlib.contextmanager
-def timed(owner, attr: str, parts: dict, key: str):
-    real = getattr(owner, attr)
-
-    def wrapper(*args, **kw):
-        t = time.perf_counter()
-        try:
-            return real(*args, **kw)
-        finally:
-            parts[key] = parts.get(key, 0.0) + time.perf_counter() - t
-
-    setattr(owner, attr, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, real)
-
-
 def profile(a) -> None:
     """One prune in this process; seconds per part (nested parts are inside their callers' time)."""
+    import torch
+    from bench_gpu import timed   # eval/ is the script's directory; on the CPU its device sync is a no-op
+
     import neuroproj_prune as npp
     from neuroproj_prune.prune import api, calibrate, fold, measure, select
     from neuroproj_prune.stats import moments
@@ -149,7 +134,7 @@ def profile(a) -> None:
              (calibrate.Sequential, "_carry", "carry"), (api, "save_pruned", "write checkpoint")]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for owner, attr, key in spots:
-            stack.enter_context(timed(owner, attr, parts, key))
+            stack.enter_context(timed(owner, attr, parts, key, torch.device("cpu")))
         t0 = time.time()
         lm = npp.load_model(a.model, device="cpu")
         t1 = time.time()
