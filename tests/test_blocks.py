@@ -201,6 +201,31 @@ def test_target_params_removes_that_share(axes, tokenizer):
         assert chosen["held_out_loss"] == min(f["held_out_loss"] for f in finalists)
 
 
+def test_sequential_judge_measures_the_pruned_model(tokenizer):
+    """Each finalist's held-back loss under the sequential judge is that of the model the sequential pass makes of
+    that shape on the first judge_samples windows (the same shape pruned here by its per-axis settings), and the
+    judge leaves the model it copies untouched (the run's own pruning then starts from the dense weights)."""
+    ids, n = _ids(n=16, T=64), 8
+    dense = gqa_model(layers=4)
+    lm = _lm(copy.deepcopy(dense), tokenizer)
+    _, _, s = prune(lm, ids, target_params=0.3, axes="mlp,heads", search_samples=4, judge_samples=n,
+                    allocation="uniform", **SEQ)
+    b = s["budget"]
+    assert b["judge"] == "sequential" and len(b["finalists"]) > 1
+    for f in b["finalists"]:
+        again = _lm(copy.deepcopy(dense), tokenizer)
+        widths = f["mlp_neurons"] // 4
+        prune(again, ids[:n], keep=widths, head_sparsity=f["head_sparsity"], allocation="uniform", **SEQ)
+        assert mean_loss(again, ids[-4:]) == pytest.approx(f["held_out_loss"], rel=1e-5)
+    c = b["chosen"]
+    again = _lm(copy.deepcopy(dense), tokenizer)
+    prune(again, ids, keep=c["mlp_neurons"] // 4, head_sparsity=c["head_sparsity"], allocation="uniform", **SEQ)
+    assert all(torch.equal(p, q) for p, q in zip(lm.model.parameters(), again.model.parameters()))
+    _, _, s1 = prune(_lm(copy.deepcopy(dense), tokenizer), ids, target_params=0.3, axes="mlp,heads",
+                     search_samples=4, budget_judge="oneshot", allocation="uniform", **SEQ)
+    assert s1["budget"]["judge"] == "oneshot"
+
+
 @pytest.mark.parametrize("family", ["phi3", "gpt2"])
 def test_heads_refused_where_the_family_cannot(family, tokenizer):
     lm = _lm(tiny_model(family), tokenizer)

@@ -13,6 +13,7 @@ sets instead of a selection.
 from __future__ import annotations
 
 import time
+from copy import deepcopy
 
 import torch
 
@@ -26,7 +27,8 @@ from .allocate import ALLOCATIONS
 from .calibrate import CALIBRATIONS, LayerWork, OneShot
 from .config import PruneConfig
 from .fold import RIDGE, FOLDS, fold_and_slice
-from .offload import open_model
+from .layers import mean_loss
+from .offload import LayerStream, open_model
 from .budget import Shape, resolve, trunk_params
 from .heads import choose_heads, fold_heads
 from .plan_file import Plan
@@ -177,7 +179,7 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
               "trunk": trunk_params(lm.model, a), "widths": [a.width(lm.model, i) for i in range(a.num_layers(lm.model))],
               "heads": _heads(lm.model, a)}
     calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress, stream=stream)
-    shape = resolve(calib, cfg) if given is None else Shape(cfg, list(getattr(given, "drop", [])))
+    shape = resolve(calib, cfg, _trial(lm, calib, cfg)) if given is None else Shape(cfg, list(getattr(given, "drop", [])))
     calib.cfg, calib.drop = shape.cfg, shape.drop
     widths = shape.widths
     if given is None and widths is None:
@@ -191,6 +193,26 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
             summary[key] = calib.meta[key]
     lm.fingerprint = None  # the weights changed
     return p, summary
+
+
+def _trial(lm, calib, cfg):
+    """The budget's sequential judge (budget.py): shape → the mean loss on the held-back windows after the sequential
+    pass prunes a copy of the model to `shape` on the first `judge_samples` calibration windows (no reconstruction,
+    no swaps: the finalists are compared, not finished). None where it cannot run: no held-back windows, a streamed
+    model (offload) or several processes. Cost per call: a copy of the model and judge_samples / samples of the
+    prune's own pass, plus one forward of the held-back windows."""
+    if calib.held is None or calib.ids is None or type(calib.stream) is not LayerStream or distributed()[2] > 1:
+        return None
+    n = min(cfg.judge_samples, calib.ids.shape[0])
+    bs = cfg.batch_size or max(1, 4096 // calib.held.shape[1])
+
+    def loss(shape: Shape) -> float:
+        copy = LoadedModel(deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)
+        tcfg = shape.cfg.replace(samples=n, reconstruct=0, swaps=0)
+        sub = CALIBRATIONS["sequential"](copy, tcfg, data=calib.ids[:n], progress=False)
+        prune_layers(copy.model, sub, tcfg, shape.widths, drop=shape.drop)
+        return mean_loss(copy, calib.held, calib.compute, bs)
+    return loss
 
 
 def _heads(model, a) -> list | None:
