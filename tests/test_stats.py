@@ -428,7 +428,7 @@ def test_cli_subprocess_exit_code(tmp_path):
 @pytest.mark.parametrize("dtype,product,tol", [(torch.float64, None, 1e-12), (torch.float32, None, 1e-5),
                                                (torch.float32, torch.bfloat16, 1e-5)])
 def test_gram_lower_triangle_symmetrized_equals_the_product(dtype, product, tol):
-    """Both Gram paths — the CPU's BLAS syrk, and the column blocks of the lower triangle with bfloat16 products
+    """The Gram's column blocks of the lower triangle — in the activations' dtype, and with bfloat16 products
     (CUDA's path; float32 products of the bfloat16 values here) — accumulate over batches to xᵀx of the values
     they multiply, once symmetrized."""
     from neuroproj_prune.stats.moments import gram_, symmetrize_

@@ -4,41 +4,25 @@ For activations h (tokens × N) and token weights w_t (1 when unweighted):
     n = Σ w_t,   s = Σ w_t h_t,   G = Σ w_t h_t h_tᵀ   →   E[h] = s/n,  E[h hᵀ] = G/n,
     Σ = E[h hᵀ] − E[h] E[h]ᵀ,   ρ_ij = Σ_ij / sqrt(Σ_ii Σ_jj)   (dead neurons: row and column 0).
 Products run on the activations' device; totals are float64. The Gram is the costly part (tokens·N²/2
-multiply-adds): on a CPU one BLAS `syrk` in float32 (only the lower triangle: half of xᵀx's work, measured 1.4×
-faster than torch's float32 product of the lower block triangle on this 2-core machine); on CUDA column blocks of
-the lower triangle with bfloat16 inputs and float32 accumulation where the forward computes in bfloat16
-(`product_dtype`; exact for activations that are bfloat16 already).
+multiply-adds): column blocks of the lower triangle by torch's own products, in float32 on a CPU, on CUDA with
+bfloat16 inputs and float32 accumulation where the forward computes in bfloat16 (`product_dtype`; exact for
+activations that are bfloat16 already). Not scipy's BLAS `syrk`, though it does half of xᵀx's work and was 1.4×
+faster alone: its thread pool and torch's alternate on the same cores, each spinning after its call, and in a
+prune on 2 cores the layer forwards slowed from 62.5 s to 86.2 s with the Gram no faster (36.9 s vs 36.3 s;
+`python eval/bench_prune.py --profile`, eval/results/prune_speed.md).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 GRAM_BLOCK = 384
 
 
-@functools.lru_cache(maxsize=None)
-def _syrk(dtype: torch.dtype):
-    """BLAS ?syrk for float32/float64 (scipy's), or None without scipy."""
-    try:
-        from scipy.linalg.blas import dsyrk, ssyrk
-    except ImportError:
-        return None
-    return {torch.float32: ssyrk, torch.float64: dsyrk}.get(dtype)
-
-
 def gram_(G: torch.Tensor, x: torch.Tensor, product_dtype: torch.dtype | None = None,
           block: int = GRAM_BLOCK) -> None:
     """G += the lower triangle of xᵀx (G: N×N, totals in its dtype); `symmetrize_` completes it after the last batch.
-    CPU, float32/float64 x: one BLAS syrk (N²/2 multiply-adds per row of x). Elsewhere: column blocks of `block`,
-    (nb+1)/(2nb) of the full product's work, products in `product_dtype` (bfloat16 inputs with float32 outputs on
-    CUDA) or x's dtype."""
-    syrk = _syrk(x.dtype) if x.device.type == "cpu" and product_dtype in (None, x.dtype) else None
-    if syrk is not None:
-        a = x.contiguous().numpy().T        # (N, tokens) in Fortran order: the same memory, no copy
-        G += torch.from_numpy(syrk(1.0, a, lower=0)).T   # a·aᵀ's upper triangle, transposed: C order, lower
-        return
+    Column blocks of `block`: (nb+1)/(2nb) of the full product's multiply-adds for nb blocks, products in
+    `product_dtype` (bfloat16 inputs with float32 outputs on CUDA) or x's dtype."""
     mm = _mm(product_dtype) if product_dtype not in (None, x.dtype) else torch.mm
     if product_dtype not in (None, x.dtype):
         x = x.to(product_dtype)
