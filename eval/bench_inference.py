@@ -2,7 +2,7 @@
 every GGUF type users run.
 
     nice -n 10 python eval/bench_inference.py --model dense=smollm2-135m --model u30=runs/smollm2-135m/pruned \
-        --reps 6 --out eval/results/inference.md          # ~1.5 h on a quiet 2-core CPU (see below)
+        --reps 5 --out eval/results/inference.md          # ~20 min on a quiet 2-core CPU (see below)
     python eval/bench_inference.py --model dense=smollm2-135m --model u30=DIR --types f32,q4_k_m --reps 1 \
         --decode 4 --batch 2 --prefill 32 --ppl-windows 1 --ppl-len 64 --agree-tokens 4 --no-peak --out /tmp/inf.md
 
@@ -21,9 +21,10 @@ over the rounds and the per-round ratios pruned / dense (median, min–max):
   matrix); greedy continuations of the prompts compared token by token (f32), with the largest next-token
   log-prob difference.
 llama.cpp runs with its defaults for speed (f16 KV cache, flash attention auto) and `precise` (f32 KV, no
-flash attention) for the agreement and perplexity checks. Cost per round for SmolLM2 pairs on 2 threads: ~2 min
-of transformers and ~1 min per type in llama.cpp (6 types: ~8 min a round, ~50 min for 6 rounds) plus the
-exports (the K-quants need llama-quantize, `scripts/setup.sh`) and the perplexities.
+flash attention) for the agreement and perplexity checks. Cost for SmolLM2 dense + one pruned checkpoint on 2
+threads (measured 2026-12-06): ~2.5 min a round with all 6 types (5 rounds: 15 min), ~3 min for the peaks and
+perplexities, plus the exports when they are not in --work yet (~15 s each; the K-quants need llama-quantize,
+`scripts/setup.sh`).
 """
 from __future__ import annotations
 

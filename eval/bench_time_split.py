@@ -5,7 +5,7 @@ embedding, the other ops (norms, residual adds), and per-operation overhead.
     nice -n 10 python eval/bench_time_split.py --model dense=smollm2-135m --model pruned=runs/smollm2-135m/pruned \
         --types f32,q8_0,q4_0,q4_k_m --reps 5 --out eval/results/time_split_smollm2.md
     # a 1-3 B model of real geometry with random weights, made on the fly (dense + 30 % of each MLP removed)
-    nice -n 10 python eval/bench_time_split.py --geometry llama3.2-1b --sparsity 0.3 --multiple 64 \
+    nice -n 10 python eval/bench_time_split.py --geometry llama3.2-1b --sparsity 0.3 --multiple 64 --decode 16 \
         --types f32,q8_0,q4_0,q4_k_m --reps 5 --out eval/results/time_split_llama3.2-1b.md
     python eval/bench_time_split.py --geometry tiny --types f32 --decode 4 --reps 1 --out /tmp/split.md   # smoke
 
@@ -28,7 +28,9 @@ Random-weight models: the geometry's config (hidden size, MLP width, layers, hea
 tokenizer padded with added tokens to the geometry's vocabulary (the GGUF converter needs a tokenizer; speed
 does not depend on the token strings), and a pruned copy with --sparsity of every layer's neurons removed at
 random, widths rounded to --multiple (timing does not depend on which neurons go). Cost: one export per model and
-type (1B: f32 ~5 GB on disk, q4_0 through gguf-py ~10 min), then reps × (prompt + 2 × decode) tokens per cell.
+type, then reps × (prompt + 2 × decode) tokens per cell. Measured on the 2-core VM (2026-12-06): SmolLM2, 4 types,
+5 reps, 64 tokens: 6 min; 1B geometry: the models and exports ~15 min (f32 ~5 GB each, 80 s; q8_0 80 s, q4_0 50 s,
+q4_k_m 2–4 min), then 5 reps of 16 tokens at 4 types: 7 min.
 """
 from __future__ import annotations
 
