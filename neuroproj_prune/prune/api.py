@@ -29,7 +29,7 @@ from .config import PruneConfig
 from .fold import RIDGE, FOLDS, fold_and_slice
 from .layers import mean_loss
 from .offload import LayerStream, open_model
-from .budget import Shape, resolve, trunk_params
+from .budget import Shape, held_batch, resolve, trunk_params
 from .heads import choose_heads, fold_heads
 from .plan_file import Plan
 from .select import select_layer
@@ -204,7 +204,7 @@ def _trial(lm, calib, cfg):
     if calib.held is None or calib.ids is None or type(calib.stream) is not LayerStream or distributed()[2] > 1:
         return None
     n = min(cfg.judge_samples, calib.ids.shape[0])
-    bs = cfg.batch_size or max(1, 4096 // calib.held.shape[1])
+    bs = held_batch(calib, cfg)
 
     def loss(shape: Shape) -> float:
         copy = LoadedModel(deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)

@@ -112,6 +112,11 @@ def _finite(cost: dict) -> dict:
     return {i: (v if math.isfinite(v) else None) for i, v in cost.items()}
 
 
+def held_batch(calib, cfg) -> int:
+    """Held-back windows per forward when a finalist is scored (`batch_size`, default ~4096 tokens)."""
+    return cfg.batch_size or max(1, 4096 // calib.held.shape[1])
+
+
 def _judge(calib, cfg):
     """The windows that judge: the held-back ones, else (influence needs no loss) the first calibration windows."""
     return calib.held if calib.held is not None else calib.ids[:cfg.search_samples]
@@ -238,7 +243,7 @@ def _measure(calib, cfg, c, finalists, entries, hd) -> None:
     model, a = lm.model, lm.adapter
     net = make_supernet(calib, cfg, {i: v for (site, i), v in c.fold.items() if site == "mlp"})
     dense_o = {i: a.attn_out_proj(model, i).weight.detach().clone() for (site, i) in c.fold if site == "attn"}
-    bs = cfg.batch_size or max(1, 4096 // calib.held.shape[1])
+    bs = held_batch(calib, cfg)
     try:
         for x in finalists:
             net.restore()

@@ -8,8 +8,9 @@ multiply-adds): column blocks of the lower triangle by torch's own products, in 
 bfloat16 inputs and float32 accumulation where the forward computes in bfloat16 (`product_dtype`; exact for
 activations that are bfloat16 already). Not scipy's BLAS `syrk`, though it does half of xᵀx's work and was 1.4×
 faster alone: its thread pool and torch's alternate on the same cores, each spinning after its call, and in a
-prune on 2 cores the layer forwards slowed from 62.5 s to 86.2 s with the Gram no faster (36.9 s vs 36.3 s;
-`python eval/bench_prune.py --profile`, eval/results/prune_speed.md).
+prune on 2 cores the layer forwards took 86.2 s beside it and 62.5 s without it, the Gram no faster (36.9 s vs
+36.3 s; one `python eval/bench_prune.py --profile` run each: prune 140.2 s vs 113.9 s; the ratio to one plain
+forward in interleaved pairs is in eval/results/prune_speed.md).
 """
 from __future__ import annotations
 
