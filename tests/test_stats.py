@@ -425,12 +425,10 @@ def test_cli_subprocess_exit_code(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("dtype,product,tol", [(torch.float64, None, 1e-12), (torch.float32, None, 1e-5),
-                                               (torch.float32, torch.bfloat16, 1e-5)])
+@pytest.mark.parametrize("dtype,product,tol", [(torch.float64, None, 1e-12), (torch.float32, None, 1e-5)])
 def test_gram_lower_triangle_symmetrized_equals_the_product(dtype, product, tol):
-    """The Gram's column blocks of the lower triangle — in the activations' dtype, and with bfloat16 products
-    (CUDA's path; float32 products of the bfloat16 values here) — accumulate over batches to xᵀx of the values
-    they multiply, once symmetrized."""
+    """The Gram's column blocks of the lower triangle, in the activations' dtype, accumulate over batches to xᵀx
+    of the values they multiply, once symmetrized."""
     from neuroproj_prune.stats.moments import gram_, symmetrize_
 
     g = torch.Generator().manual_seed(0)
@@ -441,6 +439,49 @@ def test_gram_lower_triangle_symmetrized_equals_the_product(dtype, product, tol)
     v = x.to(product or dtype).double()
     ref = v.T @ v
     assert torch.allclose(symmetrize_(G), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_bfloat16_gram_on_cpu_rounds_each_block_of_rows_once(monkeypatch):
+    """bfloat16 products on a CPU (no float32-output product there): each partial Gram of ≤ GRAM_ROWS tokens is
+    rounded to bfloat16 once, so the total's error is at most Σ over partials of 2⁻⁸·|partial| — and splitting
+    the rows makes it smaller than one rounding of the whole product."""
+    from neuroproj_prune.stats import moments
+    from neuroproj_prune.stats.moments import gram_, symmetrize_
+
+    monkeypatch.setattr(moments, "GRAM_ROWS", 64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 400, generator=g, dtype=torch.float64).abs()   # all-positive: partials add coherently
+    v = x.to(torch.bfloat16).double()
+    ref = v.T @ v
+    bound = sum((c.T @ c).abs() for c in v.split(64)) * 2.0 ** -8
+    G = torch.zeros(400, 400, dtype=torch.float64)
+    gram_(G, x.float(), torch.bfloat16)
+    err = (symmetrize_(G) - ref).abs()
+    assert (err <= bound + 1e-12).all()
+    whole = (v.T.bfloat16() @ v.bfloat16()).double()                    # one rounding of the whole product
+    assert err.mean() < 0.5 * (whole - ref).abs().mean()
+
+
+def test_cholesky_of_a_gram_that_rounding_made_indefinite():
+    """A rank-deficient Gram pushed just below PSD (as rounded products can) still factors, with the least jitter
+    that makes it positive definite; a PSD one factors exactly as torch's Cholesky does."""
+    from neuroproj_prune.stats import cholesky
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x[:, :2]], 1)                                   # two exact duplicates: rank 8 of 10
+    A = x.T @ x
+    v = torch.zeros(10, dtype=torch.float64)
+    v[0], v[8] = 1, -1
+    A_bad = A - 1e-6 * torch.outer(v, v)                              # a negative eigenvalue of -2e-6
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(A_bad)
+    L = cholesky(A_bad)
+    assert torch.isfinite(L).all()
+    jitter = float(((L @ L.T) - A_bad).diagonal().mean() / A_bad.diagonal().mean())
+    assert 1e-8 <= jitter <= 1e-5                                      # the least that worked, not a large ridge
+    B = A + torch.eye(10, dtype=torch.float64)
+    assert torch.equal(cholesky(B), torch.linalg.cholesky(B))
 
 
 def test_wide_layers_use_the_blocked_gram(tokenizer):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import NeuroprojError
 from ..model import LoadedModel
 from ..registry import Registry
-from ..stats import Moments, hooked, ridged
+from ..stats import Moments, cholesky, hooked, ridged
 from .fold import effective_ridge
 from .measure import rms_token_weights
 from .search import Supernet, activations_only, loss_and_grads, loss_backward, search_widths
@@ -151,7 +151,7 @@ def error_curve(m: LayerMoments, scores: torch.Tensor) -> torch.Tensor:
     error is the Schur complement of the kept block, so e(k) = Σ_{j≥k} ‖(W_:,π L)_:,j‖²: one Cholesky and
     one d×N×N product give the whole curve. O(N³)."""
     order = torch.argsort(scores, descending=True)
-    c = (m.W[:, order] @ torch.linalg.cholesky(ridged(m.G[order][:, order], m.ridge))).pow(2).sum(0)
+    c = (m.W[:, order] @ cholesky(ridged(m.G[order][:, order], m.ridge))).pow(2).sum(0)
     return torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1)])
 
 
@@ -274,8 +274,8 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     layers and the head amplify it). With `attn`, the same for the attention output projection's input (its
     weight under `grad`: the gradient at the attention's output, which is added to the residual stream), and with
     `blocks` the cost of each whole layer (see `Curves`). Cost: one forward (with grad one backward) of the dense
-    model over `ids`, the LM head in chunks (grad, head), one N² Gram per token and layer (and one (H·hd)² with
-    `attn`), one O(N³) Cholesky per layer; memory: one batch's activations and L float32 N×N Grams (each made
+    model over `ids`, the LM head in chunks (grad, head), one N² Gram per token and layer in the forward's
+    precision (`Moments`; and one (H·hd)² with `attn`), one O(N³) Cholesky per layer; memory: one batch's activations and L float32 N×N Grams (each made
     float64 in turn for its curve), twice that with `fold`."""
     model, a = lm.model, lm.adapter
     dev = next(model.parameters()).device
@@ -323,9 +323,9 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                             w = g if weights == "head" else rms
                         h = grabbed[(site, i)].reshape(w.shape[0], -1)
                         if (site, i) not in mom:   # every layer's Gram at once: float32 totals (half of float64's memory)
-                            mom[site, i] = Moments(h.shape[1], dev, gram_dtype=torch.float32)
+                            mom[site, i] = Moments(h.shape[1], dev, compute, gram_dtype=torch.float32)
                             if fold:
-                                fmom[site, i] = Moments(h.shape[1], dev, gram_dtype=torch.float32)
+                                fmom[site, i] = Moments(h.shape[1], dev, compute, gram_dtype=torch.float32)
                         mom[site, i].add(h, w)
                         if fold:
                             fmom[site, i].add(h, rms)

@@ -321,7 +321,7 @@ class Sequential(Calibration):
         dist = distributed()[0]
         o = a.attn_out_proj(model, i)
         W = o.weight.detach().double().cpu()
-        mo = Moments(W.shape[1], stream.device, product_dtype=self.compute if stream.device.type == "cuda" else None)
+        mo = Moments(W.shape[1], stream.device, product_dtype=self.compute)
         weigh, grab = WEIGHTINGS[cfg.weighting], {}
         with torch.inference_mode(), hooked([("z", o, "in")], grab.__setitem__):
             for bi, (args, kw) in enumerate(calls):
@@ -348,7 +348,7 @@ class Sequential(Calibration):
         dist = distributed()[0]
         N, d = W.shape[1], W.shape[0]
         weigh, target = WEIGHTINGS[cfg.weighting], TARGETS[self._target(i)]
-        mo = Moments(N, stream.device, product_dtype=compute if stream.device.type == "cuda" else None)
+        mo = Moments(N, stream.device, product_dtype=compute)
         tm = TargetMoments(d, N, stream.device) if target.dense_stream else None
         closed_form = a.mlp_output_is_added(model)   # else the carry runs the pruned layer again
         acts, outs, grab = [], [], {}

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import NeuroprojError
 from ..registry import Registry
-from ..stats import ridged
+from ..stats import cholesky, ridged
 from .fold import fold_layer
 from .select import LayerMoments
 
@@ -46,7 +46,7 @@ def refit_error(m: LayerMoments, keep: torch.Tensor) -> float:
     total = float((C * m.W).sum())
     if keep.numel() == 0:
         return total
-    L = torch.linalg.cholesky(A[keep][:, keep])
+    L = cholesky(A[keep][:, keep])
     Y = torch.linalg.solve_triangular(L, C[:, keep].T, upper=False)
     return total - float((Y * Y).sum())
 

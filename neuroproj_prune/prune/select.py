@@ -29,7 +29,7 @@ import torch
 from ..analysis.projection import fit_exact
 from ..model import adapter_for
 from ..registry import Registry
-from ..stats import correlation, energy, ridged
+from ..stats import cholesky, correlation, energy, ridged
 
 
 # ------------------------------------------------------------------------------------------ per layer
@@ -112,7 +112,7 @@ def select_obs(m: LayerMoments, keep: int, seed: int = 0, steps: int = 64) -> Se
     W ← W − W_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,:  and  H⁻¹ ← H⁻¹ − H⁻¹_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,: .
     Cost O(steps·N²·b) per layer. Scores: removal step (later = more important), kept = N + 1."""
     N = m.N
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(ridged(m.G, m.ridge)))
+    Hinv = torch.cholesky_inverse(cholesky(ridged(m.G, m.ridge)))
     W = m.W.clone()
     alive = torch.ones(N, dtype=torch.bool)
     order = torch.zeros(N, dtype=torch.float64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..stats import ridge_lambda, ridged
+from ..stats import cholesky, ridge_lambda, ridged
 from .fold import RIDGE, chol_solve
 from .measure import Batch, PassHook
 from .select import Selection, layer_plan
@@ -99,7 +99,7 @@ def refine_swaps(W: torch.Tensor, G: torch.Tensor, Gh: torch.Tensor, keep: torch
                 break
             H = G[K][:, K]
             lam = ridge_lambda(H, ridge)
-            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(ridged(H, ridge)))
+            Hinv = torch.cholesky_inverse(cholesky(ridged(H, ridge)))
             cost = (A * A).sum(0) / Hinv.diagonal()
             GKR = G[K][:, R]
             s = (G.diagonal()[R] + lam - (GKR * (Hinv @ GKR)).sum(0)).clamp(min=1e-30)

@@ -4,48 +4,60 @@ For activations h (tokens × N) and token weights w_t (1 when unweighted):
     n = Σ w_t,   s = Σ w_t h_t,   G = Σ w_t h_t h_tᵀ   →   E[h] = s/n,  E[h hᵀ] = G/n,
     Σ = E[h hᵀ] − E[h] E[h]ᵀ,   ρ_ij = Σ_ij / sqrt(Σ_ii Σ_jj)   (dead neurons: row and column 0).
 Products run on the activations' device; totals are float64. The Gram is the costly part (tokens·N²/2
-multiply-adds): column blocks of the lower triangle by torch's own products, in float32 on a CPU, on CUDA with
-bfloat16 inputs and float32 accumulation where the forward computes in bfloat16 (`product_dtype`; exact for
-activations that are bfloat16 already). Not scipy's BLAS `syrk`, though it does half of xᵀx's work and was 1.4×
-faster alone: its thread pool and torch's alternate on the same cores, each spinning after its call, and in a
-prune on 2 cores the layer forwards took 86.2 s beside it and 62.5 s without it, the Gram no faster (36.9 s vs
-36.3 s; one `python eval/bench_prune.py --profile` run each: prune 140.2 s vs 113.9 s; the ratio to one plain
-forward in interleaved pairs is in eval/results/prune_speed.md).
+multiply-adds): column blocks of the lower triangle by torch's own products, in `product_dtype` where the forward
+computes in bfloat16 (the sequential pass), else float32. CUDA has bfloat16 inputs with float32 outputs
+(`out_dtype`); a CPU has no such product, so there each block of ≤ `GRAM_ROWS` tokens is rounded to bfloat16
+(relative 2⁻⁹ per entry) before it joins the float64 total — on SmolLM2's real activations (rms-weighted,
+128 × 512 tokens, layers 0/5/15/29) that moved ‖G‖ by 4–6·10⁻⁴ relative and the least-squares refit's true
+output error by ≤ 4·10⁻⁵ relative at 20/30/50 %, for 2.3× the float32 product's speed (0.035 s vs 0.081 s per
+4096 × 1536 block on this 2-core AVX512-BF16 VM; perplexity in eval/results/prune_speed.md).
+Not scipy's BLAS `syrk`, though it does half of xᵀx's work and was 1.4× faster alone: its thread pool and
+torch's alternate on the same cores, each spinning after its call, and in a prune on 2 cores the layer forwards
+took 86.2 s beside it and 62.5 s without it, the Gram no faster (36.9 s vs 36.3 s; one
+`python eval/bench_prune.py --profile` run each: prune 140.2 s vs 113.9 s).
 """
 from __future__ import annotations
 
 import torch
 
 GRAM_BLOCK = 384
+GRAM_ROWS = 4096   # tokens per rounded partial Gram when low-precision products round their outputs (CPU)
 
 
 def gram_(G: torch.Tensor, x: torch.Tensor, product_dtype: torch.dtype | None = None,
           block: int = GRAM_BLOCK) -> None:
     """G += the lower triangle of xᵀx (G: N×N, totals in its dtype); `symmetrize_` completes it after the last batch.
     Column blocks of `block`: (nb+1)/(2nb) of the full product's multiply-adds for nb blocks, products in
-    `product_dtype` (bfloat16 inputs with float32 outputs on CUDA) or x's dtype."""
-    mm = _mm(product_dtype) if product_dtype not in (None, x.dtype) else torch.mm
-    if product_dtype not in (None, x.dtype):
+    `product_dtype` (see the module docstring: float32 outputs on CUDA, outputs rounded per GRAM_ROWS tokens on a
+    CPU) or x's dtype."""
+    if product_dtype is not None:
         x = x.to(product_dtype)
+    if x.dtype in (torch.float32, torch.float64):
+        return _gram_blocks(G, x, torch.mm, block)
+    if x.device.type == "cuda":
+        return _gram_blocks(G, x, _mm_float32_out, block)
+    for r in range(0, x.shape[0], GRAM_ROWS):   # a CPU rounds each product's output to x's 16-bit dtype
+        _gram_blocks(G, x[r:r + GRAM_ROWS], torch.mm, block)
+
+
+def _gram_blocks(G, x, mm, block) -> None:
     N = x.shape[1]
     for i in range(0, N, block):
         G[i:i + block, :i + block] += mm(x[:, i:i + block].T, x[:, :i + block]).to(G.dtype)
+
+
+def _mm_float32_out(a, b):
+    """torch.mm of low-precision inputs with float32 outputs (CUDA's `out_dtype`; float32 products without it)."""
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return torch.mm(a.float(), b.float())
 
 
 def no_autocast(device):
     """A context without autocast on `device`: the totals' products run in the dtype their code names, also when the
     hook that feeds them fires inside a bfloat16-autocast forward (a bfloat16 product would lose 3 digits)."""
     return torch.autocast(torch.device(device).type, enabled=False)
-
-
-def _mm(dtype):
-    """torch.mm with float32 outputs for low-precision inputs (CUDA: `out_dtype`); float32 products elsewhere."""
-    def mm(a, b):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):   # no out_dtype for this backend
-            return torch.mm(a.float(), b.float())
-    return mm
 
 
 def symmetrize_(G: torch.Tensor) -> torch.Tensor:
@@ -64,6 +76,21 @@ def ridged(A: torch.Tensor, ridge: float) -> torch.Tensor:
     return A + ridge_lambda(A, ridge) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
 
 
+def cholesky(A: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of a symmetric PSD A (a ridged Gram). A Gram summed from rounded products
+    (bfloat16 outputs, float32 totals) can miss positive definiteness by its rounding in directions where the
+    activations are (nearly) dependent; then 10⁻⁸, 10⁻⁷, … of mean(diag A) is added until the factor exists
+    — the least ridge that makes it one — instead of failing the run."""
+    L, info = torch.linalg.cholesky_ex(A)
+    jitter = 1e-8
+    while int(info) != 0 and jitter <= 1.0:
+        L, info = torch.linalg.cholesky_ex(ridged(A, jitter))
+        jitter *= 10
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError("matrix is not positive semi-definite (non-finite entries?)")
+    return L
+
+
 class Moments:
     """Running moments of one layer's activations h (tokens, N): the one accumulator of the package.
 
@@ -73,7 +100,7 @@ class Moments:
     Centred (`collect`): `add(centre(h))` subtracts the first batch's mean c before the products, so that
     S = Σ (h − c) and G = Σ (h − c)(h − c)ᵀ hold the covariance without cancellation (`recentre` moves them to
     another shift exactly).
-    Products on h's device (see `gram_`; `product_dtype`: their precision on CUDA), totals float64 (the Gram's in
+    Products on h's device (see `gram_`; `product_dtype`: their precision), totals float64 (the Gram's in
     `gram_dtype`: float32 halves the memory of many layers' Grams held at once); N may be left for the first batch
     to say. Cost per batch: one lower-triangle Gram, tokens·N²/2 multiply-adds, and one pass
     over h for the weights and the sum; memory 8·N² bytes."""
