@@ -5,8 +5,10 @@ For each layer l and site s, over all non-padding calibration tokens h (a row of
     n,   c = mean of the first batch (a fixed shift),   S = Σ (h − c),   G = Σ (h − c)(h − c)ᵀ
     μ = c + S/n,   Σ = G/n − (S/n)(S/n)ᵀ,   ρ_ij = Σ_ij / sqrt(Σ_ii Σ_jj)
 
-Per-batch products run on the model's device in float32 (float64 for a float64 model); the running totals
-are float64. The shift removes the mean before squaring, so that `G/n − μμᵀ` does not cancel.
+Per-batch products run on the model's device in the forward's precision: bfloat16 where the forwards run under
+bfloat16 autocast (the activations are bfloat16 products already; `moments.gram_` says how a CPU rounds them),
+else float32 (float64 for a float64 model); the centring is float32 and the running totals float64. The shift
+removes the mean before squaring, so that `G/n − μμᵀ` does not cancel.
 Cross-layer blocks (site `mlp.neurons`, layers l < m ≤ l + K): X_lm = Σ (h_l − c_l)(h_m − c_m)ᵀ.
 
 Cost per token: Σ_sites N² multiply-adds per layer (plus K·N² with cross-layer blocks), on top of the
@@ -83,7 +85,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
             f"collect fewer --layers, fewer --sites or a smaller --cross-layer-window"
         )
 
-    totals = {(i, s): Moments() for i in layers for s in sites}
+    totals = {(i, s): Moments(product_dtype=compute) for i in layers for s in sites}
     cross = {p: None for p in pairs}
     recent: dict[int, torch.Tensor] = {}   # centred mlp.neurons activations of the last K layers
 
@@ -183,7 +185,8 @@ class CollectConfig(Config):
     batch_size: int | None = opt(None, "windows per forward pass (default: ~4096 tokens)", kind=int, ge=1)
     max_memory_gb: float | None = opt(None, "memory the totals may use (default: what is free)", kind=float, gt=0.0)
     compute_dtype: str = opt("auto", "matmul precision of the forwards of a float32 model: auto (bfloat16 where fast: "
-                             "CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; the totals stay float64",
+                             "CPUs with AVX512-BF16/AMX, CUDA), float32 or bfloat16; under bfloat16 the Gram products too, their "
+                             "totals float64",
                              COMPUTE_DTYPES)
 
     def check(self) -> None:
@@ -247,6 +250,8 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
         "seed": seed,
         "dtype": str(next(m.parameters()).dtype).replace("torch.", ""),
         "compute_dtype": None if compute is None else str(compute).replace("torch.", ""),
+        "gram_products": "bfloat16" if compute is not None else ("float64" if next(m.parameters()).dtype
+                                                                  == torch.float64 else "float32"),
         "processes": world,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **(head_meta(m) if HEAD_SITE in meta_sites else {}),
