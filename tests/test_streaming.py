@@ -191,7 +191,13 @@ def test_disk_offload_peak_memory_within_formula(tiny_dir, tokenizer, tmp_path):
     assert disk["peak"] - disk["base"] <= bound, rise
     assert none["peak"] - none["base"] >= P, rise            # the measurement sees a whole model
     a, b = load_file(tmp_path / "none" / "model.safetensors"), load_file(tmp_path / "disk" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same plan (every sliced tensor bit for bit); the refitted output projections within float32 rounding:
+    # logged in both runs, the fold's inputs (W, G, kept set, C, ridge) were identical bit for bit and its float64
+    # Cholesky solve still differed in the last bits from layer 3 on (LAPACK on operands at other addresses), which
+    # float32 rounding shows now and then
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) or ("down_proj" in k and torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6)), k
 
 
 # -------------------------------------------------------------------------------------- two processes
