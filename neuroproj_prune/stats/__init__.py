@@ -11,6 +11,6 @@ from .stats_file import (FORMAT, HEAD_KEYS, Stats, head_layout, head_meta, load_
 
 __all__ = ["COMPUTE_DTYPES", "FORMAT", "HEAD_KEYS", "HEAD_SITE", "SITES", "check_sites", "head_layout", "head_meta",
            "site_width", "site_width_of", "compute_dtype_for", "nonfinite_hint", "ActivationCapture", "Moments", "Stats", "accumulate", "available_memory", "batches",
-           "calibration_ids", "calibration_samples", "collect", "correlation", "dead_neurons", "distributed",
+           "calibration_ids", "calibration_samples", "cholesky", "collect", "correlation", "dead_neurons", "distributed",
            "energy", "eval_windows", "hooked", "join_processes", "load_stats", "parse_layers", "parse_sites",
-           "read_text", "ridge_lambda", "ridged", "cholesky", "second_moment_diagonals", "tokenize"]
+           "read_text", "ridge_lambda", "ridged", "second_moment_diagonals", "tokenize"]

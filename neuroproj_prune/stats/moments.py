@@ -4,13 +4,14 @@ For activations h (tokens × N) and token weights w_t (1 when unweighted):
     n = Σ w_t,   s = Σ w_t h_t,   G = Σ w_t h_t h_tᵀ   →   E[h] = s/n,  E[h hᵀ] = G/n,
     Σ = E[h hᵀ] − E[h] E[h]ᵀ,   ρ_ij = Σ_ij / sqrt(Σ_ii Σ_jj)   (dead neurons: row and column 0).
 Products run on the activations' device; totals are float64. The Gram is the costly part (tokens·N²/2
-multiply-adds): column blocks of the lower triangle by torch's own products, in `product_dtype` where the forward
-computes in bfloat16 (the sequential pass), else float32. CUDA has bfloat16 inputs with float32 outputs
+multiply-adds): column blocks of the lower triangle by torch's own products, in `product_dtype` — bfloat16 where
+the forward computes in bfloat16 (the sequential pass, the allocation's curves, `collect`) — else float32. CUDA has bfloat16 inputs with float32 outputs
 (`out_dtype`); a CPU has no such product, so there each block of ≤ `GRAM_ROWS` tokens is rounded to bfloat16
 (relative 2⁻⁹ per entry) before it joins the float64 total — on SmolLM2's real activations (rms-weighted,
 128 × 512 tokens, layers 0/5/15/29) that moved ‖G‖ by 4–6·10⁻⁴ relative and the least-squares refit's true
-output error by ≤ 4·10⁻⁵ relative at 20/30/50 %, for 2.3× the float32 product's speed (0.035 s vs 0.081 s per
-4096 × 1536 block on this 2-core AVX512-BF16 VM; perplexity in eval/results/prune_speed.md).
+output error by ≤ 4·10⁻⁵ relative at 20/30/50 % (`eval/gram_precision.py`); one 4096 × 1536 batch took 0.035 s
+against 0.081 s in float32 (a micro-benchmark, 5 repetitions each on this 2-core AVX512-BF16 VM, not interleaved;
+the prune's ratios from interleaved pairs and the perplexity are in eval/results/prune_speed.md).
 Not scipy's BLAS `syrk`, though it does half of xᵀx's work and was 1.4× faster alone: its thread pool and
 torch's alternate on the same cores, each spinning after its call, and in a prune on 2 cores the layer forwards
 took 86.2 s beside it and 62.5 s without it, the Gram no faster (36.9 s vs 36.3 s; one
@@ -55,8 +56,9 @@ def _mm_float32_out(a, b):
 
 
 def no_autocast(device):
-    """A context without autocast on `device`: the totals' products run in the dtype their code names, also when the
-    hook that feeds them fires inside a bfloat16-autocast forward (a bfloat16 product would lose 3 digits)."""
+    """A context without autocast on `device`: the totals' products run in the dtype their code names (`gram_`'s
+    rounding per GRAM_ROWS tokens, float32 elsewhere), also when the hook that feeds them fires inside a
+    bfloat16-autocast forward."""
     return torch.autocast(torch.device(device).type, enabled=False)
 
 
