@@ -11,8 +11,9 @@ appended to --json (a re-run skips what it holds), then the markdown table is pr
 Methods (all sequential wanda-sp + lstsq, uniform MLP widths, unless said):
     mlp        --target-params P --axes mlp                   MLP neurons only
     heads      --target-params P --axes mlp,heads             heads (one level in every layer) + MLP
+    attn       --target-params P --axes mlp,attn              attention sub-layers + MLP
     layers     --target-params P --axes mlp,layers            whole layers + MLP
-    joint      --target-params P                              all three, split by measured loss
+    joint      --target-params P                              all four, split by measured loss
     shortgpt   the round(P·T / layer) layers of lowest block influence removed, nothing refitted (ShortGPT)
     flap       FLAP one-shot (select flap, fold bias) on the MLP at the same parameter count: FLAP's head pruning
                does not run on grouped-query attention (SmolLM2: 9 query heads in 3 groups), so only its MLP part
@@ -34,13 +35,14 @@ from neuroproj_prune.prune.budget import neuron_params, trunk_params
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data"
 C4 = DATA / "c4-train-sample-1000.jsonl"
-METHODS = ("mlp", "heads", "layers", "joint", "shortgpt", "flap")
+METHODS = ("mlp", "heads", "attn", "layers", "joint", "shortgpt", "flap")
 
 
 def settings(method: str, P: float, model) -> dict:
     a = npp.adapter_for(model)
-    if method in ("mlp", "heads", "layers", "joint"):
-        axes = {"mlp": "mlp", "heads": "mlp,heads", "layers": "mlp,layers", "joint": "mlp,heads,layers"}[method]
+    if method in ("mlp", "heads", "attn", "layers", "joint"):
+        axes = {"mlp": "mlp", "heads": "mlp,heads", "attn": "mlp,attn", "layers": "mlp,layers",
+                "joint": "mlp,heads,attn,layers"}[method]
         return {"target_params": P, "axes": axes}
     T = trunk_params(model, a)
     if method == "shortgpt":
@@ -109,6 +111,7 @@ def main():
             lm, plan, s = prune(lm, str(C4), samples=a.samples, out=ckpt, overwrite=True, progress=False, **kw)
             row.update(prune_s=round(time.time() - t, 1), removed=round(s["removed_trunk_fraction"], 4),
                        heads=s["heads"][0] if s["heads"] else None, dropped=s["dropped_layers"],
+                       attn_removed=s.get("removed_attention"),
                        mlp_neurons=s["neurons_after"], budget_choice=(s.get("budget") or {}).get("chosen"))
         for text, f in (("wiki", "wikitext2-test.txt"), ("shakespeare", "tinyshakespeare.txt")):
             row[f"ppl_{text}"] = round(perplexity(lm.model, lm.tokenizer, a.windows, DATA / f), 3)
@@ -118,12 +121,12 @@ def main():
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
     rows = [json.loads(l) for l in out.read_text().splitlines() if l]
-    print("| budget | method | removed | heads | layers dropped | WikiText-2 | TinyShakespeare | LAMBADA acc | "
-          "LAMBADA ppl | prune s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| budget | method | removed | heads | layers dropped | attention removed | WikiText-2 | TinyShakespeare | "
+          "LAMBADA acc | LAMBADA ppl | prune s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["budget"] or 0, METHODS.index(r["method"]) if r["method"] in METHODS else -1)):
         print(f"| {r['budget'] or 0:.0%} | {r['method']} | {r.get('removed', 0):.1%} | {r.get('heads')} | "
-              f"{r.get('dropped')} | {r['ppl_wiki']:.2f} | {r['ppl_shakespeare']:.2f} | {r.get('lambada_acc')} | "
+              f"{r.get('dropped')} | {r.get('attn_removed')} | {r['ppl_wiki']:.2f} | {r['ppl_shakespeare']:.2f} | {r.get('lambada_acc')} | "
               f"{r.get('lambada_ppl')} | {r.get('prune_s')} |")
 
 

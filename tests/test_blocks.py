@@ -273,3 +273,134 @@ def test_hostile_block_plans_refused(edit, msg, tokenizer, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(NeuroprojError, match=msg):
         prune(lm, _ids(), plan_file=tmp_path / "plan.json", **SEQ)
+
+
+# ------------------------------------------------------------------------------------ attention sub-layers
+def _without_attention(model, layers, ids):
+    """The logits of `model` with the attention of `layers` adding nothing (their output zeroed by hooks)."""
+    from contextlib import ExitStack
+
+    from neuroproj_prune.prune.layers import attention_off
+    with ExitStack() as stack:
+        for i in layers:
+            stack.enter_context(attention_off(model, adapter_for(model), i))
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_removed_attention_reloads_exactly_and_generates_with_a_cache(family, tokenizer, tmp_path):
+    """--drop-attn with nothing else removed (fold none): the pruned model is the dense one with those attention
+    outputs zeroed, bit for bit; the checkpoint's section lists them and load_pruned rebuilds the same logits; with
+    layer 0's attention gone too (a plan), generation with a key/value cache equals generation without."""
+    dense = gqa_model(family, layers=4)
+    lm = _lm(copy.deepcopy(dense), tokenizer)
+    ids = _ids()
+    _, plan, s = prune(lm, ids, drop_attn=2, sparsity=0.0, fold="none", out=tmp_path / "o", **SEQ)
+    assert len(plan.no_attn) == 2 and s["removed_attention"] == plan.no_attn
+    assert [s["heads"][i] == [0, 0] for i in range(4)] == [i in plan.no_attn for i in range(4)]
+    ref = _without_attention(dense, plan.no_attn, ids)
+    assert torch.equal(lm.model(ids).logits, ref)
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["neuroproj_prune"]["no_attn"] == plan.no_attn
+    from neuroproj_prune.model.weights import stored_shapes
+    keys = stored_shapes(tmp_path / "o")
+    for i in range(4):   # no weight of a removed attention (nor its norm) is stored
+        has = {any(k.startswith(f"model.layers.{i}.{part}") for k in keys) for part in ("self_attn.", "input_layernorm")}
+        assert has == {i not in plan.no_attn}
+    assert torch.equal(load_pruned(tmp_path / "o")(ids).logits, ref)
+    assert Plan.load(tmp_path / "o" / "plan.json").no_attn == plan.no_attn
+    # layer 0's slot is the one transformers counts the cached tokens by
+    p = Plan(no_attn=[0, 2], layers={i: {"width": 96, "keep": list(range(96)), "representative": {}} for i in range(4)})
+    p.save(tmp_path / "plan.json")
+    prune(_lm(copy.deepcopy(dense), tokenizer), ids, plan_file=tmp_path / "plan.json", out=tmp_path / "p",
+          fold="none", **SEQ)
+    re = load_pruned(tmp_path / "p")
+    assert torch.equal(re(ids).logits, _without_attention(dense, [0, 2], ids))
+    prompt = ids[:2, :8]
+    assert torch.equal(re.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True),
+                       re.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_attention_loss_is_the_loss_without_it(tokenizer):
+    """layer_loss(part="attn")'s re-runs against mean_loss with that attention left out, and against the logits of
+    the model with it zeroed."""
+    m = gqa_model(layers=3)
+    lm = _lm(m, tokenizer)
+    ids = _ids(n=4)
+    cost = layer_loss(lm, ids, None, 2, part="attn")
+    base = mean_loss(lm, ids)
+    for i in range(3):
+        ref = torch.nn.functional.cross_entropy(_without_attention(m, [i], ids)[:, :-1].reshape(-1, 384).float(),
+                                                ids[:, 1:].reshape(-1)).item()
+        assert abs(cost[i] - (ref - base)) < 1e-4, (i, cost[i], ref - base)
+        assert mean_loss(lm, ids, no_attn={i}) == pytest.approx(ref, abs=1e-5)
+
+
+def test_refit_after_a_removed_attention_tracks_the_dense_stream(tokenizer):
+    """The MLPs from a removed attention on are refitted against the dense model's stream (what the refit
+    minimises): the last hidden states end closer to the dense model's than with the MLPs left as they were."""
+    ids = _ids(n=16, T=64)
+    dense = gqa_model(layers=4, seed=1)
+    lm = _lm(copy.deepcopy(dense), tokenizer)
+    _, plan, _ = prune(lm, ids, drop_attn=1, sparsity=0.0, **SEQ)
+    plain = copy.deepcopy(dense)
+    adapter_for(plain).remove_attention(plain, plan.no_attn[0])
+    target = dense.model(ids).last_hidden_state
+    refit, left = ((m.model(ids).last_hidden_state - target).pow(2).mean() for m in (lm.model, plain))
+    assert refit < 0.9 * left, (refit, left)
+
+
+def test_budget_with_attention_sublayers(tokenizer):
+    """--axes mlp,attn: the share is removed, the chosen finalist's attention sub-layers are the plan's, and the
+    finalists include one that removes attention."""
+    lm = _lm(gqa_model(layers=4), tokenizer)
+    _, plan, s = prune(lm, _ids(n=16, T=64), target_params=0.3, axes="mlp,attn", search_samples=4, **SEQ)
+    assert abs(s["removed_trunk_fraction"] - 0.3) < 0.01
+    b = s["budget"]
+    assert b["chosen"]["drop_attn"] == plan.no_attn and not plan.drop and not plan.heads
+    assert any(f["drop_attn"] for f in b["finalists"]) and any(not f["drop_attn"] for f in b["finalists"])
+    assert b["chosen"]["held_out_loss"] == min(f["held_out_loss"] for f in b["finalists"])
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d.update(drop_attn=[4]), "no repeats"),
+    (lambda d: d.update(drop_attn=[1, 1]), "no repeats"),
+    (lambda d: d.update(drop_attn=[2]), "not both"),          # layer 2 is removed whole
+    (lambda d: d.update(drop_attn=[0]), "heads of layer 0"),  # and its heads pruned
+    (lambda d: d.update(drop_attn=["1"]), "layer numbers"),
+])
+def test_hostile_attention_plans_refused(edit, msg, tokenizer, tmp_path):
+    lm = _lm(gqa_model(), tokenizer)
+    p = Plan(heads={0: {"heads": 6, "kv_heads": 2, "keep": [0, 1, 3, 4], "keep_kv": [0, 1]}}, drop=[2])
+    doc = json.loads(p.to_json())
+    edit(doc)
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(NeuroprojError, match=msg):
+        prune(lm, _ids(), plan_file=tmp_path / "plan.json", **SEQ)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda s: s.update(no_attn=[7]), "no_attn must list"),
+    (lambda s: s.update(no_attn=[1, 1]), "no_attn must list"),
+    (lambda s: s.update(no_attn=[2]), "weights"),    # the stored attention of the layer the section now lists
+    (lambda s: s.update(no_attn=[]), "weights lack"),    # the removed attention's weights missing
+])
+def test_hostile_no_attn_sections_refused(edit, msg, tokenizer, tmp_path):
+    lm = _lm(gqa_model(), tokenizer)
+    prune(lm, _ids(), drop_attn=1, sparsity=0.0, out=tmp_path / "o", layer_select="influence", **SEQ)
+    f = tmp_path / "o" / "config.json"
+    cfg = json.loads(f.read_text())
+    gone = cfg["neuroproj_prune"]["no_attn"]
+    edit(cfg["neuroproj_prune"])
+    if cfg["neuroproj_prune"].get("no_attn") == [2] and gone == [2]:
+        cfg["neuroproj_prune"]["no_attn"] = [3]
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(NeuroprojError, match=msg):
+        load_pruned(tmp_path / "o")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_attention_removal_refused_where_the_family_cannot(family, tokenizer):
+    lm = _lm(gqa_model(family) if family == "gemma2" else tiny_model(family), tokenizer)
+    with pytest.raises(NeuroprojError, match="attention sub-layers"):
+        prune(lm, _ids(), drop_attn=1, **SEQ)

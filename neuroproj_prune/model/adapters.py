@@ -108,6 +108,24 @@ class Adapter:
     def set_config_heads(self, config, heads: int, kv_heads: int) -> None:
         raise NotImplementedError
 
+    # -- attention sub-layers: removed whole, the layer keeps its MLP (the residual stream passes the attention)
+    def attn_refusal(self, model) -> str | None:
+        """Why this family's attention sub-layers cannot be removed alone (None: they can)."""
+        return (f"{getattr(model, 'config', model).model_type}: removing attention sub-layers is not supported for "
+                f"this family; remove whole layers (--drop-layers) instead")
+
+    def has_attention(self, model, i) -> bool:
+        return not isinstance(self.attn(model, i), NoAttention)
+
+    def remove_attention(self, model, i) -> None:
+        """Replace layer i's attention and the norm that only feeds it by modules without weights: the layer's
+        output is then x + MLP(norm(x)) exactly."""
+        raise NotImplementedError
+
+    def attention_params(self, model, i) -> int:
+        """Parameters removing layer i's attention sub-layer removes (the attention and the norm that feeds it)."""
+        raise NotImplementedError
+
     def head_params(self, model, i) -> tuple[float, float]:
         """Parameters one query head and one key/value head of layer i hold (q rows + o columns; k and v rows),
         biases included."""
@@ -245,6 +263,24 @@ class Adapter:
         _slice_linear_(self.out_proj(model, i), keep, dim=1)
 
 
+class NoAttention(nn.Module):
+    """A removed attention sub-layer: it adds nothing to the residual stream and holds no weights. Under a key/value
+    cache it stores one zero channel per token in its slot, so that the cache still counts the tokens (transformers
+    reads the sequence length from a layer's slot, layer 0's by default)."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, *args, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            b, t = hidden_states.shape[:2]
+            zero = hidden_states.new_zeros(b, 1, t, 1)
+            cache.update(zero, zero, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
 def _slice_linear_(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
     """Slice an nn.Linear in place along output (dim 0) or input (dim 1) features."""
     idx = idx.to(lin.weight.device)
@@ -286,7 +322,9 @@ class GatedAdapter(Adapter):
         return None
 
     def head_dim(self, model):
-        return self.attn(model, 0).head_dim
+        present = [self.attn(model, i) for i in range(self.num_layers(model)) if self.has_attention(model, i)]
+        c = model.config
+        return present[0].head_dim if present else getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     def num_heads(self, model, i):
         return self.attn(model, i).q_proj.weight.shape[0] // self.head_dim(model)
@@ -321,12 +359,25 @@ class GatedAdapter(Adapter):
         kv = sum(p.numel() for proj in (at.k_proj, at.v_proj) for p in proj.parameters())
         return q / H, kv / KV
 
+    def attn_refusal(self, model):
+        return None
+
+    def attention_params(self, model, i):
+        layer = self.layers(model)[i]
+        return sum(p.numel() for m in (layer.self_attn, layer.input_layernorm) for p in m.parameters())
+
+    def remove_attention(self, model, i):
+        layer = self.layers(model)[i]
+        layer.self_attn = NoAttention(layer.self_attn.layer_idx)
+        layer.input_layernorm = nn.Identity()
+
     def set_config_heads(self, config, heads, kv_heads):
         config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         config.num_attention_heads, config.num_key_value_heads = int(heads), int(kv_heads)
 
     def residual_norms(self, model, i):
-        later = [m for l in self.layers(model)[i + 1:] for m in (l.input_layernorm, l.post_attention_layernorm)]
+        later = [m for l in self.layers(model)[i + 1:] for m in (l.input_layernorm, l.post_attention_layernorm)
+                 if not isinstance(m, nn.Identity)]   # (a removed attention's norm)
         return later + [model.model.norm]
 
     def final_norm(self, model):
@@ -362,6 +413,9 @@ class Gemma2Adapter(GatedAdapter):
 
     def mlp_output_is_added(self, model):
         return False
+
+    def attn_refusal(self, model):   # its attention output passes post_attention_layernorm: not a plain add
+        return Adapter.attn_refusal(self, model)
 
     def logits(self, model, h):
         z = model.get_output_embeddings()(h)

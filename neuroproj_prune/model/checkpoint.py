@@ -4,8 +4,9 @@
   `AutoModelForCausalLM.from_pretrained` loads.
 - Attention heads removed uniformly (`num_attention_heads`, `num_key_value_heads` changed) and whole layers removed
   (`num_hidden_layers` and the per-layer lists such as `layer_types` shortened) are standard too.
-- Per-layer widths, per-layer head counts, an MLP bias the config cannot declare, or applied skip connections:
-  the config carries a `neuroproj_prune` section (`format`, `widths`, `heads`, `out_bias`, `skips`) and
+- Per-layer widths, per-layer head counts, removed attention sub-layers, an MLP bias the config cannot declare, or
+  applied skip connections: the config carries a `neuroproj_prune` section (`format`, `widths`, `heads`, `no_attn`,
+  `out_bias`, `skips`) and
   `load_pruned` rebuilds the modules and loads the weights strictly; it refuses what it cannot reproduce exactly.
 
 Loading a model never imports the pruning stages: this module needs the adapters, the skip modules and io only.
@@ -50,12 +51,19 @@ def update_config(model, added_bias: bool = False) -> None:
             a.declare_out_bias(model)
         else:
             section["out_bias"] = True
+    gone = [i for i in range(L) if not a.has_attention(model, i)] if a.attn_refusal(model) is None else []
+    if gone:   # removed attention sub-layers: the section rebuilds them as such
+        section["no_attn"] = gone
+    else:
+        section.pop("no_attn", None)
     if a.heads_refusal(model) is None:   # attention heads: uniform → the config's counts, per-layer → the section
-        heads = [[a.num_heads(model, i), a.num_kv_heads(model, i)] for i in range(L)]
-        if len({tuple(h) for h in heads}) == 1:
+        heads = [[a.num_heads(model, i), a.num_kv_heads(model, i)] if i not in gone else [0, 0] for i in range(L)]
+        present = {tuple(h) for i, h in enumerate(heads) if i not in gone}
+        if len(present) <= 1:
             c = model.config
-            if heads[0] != [c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads]:
-                a.set_config_heads(c, *heads[0])
+            h0 = list(present.pop()) if present else None
+            if h0 and h0 != [c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads]:
+                a.set_config_heads(c, *h0)
             section.pop("heads", None)
         else:
             section["heads"] = heads
@@ -209,7 +217,7 @@ def pruned_section(config, where) -> dict:
     if section and section.get("format") != CHECKPOINT_FORMAT:
         raise NeuroprojError(f"{where}: unknown neuroproj_prune checkpoint format {section.get('format')!r}; "
                              f"upgrade neuroproj-prune")
-    unknown = set(section) - {"format", "widths", "out_bias", "skips", "heads"}
+    unknown = set(section) - {"format", "widths", "out_bias", "skips", "heads", "no_attn"}
     if unknown:
         raise NeuroprojError(f"{where}: the checkpoint needs features this version cannot rebuild: {sorted(unknown)}")
     a = adapter_for(config)
@@ -222,6 +230,14 @@ def pruned_section(config, where) -> dict:
             raise NeuroprojError(f"{where}: the neuroproj_prune section's widths must be {L} whole numbers in [1, {W}] "
                                  f"(one per layer; {a.width_key} is their maximum), got {str(widths)[:80]}: fix the "
                                  f"section, or prune again")
+    gone = section.get("no_attn", [])
+    L = a.config_layers(config)
+    if not (isinstance(gone, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < L for i in gone)
+            and len(set(gone)) == len(gone)):
+        raise NeuroprojError(f"{where}: the neuroproj_prune section's no_attn must list distinct layer numbers in "
+                             f"[0, {L}), got {str(gone)[:80]}: fix the section, or prune again")
+    if gone and a.attn_refusal(config) is not None:
+        raise NeuroprojError(f"{where}: {a.attn_refusal(config)}")
     if not isinstance(section.get("out_bias", False), bool) or not isinstance(section.get("skips") or {}, dict):
         raise NeuroprojError(f"{where}: the neuroproj_prune section's out_bias must be true/false and skips a mapping: "
                              f"fix the section, or prune again")
@@ -239,14 +255,22 @@ def build_pruned(config, section: dict, dtype, where):
     if section.get("widths") is not None:
         for i, w in enumerate(section["widths"]):
             a.select_neurons(model, i, torch.arange(int(w)))
+    gone = set(section.get("no_attn", []))
+    for i in sorted(gone):
+        a.remove_attention(model, i)
     heads = section.get("heads")
     if heads is not None:
         L = a.num_layers(model)
         ok = (isinstance(heads, list) and len(heads) == L and a.heads_refusal(model) is None
-              and all(isinstance(h, list) and len(h) == 2 and all(isinstance(v, int) and v > 0 for v in h) for h in heads))
+              and all(isinstance(h, list) and len(h) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and (v == 0) == (i in gone) and v >= 0 for v in h)
+                      for i, h in enumerate(heads)))
         if not ok:
-            raise NeuroprojError(f"{where}: 'heads' must give [query heads, key/value heads] for each of the {L} layers")
+            raise NeuroprojError(f"{where}: 'heads' must give [query heads, key/value heads] for each of the {L} layers"
+                                 f" ([0, 0] exactly for the layers no_attn lists)")
         for i, (h, kv) in enumerate(heads):
+            if i in gone:
+                continue
             H, KV = a.num_heads(model, i), a.num_kv_heads(model, i)
             if kv > KV or h % kv or h // kv > H // KV:
                 raise NeuroprojError(f"{where}: layer {i} cannot have {h} heads in {kv} groups (the config has {H} in "

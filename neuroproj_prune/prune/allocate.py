@@ -241,12 +241,15 @@ class Curves:
     """What one pass of the dense model over the allocation windows measures, every error in one unit (per token,
     under the pass's token weights): `mlp` {layer: e_i(k), k = 0..N}; `attn` {layer: LayerMoments of the attention
     output projection's input, its G weighted like the MLP's} (the head costs are read from them, budget.py);
-    `block` {layer: D_i = E_t[w_t‖x_i+1,t − x_i,t‖²], the cost of removing the whole layer}; `fold` {(site, layer):
+    `block` {layer: D_i = E_t[w_t‖x_i+1,t − x_i,t‖²], the cost of removing the whole layer}; `sub` {layer:
+    A_i = E_t[w'_t‖a_i,t‖²], the cost of removing its attention sub-layer alone, a_i its output and w' the weight
+    at that point of the stream (the gradient there under `grad`)}; `fold` {(site, layer):
     (E[h hᵀ], E[h])} under the fold's rms weights (what one-shot refits use)."""
 
     mlp: dict
     attn: dict = field(default_factory=dict)
     block: dict = field(default_factory=dict)
+    sub: dict = field(default_factory=dict)
     fold: dict = field(default_factory=dict)
 
 
@@ -263,7 +266,7 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
 
 def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
                    seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True, attn: bool = False,
-                   blocks: bool = False, fold: bool = False) -> Curves:
+                   blocks: bool = False, sublayers: bool = False, fold: bool = False) -> Curves:
     """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
     top-k neurons of `select` (see `error_curve`), with token t weighted so that all layers share one
     unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
@@ -272,8 +275,8 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     last layer's output, for every layer (no backward through the trunk: the later layers' own gain is ignored).
     `rms`: w_t = 1/mean(x_i,t²), the error as the next norm sees it (no backward pass, blind to how much later
     layers and the head amplify it). With `attn`, the same for the attention output projection's input (its
-    weight under `grad`: the gradient at the attention's output, which is added to the residual stream), and with
-    `blocks` the cost of each whole layer (see `Curves`). Cost: one forward (with grad one backward) of the dense
+    weight under `grad`: the gradient at the attention's output, which is added to the residual stream), with
+    `blocks` the cost of each whole layer and with `sublayers` that of each attention sub-layer (see `Curves`). Cost: one forward (with grad one backward) of the dense
     model over `ids`, the LM head in chunks (grad, head), one N² Gram per token and layer in the forward's
     precision (`Moments`; and one (H·hd)² with `attn`), one O(N³) Cholesky per layer; memory: one batch's
     activations and L float32 N×N Grams (each made float64 in turn for its curve), twice that with `fold`."""
@@ -285,6 +288,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     grabbed = {}
     mom, fmom = {}, {}
     block = {i: 0.0 for i in range(L)} if blocks else {}
+    sub = {i: 0.0 for i in range(L)} if sublayers else {}
     n = 0
 
     def grab(key, t):
@@ -294,7 +298,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
 
     points = [((site, i), proj[site](model, i), "in") for site in sites for i in range(L)]
     points += [(("out", i), layer, "out") for i, layer in enumerate(a.layers(model))]
-    if attn and weights == "grad":
+    if (attn and weights == "grad") or sublayers:
         points += [(("attn_out", i), a.attn_out_proj(model, i), "out") for i in range(L)]
     if blocks:
         points += [(("in", 0), a.layers(model)[0], "call")]
@@ -315,6 +319,11 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                     d = o.shape[-1]
                     rms = rms_token_weights(o.detach().reshape(-1, d).float()).unsqueeze(1) \
                         if weights == "rms" or fold else None
+                    if sublayers:   # the attention's output, under the weight at the point it is added
+                        at = grabbed[("attn_out", i)]
+                        wa = at.grad.reshape(-1, d).float().pow(2).sum(-1) if weights == "grad" else \
+                            (g if weights == "head" else rms).reshape(-1)
+                        sub[i] += float((wa * at.detach().float().reshape(-1, d).pow(2).sum(-1)).sum())
                     for site in sites:
                         if weights == "grad":
                             src = o if site == "mlp" else grabbed[("attn_out", i)]
@@ -336,7 +345,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                             block[i] += float((w.reshape(-1) * delta.pow(2).sum(-1)).sum())
                 n += x.numel()
             grabbed.clear()
-    out = Curves({}, block={i: v / n for i, v in block.items()})
+    out = Curves({}, block={i: v / n for i, v in block.items()}, sub={i: v / n for i, v in sub.items()})
     for i in range(L):
         W = a.out_weight(model, i).detach().double().cpu()
         N = W.shape[1]

@@ -37,16 +37,19 @@ from .select import select_layer
 
 # ------------------------------------------------------------------------------------------------ the loop
 def prune_layers(model, calib, cfg: PruneConfig, widths: dict[int, int] | None = None, *, plan: Plan | None = None,
-                 apply: bool = True, drop=()) -> Plan:
+                 apply: bool = True, drop=(), no_attn=()) -> Plan:
     """The one per-layer loop. For each site the calibration hands over — sequential calibration measures it on
     the hidden states the already-pruned layers produce — choose what stays (the MLP: `widths[i]` neurons by
     `cfg.select`, refined by the pass hooks; the attention: the heads of `cfg.head_sparsity`; or as `plan` says),
     then fold what goes into what stays and slice (unless `apply=False`). The layers in `drop` (or the plan's) are
-    passed through and removed at the end. Returns the plan."""
+    passed through and removed at the end; the attention sub-layers in `no_attn` (or the plan's) are removed before
+    their layer is measured (the sequential pass), so the MLP behind them is pruned on what it will see. Returns the
+    plan."""
     given = plan is not None
-    plan = plan if given else Plan(meta={**plan_meta(cfg), **calib.meta}, drop=sorted(drop))
+    plan = plan if given else Plan(meta={**plan_meta(cfg), **calib.meta}, drop=sorted(drop), no_attn=sorted(no_attn))
     a = calib.lm.adapter
-    calib.drop, calib.heads = plan.drop, bool(plan.heads) if given else cfg.head_sparsity > 0
+    calib.drop, calib.no_attn = plan.drop, plan.no_attn
+    calib.heads = bool(plan.heads) if given else cfg.head_sparsity > 0
     for work in calib.layers():
         i = work.layer
         if work.site == "attn":
@@ -59,6 +62,10 @@ def prune_layers(model, calib, cfg: PruneConfig, widths: dict[int, int] | None =
             plan.layers[i] = work.refine(select_layer(model, work.moments, widths[i], cfg))
         if apply and i in plan.layers:
             fold_layer(model, work, plan.layers[i], cfg)
+    if apply:
+        for i in plan.no_attn:
+            if a.has_attention(model, i):
+                a.remove_attention(model, i)
     if apply and plan.drop:
         a.drop_layers(model, plan.drop)
     if not given and "fingerprint" in calib.meta:   # a disk stream knows it only after the pass
@@ -137,7 +144,7 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
         given = Plan.load(plan_file) if plan_file is not None else \
             load_clusters(clusters) if not hasattr(clusters, "layers") else clusters   # read (and checked) before the model
         # a plan's heads and removed layers are refitted in the sequential pass (dense statistics hold no attention)
-        blocks = isinstance(given, Plan) and (given.heads or given.drop)
+        blocks = isinstance(given, Plan) and given.blocks
         cfg = cfg.replace(calibration="sequential" if blocks else "oneshot")
     elif cfg.sparsity is None and cfg.keep is None and not cfg.budgeted:
         raise NeuroprojError("give a sparsity in [0, 1), keep K, a target or a plan")
@@ -179,12 +186,13 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
               "trunk": trunk_params(lm.model, a), "widths": [a.width(lm.model, i) for i in range(a.num_layers(lm.model))],
               "heads": _heads(lm.model, a)}
     calib = CALIBRATIONS[cfg.calibration](lm, cfg, data=data, stats=stats, progress=progress, stream=stream)
-    shape = resolve(calib, cfg, _trial(lm, calib, cfg)) if given is None else Shape(cfg, list(getattr(given, "drop", [])))
-    calib.cfg, calib.drop = shape.cfg, shape.drop
+    shape = resolve(calib, cfg, _trial(lm, calib, cfg)) if given is None else \
+        Shape(cfg, list(getattr(given, "drop", [])), no_attn=list(getattr(given, "no_attn", [])))
+    calib.cfg, calib.drop, calib.no_attn = shape.cfg, shape.drop, shape.no_attn
     widths = shape.widths
     if given is None and widths is None:
         widths = ALLOCATIONS[cfg.allocation](calib, shape.cfg)
-    p = prune_layers(lm.model, calib, shape.cfg, widths, plan=given, drop=shape.drop)
+    p = prune_layers(lm.model, calib, shape.cfg, widths, plan=given, drop=shape.drop, no_attn=shape.no_attn)
     update_config(lm.model, added_bias=cfg.adds_bias and not had_bias)
     summary = _summary(lm, cfg, p, before, calib.description, time.time() - t0)
     summary["offload"] = stream.describe()
@@ -210,16 +218,18 @@ def _trial(lm, calib, cfg):
         copy = LoadedModel(deepcopy(lm.model), lm.tokenizer, lm.spec, lm.fingerprint)
         tcfg = shape.cfg.replace(samples=n, reconstruct=0, swaps=0)
         sub = CALIBRATIONS["sequential"](copy, tcfg, data=calib.ids[:n], progress=False)
-        prune_layers(copy.model, sub, tcfg, shape.widths, drop=shape.drop)
+        prune_layers(copy.model, sub, tcfg, shape.widths, drop=shape.drop, no_attn=shape.no_attn)
         return mean_loss(copy, calib.held, calib.compute, bs)
     return loss
 
 
 def _heads(model, a) -> list | None:
-    """[query heads, key/value heads] of every layer (None where the family has no head site)."""
+    """[query heads, key/value heads] of every layer ([0, 0] where its attention was removed; None where the family
+    has no head site)."""
     if a.heads_refusal(model) is not None:
         return None
-    return [[a.num_heads(model, i), a.num_kv_heads(model, i)] for i in range(a.num_layers(model))]
+    return [[a.num_heads(model, i), a.num_kv_heads(model, i)] if a.has_attention(model, i) else [0, 0]
+            for i in range(a.num_layers(model))]
 
 
 def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:
@@ -240,7 +250,7 @@ def _summary(lm, cfg, p, before, calib_desc, seconds) -> dict:
         "mlp_macs_per_token_before": before["macs"], "mlp_macs_per_token_after": a.mlp_macs_per_token(model),
         "neurons_before": total_before, "neurons_after": sum(kept), "kept": kept,
         "heads_before": before["heads"], "heads": _heads(model, a),
-        "dropped_layers": list(p.drop), "seconds": round(seconds, 1),
+        "dropped_layers": list(p.drop), "removed_attention": list(p.no_attn), "seconds": round(seconds, 1),
     }
 
 

@@ -1,6 +1,7 @@
-"""What a run removes: MLP neurons, attention heads, whole layers — set per axis, or split from one budget.
+"""What a run removes: MLP neurons, attention heads, attention sub-layers, whole layers — set per axis, or split
+from one budget.
 
-Per axis (`sparsity`/`keep`, `head_sparsity`, `drop_layers`) a user says how much of each goes; `resolve` then
+Per axis (`sparsity`/`keep`, `head_sparsity`, `drop_attn`, `drop_layers`) a user says how much of each goes; `resolve` then
 only picks the layers (layers.py). With one budget, `target_params` P (or `target_speedup` S, turned into P by its
 proxy, the bytes of weights read per token: (T + E)·(1 − 1/S) of the T decoder-layer and E LM-head parameters),
 P·T parameters of the decoder layers go, split across the axes in `axes` by measured loss:
@@ -8,13 +9,15 @@ P·T parameters of the decoder layers go, split across the axes in `axes` by mea
     pieces     one pass of the dense model (allocate.measure_curves) prices every axis in one unit (per-token output
                errors under the loss-gradient weights, ≈ loss): e_i(k) the MLP refit error of layer i keeping k
                neurons, a_i(r) the o_proj refit error of layer i at head level r (the same level in every layer: a
-               standard checkpoint; heads.head_levels), D_i the cost of removing layer i; the layers are ranked by
-               `layer_select` on the held-back windows
-    candidates every head level r × the d first-ranked layers (d = 0, 1, … while they fit the budget), the rest of
-               the budget from the MLP widths (allocation uniform or global); predicted cost
-               Σ a_i(r) + Σ D_i + Σ e_i(k_i)
+               standard checkpoint; heads.head_levels), D_i the cost of removing layer i, A_i that of removing its
+               attention sub-layer; the layers and the attention sub-layers are ranked by `layer_select` on the
+               held-back windows
+    candidates every head level r × the d first-ranked layers × the e first-ranked attention sub-layers of the
+               others (d, e = 0, 1, … while they fit the budget), the rest of the budget from the MLP widths
+               (allocation uniform or global); predicted cost Σ a_i(r) + Σ D_i + Σ A_i + Σ e_i(k_i)
     decision   the pieces are a local, additive model of the loss — it ranks, it does not decide: per head level
-               the best-predicted d and d = 0 (MLP only is always among them) are the finalists, and the lowest loss
+               the best-predicted shape and d = e = 0 (MLP only is always among them) are the finalists, and the best
+               predicted that removes attention sub-layers; the lowest loss
                on the held-back windows wins. `budget_judge` sequential (the default): each finalist is pruned by the
                sequential pass itself on `judge_samples` windows, on a copy of the model (api.py's trial); oneshot:
                each is applied at once to the dense model (the MLPs' and o_proj's least-squares refits from the
@@ -30,7 +33,7 @@ finalist (≤ 2 per head level) one forward of the held-back windows — sequent
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -41,8 +44,9 @@ from .fold import chol_solve
 from .heads import channels, check_heads, head_counts, head_levels, keep_heads, refit_error
 from .layers import choose_layers, mean_loss
 
-AXES = ("mlp", "heads", "layers")
+AXES = ("mlp", "heads", "attn", "layers")
 LAYER_CANDIDATES = 8   # layers whose removal the budget measures (those of lowest influence); the rest rank after
+ATTN_CANDIDATES = 12   # attention sub-layers whose removal it measures
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Shape:
     cfg: object
     drop: list
     widths: dict | None = None
+    no_attn: list = field(default_factory=list)   # attention sub-layers removed (their MLP stays)
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -97,13 +102,17 @@ def resolve(calib, cfg, trial=None) -> Shape:
     "budget")."""
     lm = calib.lm
     if not cfg.budgeted:
-        drop = []
+        drop, no_attn = [], []
         if cfg.drop_layers:
             drop, cost = choose_layers(lm, _judge(calib, cfg), cfg, cfg.drop_layers, calib.compute, calib.progress)
             calib.meta["layers"] = {"select": cfg.layer_select, "cost": _finite(cost), "drop": drop}
+        if cfg.drop_attn:
+            no_attn, cost = choose_layers(lm, _judge(calib, cfg), cfg, cfg.drop_attn, calib.compute, calib.progress,
+                                          part="attn", exclude=drop)
+            calib.meta["attention"] = {"select": cfg.layer_select, "cost": _finite(cost), "drop": no_attn}
         if cfg.head_sparsity:
             check_heads(lm.model, lm.adapter, cfg)
-        return Shape(cfg, drop)
+        return Shape(cfg, drop, no_attn=no_attn)
     return _split(calib, cfg, trial)
 
 
@@ -126,13 +135,15 @@ def _judge(calib, cfg):
 class _Candidate:
     level: float
     drop: list
+    attn: list
     widths: dict
     removed: float
     predicted: float
     measured: float | None = None
 
     def describe(self, T) -> dict:
-        return {"head_sparsity": self.level, "drop_layers": self.drop, "mlp_neurons": sum(self.widths.values()),
+        return {"head_sparsity": self.level, "drop_layers": self.drop, "drop_attn": self.attn,
+                "mlp_neurons": sum(self.widths.values()),
                 "removed_fraction": round(self.removed / T, 4), "predicted": self.predicted,
                 "held_out_loss": self.measured}
 
@@ -149,15 +160,20 @@ def _split(calib, cfg, trial) -> Shape:
     if axes == {"heads"} and not heads:
         raise NeuroprojError(a.heads_refusal(model))
     levels = head_levels(a.num_heads(model, 0), a.num_kv_heads(model, 0), cfg.head_groups) if heads else [0.0]
+    subs = "attn" in axes and a.attn_refusal(model) is None
     n = alloc_windows(calib, cfg)
     c = measure_curves(lm, calib.ids[:n], select=cfg.select, weights=cfg.alloc_weights, seed=cfg.seed,
                        ridge=cfg.ridge, batch_size=max(1, 2048 // calib.ids.shape[1]), compute=calib.compute,
-                       progress=calib.progress, attn=heads, blocks="layers" in axes, fold=True)
-    order, layer_cost = [], {}
+                       progress=calib.progress, attn=heads, blocks="layers" in axes, sublayers=subs, fold=True)
+    order, layer_cost, attn_order, attn_cost = [], {}, [], {}
     if "layers" in axes:
         order, layer_cost = choose_layers(lm, _judge(calib, cfg), cfg, L - 1, calib.compute, calib.progress,
                                           candidates=min(L - 1, LAYER_CANDIDATES))
-        order = sorted(order, key=layer_cost.get)
+        order = sorted(order, key=layer_cost.get)[:LAYER_CANDIDATES]
+    if subs:   # the measured ones, cheapest first (a removed attention is never its layer's last part)
+        attn_order, attn_cost = choose_layers(lm, _judge(calib, cfg), cfg, min(L, ATTN_CANDIDATES), calib.compute,
+                                              calib.progress, candidates=min(L, ATTN_CANDIDATES), part="attn")
+        attn_order = sorted(attn_order, key=attn_cost.get)
 
     # the heads each layer keeps at each level, and their cost
     hd, entries, head_cost = (a.head_dim(model) if heads else 0), {}, {}
@@ -171,39 +187,47 @@ def _split(calib, cfg, trial) -> Shape:
     N = {i: a.width(model, i) for i in range(L)}
     nu = {i: neuron_params(model, a, i) for i in range(L)}
     layer_p = {i: sum(p.numel() for p in a.layers(model)[i].parameters()) for i in range(L)}
+    attn_p = {i: a.attention_params(model, i) for i in attn_order}
     cands = []
     for r in levels:
         for d in range(len(order) + 1 if "layers" in axes else 1):
             drop = sorted(order[:d])
-            kept = [i for i in range(L) if i not in drop]
-            removed = sum(layer_p[i] for i in drop) + sum(head_params_removed(model, a, i, r, cfg.head_groups)
-                                                         for i in kept)
-            rest = goal - removed
-            if "mlp" in axes:
-                if rest < 0:
-                    break
-                widths = _mlp_widths(c, cfg, {i: N[i] for i in kept}, nu, rest)
-                if widths is None:
+            ranked = [i for i in attn_order if i not in drop]
+            for e in range(len(ranked) + 1):
+                gone = sorted(ranked[:e])
+                kept = [i for i in range(L) if i not in drop]
+                removed = (sum(layer_p[i] for i in drop) + sum(attn_p[i] for i in gone)
+                           + sum(head_params_removed(model, a, i, r, cfg.head_groups) for i in kept if i not in gone))
+                rest = goal - removed
+                if "mlp" in axes:
+                    if rest < 0:
+                        break
+                    widths = _mlp_widths(c, cfg, {i: N[i] for i in kept}, nu, rest)
+                    if widths is None:
+                        continue
+                elif rest > 0:
                     continue
-            elif rest > 0:
-                continue
-            else:
-                widths = {i: N[i] for i in kept}
-            removed += sum((N[i] - k) * nu[i] for i, k in widths.items())
-            pred = (sum(head_cost.get((r, i), 0.0) for i in kept) + sum(c.block[i] for i in drop)
-                    + sum(float(c.mlp[i][k]) for i, k in widths.items()))
-            cands.append(_Candidate(r, drop, widths, removed, pred))
-            if "mlp" not in axes:
-                break   # the first d that reaches the budget
+                else:
+                    widths = {i: N[i] for i in kept}
+                removed += sum((N[i] - k) * nu[i] for i, k in widths.items())
+                pred = (sum(head_cost.get((r, i), 0.0) for i in kept if i not in gone) + sum(c.block[i] for i in drop)
+                        + sum(c.sub[i] for i in gone) + sum(float(c.mlp[i][k]) for i, k in widths.items()))
+                cands.append(_Candidate(r, drop, gone, widths, removed, pred))
+                if "mlp" not in axes:
+                    break   # the first e that reaches the budget
     if not cands:
         raise NeuroprojError(f"no way to remove {P:.0%} of the decoder layers' parameters with {', '.join(cfg.axes)}:"
-                             f" add an axis (--axes mlp,heads,layers) or lower the target")
+                             f" add an axis (--axes {','.join(AXES)}) or lower the target")
     finalists = []
-    for r in levels:
+    for r in levels:   # per head level: the best predicted and MLP only (the pieces rank, the judge decides)
         mine = [x for x in cands if x.level == r]
-        for x in ([min(mine, key=lambda x: x.predicted)] if mine else []) + [x for x in mine if not x.drop][:1]:
+        for x in ([min(mine, key=lambda x: x.predicted)] if mine else []) + \
+                [x for x in mine if not x.drop and not x.attn][:1]:
             if x not in finalists:
                 finalists.append(x)
+    with_attn = [x for x in cands if x.attn]   # and the best predicted that removes attention sub-layers
+    if with_attn and min(with_attn, key=lambda x: x.predicted) not in finalists:
+        finalists.append(min(with_attn, key=lambda x: x.predicted))
     judge = cfg.budget_judge if trial is not None else "oneshot"
     if len(finalists) > 1 and judge == "sequential":
         for x in tqdm(finalists, desc="judge", unit="finalist", disable=not calib.progress, dynamic_ncols=True):
@@ -213,7 +237,8 @@ def _split(calib, cfg, trial) -> Shape:
     best = min(finalists, key=lambda x: x.measured) if len(finalists) > 1 else finalists[0]
     calib.meta["budget"] = {"target_params": P, "axes": list(cfg.axes), "trunk_params": T, "judge": judge,
                             "chosen": best.describe(T), "finalists": [x.describe(T) for x in finalists],
-                            "candidates": len(cands), "layer_cost": _finite(layer_cost)}
+                            "candidates": len(cands), "layer_cost": _finite(layer_cost),
+                            "attn_cost": _finite(attn_cost)}
     return _shape(cfg, best, N)
 
 
@@ -221,8 +246,8 @@ def _shape(cfg, x: _Candidate, N: dict) -> Shape:
     """The per-axis settings of candidate x (its MLP sparsity: the share of the kept layers' neurons it removes)."""
     kept_N = sum(N[i] for i in x.widths)
     resolved = cfg.replace(target_params=None, target_speedup=None, keep=None, head_sparsity=x.level,
-                           drop_layers=len(x.drop), sparsity=1 - sum(x.widths.values()) / kept_N)
-    return Shape(resolved, x.drop, x.widths)
+                           drop_layers=len(x.drop), drop_attn=len(x.attn), sparsity=1 - sum(x.widths.values()) / kept_N)
+    return Shape(resolved, x.drop, x.widths, no_attn=x.attn)
 
 
 def _mlp_widths(c, cfg, N: dict, nu: dict, rest: float) -> dict | None:
@@ -250,9 +275,9 @@ def _measure(calib, cfg, c, finalists, entries, hd) -> None:
             net.apply(x.widths)
             for i, W in dense_o.items():
                 o = a.attn_out_proj(model, i)
-                o.weight.data.copy_(W if x.level == 0 or i in x.drop else
+                o.weight.data.copy_(W if x.level == 0 or i in x.drop or i in x.attn else
                                     _refit_o(W, c.fold["attn", i], channels(entries[x.level, i]["keep"], hd), cfg.ridge))
-            x.measured = mean_loss(lm, calib.held, calib.compute, bs, skip=set(x.drop))
+            x.measured = mean_loss(lm, calib.held, calib.compute, bs, skip=set(x.drop), no_attn=set(x.attn))
     finally:
         net.restore()
         for i, W in dense_o.items():

@@ -79,6 +79,7 @@ class Calibration:
     ids = held = None       # calibration windows, held-back windows (sequential)
     compute = None
     drop: list[int] = []    # whole layers the plan removes: no work for them (set before `layers()`)
+    no_attn: list[int] = [] # layers whose attention sub-layer the plan removes (sequential: before measuring them)
     heads = False           # whether the attention heads are pruned too: an `attn` work item before each MLP
 
     def __init__(self, lm: LoadedModel, cfg, *, data=None, stats=None, projections=None, progress: bool = True,
@@ -257,7 +258,9 @@ class Sequential(Calibration):
                     stream.release(i)
                     bar.update(1)
                     continue
-                if self.heads:       # heads first; the MLP is then measured behind the pruned attention
+                if i in self.no_attn and a.has_attention(model, i):   # the MLP is measured without it
+                    a.remove_attention(model, i)
+                if self.heads and i not in self.no_attn:  # heads first; the MLP is then measured behind them
                     yield self._measure_heads(i, layer, calls, hidden)
                 W = a.out_weight(model, i).detach().to(self.cdt)
                 b_old = a.out_bias(model, i)
@@ -289,15 +292,17 @@ class Sequential(Calibration):
         states = layer_inputs(self.lm.model, self.lm.adapter, batches[rank::world], keep=self.stream.stash)
         hidden = [s[0] for s in states]          # the stream entering the current layer, per batch
         calls = [s[1:] for s in states]          # each batch's (args, kwargs) for the layers
-        carry_dense = TARGETS[self.cfg.target].dense_stream or bool(self.drop)
+        carry_dense = TARGETS[self.cfg.target].dense_stream or bool(self.drop) or bool(self.no_attn)
         dense = [h.clone() for h in hidden] if carry_dense else None
         return calls, hidden, dense
 
     def _target(self, i: int) -> str:
-        """The fold target of layer i's MLP: the configured one, or `drop_target` behind a removed layer (the layers
-        after a removal refit against the dense model's stream, which is what makes up for the missing layer)."""
+        """The fold target of layer i's MLP: the configured one, or `drop_target` behind a removed layer or attention
+        sub-layer (the MLPs after a removal refit against the dense model's stream, which is what makes up for the
+        missing part; a removed attention's own MLP is behind it)."""
         cfg = self.cfg
-        if self.drop and i > min(self.drop) and cfg.target == "layer" and cfg.fold == "lstsq":
+        first = min([d + 1 for d in self.drop] + list(self.no_attn), default=None)
+        if first is not None and i >= first and cfg.target == "layer" and cfg.fold == "lstsq":
             additive_ok = self.lm.adapter.mlp_output_is_added(self.lm.model)
             return cfg.drop_target if additive_ok or not TARGETS[cfg.drop_target].additive else "dense"
         return cfg.target

@@ -94,6 +94,9 @@ class PruneConfig(Config):
                            "them)", HEAD_GROUPS)
     drop_layers: int = opt(0, "whole decoder layers to remove (chosen by --layer-select); the layers after a removed "
                            "one are refitted against the dense model's outputs", ge=0)
+    drop_attn: int = opt(0, "attention sub-layers to remove, the layer's MLP kept (chosen by --layer-select like "
+                         "whole layers; a per-layer checkpoint: load_pruned, GGUF deci, nemotron-nas no_op); the MLPs "
+                         "from there on are refitted against the dense model's outputs", ge=0)
     layer_select: str = opt("loss", "which layers go: loss (the measured loss increase on held-back calibration "
                             "windows when the layer alone is removed) or influence (ShortGPT's 1 - cos(in, out))",
                             lambda: LAYER_SELECTORS)
@@ -107,7 +110,8 @@ class PruneConfig(Config):
     target_speedup: float | None = opt(None, "the decode speed-up to reach, by its proxy: the bytes of weights read "
                                        "per token (decoder layers + LM head) fall by this factor; becomes "
                                        "--target-params", kind=float, gt=1.0)
-    axes: tuple = opt(AXES, "what --target-params may remove: a comma subset of mlp, heads, layers", AXES,
+    axes: tuple = opt(AXES, "what --target-params may remove: a comma subset of mlp, heads, attn (attention sub-layers), "
+                                "layers", AXES,
                       item=str)
     budget_judge: str = opt("sequential", "how --target-params judges its finalists: sequential (each is pruned by "
                             "the sequential pass on --judge-samples windows, on a copy of the model; the lowest loss "
@@ -131,13 +135,13 @@ class PruneConfig(Config):
         for axis in ("target_params", "target_speedup"):
             self.refuse_together("sparsity", axis)
         budget = self.target_params is not None or self.target_speedup is not None
-        if budget and (self.keep is not None or self.head_sparsity or self.drop_layers):
+        if budget and (self.keep is not None or self.head_sparsity or self.drop_layers or self.drop_attn):
             raise ConfigError("target_params", "a parameter or speed target splits the budget itself: give it alone, "
-                              "or --sparsity / --keep, --head-sparsity and --drop-layers per axis")
-        if (budget or self.head_sparsity or self.drop_layers) and self.calibration != "sequential":
+                              "or --sparsity / --keep, --head-sparsity, --drop-attn and --drop-layers per axis")
+        if (budget or self.head_sparsity or self.drop_layers or self.drop_attn) and self.calibration != "sequential":
             raise ConfigError("calibration", "attention heads and whole layers are measured in the sequential pass: "
                               "use --calibration sequential")
-        if (budget or self.drop_layers) and self.offload in ("cpu", "disk"):
+        if (budget or self.drop_layers or self.drop_attn) and self.offload in ("cpu", "disk"):
             raise ConfigError("offload", f"choosing layers runs the whole model on held-back windows, which offload "
                               f"{self.offload} does not hold: use --offload none or auto")
         if self.allocation == "search" and self.calibration != "sequential":
@@ -183,7 +187,7 @@ class PruneConfig(Config):
     def held_out_windows(self) -> int:
         """Calibration windows drawn beside the fitted ones and never fitted (the allocation search, the layer
         choice by loss and the joint allocation score on them)."""
-        layers = self.drop_layers and self.layer_select == "loss"
+        layers = (self.drop_layers or self.drop_attn) and self.layer_select == "loss"
         return self.search_samples if self.allocation == "search" or layers or self.budgeted else 0
 
     @classmethod
@@ -193,6 +197,6 @@ class PruneConfig(Config):
         given = cls.given_settings(given)
         if ("keep" in given or "target_params" in given or "target_speedup" in given) and "sparsity" not in given:
             given["sparsity"] = None
-        elif ("head_sparsity" in given or "drop_layers" in given) and "sparsity" not in given:
+        elif ("head_sparsity" in given or "drop_layers" in given or "drop_attn" in given) and "sparsity" not in given:
             given["sparsity"] = 0.0    # heads or layers alone: the MLPs keep their width (refitted behind a removal)
         return cls(**given)

@@ -3,8 +3,9 @@
 `plan.json` (format `neuroproj-prune/plan/1`): `{"format", "meta": {settings, fingerprint, ...}, "layers":
 {"<i>": {"width": N, "keep": [sorted kept indices], "representative": {"<removed j>": kept r}}}}`. A plan that
 also prunes attention heads or whole layers is `neuroproj-prune/plan/2`, with `"heads": {"<i>": {"heads": H,
-"kv_heads": KV, "keep": [kept query heads], "keep_kv": [kept key/value heads]}}` and `"drop_layers": [i, ...]`
-(layer indices are the dense model's). `prune`
+"kv_heads": KV, "keep": [kept query heads], "keep_kv": [kept key/value heads]}}`, `"drop_layers": [i, ...]` and
+`"drop_attn": [i, ...]` (the layers whose attention sub-layer goes; their MLP stays; layer indices are the dense
+model's). `prune`
 writes it beside every checkpoint; `prune --plan` applies a written (or edited) one as it is, and
 `Plan.from_clusters` makes one from a `cluster` file. Readers import this module; `Plan.load` checks the schema.
 """
@@ -33,6 +34,12 @@ class Plan:
     meta: dict = field(default_factory=dict)
     heads: dict[int, dict] = field(default_factory=dict)   # i -> {"heads", "kv_heads", "keep", "keep_kv"}
     drop: list[int] = field(default_factory=list)          # whole decoder layers removed (dense indices)
+    no_attn: list[int] = field(default_factory=list)       # attention sub-layers removed, the MLP kept
+
+    @property
+    def blocks(self) -> bool:
+        """Whether the plan removes more than MLP neurons (format 2; applied by the sequential pass)."""
+        return bool(self.heads or self.drop or self.no_attn)
 
     def table(self, site: str) -> dict:
         """The per-layer entries of a site: `mlp` (neurons) or `attn` (heads)."""
@@ -42,14 +49,15 @@ class Plan:
         return torch.tensor(self.layers[i]["keep"], dtype=torch.long)
 
     def to_json(self) -> str:
-        doc = {"format": FORMAT_BLOCKS if self.heads or self.drop else FORMAT, "meta": self.meta,
+        doc = {"format": FORMAT_BLOCKS if self.blocks else FORMAT, "meta": self.meta,
                "layers": {str(i): {"width": d["width"], "keep": d["keep"],
                                    "representative": {str(k): v for k, v in d["representative"].items()}}
                           for i, d in sorted(self.layers.items())}}
-        if self.heads or self.drop:
+        if self.blocks:
             doc["heads"] = {str(i): {k: d[k] for k in ("heads", "kv_heads", "keep", "keep_kv")}
                             for i, d in sorted(self.heads.items())}
             doc["drop_layers"] = sorted(self.drop)
+            doc["drop_attn"] = sorted(self.no_attn)
         return json.dumps(doc, indent=1)
 
     def save(self, path) -> Path:
@@ -87,10 +95,12 @@ class Plan:
                 raise NeuroprojError(f"{path}: heads of layer {i!r}: 'heads', 'kv_heads' and every 'keep'/'keep_kv' "
                                      f"entry must be whole numbers")
             heads[int(i)] = {k: d[k] for k in ("heads", "kv_heads", "keep", "keep_kv")}
-        drop = doc.get("drop_layers") or []
-        if not isinstance(drop, list) or not all(_whole(i) for i in drop):
-            raise NeuroprojError(f"{path}: 'drop_layers' must be a list of layer numbers")
-        return cls(layers, doc.get("meta", {}) if isinstance(doc.get("meta"), dict) else {}, heads, sorted(drop))
+        drop, no_attn = doc.get("drop_layers") or [], doc.get("drop_attn") or []
+        for key, v in (("drop_layers", drop), ("drop_attn", no_attn)):
+            if not isinstance(v, list) or not all(_whole(i) for i in v):
+                raise NeuroprojError(f"{path}: '{key}' must be a list of layer numbers")
+        return cls(layers, doc.get("meta", {}) if isinstance(doc.get("meta"), dict) else {}, heads, sorted(drop),
+                   sorted(no_attn))
 
     @classmethod
     def from_clusters(cls, clusters, model) -> "Plan":
@@ -147,10 +157,19 @@ class Plan:
         if any(not 0 <= i < L for i in self.drop) or len(set(self.drop)) >= L or len(set(self.drop)) != len(self.drop):
             raise NeuroprojError(f"the plan drops layers {self.drop}; the model has {L} layers (each in [0, {L}), "
                                  f"no repeats, at least one kept)")
-        both = sorted((set(self.layers) | set(self.heads)) & set(self.drop))
+        both = sorted((set(self.layers) | set(self.heads) | set(self.no_attn)) & set(self.drop))
         if both:
-            raise NeuroprojError(f"the plan both prunes and removes layer {both[0]}: give its neurons and heads or "
-                                 f"list it in drop_layers, not both")
+            raise NeuroprojError(f"the plan both prunes and removes layer {both[0]}: give its neurons, heads or "
+                                 f"attention or list it in drop_layers, not both")
+        if any(not 0 <= i < L for i in self.no_attn) or len(set(self.no_attn)) != len(self.no_attn):
+            raise NeuroprojError(f"the plan removes the attention of layers {self.no_attn}; the model has {L} layers "
+                                 f"(each in [0, {L}), no repeats)")
+        if self.no_attn and a.attn_refusal(model) is not None:
+            raise NeuroprojError(a.attn_refusal(model))
+        both = sorted(set(self.heads) & set(self.no_attn))
+        if both:
+            raise NeuroprojError(f"the plan both prunes the heads of layer {both[0]} and removes its attention: give "
+                                 f"one of them")
         if fp and fingerprint and fingerprint != fp:
             made = "clustering" if self.meta.get("select") == "clusters" else "plan"
             raise NeuroprojError(f"the {made} was made for another model (its fingerprint differs from this model's): "
