@@ -482,11 +482,14 @@ def _add_export(sub):
                     "falls back to q5_0/q5_1/q8_0 (ffn_down: prune with --multiple 256 to keep it; gate/up: the "
                     "hidden size decides), and the command lists what fell back. nemotron-nas: DeciLMForCausalLM "
                     "with block_configs (what vLLM, SGLang, mlx-lm, TensorRT-LLM read), widths zero-padded to the "
-                    "format's multiple of 256, modeling files beside the weights. hf: what prune writes. Refuses "
+                    "format's multiple of 256, modeling files beside the weights. Removed attention sub-layers: "
+                    "attention-free blocks (nemotron-nas no_op, deci with no heads); llama.cpp reads the head size "
+                    "from layer 0, so a GGUF whose layer 0 has no attention holds a zero attention there (one "
+                    "key/value head: it adds nothing, it costs that layer's attention). hf: what prune writes. Refuses "
                     "what a format cannot hold (applied skips, added MLP biases) before writing anything.")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--to", required=True, help=" | ".join(EXPORTERS) + " (gguf and nemotron-nas hold per-layer MLP "
-                   "widths, fewer layers and one head count for every layer; a checkpoint with per-layer head counts "
+                   "widths, fewer layers, removed attention sub-layers and one head count for every layer; a checkpoint with per-layer head counts "
                    "is refused there: --to hf)")
     p.add_argument("--out", required=True, help="output file (gguf) or directory")
     ExportConfig.add_arguments(p)

@@ -467,3 +467,60 @@ def test_llamacpp_agrees_on_heads_and_dropped_layers(smol_tokenizer, tmp_path, s
         lp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0, -1].double(), -1)
         for tok, v in top[0].items():
             assert abs(lp[tok].item() - v) < 1e-4, (text, tok, lp[tok].item(), v)
+
+
+def test_removed_attention_exports_agree(smol_tokenizer, tmp_path):
+    """Attention sub-layers removed (layer 0's among them: the slot llama.cpp and transformers count cached tokens
+    by) beside per-layer widths: GGUF as deci with attention-free layers (no heads, no attention tensors), greedy
+    text equal to transformers and next-token log-probs within 1e-4 in llama.cpp; nemotron-nas as no_op blocks,
+    identical logits in transformers (its modeling file) and within 1e-4 in mlx-lm when installed."""
+    pytest.importorskip("xllamacpp")
+    from neuroproj_prune.export.llamacpp import LlamaCpp
+
+    model = _tiny(smol_tokenizer, [192, 128, 256, 64])
+    a = adapter_for(model)
+    for i in (0, 2):
+        a.remove_attention(model, i)
+    update_config(model)
+    d = save_pruned(model, smol_tokenizer, tmp_path / "ckpt")
+    lm = npp.load_model(str(d), dtype="float32", device="cpu")
+    assert [lm.adapter.has_attention(lm.model, i) for i in range(4)] == [False, True, False, True]
+    g = export(d, "gguf", tmp_path / "m.gguf")
+    reader, fields = _reader(g)
+    assert _field(fields, "general.architecture") == "deci"
+    # llama.cpp reads the head size from layer 0: there the GGUF holds a zero attention of one key/value head
+    assert _field(fields, "deci.attention.head_count") == [4, 4, 0, 4]
+    assert _field(fields, "deci.attention.head_count_kv") == [1, 2, 0, 2]
+    assert not any(t.name.startswith("blk.2.attn") for t in reader.tensors)
+    assert not _tensor(reader, "blk.0.attn_output.weight").any()
+    ll = LlamaCpp(g, threads=1, ctx=256)
+    # (the third prompt's greedy text holds a partial UTF-8 byte token, which llama.cpp's server merges with the
+    # next one in its per-token answer: the same ids, one entry fewer; its first-step log-probs are compared)
+    for k, text in enumerate(PROMPTS):
+        ids = lm.tokenizer(text)["input_ids"]
+        got, top = ll.greedy(ids, 8, n_probs=5)
+        ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(ids):]
+        assert got == ref.tolist() or k == 2, text
+        lp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        for tok, v in top[0].items():
+            assert abs(lp[tok].item() - v) < 1e-4, (text, tok, lp[tok].item(), v)
+    nas = export(lm, "nemotron-nas", tmp_path / "nas")
+    cfg = json.loads((nas / "config.json").read_text())
+    assert [b["attention"]["no_op"] for b in cfg["block_configs"]] == [True, False, True, False]
+    assert [b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == [None, 2, None, 2]
+    back = load_nemotron_nas(nas, trust_remote_code=True)
+    ids = torch.tensor([lm.tokenizer(PROMPTS[2])["input_ids"]])
+    assert torch.equal(back(ids).logits, lm.model(ids).logits)
+    assert torch.equal(back.generate(ids, max_new_tokens=6, do_sample=False),
+                       lm.model.generate(ids, max_new_tokens=6, do_sample=False))
+    try:
+        import mlx.core as mx
+        from mlx_lm.utils import load_model
+    except ImportError:
+        return
+    mlx_model, _ = load_model(nas)
+    got = np.array(mlx_model(mx.array(ids.tolist())).astype(mx.float32))[0].astype(np.float64)
+    got -= got.max(-1, keepdims=True)
+    got -= np.log(np.exp(got).sum(-1, keepdims=True))
+    ref = torch.log_softmax(lm.model(ids).logits[0].double(), -1).numpy()
+    assert np.abs(got - ref).max() < 1e-4

@@ -22,12 +22,15 @@ TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat
 
 
 def features(model) -> dict:
-    """What an exporter must be able to express: architecture, per-layer widths, biases, applied skips."""
+    """What an exporter must be able to express: architecture, per-layer widths, removed attention sub-layers,
+    biases, applied skips."""
     a = adapter_for(model)
     cfg = model.config
     section = dict(getattr(cfg, "neuroproj_prune", None) or {})
     widths = [a.width(model, i) for i in range(a.num_layers(model))]
-    return {"model_type": cfg.model_type, "widths": widths, "uniform": len(set(widths)) == 1,
+    no_attn = [i for i in range(a.num_layers(model)) if not a.has_attention(model, i)]
+    return {"model_type": cfg.model_type, "widths": widths, "no_attn": no_attn,
+            "uniform": len(set(widths)) == 1 and not no_attn,   # (a removed attention is per-layer too)
             "skips": bool(section.get("skips")), "added_bias": bool(section.get("out_bias")),
             "layer_heads": bool(section.get("heads")),
             "mlp_bias": a.out_has_bias(model), "attention_bias": bool(getattr(cfg, "attention_bias", False)),

@@ -304,14 +304,15 @@ PREFLIGHTS["gguf"] = preflight
 
 @EXPORTERS.register("gguf")
 def export_gguf(lm: LoadedModel, tmp: Path, *, type: str = "f32") -> None:
-    """GGUF via llama.cpp's converter: the model's architecture for uniform widths, `deci` for per-layer ones;
+    """GGUF via llama.cpp's converter: the model's architecture for uniform widths, `deci` for per-layer ones and
+    for removed attention sub-layers (attention-free layers: no heads);
     K-quants by llama.cpp's llama-quantize on the converter's f32 file."""
     if type not in GGUF_TYPES:
         raise NeuroprojError(f"--type {type!r} is not available for --to gguf: choose from {', '.join(GGUF_TYPES)}")
     f = features(lm.model)
     _refuse_extras(f, "gguf")
     if not f["uniform"]:
-        _check_llama(f, "gguf with per-layer widths (the deci architecture)")
+        _check_llama(f, "gguf with per-layer widths or removed attention (the deci architecture)")
     block = QUANT_BLOCK.get(type)
     if block:
         bad = [(i, w) for i, w in enumerate(f["widths"]) if w % block]
@@ -326,7 +327,10 @@ def export_gguf(lm: LoadedModel, tmp: Path, *, type: str = "f32") -> None:
         if f["uniform"]:
             export_hf(lm, hf_dir, type="f32")
         else:
-            export_nemotron_nas(lm, hf_dir, type="f32", exact=True)
+            if 0 in f["no_attn"]:   # llama.cpp takes the head size from layer 0's head count
+                print("neuroproj-prune: layer 0 has no attention, and llama.cpp reads the head size from layer 0: "
+                      "the GGUF holds a zero attention there (one key/value head; it adds nothing)", file=sys.stderr)
+            export_nemotron_nas(lm, hf_dir, type="f32", exact=True, zero_attention=[0])
         if type in K_QUANTS:
             run_converter(hf_dir, stage / "f32.gguf", "f32", provenance(lm))
             run_quantize(stage / "f32.gguf", tmp, type)

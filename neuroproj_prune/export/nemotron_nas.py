@@ -4,7 +4,8 @@ that vLLM, SGLang, mlx-lm, TensorRT-LLM and llama.cpp's converter read. Its read
 key), so each layer of K neurons is padded with P − K zero neurons: zero rows of gate and up give
 `silu(0)·0 = 0`, zero columns of down add nothing. The exact widths ride along in `neuroproj_exact_widths`; the
 modeling files written beside the weights (`trust_remote_code`) trim the zero padding again after loading, so
-transformers runs the exact pruned shapes.
+transformers runs the exact pruned shapes. A removed attention sub-layer is the format's attention-free block
+(`no_op: true`, `n_heads_in_group: null`, as in Llama-3_1-Nemotron-51B): no weights, nothing added.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def _check_llama(f: dict, fmt: str) -> None:
         raise NeuroprojError(f"{fmt} cannot hold attention biases (attention_bias: true)")
 
 
-def nas_config(model, widths: list[int], padded: list[int], mults: list[float]) -> dict:
-    """config.json of a nemotron-nas checkpoint: the llama config plus `block_configs` and `auto_map`."""
+def nas_config(model, widths: list[int], padded: list[int], mults: list[float], no_attn=()) -> dict:
+    """config.json of a nemotron-nas checkpoint: the llama config plus `block_configs` (the layers in `no_attn`
+    attention-free) and `auto_map`."""
     cfg = model.config.to_dict()
     cfg.pop("neuroproj_prune", None)
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
@@ -63,8 +65,10 @@ def nas_config(model, widths: list[int], padded: list[int], mults: list[float]) 
         "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
                      "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
         "intermediate_size": max(padded),
-        "block_configs": [{"attention": {"n_heads_in_group": heads // kv, "no_op": False, "replace_with_linear": False},
-                           "ffn": {"ffn_mult": m, "no_op": False, "replace_with_linear": False}} for m in mults],
+        "block_configs": [{"attention": {"n_heads_in_group": None if i in no_attn else heads // kv,
+                                         "no_op": i in no_attn, "replace_with_linear": False},
+                           "ffn": {"ffn_mult": m, "no_op": False, "replace_with_linear": False}}
+                          for i, m in enumerate(mults)],
         "neuroproj_exact_widths": [int(w) for w in widths],
     })
     return cfg
@@ -86,10 +90,31 @@ def _padded_state(model, padded: list[int]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _zero_attention(model, layers) -> dict[str, torch.Tensor]:
+    """The tensors of an attention of zero weights with one key/value head (and a norm of ones) in `layers`: its
+    output o_proj · softmax(0)·0 is exactly zero."""
+    c, d = model.config, adapter_for(model).hidden_size(model)
+    H = c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or d // H
+    dt = next(model.parameters()).dtype
+    out = {}
+    for i in layers:
+        pre = f"model.layers.{i}."
+        out.update({pre + "input_layernorm.weight": torch.ones(d, dtype=dt),
+                    pre + "self_attn.q_proj.weight": torch.zeros(H * hd, d, dtype=dt),
+                    pre + "self_attn.k_proj.weight": torch.zeros(hd, d, dtype=dt),
+                    pre + "self_attn.v_proj.weight": torch.zeros(hd, d, dtype=dt),
+                    pre + "self_attn.o_proj.weight": torch.zeros(d, H * hd, dtype=dt)})
+    return out
+
+
 @EXPORTERS.register("nemotron-nas")
-def export_nemotron_nas(lm: LoadedModel, tmp: Path, *, type: str = "f32", exact: bool = False) -> None:
+def export_nemotron_nas(lm: LoadedModel, tmp: Path, *, type: str = "f32", exact: bool = False,
+                        zero_attention=()) -> None:
     """`DeciLMForCausalLM` checkpoint: padded weights, block_configs, modeling files for trust_remote_code.
-    `exact=True` writes the unpadded weights (a staging directory for the GGUF converter, not for readers)."""
+    `exact=True` writes the unpadded weights (a staging directory for the GGUF converter, not for readers);
+    `zero_attention`: removed attention sub-layers written as an attention of zero weights with one key/value head
+    (it adds exactly nothing) instead of a no_op block, for a reader that cannot start with an attention-free one."""
     from safetensors.torch import save_file
 
     if type not in HF_TYPES:
@@ -101,8 +126,12 @@ def export_nemotron_nas(lm: LoadedModel, tmp: Path, *, type: str = "f32", exact:
     state = {k: v for k, v in lm.model.state_dict().items()} if exact else _padded_state(lm.model, list(padded))
     if exact and getattr(lm.model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
+    zero = set(zero_attention) & set(f["no_attn"])
+    state.update(_zero_attention(lm.model, zero))
     state = {k: v.detach().cpu().to(TORCH_DTYPES[type]).contiguous() for k, v in state.items()}
-    cfg = nas_config(lm.model, f["widths"], list(padded), list(mults))
+    cfg = nas_config(lm.model, f["widths"], list(padded), list(mults), set(f["no_attn"]) - zero)
+    for i in zero:
+        cfg["block_configs"][i]["attention"]["n_heads_in_group"] = cfg["num_attention_heads"]   # one key/value head
     cfg["dtype"] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[type]
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -133,8 +162,8 @@ class DeciLMConfig(LlamaConfig):
 
 _MODELING_DECILM = '''"""DeciLM / nemotron-nas model (written by neuroproj-prune): llama with a per-layer FFN width.
 
-Supported block configs: full attention with `n_heads_in_group` = heads / kv heads, and an FFN of width
-ceil256(int(2 * ffn_mult * hidden / 3)) (the readers' formula). After `from_pretrained` the zero padding
+Supported block configs: full attention with `n_heads_in_group` = heads / kv heads or none (`no_op`), and an FFN
+of width ceil256(int(2 * ffn_mult * hidden / 3)) (the readers' formula). After `from_pretrained` the zero padding
 beyond `neuroproj_exact_widths[i]` is trimmed when it is exactly zero (zero gate/up rows, zero down columns
 contribute nothing), so the model computes with the exact pruned shapes.
 """
@@ -153,6 +182,22 @@ def ffn_mult_to_intermediate_size(ffn_mult, n_embd):
     return n if n % 256 == 0 else n + 256 - n % 256
 
 
+class NoOpAttention(nn.Module):
+    """An attention-free block: adds nothing; under a key/value cache it stores one zero channel per token so that
+    the cache still counts the tokens (transformers reads the length from layer 0's slot)."""
+
+    def __init__(self, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, *args, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            zero = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(zero, zero, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
 class DeciLMForCausalLM(LlamaForCausalLM):
     config_class = DeciLMConfig
 
@@ -161,9 +206,11 @@ class DeciLMForCausalLM(LlamaForCausalLM):
         kv = config.num_key_value_heads or config.num_attention_heads
         for i, (layer, bc) in enumerate(zip(self.model.layers, config.block_configs)):
             attn, ffn = bc["attention"], bc["ffn"]
-            if attn.get("no_op") or attn.get("replace_with_linear") or ffn.get("no_op") or ffn.get("replace_with_linear"):
-                raise NotImplementedError(f"block {i}: no-op / linear blocks are not supported by this file")
-            if config.num_attention_heads // attn["n_heads_in_group"] != kv:
+            if attn.get("replace_with_linear") or ffn.get("no_op") or ffn.get("replace_with_linear"):
+                raise NotImplementedError(f"block {i}: linear blocks and no-op FFNs are not supported by this file")
+            if attn.get("no_op"):
+                layer.self_attn, layer.input_layernorm = NoOpAttention(i), nn.Identity()
+            elif config.num_attention_heads // attn["n_heads_in_group"] != kv:
                 raise NotImplementedError(f"block {i}: per-layer attention heads are not supported by this file")
             sub = copy.copy(config)
             sub.intermediate_size = ffn_mult_to_intermediate_size(ffn["ffn_mult"], config.hidden_size)
