@@ -260,7 +260,7 @@ def _add_prune(sub):
     p.set_defaults(func=_run_prune, outputs={"out": "dir"})
 
 
-BLOCK_SETTINGS = ("head_sparsity", "drop_layers", "target_params", "target_speedup")
+BLOCK_SETTINGS = ("head_sparsity", "drop_layers", "drop_attn", "target_params", "target_speedup")
 
 
 def _run_prune(a):
@@ -274,7 +274,7 @@ def _run_prune(a):
             raise NeuroprojError(f"{given[0]} says which neurons each layer keeps; {chosen[0]} chooses them too: "
                                  f"give one of them")
     elif a.sparsity is None and a.keep is None and not any(getattr(a, n) for n in BLOCK_SETTINGS):
-        raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K, --head-sparsity, --drop-layers, "
+        raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K, --head-sparsity, --drop-layers, --drop-attn, "
                              "--target-params P, --target-speedup S, --plan PLAN.json or --clusters FILE")
     cfg = PruneConfig.from_args(a, calibration=a.calibration or ("oneshot" if a.stats else None))
     _, _, s = prune(a.model, a.data, cfg, stats=a.stats, plan_file=a.plan, clusters=a.clusters, out=a.out,

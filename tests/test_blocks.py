@@ -239,6 +239,8 @@ def test_heads_refused_where_the_family_cannot(family, tokenizer):
     (["--target-params", "0.3", "--head-sparsity", "0.5"], "give it alone"),
     (["--target-params", "0.3", "--calibration", "oneshot"], "sequential"),
     (["--drop-layers", "4"], "remove at most 3"),
+    (["--drop-attn", "5"], "remove at most 4"),
+    (["--drop-attn", "1", "--calibration", "oneshot"], "sequential"),
     (["--target-params", "0.3", "--axes", "mlp,wings"], "axes"),
     (["--target-speedup", "50"], "speed-up"),
 ])
@@ -264,6 +266,11 @@ def test_block_settings_refused_in_one_line(args, msg, tiny_dir, tmp_path, capsy
     (lambda d: d.update(drop_layers=[1, 1]), "no repeats"),
     (lambda d: d.update(drop_layers=[0]), "not both"),
     (lambda d: d["heads"]["0"].update(heads=8), "another model"),
+    (lambda d: d.update(drop_attn=[4]), "no repeats"),
+    (lambda d: d.update(drop_attn=[1, 1]), "no repeats"),
+    (lambda d: d.update(drop_attn=[2]), "not both"),          # layer 2 is removed whole
+    (lambda d: d.update(drop_attn=[0]), "heads of layer 0"),  # and its heads pruned
+    (lambda d: d.update(drop_attn=["1"]), "layer numbers"),
 ])
 def test_hostile_block_plans_refused(edit, msg, tokenizer, tmp_path):
     lm = _lm(gqa_model(), tokenizer)
@@ -360,23 +367,6 @@ def test_budget_with_attention_sublayers(tokenizer):
     assert b["chosen"]["drop_attn"] == plan.no_attn and not plan.drop and not plan.heads
     assert any(f["drop_attn"] for f in b["finalists"]) and any(not f["drop_attn"] for f in b["finalists"])
     assert b["chosen"]["held_out_loss"] == min(f["held_out_loss"] for f in b["finalists"])
-
-
-@pytest.mark.parametrize("edit,msg", [
-    (lambda d: d.update(drop_attn=[4]), "no repeats"),
-    (lambda d: d.update(drop_attn=[1, 1]), "no repeats"),
-    (lambda d: d.update(drop_attn=[2]), "not both"),          # layer 2 is removed whole
-    (lambda d: d.update(drop_attn=[0]), "heads of layer 0"),  # and its heads pruned
-    (lambda d: d.update(drop_attn=["1"]), "layer numbers"),
-])
-def test_hostile_attention_plans_refused(edit, msg, tokenizer, tmp_path):
-    lm = _lm(gqa_model(), tokenizer)
-    p = Plan(heads={0: {"heads": 6, "kv_heads": 2, "keep": [0, 1, 3, 4], "keep_kv": [0, 1]}}, drop=[2])
-    doc = json.loads(p.to_json())
-    edit(doc)
-    (tmp_path / "plan.json").write_text(json.dumps(doc))
-    with pytest.raises(NeuroprojError, match=msg):
-        prune(lm, _ids(), plan_file=tmp_path / "plan.json", **SEQ)
 
 
 @pytest.mark.parametrize("edit,msg", [

@@ -137,7 +137,7 @@ def prune(model, data=None, config: PruneConfig | None = None, *, stats=None, pl
         if plan_file is not None and clusters is not None:
             raise NeuroprojError("give a plan or a clustering, not both")
         chosen = [k for k in ("sparsity", "keep", "select", "allocation", "head_sparsity", "drop_layers",
-                              "target_params", "target_speedup") if settings.get(k) is not None]
+                              "drop_attn", "target_params", "target_speedup") if settings.get(k) is not None]
         if chosen:   # the kept sets are given: a setting that would choose them too is a conflict, not overridden
             raise NeuroprojError(f"{'plan_file' if plan_file is not None else 'clusters'} says which neurons each layer "
                                  f"keeps; {chosen[0]} chooses them too: give one of them")
