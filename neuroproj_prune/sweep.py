@@ -36,22 +36,27 @@ from .evaluate.harness import check_tasks_limit, limit_opt
 from .evaluate.tasks import HEADLINE, TASKS, resolve, summary as zeroshot_summary, yaml_dir
 from .model import LoadedModel, load_model, num_params
 from .prune import ALLOCATIONS, CALIBRATIONS, FOLDS, SELECTORS, PruneConfig, prune
+from .prune.budget import AXES
 from .stats import collect, eval_windows, load_stats
 
 
-def method_name(select, fold, calibration, allocation="uniform") -> str:
-    return f"{select}+{fold}+{calibration}" + ("" if allocation == "uniform" else f"+{allocation}")
+def method_name(select, fold, calibration, allocation="uniform", axes=None) -> str:
+    """A cell's line: its selection, fold, calibration, a per-layer allocation, and the axes of a parameter budget
+    (`[mlp+heads]`: then its sparsity is the share of the decoder layers' parameters removed)."""
+    return (f"{select}+{fold}+{calibration}" + ("" if allocation == "uniform" else f"+{allocation}")
+            + ("" if axes is None else f"[{axes}]"))
 
 
-def cell_key(select, fold, calibration, sparsity, allocation="uniform") -> str:
-    return f"{method_name(select, fold, calibration, allocation)}@{sparsity:g}"
+def cell_key(select, fold, calibration, sparsity, allocation="uniform", axes=None) -> str:
+    return f"{method_name(select, fold, calibration, allocation, axes)}@{sparsity:g}"
 
 
 # results.csv, the table `write_reports` writes (readers import this): these columns, then with zero-shot tasks one
 # `{task}_{acc|acc_norm}` column per task, `zeroshot_avg` and `zeroshot_limit`
 RESULTS_CSV = "results.csv"
 RESULT_COLUMNS = ("method", "sparsity", "actual_sparsity", "ppl", "params", "mlp_macs_per_token", "seconds", "error")
-SWEPT = ("sparsity", "keep", "select", "fold", "calibration", "allocation")  # per cell; the rest of PruneConfig is shared
+# per cell; the rest of PruneConfig is shared
+SWEPT = ("sparsity", "keep", "select", "fold", "calibration", "allocation", "target_params", "target_speedup", "axes")
 
 
 @dataclass
@@ -75,8 +80,18 @@ class SweepConfig(Config):
                               "arc_challenge,openbookqa (a finished cell gains missing tasks on a re-run)", kind=list,
                               item=str)
     limit: float | None = limit_opt("with --tasks")
+    axes: tuple | None = opt(None, "comma list of axis sets, each a '+'-joined subset of "
+                             f"{', '.join(AXES)} (e.g. mlp,mlp+heads,mlp+attn,{'+'.join(AXES)}): every method "
+                             "is then swept per axis set at a parameter budget, the sparsities read as the share of "
+                             "the decoder layers' parameters removed (--target-params), so that methods that remove "
+                             "heads or layers compare at the same count", kind=list, item=str)
 
     def check(self) -> None:
+        for axes in self.axes or ():
+            parts = axes.split("+")
+            if not parts or any(p not in AXES for p in parts) or len(set(parts)) != len(parts):
+                raise ConfigError("axes", f"{axes!r} is not an axis set: join distinct axes of {', '.join(AXES)} "
+                                  f"with '+' (e.g. mlp+heads), the sets with commas")
         try:
             resolve(self.tasks)
         except NeuroprojError as e:
@@ -100,6 +115,7 @@ def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_co
     if names:
         yaml_dir()  # the task data is fetched and intact (else one line saying how), before any work
     sparsities, selects, folds, calibrations = cfg.sparsities, cfg.select, cfg.fold, cfg.calibration
+    axis_sets = [None] if not cfg.axes else list(cfg.axes)
     if cfg.methods:  # explicit select+fold[+calibration[+allocation]] instead of the cross product
         combos = []
         for m in cfg.methods:
@@ -110,10 +126,9 @@ def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_co
                             parts[3] if len(parts) == 4 else "uniform"))
     else:
         combos = [(s, f, c, "uniform") for c in calibrations for s in selects for f in folds]
-    cells = [(s, f, c, sp, al) for s, f, c, al in combos for sp in sparsities]
+    cells = [(s, f, c, sp, al, ax) for s, f, c, al in combos for ax in axis_sets for sp in sparsities]
     # every cell's config is validated before any work (unknown methods, sparsities out of range)
-    configs = {cell: base.replace(select=cell[0], fold=cell[1], calibration=cell[2], sparsity=cell[3],
-                                  allocation=cell[4], keep=None) for cell in cells}
+    configs = {cell: _cell_config(base, *cell) for cell in cells}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "cells.jsonl"
@@ -167,8 +182,8 @@ def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_co
     add_tasks(done["dense"], lm)
     stats_path = out / "stats.safetensors"
     for cell in cells:
-        sel, fo, cal, sp, al = cell
-        key, name = cell_key(sel, fo, cal, sp, al), method_name(sel, fo, cal, al)
+        sel, fo, cal, sp, al, ax = cell
+        key, name = cell_key(sel, fo, cal, sp, al, ax), method_name(sel, fo, cal, al, ax)
         prev = done.get(key)
         if prev is not None and ("error" in prev or not missing_tasks(prev)):
             continue
@@ -192,7 +207,8 @@ def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_co
         if prev is None:
             r = perplexity(work, windows, progress=progress)
             prev = record({"key": key, "method": name, "select": sel, "fold": fo, "calibration": cal,
-                           "allocation": al, "sparsity": sp, "actual_sparsity": summary["actual_sparsity"],
+                           "allocation": al, "axes": ax, "removed_trunk_fraction": summary["removed_trunk_fraction"],
+                           "sparsity": sp, "actual_sparsity": summary["actual_sparsity"],
                            "ppl": r["value"], "params": summary["params_after"],
                            "mlp_macs_per_token": summary["mlp_macs_per_token_after"], "seconds": round(seconds, 1)})
         elif summary["params_after"] != prev["params"]:
@@ -205,6 +221,17 @@ def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_co
     rows = [done[k] for k in wanted if k in done]
     write_reports(rows, out, tasks=names or None)
     return rows
+
+
+def _cell_config(base: PruneConfig, select, fold, calibration, sparsity, allocation, axes) -> PruneConfig:
+    """A cell's prune settings: its sparsity as the MLP's, or with `axes` (a '+'-joined axis set) as the budget."""
+    cell = dict(select=select, fold=fold, calibration=calibration, allocation=allocation, keep=None)
+    if axes is None:
+        return base.replace(sparsity=sparsity, **cell)
+    if sparsity <= 0:
+        raise NeuroprojError(f"a parameter budget removes a share in (0, 1): drop {sparsity:g} from --sparsities "
+                             f"with --axes")
+    return base.replace(sparsity=None, target_params=sparsity, axes=tuple(axes.split("+")), **cell)
 
 
 def read_results(directory) -> tuple[list[str], list[dict]]:

@@ -69,6 +69,34 @@ def test_sweep_global_allocation_cell(tiny_dir, tmp_path):
     assert "| wanda-sp+lstsq+sequential+global |" in (out / "results.md").read_text()
 
 
+def test_sweep_axes_compare_at_the_same_parameter_count(tiny_dir, tmp_path):
+    """--axes: each method per axis set at a parameter budget; every cell removes its share of the decoder layers'
+    parameters, the MLP-only one with no head or attention touched, and each axis set is its own line."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(tiny_dir("llama", layers=4)), "--data", str(C4), "--eval-data", str(WIKI),
+            "--sparsities", "0.3", "--methods", "wanda-sp+lstsq+sequential", "--axes", "mlp,mlp+attn",
+            "--multiple", "1", "--samples", "8", "--seqlen", "64", "--search-samples", "4", "--eval-seqlen", "128",
+            "--max-windows", "2", "--out", str(out)]
+    assert main(args) == 0
+    cells = {c["key"]: c for c in map(json.loads, (out / "cells.jsonl").read_text().splitlines())}
+    assert set(cells) == {"dense", "wanda-sp+lstsq+sequential[mlp]@0.3", "wanda-sp+lstsq+sequential[mlp+attn]@0.3"}
+    for k in ("wanda-sp+lstsq+sequential[mlp]@0.3", "wanda-sp+lstsq+sequential[mlp+attn]@0.3"):
+        assert abs(cells[k]["removed_trunk_fraction"] - 0.3) < 0.02, cells[k]
+        assert cells[k]["params"] < cells["dense"]["params"]
+    assert "| wanda-sp+lstsq+sequential[mlp+attn] |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("axes", ["mlp+wings", "mlp+mlp", "+"])
+def test_sweep_bad_axes_is_one_line(axes, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(tmp_path / "no-model-needed"), "--data", str(C4), "--eval-data", str(WIKI),
+            "--sparsities", "0.5", "--axes", axes, "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an axis set" in err[0], err
+    assert not out.exists()
+
+
 def test_sweep_zeroshot_columns_equal_evaluate_and_resume(tiny_dir, tmp_path, monkeypatch):
     """--tasks adds each task's headline accuracy and their average to every cell: a sweep made without tasks
     gains them on a re-run (pruned again, perplexity not recomputed), the numbers are what `evaluate` gives

@@ -27,7 +27,8 @@ P·T parameters of the decoder layers go, split across the axes in `axes` by mea
 
 Cost: the pass (allocation global's, plus an (H·hd)² Gram per layer and token), the layer scores (layers.py: ≈ L/2
 forwards of the held-back windows for `loss`), per head level and layer one greedy OBS (heads.py), and per
-finalist (≤ 2 per head level, ≤ 4 more with attention sub-layers) one forward of the held-back windows — sequential: plus a sequential pass over
+finalist (≤ 2 per head level, ≤ 4 more with attention sub-layers) one forward of the held-back windows —
+sequential: plus a sequential pass over
 `judge_samples` windows (judge_samples / samples of the prune's own pass; memory: one copy of the model).
 """
 from __future__ import annotations
