@@ -29,10 +29,11 @@ from .export.gguf import K_QUANTS, k_quant_fallbacks
 from .io import check_output, prepare_out_dir, removed_if_left_empty
 from .model import invocation, load_model
 from .prune import PruneConfig, prune
+from .prune.layers import block_candidates
 from .recover import RecoverConfig, recover
 from .report.page import ViewConfig, view
 from .run import recipe_path, run
-from .stats import collect, join_processes, load_stats
+from .stats import calibration_ids, collect, join_processes, load_stats
 from .stats.collect import CollectConfig
 from .sweep import SWEPT, SweepConfig, sweep
 
@@ -395,6 +396,10 @@ def _add_skips(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--eval-data", default=None, help="text for perplexity before/after --apply")
     p.add_argument("--report", required=True, help="output directory: skips.json, skips.csv, skips.md, skips.png")
+    p.add_argument("--blocks", action="store_true", help="also measure every whole layer and attention sub-layer as a "
+                   "candidate (needs --model and --data): its loss increase on the held-out windows when removed "
+                   "alone and the MACs per token it saves, in the report beside the neuron-level skips (≈ L forwards "
+                   "of the windows per part)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_skips, outputs={"out": "dir", "report": "dir?"})
 
@@ -406,9 +411,15 @@ def _run_skips(a) -> dict:
         raise NeuroprojError("--apply needs --model and --out")
     if cfg.apply:
         prepare_out_dir(Path(a.out), a.overwrite)  # refuse before loading anything
+    if a.blocks and (a.model is None or a.data is None):
+        raise NeuroprojError("--blocks measures layers on held-out text: give --model and --data")
     lm = load_model(a.model, dtype=a.dtype, device=a.device) if a.model is not None else None
+    blocks = desc = None
+    if a.blocks:
+        ids, desc = calibration_ids(lm, a.data, cfg.samples, cfg.seqlen, cfg.seed)
+        blocks = block_candidates(lm, ids, progress=not a.quiet)
     rep, info = run_skips(a.stats, lm, cfg, report=a.report, data=a.data, apply_out=a.out, overwrite=a.overwrite,
-                          eval_data=a.eval_data, progress=not a.quiet)
+                          eval_data=a.eval_data, progress=not a.quiet, blocks=blocks, blocks_data=desc)
     table = rep.summary_table(cfg.thresholds)
     for p, t in table.items():
         print(f"{p} predictor (R² {t['r2_source']}): neurons with R² >= "

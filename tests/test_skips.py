@@ -306,10 +306,20 @@ def test_cli_skips(exact, tmp_path, tokenizer):
     rc = main(["skips", "--stats", str(stats_path), "--model", str(d), "--data", str(text), "--samples", "4",
                "--seqlen", "64", "--min-r2", "0.999", "--apply", "--out", str(tmp_path / "out"),
                "--eval-data", str(text), "--eval-seqlen", "64", "--max-windows", "3", "--report",
-               str(tmp_path / "rep"), "--quiet"])
+               str(tmp_path / "rep"), "--quiet", "--blocks"])
     assert rc == 0
     doc = json.loads((tmp_path / "rep" / "skips.json").read_text())
+    # block-level rows: layer 1's attention writes nothing (o_proj = 0), so removing it costs exactly nothing
+    rows = {(r["part"], r["layer"]): r for r in doc["blocks"]}
+    assert set(rows) == {(p, i) for p in ("layer", "attn") for i in range(3)}
+    assert abs(rows["attn", 1]["loss_increase"]) < 1e-6
+    assert min(abs(r["loss_increase"]) for k, r in rows.items() if k != ("attn", 1)) > 1e-4
+    at = loaded.model.model.layers[1].self_attn
+    assert rows["attn", 1]["macs_saved_per_token"] == sum(getattr(at, n).weight.numel()
+                                                          for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert "Block-level candidates" in (tmp_path / "rep" / "skips.md").read_text()
     ap = doc["applied"]
     assert ap["skipped"] == 1 and ap["macs_removed_per_token"] == 2 * 32 - 1
     assert ap["perplexity_after"] == pytest.approx(ap["perplexity_before"], rel=1e-5)
     assert main(["skips", "--stats", str(stats_path), "--apply", "--report", str(tmp_path / "r2")]) == 2
+    assert main(["skips", "--stats", str(stats_path), "--blocks", "--report", str(tmp_path / "r3")]) == 2

@@ -268,6 +268,18 @@ class SkipReport:
                     f"MACs/token saved of {cost['dense_mlp_macs_per_token']:,} "
                     f"({cost['macs_saved_per_token'] / max(1, cost['dense_mlp_macs_per_token']):.3%}); stored "
                     f"{cost['stored_bytes_per_token']} bytes/token.\n\n")
+        if extra and extra.get("blocks"):   # whole layers and attention sub-layers, measured (`--blocks`)
+            b.write(f"## Block-level candidates\n\nRemoved alone, nothing refitted: the loss increase on "
+                    f"{extra.get('blocks_data')} (nats/token, and as a perplexity factor) and the multiply-accumulates "
+                    f"per token of the linear maps it saves (of {self.meta.get('dense_linear_macs_per_token', '?')} "
+                    f"in the decoder layers); the neuron-level skips above save "
+                    f"{max((self.plan_cost(c)['macs_saved_per_token'] for c in cands.values()), default=0):,} at R² ≥ "
+                    f"{min_r2}. Cheapest per MAC first.\n\n| part | layer | loss increase | × perplexity | MACs/token "
+                    f"saved | loss per million MACs |\n|---|---|---|---|---|---|\n")
+            for r in sorted(extra["blocks"], key=lambda r: r["loss_increase"] / max(1, r["macs_saved_per_token"])):
+                b.write(f"| {r['part']} | {r['layer']} | {r['loss_increase']:.4f} | {r['ppl_factor']:.3f} | "
+                        f"{r['macs_saved_per_token']:,} | {1e6 * r['loss_increase'] / max(1, r['macs_saved_per_token']):.4f} |\n")
+            b.write("\n")
         if extra and extra.get("applied"):
             ap = extra["applied"]
             b.write("## Applied\n\n```\n" + json.dumps(ap, indent=1, default=_json_default) + "\n```\n")
@@ -627,10 +639,13 @@ class SkipsConfig(Config):
 
 
 def run_skips(stats, model, config: SkipsConfig | None = None, *, report, data=None, apply_out=None,
-              overwrite: bool = False, eval_data=None, progress: bool = True, **settings) -> tuple[SkipReport, dict]:
+              overwrite: bool = False, eval_data=None, progress: bool = True, blocks: list | None = None,
+              blocks_data: str | None = None, **settings) -> tuple[SkipReport, dict]:
     """The `skips` stage: find the skips (held-out R² with `data`), with `apply` apply them to a copy of the model
     and save it to `apply_out` (perplexity before/after on `eval_data`), and write the report directory. `config`
-    (or the `SkipsConfig` fields as keywords) says how. Returns (report, applied summary or {})."""
+    (or the `SkipsConfig` fields as keywords) says how. `blocks`: block-level candidates measured on `blocks_data`
+    (`prune.layers.block_candidates`), shown beside the neuron-level ones. Returns (report, applied summary or
+    {})."""
     cfg = config.replace(**settings) if config is not None else SkipsConfig.make(**settings)
     min_r2, top_k, ridge, predictor, max_per_layer = cfg.min_r2, cfg.top_k, cfg.ridge, cfg.predictor, cfg.max_per_layer
     thresholds, layers, samples, seqlen, seed = cfg.thresholds, cfg.layers, cfg.samples, cfg.seqlen, cfg.seed
@@ -675,7 +690,14 @@ def run_skips(stats, model, config: SkipsConfig | None = None, *, report, data=N
                     summary={"model": lm.spec, "skips": info, "params_after": num_params(work.model),
                              "mlp_macs_per_token_before": info["mlp_macs_per_token_before"],
                              "mlp_macs_per_token_after": info["mlp_macs_per_token_after"]})
-    rep.save(report, min_r2=min_r2, thresholds=thresholds, extra={"applied": info} if info else {})
+    extra = {"applied": info} if info else {}
+    if blocks:
+        extra.update(blocks=blocks, blocks_data=blocks_data)
+        if lm is not None:
+            rep.meta["dense_linear_macs_per_token"] = sum(
+                m.weight.numel() for layer in lm.adapter.layers(lm.model) for m in layer.modules()
+                if isinstance(m, nn.Linear))
+    rep.save(report, min_r2=min_r2, thresholds=thresholds, extra=extra)
     return rep, info
 
 

@@ -174,3 +174,25 @@ def choose_layers(lm, ids, cfg, n: int, compute=None, progress: bool = False, ca
         cost[i] = math.inf
     ranked = sorted((i for i in cost if i not in exclude), key=cost.get)
     return sorted(ranked[:n]), cost
+
+
+def block_candidates(lm, ids: torch.Tensor, compute=None, batch_size: int | None = None,
+                     progress: bool = False) -> list[dict]:
+    """Whole layers and attention sub-layers as skip candidates beside the neuron-level ones (`skips --blocks`):
+    per layer and part, the measured loss increase on token ids `ids` when it alone is removed (`layer_loss`, every
+    layer measured), its parameters and the multiply-accumulates per token of its linear maps it saves (attention
+    scores not counted: they grow with the context). Cost: ≈ L forwards of `ids` per part."""
+    model, a = lm.model, lm.adapter
+    L = a.num_layers(model)
+    bs = batch_size or max(1, 4096 // ids.shape[1])
+    parts = ["layer"] + (["attn"] if a.attn_refusal(model) is None else [])
+    rows = []
+    for part in parts:
+        cost = layer_loss(lm, ids, compute, bs, progress, None, part)
+        for i in range(L):
+            mods = [a.layers(model)[i]] if part == "layer" else [a.attn(model, i)]
+            linear = sum(m.weight.numel() for mod in mods for m in mod.modules() if isinstance(m, torch.nn.Linear))
+            params = sum(p.numel() for p in mods[0].parameters()) if part == "layer" else a.attention_params(model, i)
+            rows.append({"part": part, "layer": i, "loss_increase": cost[i], "ppl_factor": math.exp(cost[i]),
+                         "params": int(params), "macs_saved_per_token": int(linear)})
+    return rows
