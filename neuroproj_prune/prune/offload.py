@@ -483,7 +483,9 @@ def open_model(model, cfg, *, data=None, out=None, dtype="auto", device="auto", 
     _, _, world = distributed()
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     tokens, batch_tokens = calibration_tokens(cfg, data, world)
-    streamable = cfg.calibration == "sequential" and cfg.allocation == "uniform" and cfg.output_weighting == "none"
+    # what offload cpu/disk refuses (config.py) auto does not choose: whole-model passes need every layer held
+    streamable = (cfg.calibration == "sequential" and cfg.allocation == "uniform" and cfg.output_weighting == "none"
+                  and not (cfg.budgeted or cfg.drop_layers or cfg.drop_attn))
     kw = dict(tokens=tokens, batch_tokens=batch_tokens, dense_target=cfg.dense_stream,
               streamable=streamable, processes=processes)
     if isinstance(model, LoadedModel):
