@@ -126,7 +126,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["budget"] or 0, METHODS.index(r["method"]) if r["method"] in METHODS else -1)):
         print(f"| {r['budget'] or 0:.0%} | {r['method']} | {r.get('removed', 0):.1%} | {r.get('heads')} | "
-              f"{r.get('dropped')} | {r.get('attn_removed')} | {r['ppl_wiki']:.2f} | {r['ppl_shakespeare']:.2f} | {r.get('lambada_acc')} | "
+              f"{r.get('dropped')} | {r.get('attn_removed')} | {r['ppl_wiki']:.2f} | {r['ppl_shakespeare']:.2f} | "
+              f"{r.get('lambada_acc')} | "
               f"{r.get('lambada_ppl')} | {r.get('prune_s')} |")
 
 

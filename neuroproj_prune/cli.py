@@ -275,7 +275,8 @@ def _run_prune(a):
             raise NeuroprojError(f"{given[0]} says which neurons each layer keeps; {chosen[0]} chooses them too: "
                                  f"give one of them")
     elif a.sparsity is None and a.keep is None and not any(getattr(a, n) for n in BLOCK_SETTINGS):
-        raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K, --head-sparsity, --drop-layers, --drop-attn, "
+        raise NeuroprojError("give --sparsity S (fraction in [0, 1)), --keep K, --head-sparsity, --drop-layers, "
+                             "--drop-attn, "
                              "--target-params P, --target-speedup S, --plan PLAN.json or --clusters FILE")
     cfg = PruneConfig.from_args(a, calibration=a.calibration or ("oneshot" if a.stats else None))
     _, _, s = prune(a.model, a.data, cfg, stats=a.stats, plan_file=a.plan, clusters=a.clusters, out=a.out,
@@ -500,7 +501,8 @@ def _add_export(sub):
                     "what a format cannot hold (applied skips, added MLP biases) before writing anything.")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--to", required=True, help=" | ".join(EXPORTERS) + " (gguf and nemotron-nas hold per-layer MLP "
-                   "widths, fewer layers, removed attention sub-layers and one head count for every layer; a checkpoint with per-layer head counts "
+                   "widths, fewer layers, removed attention sub-layers and one head count for every layer; a checkpoint "
+                   "with per-layer head counts "
                    "is refused there: --to hf)")
     p.add_argument("--out", required=True, help="output file (gguf) or directory")
     ExportConfig.add_arguments(p)

@@ -273,12 +273,14 @@ class SkipReport:
                     f"{extra.get('blocks_data')} (nats/token, and as a perplexity factor) and the multiply-accumulates "
                     f"per token of the linear maps it saves (of {self.meta.get('dense_linear_macs_per_token', '?')} "
                     f"in the decoder layers); the neuron-level skips above save "
-                    f"{max((self.plan_cost(c)['macs_saved_per_token'] for c in cands.values()), default=0):,} at R² ≥ "
+                    f"{max((self.plan_cost(c)['macs_saved_per_token'] for c in cands.values()), default=0):,} "
+                    f"at R² ≥ "
                     f"{min_r2}. Cheapest per MAC first.\n\n| part | layer | loss increase | × perplexity | MACs/token "
                     f"saved | loss per million MACs |\n|---|---|---|---|---|---|\n")
             for r in sorted(extra["blocks"], key=lambda r: r["loss_increase"] / max(1, r["macs_saved_per_token"])):
                 b.write(f"| {r['part']} | {r['layer']} | {r['loss_increase']:.4f} | {r['ppl_factor']:.3f} | "
-                        f"{r['macs_saved_per_token']:,} | {1e6 * r['loss_increase'] / max(1, r['macs_saved_per_token']):.4f} |\n")
+                        f"{r['macs_saved_per_token']:,} | "
+                        f"{1e6 * r['loss_increase'] / max(1, r['macs_saved_per_token']):.4f} |\n")
             b.write("\n")
         if extra and extra.get("applied"):
             ap = extra["applied"]

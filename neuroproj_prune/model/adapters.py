@@ -324,7 +324,9 @@ class GatedAdapter(Adapter):
     def head_dim(self, model):
         present = [self.attn(model, i) for i in range(self.num_layers(model)) if self.has_attention(model, i)]
         c = model.config
-        return present[0].head_dim if present else getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if present:
+            return present[0].head_dim
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     def num_heads(self, model, i):
         return self.attn(model, i).q_proj.weight.shape[0] // self.head_dim(model)

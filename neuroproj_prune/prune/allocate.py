@@ -276,10 +276,11 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     `rms`: w_t = 1/mean(x_i,t²), the error as the next norm sees it (no backward pass, blind to how much later
     layers and the head amplify it). With `attn`, the same for the attention output projection's input (its
     weight under `grad`: the gradient at the attention's output, which is added to the residual stream), with
-    `blocks` the cost of each whole layer and with `sublayers` that of each attention sub-layer (see `Curves`). Cost: one forward (with grad one backward) of the dense
-    model over `ids`, the LM head in chunks (grad, head), one N² Gram per token and layer in the forward's
-    precision (`Moments`; and one (H·hd)² with `attn`), one O(N³) Cholesky per layer; memory: one batch's
-    activations and L float32 N×N Grams (each made float64 in turn for its curve), twice that with `fold`."""
+    `blocks` the cost of each whole layer and with `sublayers` that of each attention sub-layer (see `Curves`).
+    Cost: one forward (with grad one backward) of the dense model over `ids`, the LM head in chunks (grad, head),
+    one N² Gram per token and layer in the forward's precision (`Moments`; and one (H·hd)² with `attn`), one O(N³)
+    Cholesky per layer; memory: one batch's activations and L float32 N×N Grams (each made float64 in turn for its
+    curve), twice that with `fold`."""
     model, a = lm.model, lm.adapter
     dev = next(model.parameters()).device
     L = a.num_layers(model)

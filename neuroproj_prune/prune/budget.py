@@ -1,9 +1,9 @@
 """What a run removes: MLP neurons, attention heads, attention sub-layers, whole layers — set per axis, or split
 from one budget.
 
-Per axis (`sparsity`/`keep`, `head_sparsity`, `drop_attn`, `drop_layers`) a user says how much of each goes; `resolve` then
-only picks the layers (layers.py). With one budget, `target_params` P (or `target_speedup` S, turned into P by its
-proxy, the bytes of weights read per token: (T + E)·(1 − 1/S) of the T decoder-layer and E LM-head parameters),
+Per axis (`sparsity`/`keep`, `head_sparsity`, `drop_attn`, `drop_layers`) a user says how much of each goes;
+`resolve` then only picks the layers (layers.py). With one budget, `target_params` P (or `target_speedup` S, turned
+into P by its proxy, the bytes of weights read per token: (T + E)·(1 − 1/S) of the T decoder-layer and E LM-head parameters),
 P·T parameters of the decoder layers go, split across the axes in `axes` by measured loss:
 
     pieces     one pass of the dense model (allocate.measure_curves) prices every axis in one unit (per-token output
@@ -28,8 +28,8 @@ P·T parameters of the decoder layers go, split across the axes in `axes` by mea
 Cost: the pass (allocation global's, plus an (H·hd)² Gram per layer and token), the layer scores (layers.py: ≈ L/2
 forwards of the held-back windows for `loss`), per head level and layer one greedy OBS (heads.py), and per
 finalist (≤ 2 per head level, ≤ 4 more with attention sub-layers) one forward of the held-back windows —
-sequential: plus a sequential pass over
-`judge_samples` windows (judge_samples / samples of the prune's own pass; memory: one copy of the model).
+sequential: plus a sequential pass over `judge_samples` windows (judge_samples / samples of the prune's own pass;
+memory: one copy of the model).
 """
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def _split(calib, cfg, trial) -> Shape:
     if "layers" in axes:
         order, layer_cost = choose_layers(lm, _judge(calib, cfg), cfg, L - 1, calib.compute, calib.progress,
                                           candidates=min(L - 1, LAYER_CANDIDATES))
-        order = sorted(order, key=layer_cost.get)[:LAYER_CANDIDATES]
+        order = sorted(order, key=layer_cost.get)
     if subs:   # the measured ones, cheapest first (a removed attention is never its layer's last part)
         attn_order, attn_cost = choose_layers(lm, _judge(calib, cfg), cfg, min(L, ATTN_CANDIDATES), calib.compute,
                                               calib.progress, candidates=min(L, ATTN_CANDIDATES), part="attn")
