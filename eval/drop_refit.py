@@ -1,8 +1,12 @@
-"""What the MLPs behind a removed layer should be refitted to (issue 28): SmolLM2-135M with `--drop-layers N` and
-nothing else removed, the later layers left alone (`fold none`) or refitted by least squares to each
-`--drop-target`; WikiText-2 perplexity on the first --windows windows of 1024 tokens.
+"""What the MLPs behind a removed layer or attention sub-layer should be refitted to (issue 28): SmolLM2-135M with
+`--drop N` layers (or, `--part attn`, N attention sub-layers) removed and the MLPs kept at --keep neurons per layer
+(default: all), each `--drop-target` (layer: their own output on the stream they see; residual: also the drift
+from the dense stream; dense: the dense MLP outputs), and with nothing refitted (`fold none`, at full width only).
+Mean loss on the 8 held-back C4 windows drawn beside the calibration ones, and WikiText-2 perplexity on the first
+--windows windows of 1024 tokens.
 
-    OMP_NUM_THREADS=1 python eval/drop_refit.py --samples 32 --windows 8 --drop 1
+    OMP_NUM_THREADS=2 python eval/drop_refit.py --samples 32 --windows 8 --drop 1
+    OMP_NUM_THREADS=2 python eval/drop_refit.py --samples 16 --windows 8 --drop 1 --part attn --keep 832
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import time
 
 import neuroproj_prune as npp
 from neuroproj_prune.prune import prune
+from neuroproj_prune.prune.layers import mean_loss
+from neuroproj_prune.stats import calibration_ids
 
 from blocks import C4, DATA, perplexity   # eval/ is the script's directory
 
@@ -20,16 +26,28 @@ def main():
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--drop", type=int, default=1)
+    ap.add_argument("--part", choices=("layer", "attn"), default="layer")
+    ap.add_argument("--keep", type=int, default=None, help="MLP neurons kept per layer (default: all)")
     a = ap.parse_args()
-    print(f"command: python eval/drop_refit.py --samples {a.samples} --windows {a.windows} --drop {a.drop}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| later layers | dropped | WikiText-2 |\n|---|---|---|")
-    for name, kw in (("left alone (fold none)", {"fold": "none"}), ("refit, drop_target residual", {"drop_target": "residual"}),
-                     ("refit, drop_target dense", {"drop_target": "dense"})):
+    print(f"command: `OMP_NUM_THREADS=2 python eval/drop_refit.py --samples {a.samples} --windows {a.windows} --drop "
+          f"{a.drop} --part {a.part}" + (f" --keep {a.keep}" if a.keep else "") +
+          f"`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    base = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
+    ids, _ = calibration_ids(base, str(C4), a.samples, 512, 0, holdout=8)
+    held = ids[a.samples:]
+    removal = {"drop_layers" if a.part == "layer" else "drop_attn": a.drop}
+    width = {"keep": a.keep} if a.keep else {"sparsity": 0.0}
+    rows = [("nothing removed", {**width})]
+    if not a.keep:
+        rows.append(("left alone (fold none)", {**removal, **width, "fold": "none"}))
+    rows += [(f"drop_target {t}", {**removal, **width, "drop_target": t}) for t in ("layer", "residual", "dense")]
+    print("| MLPs behind the removal | removed | held-back loss | WikiText-2 |\n|---|---|---|---|")
+    for name, kw in rows:
         lm = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
-        lm, plan, _ = prune(lm, str(C4), samples=a.samples, progress=False, drop_layers=a.drop, sparsity=0.0, **kw)
-        print(f"| {name} | {plan.drop} | {perplexity(lm.model, lm.tokenizer, a.windows, DATA / 'wikitext2-test.txt'):.2f} |",
-              flush=True)
+        lm, plan, _ = prune(lm, str(C4), samples=a.samples, progress=False, multiple=1, **kw)
+        gone = plan.drop if a.part == "layer" else plan.no_attn
+        print(f"| {name} | {gone} | {mean_loss(lm, held, None, 8):.4f} | "
+              f"{perplexity(lm.model, lm.tokenizer, a.windows, DATA / 'wikitext2-test.txt'):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

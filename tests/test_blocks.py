@@ -169,13 +169,13 @@ def test_layer_loss_is_the_loss_without_the_layer(tokenizer):
 
 
 def test_refit_after_a_dropped_layer_beats_no_refit(tokenizer):
-    """The layers behind a removed one are refitted against the dense model's stream (drop_target residual, the
-    default): lower loss on the calibration text than the same layer removed with the rest untouched."""
+    """The layers behind a removed one are refitted against the dense model's stream (drop_target residual):
+    lower loss on the calibration text than the same layer removed with the rest untouched."""
     ids = _ids(n=16, T=64)
     dense = gqa_model(layers=4, seed=1)
     plain = copy.deepcopy(dense)
     lm = _lm(copy.deepcopy(dense), tokenizer)
-    _, plan, _ = prune(lm, ids, drop_layers=1, sparsity=0.0, **SEQ)
+    _, plan, _ = prune(lm, ids, drop_layers=1, sparsity=0.0, drop_target="residual", **SEQ)
     adapter_for(plain).drop_layers(plain, plan.drop)
     assert mean_loss(lm, ids) < mean_loss(_lm(plain, tokenizer), ids)
 
@@ -349,7 +349,7 @@ def test_refit_after_a_removed_attention_tracks_the_dense_stream(tokenizer):
     ids = _ids(n=16, T=64)
     dense = gqa_model(layers=4, seed=1)
     lm = _lm(copy.deepcopy(dense), tokenizer)
-    _, plan, _ = prune(lm, ids, drop_attn=1, sparsity=0.0, **SEQ)
+    _, plan, _ = prune(lm, ids, drop_attn=1, sparsity=0.0, drop_target="residual", **SEQ)
     plain = copy.deepcopy(dense)
     adapter_for(plain).remove_attention(plain, plan.no_attn[0])
     target = dense.model(ids).last_hidden_state

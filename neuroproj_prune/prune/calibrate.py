@@ -292,17 +292,20 @@ class Sequential(Calibration):
         states = layer_inputs(self.lm.model, self.lm.adapter, batches[rank::world], keep=self.stream.stash)
         hidden = [s[0] for s in states]          # the stream entering the current layer, per batch
         calls = [s[1:] for s in states]          # each batch's (args, kwargs) for the layers
-        carry_dense = TARGETS[self.cfg.target].dense_stream or bool(self.drop) or bool(self.no_attn)
+        behind = (self.drop or self.no_attn) and self.cfg.drop_target != "layer"   # refits behind a removal
+        carry_dense = TARGETS[self.cfg.target].dense_stream or bool(behind)
         dense = [h.clone() for h in hidden] if carry_dense else None
         return calls, hidden, dense
 
     def _target(self, i: int) -> str:
-        """The fold target of layer i's MLP: the configured one, or `drop_target` behind a removed layer or attention
-        sub-layer (the MLPs after a removal refit against the dense model's stream, which is what makes up for the
-        missing part; a removed attention's own MLP is behind it)."""
+        """The fold target of layer i's MLP: the configured one, or `drop_target` residual / dense behind a removed
+        layer or attention sub-layer (the MLPs after a removal refit against the dense model's stream, to make up for
+        the missing part; a removed attention's own MLP is behind it). `drop_target` layer (the default): the
+        configured one everywhere."""
         cfg = self.cfg
         first = min([d + 1 for d in self.drop] + list(self.no_attn), default=None)
-        if first is not None and i >= first and cfg.target == "layer" and cfg.fold == "lstsq":
+        if first is not None and i >= first and cfg.target == "layer" and cfg.fold == "lstsq" \
+                and cfg.drop_target != "layer":
             additive_ok = self.lm.adapter.mlp_output_is_added(self.lm.model)
             return cfg.drop_target if additive_ok or not TARGETS[cfg.drop_target].additive else "dense"
         return cfg.target
