@@ -47,9 +47,12 @@ def test_one_config_makes_cli_recipe_and_api():
             assert DEFAULTS["prune"][f.name] == default, f.name
         else:
             assert DEFAULTS["calibration"][f.name] == default, f.name
-    # sweep shares every field but the ones it sweeps
+    # sweep shares every field but the ones it sweeps (a parameter budget's among them: --axes sweeps it)
+    from neuroproj_prune.sweep import SWEPT
     sw = build_parser()._subparsers._group_actions[0].choices["sweep"]
-    assert names - {"sparsity", "keep", "select", "fold", "calibration", "allocation"} <= {a.dest for a in sw._actions}
+    assert set(SWEPT) == {"sparsity", "keep", "select", "fold", "calibration", "allocation", "target_params",
+                          "target_speedup", "axes"}
+    assert names - set(SWEPT) <= {a.dest for a in sw._actions}
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -278,7 +278,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     weight under `grad`: the gradient at the attention's output, which is added to the residual stream), with
     `blocks` the cost of each whole layer and with `sublayers` that of each attention sub-layer (see `Curves`).
     Cost: one forward (with grad one backward) of the dense model over `ids`, the LM head in chunks (grad, head),
-    one N² Gram per token and layer in the forward's precision (`Moments`; and one (H·hd)² with `attn`), one O(N³)
+    one N² Gram per token and layer in float32 products (`Moments`; and one (H·hd)² with `attn`), one O(N³)
     Cholesky per layer; memory: one batch's activations and L float32 N×N Grams (each made float64 in turn for its
     curve), twice that with `fold`."""
     model, a = lm.model, lm.adapter
@@ -332,10 +332,12 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                         else:
                             w = g if weights == "head" else rms
                         h = grabbed[(site, i)].reshape(w.shape[0], -1)
-                        if (site, i) not in mom:   # every layer's Gram at once: float32 totals (half of float64's memory)
-                            mom[site, i] = Moments(h.shape[1], dev, compute, gram_dtype=torch.float32)
+                        # every layer's Gram at once: float32 totals (half of float64's memory); float32 products,
+                        # as the widths are a discrete choice that bfloat16 rounding moved (moments.py)
+                        if (site, i) not in mom:
+                            mom[site, i] = Moments(h.shape[1], dev, None, gram_dtype=torch.float32)
                             if fold:
-                                fmom[site, i] = Moments(h.shape[1], dev, compute, gram_dtype=torch.float32)
+                                fmom[site, i] = Moments(h.shape[1], dev, None, gram_dtype=torch.float32)
                         mom[site, i].add(h, w)
                         if fold:
                             fmom[site, i].add(h, rms)
