@@ -355,12 +355,12 @@ def test_head_site_beside_mlp(browser, tokenizer, tmp_path):
     ez2 = {i: torch.cat(v).pow(2).mean(0).numpy() for i, v in z.items()}                # E[z_c²], (48,)
     w2 = {i: model.model.layers[i].self_attn.o_proj.weight.double().pow(2).sum(0).numpy() for i in range(4)}
     plan = Plan(heads={0: {"heads": 6, "kv_heads": 2, "keep": [0, 2, 3, 5], "keep_kv": [0, 1]},
-                       1: {"heads": 6, "kv_heads": 2, "keep": [3, 4, 5], "keep_kv": [1]}}, drop=[2])
+                       1: {"heads": 6, "kv_heads": 2, "keep": [3, 4, 5], "keep_kv": [1]}}, drop=[2], no_attn=[3])
     plan.save(tmp_path / "plan.json")
     npp.prune(LoadedModel(copy.deepcopy(model), tokenizer, "tiny-gqa", lm.fingerprint), ids,
               plan_file=tmp_path / "plan.json", out=run / "pruned", multiple=1, batch_size=8,
               compute_dtype="float32", progress=False)
-    removed = {0: {1, 4}, 1: {0, 1, 2}, 2: set(range(6)), 3: set()}
+    removed = {0: {1, 4}, 1: {0, 1, 2}, 2: set(range(6)), 3: set(range(6))}   # 3: its attention removed
 
     data = load_page_data(npp.view(run, tmp_path / "plain.html", model=None))
     P = data["projections"]
@@ -375,7 +375,7 @@ def test_head_site_beside_mlp(browser, tokenizer, tmp_path):
         assert (e["rep"] == -1).all() and bool(e.get("dropped")) == (i == 2)
         np.testing.assert_allclose(e["energy"], ez2[i], rtol=1e-4)                       # float32 on the page
         row = H["rows"][i]
-        assert (row["H"], row["KV"], row["dropped"]) == (6, 2, i == 2)
+        assert (row["H"], row["KV"], row["dropped"], row["attention_removed"]) == (6, 2, i == 2, i == 3)
         assert row["role"] == [int(h in removed[i]) for h in range(6)], i
         np.testing.assert_allclose(row["energy"], ez2[i].reshape(6, 8).sum(1), rtol=1e-5)
     m2 = P["points"]["2/mlp.neurons"]

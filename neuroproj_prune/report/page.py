@@ -16,7 +16,7 @@ files are absent is left out):
   plan/2's `heads`, a per-head table (key/value group, status, energy Σ_c E[z_c²]·‖W_o[:, c]‖² over the head's
   channels, Σ_c E[z_c²] without the model's weights) and a layers × heads map beside the scatter; the layers a
   plan removes whole (`drop_layers`) are struck through in the layer list, and their neurons and heads shown as
-  removed. The prune summary adds the plan's heads per layer and the layers it removes.
+  removed; so are the heads of a layer whose attention sub-layer the plan removes (`drop_attn`). The prune summary adds the plan's heads per layer and the layers it removes.
 - `trace.safetensors` (from `neuroproj_prune.trace`) — a token slider over prompt and generated tokens,
   the text with the current token highlighted, points sized by |activation| and coloured by sign on a
   scale centred at zero.
@@ -318,6 +318,9 @@ def _gather_points(run: Path, model, layers_spec, notes: list[str]):
                 role, rep = np.ones(N, dtype=np.uint8), np.full(N, -1, dtype=np.int64)
                 ps["dropped"] = True
                 role_src.add(f"plan ({plan_src}): layers removed whole")
+            elif s == HEAD_SITE and plan is not None and i in plan.no_attn:   # its attention goes: every head
+                role, rep = np.ones(N, dtype=np.uint8), np.full(N, -1, dtype=np.int64)
+                role_src.add(f"plan ({plan_src}): attention sub-layers removed")
             elif s == HEAD_SITE and plan is not None and (plan.heads or dropped):
                 role, rep = _head_roles(plan.heads.get(i), layout, i, N)
                 if role is not None:
@@ -383,6 +386,7 @@ def _heads_summary(layers, layout, e2, wout, plan, plan_src, notes):
     from the plan's heads entries (no energy then). None when neither says anything about heads."""
     heads = plan.heads if plan is not None else {}
     drop = set(plan.drop) if plan is not None else set()
+    no_attn = set(plan.no_attn) if plan is not None else set()   # attention sub-layers removed: every head goes
     if layout is None and not heads:
         return None
     rows = []
@@ -393,14 +397,15 @@ def _heads_summary(layers, layout, e2, wout, plan, plan_src, notes):
             H, KV, hd = heads[i]["heads"], heads[i]["kv_heads"], None
         else:
             continue
-        row = {"layer": i, "H": H, "KV": KV, "energy": None, "role": None, "dropped": i in drop}
+        row = {"layer": i, "H": H, "KV": KV, "energy": None, "role": None, "dropped": i in drop,
+               "attention_removed": i in no_attn}
         z = e2.get((i, HEAD_SITE))
         if hd is not None and z is not None and z.shape[0] == H * hd:
             w = (wout or {}).get((i, HEAD_SITE))
             row["energy"] = [float(x) for x in (z * w if w is not None and w.shape == z.shape else z)
                              .reshape(H, hd).sum(1)]
         entry = heads.get(i)
-        if i in drop:
+        if i in drop or i in no_attn:
             row["role"] = [1] * H
         elif entry is not None and entry["heads"] == H:
             keep = set(entry["keep"])
@@ -408,7 +413,7 @@ def _heads_summary(layers, layout, e2, wout, plan, plan_src, notes):
         elif entry is not None:
             notes.append(f"plan: layer {i} has {entry['heads']} heads in the plan, {H} in the statistics: its heads "
                          f"are not marked")
-        elif heads or drop:
+        elif heads or drop or no_attn:
             row["role"] = [0] * H
         rows.append(row)
     if not rows:
@@ -416,7 +421,7 @@ def _heads_summary(layers, layout, e2, wout, plan, plan_src, notes):
     kind = ("Σ E[z²]·‖W_o[:, c]‖² over the head's channels" if wout is not None
             else "Σ E[z²] over the head's channels")
     return {"head_dim": layout["head_dim"] if layout else None, "rows": rows, "energy_kind": kind,
-            "source": f"plan ({plan_src})" if heads or drop else None}
+            "source": f"plan ({plan_src})" if heads or drop or no_attn else None}
 
 
 _ITEM = {"f2": 2, "f4": 4, "i4": 4, "i2": 2, "i1": 1, "u1": 1}

@@ -308,9 +308,9 @@
       sw.style.background = gone ? NOISE : PALETTE[h % PALETTE.length];
       t.append(el("tr", { class: gone ? "removed" : "", "data-head": String(h) },
         el("td", {}, sw, String(h)), el("td", { text: String(Math.floor(h / g)) }),
-        el("td", { text: row.role ? (gone ? (row.dropped ? "removed (layer)" : "removed") : "kept") : "–" }), en));
+        el("td", { text: row.role ? (gone ? (row.dropped ? "removed (layer)" : row.attention_removed ? "removed (attention)" : "removed") : "kept") : "–" }), en));
     }
-    return el("div", {}, el("p", { class: "muted", text: "Heads of layer " + row.layer + (row.dropped ? " (removed whole)" : "") +
+    return el("div", {}, el("p", { class: "muted", text: "Heads of layer " + row.layer + (row.dropped ? " (removed whole)" : row.attention_removed ? " (its attention removed)" : "") +
       "; energy: " + P.heads.energy_kind + "." }), t);
   }
 
