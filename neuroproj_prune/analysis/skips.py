@@ -53,7 +53,8 @@ from ..config import Config, ConfigError, opt
 from ..errors import NeuroprojError
 from ..evaluate import perplexity
 from ..io import atomic_dir, prepare_out_dir
-from ..model import LoadedModel, adapter_for, load_model, mlp_macs, num_params, save_pruned, update_config
+from ..model import (LoadedModel, adapter_for, linear_macs, load_model, mlp_macs, num_params, save_pruned,
+                     update_config)
 from ..model.skip_modules import SKIPS_ATTR, SkipModule, detach_skips, get_skips, total_mlp_macs_per_token
 from ..registry import Registry
 from ..stats import ActivationCapture, batches, calibration_ids, load_stats, parse_layers
@@ -696,9 +697,7 @@ def run_skips(stats, model, config: SkipsConfig | None = None, *, report, data=N
     if blocks:
         extra.update(blocks=blocks, blocks_data=blocks_data)
         if lm is not None:
-            rep.meta["dense_linear_macs_per_token"] = sum(
-                m.weight.numel() for layer in lm.adapter.layers(lm.model) for m in layer.modules()
-                if isinstance(m, nn.Linear))
+            rep.meta["dense_linear_macs_per_token"] = linear_macs(lm.adapter.layers(lm.model))
     rep.save(report, min_r2=min_r2, thresholds=thresholds, extra=extra)
     return rep, info
 

@@ -586,6 +586,11 @@ def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def linear_macs(module) -> int:
+    """Multiply-accumulates per token of the nn.Linear maps inside `module` (their weights' sizes)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
 def context_length(model_or_config) -> int | None:
     """The model's context length by its family's adapter (the generic config keys for other families)."""
     config = getattr(model_or_config, "config", model_or_config)

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import NeuroprojError
+from ..model import linear_macs
 from ..registry import Registry
 from ..stats import hooked
 from .calibrate import layer_inputs, run_layer
@@ -190,9 +191,9 @@ def block_candidates(lm, ids: torch.Tensor, compute=None, batch_size: int | None
     for part in parts:
         cost = layer_loss(lm, ids, compute, bs, progress, None, part)
         for i in range(L):
-            mods = [a.layers(model)[i]] if part == "layer" else [a.attn(model, i)]
-            linear = sum(m.weight.numel() for mod in mods for m in mod.modules() if isinstance(m, torch.nn.Linear))
-            params = sum(p.numel() for p in mods[0].parameters()) if part == "layer" else a.attention_params(model, i)
+            mod = a.layers(model)[i] if part == "layer" else a.attn(model, i)
+            linear = linear_macs(mod)
+            params = sum(p.numel() for p in mod.parameters()) if part == "layer" else a.attention_params(model, i)
             rows.append({"part": part, "layer": i, "loss_increase": cost[i], "ppl_factor": math.exp(cost[i]),
                          "params": int(params), "macs_saved_per_token": int(linear)})
     return rows
