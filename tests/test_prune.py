@@ -17,7 +17,7 @@ from neuroproj_prune.stats import collect
 from neuroproj_prune.model import load_pruned
 from neuroproj_prune.prune import FOLDS, apply_plan
 
-from conftest import C4, WIKI, tiny_model
+from conftest import C4, WIKI, gqa_llama, tiny_model
 
 
 def _lm(model, tokenizer, name="tiny"):
@@ -372,6 +372,35 @@ def test_sequential_global_allocation(weights, tokenizer, tmp_path):
     assert all(0.1 * 64 <= k <= 0.9 * 64 for k in s["kept"])
     ids = _ids(7, n=2)
     assert torch.equal(load_pruned(tmp_path / "g")(ids).logits, lm.model(ids).logits)
+
+
+@pytest.mark.parametrize("weights", ["grad", "rms"])
+def test_curves_in_layer_groups_equal_one_pass(weights, tokenizer, monkeypatch):
+    """Memory bounded by design: with room for one layer's Grams at a time, the allocation pass measures the token
+    weights once and each further group of layers in a forward of its own — and every curve, head moment, fold
+    moment, block and sub-layer cost equals the single pass's."""
+    from neuroproj_prune.prune import allocate
+    from neuroproj_prune.prune.allocate import layer_groups, measure_curves
+
+    assert layer_groups([4, 4, 4], 8) == [[0, 1], [2]] and layer_groups([4, 4, 4], 1) == [[0], [1], [2]]
+    lm = _lm(gqa_llama(layers=3), tokenizer)
+    ids = _ids(3, n=6, T=32)
+    kw = dict(select="wanda-sp", weights=weights, batch_size=2, progress=False, attn=True, blocks=True,
+              sublayers=True, fold=True)
+    one = measure_curves(lm, ids, gram_bytes=1 << 40, **kw)
+    runs, real = [], allocate._trunk_forward
+    monkeypatch.setattr(allocate, "_trunk_forward", lambda *a, **k: runs.append(k.get("upto")) or real(*a, **k))
+    per = measure_curves(lm, ids, gram_bytes=1, **kw)   # below one layer: one layer per group
+    first = 3 if weights == "rms" else 0   # the first pass runs the trunk itself only for rms weights
+    assert runs == [None] * first + [1] * 3 + [2] * 3   # 3 batches per further group, each up to its last layer
+    assert one.mlp.keys() == per.mlp.keys() == {0, 1, 2}
+    for i in range(3):
+        torch.testing.assert_close(per.mlp[i], one.mlp[i], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(per.attn[i].G, one.attn[i].G, rtol=1e-5, atol=1e-9)
+        for site in ("mlp", "attn"):
+            for a, b in zip(per.fold[site, i], one.fold[site, i]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    assert per.block == one.block and per.sub == one.sub and min(one.sub.values()) > 0
 
 
 def test_bfloat16_compute_changes_little(tokenizer):

@@ -11,7 +11,9 @@
 A new allocation is one function registered here; it reads what the calibration offers (`calib.ids`, the
 calibration windows, `calib.held`, the held-back ones, `calib.moments(i)` for one-shot statistics).
 Cost: uniform nothing; global one forward (+ one backward with `alloc_weights=grad`) of the dense model over
-`alloc_samples` windows, one N² Gram per token and layer, one O(N³) Cholesky per layer; search adds
+`alloc_samples` windows, one N² Gram per token and layer, one O(N³) Cholesky per layer (the layers' float32 Grams
+held at once only up to half the free memory: beyond it, one more inference forward per further group of layers,
+`measure_curves`); search adds
 `search_rounds` forward + backward passes over the held-back windows and O(L·N³) for the supernet.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import NeuroprojError
 from ..model import LoadedModel
 from ..registry import Registry
-from ..stats import Moments, cholesky, hooked, ridged
+from ..stats import Moments, available_memory, cholesky, hooked, ridged
 from .fold import effective_ridge
 from .measure import rms_token_weights
 from .search import Supernet, activations_only, loss_and_grads, loss_backward, search_widths
@@ -218,14 +220,16 @@ def flap_widths(scores: dict[int, torch.Tensor], total_keep: int, min_width: int
     return {i: max(min_width, int((a >= thr).sum())) for a, i in z}
 
 
-def _trunk_forward(model, adapter, x, compute) -> None:
-    """The decoder layers on token ids x (no final norm or LM head), under autocast with `compute`."""
+def _trunk_forward(model, adapter, x, compute, upto: int | None = None) -> None:
+    """The decoder layers on token ids x (no final norm or LM head), under autocast with `compute`; with `upto`, only
+    the layers up to that one (the later ones are not run)."""
     def stop(key, out):
         raise _StopAfterTrunk
 
+    last = adapter.layers(model)[-1 if upto is None else upto]
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
                                                 enabled=compute is not None), \
-            hooked([(0, adapter.layers(model)[-1], "out")], stop):
+            hooked([(0, last, "out")], stop):
         try:
             model(input_ids=x, use_cache=False)
         except _StopAfterTrunk:
@@ -266,7 +270,8 @@ def error_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: st
 
 def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: str = "grad", batch_size: int = 4,
                    seed: int = 0, ridge: float = 1e-7, compute=None, progress: bool = True, attn: bool = False,
-                   blocks: bool = False, sublayers: bool = False, fold: bool = False) -> Curves:
+                   blocks: bool = False, sublayers: bool = False, fold: bool = False,
+                   gram_bytes: int | None = None) -> Curves:
     """Per layer i, e_i(k): the dense layer's output error after the least-squares refit when it keeps the
     top-k neurons of `select` (see `error_curve`), with token t weighted so that all layers share one
     unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
@@ -277,19 +282,32 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     layers and the head amplify it). With `attn`, the same for the attention output projection's input (its
     weight under `grad`: the gradient at the attention's output, which is added to the residual stream), with
     `blocks` the cost of each whole layer and with `sublayers` that of each attention sub-layer (see `Curves`).
+
+    Memory is bounded by design: the layers' float32 Grams (4·N² bytes per layer and site, twice with `fold`) are
+    held for at most `gram_bytes` at once (default: half of the device's free memory, `layer_groups`). When all
+    of them fit, one pass does everything; otherwise the first pass measures every token weight (and the block
+    costs) and the Grams of the first group of layers, and each further group takes one forward of the trunk up
+    to its last layer, its tokens weighted by what the first pass stored (tokens·layers floats).
     Cost: one forward (with grad one backward) of the dense model over `ids`, the LM head in chunks (grad, head),
     one N² Gram per token and layer in float32 products (`Moments`; and one (H·hd)² with `attn`), one O(N³)
-    Cholesky per layer; memory: one batch's activations and L float32 N×N Grams (each made float64 in turn for its
-    curve), twice that with `fold`."""
+    Cholesky per layer, plus one inference forward per further group; memory: one batch's activations, the
+    group's Grams, and the finished `fold` moments (float64, host memory)."""
     model, a = lm.model, lm.adapter
     dev = next(model.parameters()).device
     L = a.num_layers(model)
     sites = ["mlp", "attn"] if attn else ["mlp"]
     proj = {"mlp": a.out_proj, "attn": a.attn_out_proj}
+    width = {(site, i): proj[site](model, i).weight.shape[1] for site in sites for i in range(L)}
+    per_layer = [4 * (2 if fold else 1) * sum(width[site, i] ** 2 for site in sites) for i in range(L)]
+    if gram_bytes is None:
+        gram_bytes = available_memory(dev) // 2
+    groups = layer_groups(per_layer, gram_bytes)
     grabbed = {}
     mom, fmom = {}, {}
     block = {i: 0.0 for i in range(L)} if blocks else {}
     sub = {i: 0.0 for i in range(L)} if sublayers else {}
+    stored = []   # per batch, {(site, i): w, ("rms", i): rms} of the first pass, when there are further groups
+    out = Curves({})
     n = 0
 
     def grab(key, t):
@@ -297,72 +315,113 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
             t.retain_grad()
         grabbed[key] = t if key[0] in ("out", "attn_out", "in") else t.detach()
 
-    points = [((site, i), proj[site](model, i), "in") for site in sites for i in range(L)]
-    points += [(("out", i), layer, "out") for i, layer in enumerate(a.layers(model))]
-    if (attn and weights == "grad") or sublayers:
-        points += [(("attn_out", i), a.attn_out_proj(model, i), "out") for i in range(L)]
-    if blocks:
-        points += [(("in", 0), a.layers(model)[0], "call")]
-    with hooked(points, grab):
-        for b in tqdm(range(0, ids.shape[0], batch_size), desc="allocate", unit="batch", disable=not progress,
-                      dynamic_ncols=True):
-            x = ids[b:b + batch_size].to(dev)
-            if weights == "grad":      # ‖∂loss/∂x_i,t‖²: one backward through the trunk
-                with activations_only(model):
-                    loss_backward(model, a, x, compute)
-            elif weights == "head":    # ‖∂loss/∂x_L,t‖², the last layer's, for every layer: no trunk backward
-                g = loss_backward(model, a, x, compute, trunk=False)[1].unsqueeze(1)
-            else:
-                _trunk_forward(model, a, x, compute)
-            with torch.no_grad():
-                for i in range(L):
-                    o = grabbed[("out", i)]
-                    d = o.shape[-1]
-                    rms = rms_token_weights(o.detach().reshape(-1, d).float()).unsqueeze(1) \
-                        if weights == "rms" or fold else None
-                    if sublayers:   # the attention's output, under the weight at the point it is added
-                        at = grabbed[("attn_out", i)]
-                        wa = at.grad.reshape(-1, d).float().pow(2).sum(-1) if weights == "grad" else \
-                            (g if weights == "head" else rms).reshape(-1)
-                        sub[i] += float((wa * at.detach().float().reshape(-1, d).pow(2).sum(-1)).sum())
-                    for site in sites:
-                        if weights == "grad":
-                            src = o if site == "mlp" else grabbed[("attn_out", i)]
-                            w = src.grad.reshape(-1, d).float().pow(2).sum(-1, keepdim=True)
-                        else:
-                            w = g if weights == "head" else rms
-                        h = grabbed[(site, i)].reshape(w.shape[0], -1)
-                        # every layer's Gram at once: float32 totals (half of float64's memory); float32 products,
-                        # as the widths are a discrete choice that bfloat16 rounding moved (moments.py)
-                        if (site, i) not in mom:
-                            mom[site, i] = Moments(h.shape[1], dev, None, gram_dtype=torch.float32)
+    for gi, group in enumerate(groups):
+        first = gi == 0
+        points = [((site, i), proj[site](model, i), "in") for site in sites for i in group]
+        if first:
+            points += [(("out", i), layer, "out") for i, layer in enumerate(a.layers(model))]
+            if (attn and weights == "grad") or sublayers:
+                points += [(("attn_out", i), a.attn_out_proj(model, i), "out") for i in range(L)]
+            if blocks:
+                points += [(("in", 0), a.layers(model)[0], "call")]
+        desc = "allocate" if len(groups) == 1 else f"allocate (layers {group[0]}-{group[-1]})"
+        with hooked(points, grab):
+            for bi, b in enumerate(tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch",
+                                        disable=not progress, dynamic_ncols=True)):
+                x = ids[b:b + batch_size].to(dev)
+                if not first:        # the weights are the first pass's: only the group's activations are made
+                    _trunk_forward(model, a, x, compute, upto=group[-1])
+                    wb = stored[bi]
+                elif weights == "grad":      # ‖∂loss/∂x_i,t‖²: one backward through the trunk
+                    with activations_only(model):
+                        loss_backward(model, a, x, compute)
+                elif weights == "head":    # ‖∂loss/∂x_L,t‖², the last layer's, for every layer: no trunk backward
+                    g = loss_backward(model, a, x, compute, trunk=False)[1].unsqueeze(1)
+                else:
+                    _trunk_forward(model, a, x, compute)
+                with torch.no_grad():
+                    if first:
+                        wb = _token_weights(grabbed, L, sites, weights, None if weights != "head" else g,
+                                            fold, sub, block)
+                        if len(groups) > 1:
+                            stored.append(wb)
+                        n += x.numel()
+                    for i in group:   # every layer's Gram of the group at once: float32 totals (half of float64's
+                        for site in sites:   # memory); float32 products, as the widths are a discrete choice that
+                            w = wb[site, i]  # bfloat16 rounding moved (moments.py)
+                            h = grabbed[(site, i)].reshape(w.shape[0], -1)
+                            if (site, i) not in mom:
+                                mom[site, i] = Moments(h.shape[1], dev, None, gram_dtype=torch.float32)
+                                if fold:
+                                    fmom[site, i] = Moments(h.shape[1], dev, None, gram_dtype=torch.float32)
+                            mom[site, i].add(h, w)
                             if fold:
-                                fmom[site, i] = Moments(h.shape[1], dev, None, gram_dtype=torch.float32)
-                        mom[site, i].add(h, w)
-                        if fold:
-                            fmom[site, i].add(h, rms)
-                        if site == "mlp" and blocks:
-                            args, kw = grabbed[("in", 0)] if i == 0 else ((grabbed[("out", i - 1)],), {})
-                            prev = args[0] if args else kw["hidden_states"]
-                            delta = (o.detach().float() - prev.detach().float()).reshape(-1, d)
-                            block[i] += float((w.reshape(-1) * delta.pow(2).sum(-1)).sum())
-                n += x.numel()
-            grabbed.clear()
-    out = Curves({}, block={i: v / n for i, v in block.items()}, sub={i: v / n for i, v in sub.items()})
-    for i in range(L):
-        W = a.out_weight(model, i).detach().double().cpu()
-        N = W.shape[1]
-        Gi, mean = mom["mlp", i].finish()
-        # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
-        m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
-        out.mlp[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom["mlp", i].weight / n)
-        if attn:   # the head costs are read from these moments: scaled so that refit errors share the MLP's unit
-            Ga, mean_a = mom["attn", i].finish()
-            Wo = a.attn_out_proj(model, i).weight.detach().double().cpu()
-            out.attn[i] = LayerMoments(i, Ga * (mom["attn", i].weight / n), mean_a, Wo, torch.ones(Wo.shape[1]),
-                                       ridge=effective_ridge(ridge, n, Wo.shape[1], warn=False))
-        for site in sites:
-            mom[site, i] = None
-            if fold:
-                out.fold[site, i] = fmom.pop((site, i)).finish()
+                                fmom[site, i].add(h, wb["rms", i])
+                grabbed.clear()
+        for i in group:
+            _finish_layer(out, lm, i, mom, fmom, sites, select, seed, ridge, n, attn, fold)
+    out.block = {i: v / n for i, v in block.items()}
+    out.sub = {i: v / n for i, v in sub.items()}
     return out
+
+
+def layer_groups(per_layer: list[int], limit: int) -> list[list[int]]:
+    """Consecutive layers packed so that each group's bytes (`per_layer`) stay within `limit`; one layer at least."""
+    groups, used = [[]], 0
+    for i, b in enumerate(per_layer):
+        if groups[-1] and used + b > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += b
+    return groups
+
+
+def _token_weights(grabbed, L, sites, weights, g, fold, sub, block) -> dict:
+    """One batch of the first pass: each layer's and site's token weights {(site, i): w (tokens, 1)} (and the rms
+    weights ("rms", i) the fold uses); the attention sub-layers' and whole layers' costs are added to `sub` and
+    `block` on the way."""
+    wb = {}
+    for i in range(L):
+        o = grabbed[("out", i)]
+        d = o.shape[-1]
+        rms = rms_token_weights(o.detach().reshape(-1, d).float()).unsqueeze(1) \
+            if weights == "rms" or fold else None
+        wb["rms", i] = rms
+        if sub:   # the attention's output, under the weight at the point it is added
+            at = grabbed[("attn_out", i)]
+            wa = at.grad.reshape(-1, d).float().pow(2).sum(-1) if weights == "grad" else \
+                (g if weights == "head" else rms).reshape(-1)
+            sub[i] += float((wa * at.detach().float().reshape(-1, d).pow(2).sum(-1)).sum())
+        for site in sites:
+            if weights == "grad":
+                src = o if site == "mlp" else grabbed[("attn_out", i)]
+                wb[site, i] = src.grad.reshape(-1, d).float().pow(2).sum(-1, keepdim=True)
+            else:
+                wb[site, i] = g if weights == "head" else rms
+        if block:
+            args, kw = grabbed[("in", 0)] if i == 0 else ((grabbed[("out", i - 1)],), {})
+            prev = args[0] if args else kw["hidden_states"]
+            delta = (o.detach().float() - prev.detach().float()).reshape(-1, d)
+            block[i] += float((wb["mlp", i].reshape(-1) * delta.pow(2).sum(-1)).sum())
+    return wb
+
+
+def _finish_layer(out: Curves, lm, i, mom, fmom, sites, select, seed, ridge, n, attn, fold) -> None:
+    """Layer i's curve (and head moments, fold moments) from its Grams, which are then freed."""
+    model, a = lm.model, lm.adapter
+    W = a.out_weight(model, i).detach().double().cpu()
+    N = W.shape[1]
+    Gi, mean = mom["mlp", i].finish()
+    # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
+    m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
+    out.mlp[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom["mlp", i].weight / n)
+    if attn:   # the head costs are read from these moments: scaled so that refit errors share the MLP's unit
+        Ga, mean_a = mom["attn", i].finish()
+        Wo = a.attn_out_proj(model, i).weight.detach().double().cpu()
+        out.attn[i] = LayerMoments(i, Ga * (mom["attn", i].weight / n), mean_a, Wo, torch.ones(Wo.shape[1]),
+                                   ridge=effective_ridge(ridge, n, Wo.shape[1], warn=False))
+    for site in sites:
+        del mom[site, i]
+        if fold:
+            out.fold[site, i] = fmom.pop((site, i)).finish()
