@@ -297,7 +297,8 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     L = a.num_layers(model)
     sites = ["mlp", "attn"] if attn else ["mlp"]
     proj = {"mlp": a.out_proj, "attn": a.attn_out_proj}
-    width = {(site, i): proj[site](model, i).weight.shape[1] for site in sites for i in range(L)}
+    width = {("mlp", i): a.width(model, i) for i in range(L)}   # attn: heads' channels (llama-family o_proj only)
+    width.update({("attn", i): a.attn_out_proj(model, i).weight.shape[1] for i in range(L) if attn})
     per_layer = [4 * (2 if fold else 1) * sum(width[site, i] ** 2 for site in sites) for i in range(L)]
     if gram_bytes is None:
         gram_bytes = available_memory(dev) // 2
