@@ -85,7 +85,9 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
             f"collect fewer --layers, fewer --sites or a smaller --cross-layer-window"
         )
 
-    totals = {(i, s): Moments(product_dtype=compute) for i in layers for s in sites}
+    # bfloat16 products where measured safe, the MLP neurons (stats/moments.py); the heads' outputs are nearly
+    # dependent and their rounded Grams broke the o_proj refit, so every other site keeps float32 products
+    totals = {(i, s): Moments(product_dtype=compute if s == "mlp.neurons" else None) for i in layers for s in sites}
     cross = {p: None for p in pairs}
     recent: dict[int, torch.Tensor] = {}   # centred mlp.neurons activations of the last K layers
 
@@ -250,6 +252,7 @@ def collect(model, data, config: CollectConfig | None = None, *, out=None, dtype
         "seed": seed,
         "dtype": str(next(m.parameters()).dtype).replace("torch.", ""),
         "compute_dtype": None if compute is None else str(compute).replace("torch.", ""),
+        # the products of the mlp.neurons Grams (every other site's are float32, or float64 for a float64 model)
         "gram_products": "bfloat16" if compute is not None else ("float64" if next(m.parameters()).dtype
                                                                   == torch.float64 else "float32"),
         "processes": world,
