@@ -56,6 +56,14 @@ def _mm_float32_out(a, b):
         return torch.mm(a.float(), b.float())
 
 
+def column_sums(h: torch.Tensor) -> torch.Tensor:
+    """Σ_t h_t as float64 (N,). One batch's partial sum in float32 unless h is float64 (the totals stay float64):
+    torch's float64-accumulating column sum of a 4096 × 1536 batch took 14–16 ms against 5.2 ms for the float32 one,
+    at a relative difference of 1.7·10⁻⁷ (`eval/bench_gram_blocks.py`'s machine; once per batch, layer and site of
+    `collect`, ≈ 5 s of its ≈ 110 s on SmolLM2)."""
+    return h.sum(0) if h.dtype == torch.float64 else h.sum(0, dtype=torch.float32).double()
+
+
 def no_autocast(device):
     """A context without autocast on `device`: the totals' products run in the dtype their code names (`gram_`'s
     rounding per GRAM_ROWS tokens, float32 elsewhere), also when the hook that feeds them fires inside a
@@ -136,7 +144,7 @@ class Moments:
             h = h.float() if w is None else h   # the CPU's products are float32 (×√w below converts on the way)
         if w is None:
             gram_(self.G, h, self.product_dtype)
-            self.s += h.sum(0, dtype=torch.float64)
+            self.s += column_sums(h)
             self.n += h.shape[0]
             return None
         if self.scale is None:
