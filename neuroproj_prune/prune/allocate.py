@@ -329,7 +329,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
         with hooked(points, grab):
             for bi, b in enumerate(tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch",
                                         disable=not progress, dynamic_ncols=True)):
-                x = ids[b:b + batch_size].to(dev)
+                x, g = ids[b:b + batch_size].to(dev), None
                 if not first:        # the weights are the first pass's: only the group's activations are made
                     _trunk_forward(model, a, x, compute, upto=group[-1])
                     wb = stored[bi]
@@ -342,8 +342,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                     _trunk_forward(model, a, x, compute)
                 with torch.no_grad():
                     if first:
-                        wb = _token_weights(grabbed, L, sites, weights, None if weights != "head" else g,
-                                            fold, sub, block)
+                        wb = _token_weights(grabbed, L, sites, weights, g, fold, sub, block)
                         if len(groups) > 1:
                             stored.append(wb)
                         n += x.numel()

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from ..errors import NeuroprojError
 from ..model import LoadedModel, get_skips
 from ..registry import Registry
-from ..stats import (COMPUTE_DTYPES, Moments, calibration_ids, collect, compute_dtype_for, distributed, hooked,
-                     load_stats, nonfinite_hint)
+from ..stats import (COMPUTE_DTYPES, HEAD_SITE, Moments, calibration_ids, collect, compute_dtype_for, distributed,
+                     hooked, load_stats, nonfinite_hint, products_for)
 from .fold import FoldInputs, chol_solve, effective_ridge
 from .measure import TARGETS, WEIGHTINGS, Batch, PassHook, TargetInputs, TargetMoments
 from .offload import LayerStream
@@ -329,10 +329,7 @@ class Sequential(Calibration):
         dist = distributed()[0]
         o = a.attn_out_proj(model, i)
         W = o.weight.detach().double().cpu()
-        # float32 products: the heads' outputs are nearly dependent (9 query heads mix 3 value heads in SmolLM2), and
-        # bfloat16-rounded partial Grams made the o_proj refit amplify the rounding (30 % MLP + 1/3 of the heads,
-        # 16 windows: WikiText-2 401.9 against 50.9)
-        mo = Moments(W.shape[1], stream.device, product_dtype=None)
+        mo = Moments(W.shape[1], stream.device, product_dtype=products_for(HEAD_SITE, self.compute))
         weigh, grab = WEIGHTINGS[cfg.weighting], {}
         with torch.inference_mode(), hooked([("z", o, "in")], grab.__setitem__):
             for bi, (args, kw) in enumerate(calls):
@@ -359,7 +356,7 @@ class Sequential(Calibration):
         dist = distributed()[0]
         N, d = W.shape[1], W.shape[0]
         weigh, target = WEIGHTINGS[cfg.weighting], TARGETS[self._target(i)]
-        mo = Moments(N, stream.device, product_dtype=compute)
+        mo = Moments(N, stream.device, product_dtype=products_for("mlp.neurons", compute))
         tm = TargetMoments(d, N, stream.device) if target.dense_stream else None
         closed_form = a.mlp_output_is_added(model)   # else the carry runs the pruned layer again
         acts, outs, grab = [], [], {}

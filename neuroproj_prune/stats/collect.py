@@ -31,7 +31,7 @@ from ..model import LoadedModel, adapter_for, load_model
 from .capture import (COMPUTE_DTYPES, HEAD_SITE, SITES, ActivationCapture, batches, check_sites, compute_dtype_for,
                       nonfinite_hint, parse_layers, parse_sites, site_width)
 from .data import calibration_samples
-from .moments import Moments, no_autocast
+from .moments import Moments, no_autocast, products_for
 from .processes import available_memory, distributed
 from .stats_file import FORMAT, Stats, head_meta
 
@@ -85,9 +85,7 @@ def accumulate(model, batches, *, layers=None, sites=("mlp.neurons",), cross_lay
             f"collect fewer --layers, fewer --sites or a smaller --cross-layer-window"
         )
 
-    # bfloat16 products where measured safe, the MLP neurons (stats/moments.py); the heads' outputs are nearly
-    # dependent and their rounded Grams broke the o_proj refit, so every other site keeps float32 products
-    totals = {(i, s): Moments(product_dtype=compute if s == "mlp.neurons" else None) for i in layers for s in sites}
+    totals = {(i, s): Moments(product_dtype=products_for(s, compute)) for i in layers for s in sites}
     cross = {p: None for p in pairs}
     recent: dict[int, torch.Tensor] = {}   # centred mlp.neurons activations of the last K layers
 

@@ -56,11 +56,21 @@ def _mm_float32_out(a, b):
         return torch.mm(a.float(), b.float())
 
 
+LOW_PRECISION_SITES = ("mlp.neurons",)   # the sites whose Grams may take the forward's 16-bit products
+
+
+def products_for(site: str, compute: torch.dtype | None) -> torch.dtype | None:
+    """The Gram products of `site` under forwards in `compute`: the forward's own dtype for the MLP neurons (measured
+    safe, the module docstring), float32 (None) for every other site. The heads' outputs are nearly dependent (SmolLM2:
+    9 query heads mix 3 value heads) and bfloat16-rounded partial Grams made the o_proj refit blow up (30 % MLP + a
+    third of the heads, 16 windows: WikiText-2 401.9 against 50.9); `tests/test_blocks.py` holds the case."""
+    return compute if site in LOW_PRECISION_SITES else None
+
+
 def column_sums(h: torch.Tensor) -> torch.Tensor:
     """Σ_t h_t as float64 (N,). One batch's partial sum in float32 unless h is float64 (the totals stay float64):
-    torch's float64-accumulating column sum of a 4096 × 1536 batch took 14–16 ms against 5.2 ms for the float32 one,
-    at a relative difference of 1.7·10⁻⁷ (`eval/bench_gram_blocks.py`'s machine; once per batch, layer and site of
-    `collect`, ≈ 5 s of its ≈ 110 s on SmolLM2)."""
+    torch's float64-accumulating column sum of a 4096 × 1536 batch took 17.4 ms against 1.7 ms for the float32 one, at
+    a relative difference of 1.9·10⁻⁷ (`python eval/bench_gram_blocks.py --sums`, a micro-benchmark; prune_speed.md)."""
     return h.sum(0) if h.dtype == torch.float64 else h.sum(0, dtype=torch.float32).double()
 
 
