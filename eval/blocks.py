@@ -14,6 +14,8 @@ Methods (all sequential wanda-sp + lstsq, uniform MLP widths, unless said):
     attn       --target-params P --axes mlp,attn              attention sub-layers + MLP
     layers     --target-params P --axes mlp,layers            whole layers + MLP
     joint      --target-params P                              all four, split by measured loss
+    speed      --target-params P --target-speedup S --latency F   the joint allocation that also reaches S by the
+               latency file F (`neuroproj-prune latency`; eval/results/latency.md): --speedup S --latency F
     shortgpt   the round(P·T / layer) layers of lowest block influence removed, nothing refitted (ShortGPT)
     flap       FLAP one-shot (select flap, fold bias) on the MLP at the same parameter count: FLAP's head pruning
                does not run on grouped-query attention (SmolLM2: 9 query heads in 3 groups), so only its MLP part
@@ -35,11 +37,13 @@ from neuroproj_prune.prune.budget import neuron_params, trunk_params
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data"
 C4 = DATA / "c4-train-sample-1000.jsonl"
-METHODS = ("mlp", "heads", "attn", "layers", "joint", "shortgpt", "flap")
+METHODS = ("mlp", "heads", "attn", "layers", "joint", "speed", "shortgpt", "flap")
 
 
-def settings(method: str, P: float, model) -> dict:
+def settings(method: str, P: float, model, speed: dict | None = None) -> dict:
     a = npp.adapter_for(model)
+    if method == "speed":
+        return {"target_params": P, **speed}
     if method in ("mlp", "heads", "attn", "layers", "joint"):
         axes = {"mlp": "mlp", "heads": "mlp,heads", "attn": "mlp,attn", "layers": "mlp,layers",
                 "joint": "mlp,heads,attn,layers"}[method]
@@ -83,7 +87,12 @@ def main():
     ap.add_argument("--limit", type=int, default=500, help="LAMBADA documents (0: skip LAMBADA)")
     ap.add_argument("--runs", default=str(HERE.parent / "runs" / "blocks"))
     ap.add_argument("--json", default=str(HERE / "results" / "blocks.jsonl"))
+    ap.add_argument("--speedup", type=float, default=None, help="method speed: the decode speed-up to reach")
+    ap.add_argument("--latency", default=None, help="method speed: the latency file that prices it")
     a = ap.parse_args()
+    if "speed" in a.methods.split(",") and (a.speedup is None or a.latency is None):
+        ap.error("method speed needs --speedup S and --latency FILE")
+    speed = {"target_speedup": a.speedup, "latency": a.latency}
     done = set()
     out = Path(a.json)
     if out.exists():
@@ -105,14 +114,15 @@ def main():
         if P is None:
             ckpt = None
         else:
-            kw = settings(m, P, lm.model)
+            kw = settings(m, P, lm.model, speed)
             row["settings"] = kw
             t = time.time()
             lm, plan, s = prune(lm, str(C4), samples=a.samples, out=ckpt, overwrite=True, progress=False, **kw)
             row.update(prune_s=round(time.time() - t, 1), removed=round(s["removed_trunk_fraction"], 4),
                        heads=s["heads"][0] if s["heads"] else None, dropped=s["dropped_layers"],
                        attn_removed=s.get("removed_attention"),
-                       mlp_neurons=s["neurons_after"], budget_choice=(s.get("budget") or {}).get("chosen"))
+                       mlp_neurons=s["neurons_after"], budget_choice=(s.get("budget") or {}).get("chosen"),
+                       budget_finalists=(s.get("budget") or {}).get("finalists"))
         for text, f in (("wiki", "wikitext2-test.txt"), ("shakespeare", "tinyshakespeare.txt")):
             row[f"ppl_{text}"] = round(perplexity(lm.model, lm.tokenizer, a.windows, DATA / f), 3)
         if a.limit:

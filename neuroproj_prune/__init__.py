@@ -12,7 +12,9 @@ from .analysis import (Projections, Trace, agreement, apply_skips, cluster, clus
                        load_clusters, load_projections, load_trace, project, trace)
 from .errors import NeuroprojError
 from .evaluate import evaluate, perplexity
+from .export.latency import LatencyConfig, measure_latency
 from .model import adapter_for, load_model, load_pruned, save_pruned, supported_model_types
+from .prune.speed import Latency
 from .prune import (ALLOCATIONS, CALIBRATIONS, FOLDS, SELECTORS, Plan, PruneConfig, apply_plan, plan, prune,
                     prune_layers)
 from .recover import RecoverConfig, recover
@@ -26,5 +28,5 @@ __all__ = ["ALLOCATIONS", "CALIBRATIONS", "FOLDS", "SELECTORS", "PruneConfig", "
            "collect", "evaluate", "apply_skips", "find_skips", "fit_exact", "load_clusters", "load_model",
            "load_projections", "load_pruned", "load_stats", "perplexity", "plan", "project", "prune", "prune_layers",
            "recover", "run", "save_pruned", "supported_model_types", "sweep", "Trace", "load_trace", "trace",
-           "load_page_data", "view"]
+           "load_page_data", "view", "Latency", "LatencyConfig", "measure_latency"]
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ from .evaluate.api import EvalConfig
 from .evaluate.tasks import GROUP, TASKS, WHEEL_NAME, cache_dir as tasks_cache_dir, fetch, read_manifest
 from .export import EXPORTERS, ExportConfig, export
 from .export.gguf import K_QUANTS, k_quant_fallbacks
+from .export.latency import LatencyConfig, describe, measure_latency
 from .io import check_output, prepare_out_dir, removed_if_left_empty
 from .model import invocation, load_model
 from .prune import PruneConfig, prune
@@ -519,9 +520,33 @@ def _run_export(a):
             print(f"  not in a K-type (llama.cpp's fallback): {line}")
 
 
+def _add_latency(sub):
+    p = sub.add_parser(
+        "latency", help="measure what each part of a model costs per decoded token in llama.cpp (for prune "
+                        "--target-speedup --latency)",
+        description="Exports the dense model and four cut copies of it (half and a quarter of its layers, every MLP at "
+                    "a quarter width, every other attention sub-layer removed) to GGUF in --type, decodes each in llama.cpp "
+                    "(xllamacpp, its defaults) over --rounds interleaved rounds, and fits ms per token = fixed + attn x "
+                    "attention sub-layers + mlp x MLP sub-layers + per_param x million decoder-layer weights. The file "
+                    "holds for this model, this machine, --type and --threads: measure where you deploy. Short "
+                    "context (--prompt + --tokens): attention's share grows with the context.")
+    p.add_argument("model", help=MODEL_HELP + " (the dense model)")
+    LatencyConfig.add_arguments(p)
+    p.add_argument("--out", required=True, help="output latency JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_run_latency, outputs={"out": "file"})
+
+
+def _run_latency(a):
+    lat = measure_latency(a.model, a.out, LatencyConfig.from_args(a), overwrite=a.overwrite)
+    print(describe(lat))
+    print(f"wrote {a.out}")
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS = [_add_collect, _add_info, _add_prune, _add_recover, _add_sweep, _add_run, _add_cluster, _add_project,
-            _add_heatmap, _add_eval, _add_tasks, _add_skips, _add_view, _add_trace, _add_export]
+            _add_heatmap, _add_eval, _add_tasks, _add_skips, _add_view, _add_trace, _add_export,
+            _add_latency]
 
 
 def build_parser() -> argparse.ArgumentParser:

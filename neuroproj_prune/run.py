@@ -235,7 +235,7 @@ def validate(r: dict, path) -> None:
         raise NeuroprojError("recipe stage 'skips' needs cross-layer statistics: set stats.cross_layer_window >= 1")
     for s in configs["sweep"].sparsities:
         try:
-            pc.replace(sparsity=s, keep=None, target_params=None, target_speedup=None)
+            pc.replace(sparsity=s, keep=None, target_params=None, target_speedup=None, latency=None)
         except ConfigError as e:
             raise NeuroprojError(f"recipe key 'sweep.sparsities': {e}") from None
     if r["export"]["enabled"]:

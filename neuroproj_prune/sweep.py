@@ -226,7 +226,7 @@ def sweep(model, data, eval_data, config: SweepConfig | None = None, *, prune_co
 def _cell_config(base: PruneConfig, select, fold, calibration, sparsity, allocation, axes) -> PruneConfig:
     """A cell's prune settings: its sparsity as the MLP's, or with `axes` (a '+'-joined axis set) as the budget."""
     cell = dict(select=select, fold=fold, calibration=calibration, allocation=allocation, keep=None,
-                target_speedup=None)   # a cell's budget is its own (a recipe's prune section may name one)
+                target_speedup=None, latency=None)   # a cell's budget is its own (a recipe's prune section may name one)
     if axes is None:
         return base.replace(sparsity=sparsity, target_params=None, **cell)
     if sparsity <= 0:

@@ -416,3 +416,90 @@ def test_attention_removal_refused_where_the_family_cannot(family, tokenizer):
     lm = _lm(gqa_model(family) if family == "gemma2" else tiny_model(family), tokenizer)
     with pytest.raises(NeuroprojError, match="attention sub-layers"):
         prune(lm, _ids(), drop_attn=1, **SEQ)
+
+
+def _latency_file(model, path, **costs):
+    """A latency file for `model` with the given costs (ms), as `neuroproj-prune latency` writes it."""
+    from neuroproj_prune.prune.speed import Latency, model_shape
+
+    lat = Latency(**costs, model=model_shape(model, adapter_for(model)), meta={"type": "f32"})
+    path.write_text(json.dumps(lat.to_json()))
+    return lat
+
+
+def _predicted_ms(lat, model):
+    a = adapter_for(model)
+    L = a.num_layers(model)
+    return lat.ms(sum(a.has_attention(model, i) for i in range(L)), L,
+                  sum(p.numel() for l in a.layers(model) for p in l.parameters()))
+
+
+def test_target_speedup_by_a_latency_file(tokenizer, tmp_path):
+    """Where a latency file says an attention sub-layer costs much more than its weights, --target-speedup 1.3
+    cannot be met by MLP neurons alone: the chosen shape removes attention or layers, and the pruned model's
+    predicted time (the file's model on its actual counts) is the dense one's / 1.3 or less; with the bytes proxy
+    (no file) the MLP-only shape removes the parameters (T + E)(1 − 1/S) of T."""
+    dense = gqa_model(layers=4)
+    lat = _latency_file(dense, tmp_path / "lat.json", fixed=0.5, attn=1.0, mlp=0.01, per_param=10.0)
+    before = _predicted_ms(lat, dense)
+    lm = _lm(copy.deepcopy(dense), tokenizer)
+    _, plan, s = prune(lm, _ids(n=16, T=64), target_speedup=1.3, latency=str(tmp_path / "lat.json"),
+                       axes="mlp,attn,layers", search_samples=4, **SEQ)
+    b = s["budget"]
+    assert b["speed_model"]["source"] == "measured" and b["target_speedup"] == 1.3
+    assert plan.no_attn or plan.drop
+    after = _predicted_ms(lat, lm.model)
+    assert before / after >= 1.3 - 1e-3
+    assert b["chosen"]["predicted_speedup"] == pytest.approx(before / after, rel=1e-3)
+    assert all(f["predicted_speedup"] >= 1.3 - 1e-3 for f in b["finalists"])
+
+    lm = _lm(copy.deepcopy(dense), tokenizer)
+    T = sum(p.numel() for l in dense.model.layers for p in l.parameters())
+    E = dense.lm_head.weight.numel()
+    _, _, s = prune(lm, _ids(n=16, T=64), target_speedup=1.3, axes="mlp", search_samples=4, **SEQ)
+    assert s["budget"]["speed_model"]["source"] == "bytes proxy"
+    assert s["removed_trunk_fraction"] == pytest.approx((T + E) * (1 - 1 / 1.3) / T, abs=0.01)
+
+
+def test_target_params_and_speedup_together(tokenizer, tmp_path):
+    """Both targets: the shape removes at least the share and reaches at least the speed-up (each finalist)."""
+    dense = gqa_model(layers=4)
+    lat = _latency_file(dense, tmp_path / "lat.json", fixed=0.5, attn=1.0, mlp=0.01, per_param=10.0)
+    before = _predicted_ms(lat, dense)
+    lm = _lm(copy.deepcopy(dense), tokenizer)
+    _, _, s = prune(lm, _ids(n=16, T=64), target_params=0.4, target_speedup=1.3, latency=str(tmp_path / "lat.json"),
+                    axes="mlp,attn", search_samples=4, **SEQ)
+    assert s["removed_trunk_fraction"] >= 0.4 - 0.01
+    assert before / _predicted_ms(lat, lm.model) >= 1.3 - 1e-3
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d.update(format="other"), "not a readable"),
+    (lambda d: d.update(attn=-0.1), "'attn' must be"),
+    (lambda d: d.update(per_param=0), "'per_param' must be"),
+    (lambda d: d.update(mlp="0.1"), "'mlp' must be"),
+    (lambda d: d.update(fixed=True), "'fixed' must be"),
+    (lambda d: d["model"].update(layers=2.5), "whole numbers"),
+    (lambda d: d.pop("model"), "whole numbers"),
+    (lambda d: d["model"].update(layers=7), "measured on a model with layers 7"),
+    (lambda d: d["model"].update(width=7), "measured on a model with width 7"),
+    (None, "give --target-speedup"),
+])
+def test_hostile_latency_files_refused(edit, msg, tiny_dir, tmp_path, capsys):
+    from neuroproj_prune.model import load_model
+
+    d = tiny_dir("llama", layers=4)
+    _latency_file(load_model(str(d), dtype="float32", device="cpu").model, tmp_path / "lat.json", fixed=1.0, attn=0.1,
+                  mlp=0.1, per_param=1.0)
+    doc = json.loads((tmp_path / "lat.json").read_text())
+    if edit is not None:
+        edit(doc)
+    (tmp_path / "lat.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    rc = main(["prune", "--model", str(d), "--data", str(C4), "--samples", "4", "--seqlen", "32", "--out",
+               str(tmp_path / "o"), "--latency", str(tmp_path / "lat.json"),
+               *(["--sparsity", "0.3"] if edit is None else ["--target-speedup", "1.2"])])
+    assert rc == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "o").exists()

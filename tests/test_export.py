@@ -524,3 +524,64 @@ def test_removed_attention_exports_agree(smol_tokenizer, tmp_path):
     got -= np.log(np.exp(got).sum(-1, keepdims=True))
     ref = torch.log_softmax(lm.model(ids).logits[0].double(), -1).numpy()
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_latency_probes_fit_and_file(smol_tokenizer, tmp_path, capsys):
+    """`latency`: the dense model and its four cut copies exported to GGUF and timed in llama.cpp; each probe's
+    counts are those of the model it names, the costs are the non-negative least-squares fit of the medians (scipy's
+    nnls as the reference), the file reads back, and a second run onto it is refused without --overwrite."""
+    pytest.importorskip("xllamacpp")
+    from scipy.optimize import nnls
+
+    from neuroproj_prune.cli import main
+    from neuroproj_prune.prune.speed import Latency
+
+    model = _tiny(smol_tokenizer, [256, 256, 256, 256])
+    d = save_pruned(model, smol_tokenizer, tmp_path / "dense")
+    out = tmp_path / "lat.json"
+    assert main(["latency", str(d), "--type", "f32", "--rounds", "2", "--tokens", "8", "--threads", "1",
+                 "--out", str(out)]) == 0
+    lat = Latency.load(out)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    mlp = sum(p.numel() for p in model.model.layers[0].mlp.parameters())
+    attn = sum(p.numel() for m in (model.model.layers[0].self_attn, model.model.layers[0].input_layernorm)
+               for p in m.parameters())
+    probes = {p["name"]: (p["n_attn"], p["n_mlp"], p["params"]) for p in lat.meta["probes"]}
+    assert probes == {"dense": (4, 4, 4 * layer), "2 layers": (2, 2, 2 * layer), "1 layers": (1, 1, layer),
+                      "MLPs at 64": (4, 4, 4 * (layer - mlp * 3 / 4)), "attention in 2 of 4": (2, 4, 4 * layer - 2 * attn)}
+    assert lat.model == {"layers": 4, "hidden_size": 64, "width": 256, "trunk_params": 4 * layer}
+    rows = np.array([[1.0, p["n_attn"], p["n_mlp"], p["params"] / 1e6] for p in lat.meta["probes"]])
+    ms = np.array([p["ms"] for p in lat.meta["probes"]])
+    costs = np.array([lat.fixed, lat.attn, lat.mlp, lat.per_param])
+    ref, _ = nnls(rows, ms)
+    assert np.allclose(costs, ref, rtol=1e-6, atol=1e-9)
+    assert [p["predicted"] for p in lat.meta["probes"]] == pytest.approx(rows @ costs, abs=1e-3)
+    assert "per attention sub-layer" in capsys.readouterr().out
+    before = out.read_text()
+    assert main(["latency", str(d), "--type", "f32", "--out", str(out)]) == 2
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--type", "q3_k"], "unknown type"),
+    (["--rounds", "0"], "rounds must be"),
+    (["--tokens", "2"], "tokens must be"),
+])
+def test_latency_settings_refused_in_one_line(ckpts, tmp_path, capsys, args, msg):
+    from neuroproj_prune.cli import main
+
+    try:
+        rc = main(["latency", str(ckpts["uniform"]), "--out", str(tmp_path / "l.json"), *args])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "l.json").exists()
+
+
+def test_latency_of_a_pruned_model_is_refused(ckpts, tmp_path, capsys):
+    from neuroproj_prune.cli import main
+
+    assert main(["latency", str(ckpts["per-layer"]), "--type", "f32", "--out", str(tmp_path / "l.json")]) == 2
+    assert "dense model" in capsys.readouterr().err and not (tmp_path / "l.json").exists()

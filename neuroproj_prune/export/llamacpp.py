@@ -24,10 +24,11 @@ class LlamaCpp:
     """One llama.cpp server on a GGUF file: `complete`, `logprobs_next`, `tokenize`, `hidden`.
     `threads`: CPU threads; `ctx`: context length per slot; `parallel`: slots (batch of sequences);
     `precise`: float32 KV cache and no flash attention (agreement checks: on SmolLM2 the next-token log-probs
-    move from ~4e-3 to ~1e-4 of transformers'); False: llama.cpp's defaults (f16 KV, flash attention auto)."""
+    move from ~4e-3 to ~1e-4 of transformers'); False: llama.cpp's defaults (f16 KV, flash attention auto).
+    `quiet`: llama.cpp's own log off (its errors still come back in the answers)."""
 
     def __init__(self, gguf_path, *, threads: int = 2, ctx: int = 1024, parallel: int = 1, embedding: bool = False,
-                 batch: int = 512, precise: bool = True):
+                 batch: int = 512, precise: bool = True, quiet: bool = False):
         xlc = _xllamacpp()
         p = xlc.CommonParams()
         p.model.path = str(gguf_path)
@@ -38,6 +39,8 @@ class LlamaCpp:
         p.cpuparams.n_threads = threads
         p.cpuparams_batch.n_threads = threads
         p.warmup = False
+        if quiet:
+            p.verbosity = -1
         if precise:
             p.cache_type_k = p.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
             p.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED

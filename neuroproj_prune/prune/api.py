@@ -33,6 +33,7 @@ from .budget import Shape, held_batch, resolve, trunk_params
 from .heads import choose_heads, fold_heads
 from .plan_file import Plan
 from .select import select_layer
+from .speed import read_latency
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -182,6 +183,8 @@ def _prune(lm, stream, cfg, data, stats, given, progress, t0):
     if given is not None:
         given.check(lm.model, lm.fingerprint)
     had_bias = a.out_has_bias(lm.model)
+    if cfg.latency is not None:
+        read_latency(cfg.latency, lm.model, a)   # measured on this model's shape: refused before the pass, not after
     before = {"params": num_params(lm.model), "macs": a.mlp_macs_per_token(lm.model),
               "trunk": trunk_params(lm.model, a), "widths": [a.width(lm.model, i) for i in range(a.num_layers(lm.model))],
               "heads": _heads(lm.model, a)}

@@ -2,9 +2,13 @@
 from one budget.
 
 Per axis (`sparsity`/`keep`, `head_sparsity`, `drop_attn`, `drop_layers`) a user says how much of each goes;
-`resolve` then only picks the layers (layers.py). With one budget, `target_params` P (or `target_speedup` S, turned
-into P by its proxy, the bytes of weights read per token: (T + E)·(1 − 1/S) of the T decoder-layer and E LM-head parameters),
-P·T parameters of the decoder layers go, split across the axes in `axes` by measured loss:
+`resolve` then only picks the layers (layers.py). With one budget, `target_params` P and/or `target_speedup` S,
+P·T parameters of the T in the decoder layers go and/or the predicted time per decoded token falls to 1/S of the
+dense model's, split across the axes in `axes` by measured loss. Time is priced by the latency model (speed.py): a
+removed layer saves attn + mlp + per_param·(its weights), a removed attention sub-layer attn + per_param·(its
+weights), heads and MLP neurons per_param·(their weights); without a latency file by the bytes proxy (the weights
+read per token, T + E with E the LM head's: S asks for (T + E)(1 − 1/S) parameters). Each candidate's MLPs remove
+what the structure left of both targets:
 
     pieces     one pass of the dense model (allocate.measure_curves) prices every axis in one unit (per-token output
                errors under the loss-gradient weights, ≈ loss): e_i(k) the MLP refit error of layer i keeping k
@@ -44,6 +48,7 @@ from .allocate import alloc_windows, allocate_by_error, layer_width, make_supern
 from .fold import chol_solve
 from .heads import channels, check_heads, head_counts, head_levels, keep_heads, refit_error
 from .layers import choose_layers, mean_loss
+from .speed import Latency, read_latency
 
 AXES = ("mlp", "heads", "attn", "layers")
 LAYER_CANDIDATES = 8   # layers whose removal the budget measures (those of lowest influence); the rest rank after
@@ -83,17 +88,12 @@ def head_params_removed(model, a, i, level: float, mode: str) -> float:
     return (H - heads) * q + (KV - kv) * k
 
 
-def speedup_params(model, a, speedup: float) -> float:
-    """The `target_params` whose weights read per token are 1/`speedup` of the dense model's: the decoder layers and
-    the LM head are read for every token (the input embedding only one row)."""
-    T = trunk_params(model, a)
-    E = model.get_output_embeddings().weight.numel()
-    P = (T + E) * (1 - 1 / speedup) / T
-    if P >= 0.95:
-        raise NeuroprojError(f"a {speedup:g}x speed-up would remove {P:.0%} of the decoder layers (the LM head alone "
-                             f"is {E / (T + E):.0%} of the weights read per token): ask for at most "
-                             f"{1 / (1 - 0.9 * T / (T + E)):.2f}x")
-    return P
+def speed_model(model, a, cfg) -> Latency:
+    """What `target_speedup` is priced by: the latency file `cfg.latency` (checked against the model), else the
+    bytes proxy (the weights read per token: decoder layers + LM head)."""
+    if cfg.latency is not None:
+        return read_latency(cfg.latency, model, a)
+    return Latency.bytes_proxy(model.get_output_embeddings().weight.numel())
 
 
 # ---------------------------------------------------------------------------------------------- resolve
@@ -141,12 +141,14 @@ class _Candidate:
     widths: dict
     removed: float
     predicted: float
+    speedup: float | None = None   # predicted by the speed model (with target_speedup)
     measured: float | None = None
 
     def describe(self, T) -> dict:
         return {"head_sparsity": self.level, "drop_layers": self.drop, "drop_attn": self.attn,
                 "mlp_neurons": sum(self.widths.values()),
                 "removed_fraction": round(self.removed / T, 4), "predicted": self.predicted,
+                "predicted_speedup": None if self.speedup is None else round(self.speedup, 4),
                 "held_out_loss": self.measured}
 
 
@@ -156,8 +158,17 @@ def _split(calib, cfg, trial) -> Shape:
     if calib.ids is None:
         raise NeuroprojError("a parameter budget is split by measured loss: it needs the sequential calibration's text")
     L, T = a.num_layers(model), trunk_params(model, a)
-    P = cfg.target_params if cfg.target_params is not None else speedup_params(model, a, cfg.target_speedup)
-    goal = P * T
+    P = cfg.target_params
+    goal = P * T if P is not None else 0.0   # parameters to remove
+    lat, time_goal = None, 0.0               # ms per token to save
+    if cfg.target_speedup is not None:
+        lat = speed_model(model, a, cfg)
+        dense_ms = lat.ms(sum(a.has_attention(model, i) for i in range(L)), L, T)
+        time_goal = dense_ms * (1 - 1 / cfg.target_speedup)
+        if dense_ms / cfg.target_speedup <= lat.fixed * 1.05:   # refused before the pass measures anything
+            raise NeuroprojError(f"a {cfg.target_speedup:g}x decode speed-up leaves {dense_ms / cfg.target_speedup:.4g} "
+                                 f"of {dense_ms:.4g} per token, about what the LM head and sampling take alone "
+                                 f"({lat.fixed:.4g}, {lat.source}): ask for at most {0.9 * dense_ms / lat.fixed:.2f}x")
     heads = "heads" in axes and a.heads_refusal(model) is None
     if axes == {"heads"} and not heads:
         raise NeuroprojError(a.heads_refusal(model))
@@ -200,7 +211,10 @@ def _split(calib, cfg, trial) -> Shape:
                 kept = [i for i in range(L) if i not in drop]
                 removed = (sum(layer_p[i] for i in drop) + sum(attn_p[i] for i in gone)
                            + sum(head_params_removed(model, a, i, r, cfg.head_groups) for i in kept if i not in gone))
-                rest = goal - removed
+                rest = goal - removed   # parameters still to remove, from the MLPs (whose neurons cost only bytes)
+                if lat is not None:
+                    rest = max(rest if P is not None else -math.inf,
+                               (time_goal - lat.saved(len(drop), len(gone), removed)) / lat.per_param * 1e6)
                 if "mlp" in axes:
                     if rest < 0:
                         break
@@ -212,14 +226,18 @@ def _split(calib, cfg, trial) -> Shape:
                 else:
                     widths = {i: N[i] for i in kept}
                 removed += sum((N[i] - k) * nu[i] for i, k in widths.items())
+                speedup = dense_ms / (dense_ms - lat.saved(len(drop), len(gone), removed)) if lat is not None else None
                 pred = (sum(head_cost.get((r, i), 0.0) for i in kept if i not in gone) + sum(c.block[i] for i in drop)
                         + sum(c.sub[i] for i in gone) + sum(float(c.mlp[i][k]) for i, k in widths.items()))
-                cands.append(_Candidate(r, drop, gone, widths, removed, pred))
+                cands.append(_Candidate(r, drop, gone, widths, removed, pred, speedup))
                 if "mlp" not in axes:
                     break   # the first e that reaches the budget
     if not cands:
-        raise NeuroprojError(f"no way to remove {P:.0%} of the decoder layers' parameters with {', '.join(cfg.axes)}:"
-                             f" add an axis (--axes {','.join(AXES)}) or lower the target")
+        what = " and ".join(([f"remove {P:.0%} of the decoder layers' parameters"] if P is not None else []) +
+                            ([f"reach a {cfg.target_speedup:g}x decode speed-up by the {lat.source} speed model"]
+                             if lat is not None else []))
+        raise NeuroprojError(f"no way to {what} with {', '.join(cfg.axes)} (the MLPs keep at least 10 percent of "
+                             f"their neurons): add an axis (--axes {','.join(AXES)}) or lower the target")
     finalists = []
     for r in levels:   # per head level: the best predicted and MLP only (the pieces rank, the judge decides)
         mine = [x for x in cands if x.level == r]
@@ -241,7 +259,9 @@ def _split(calib, cfg, trial) -> Shape:
     elif len(finalists) > 1:
         _measure(calib, cfg, c, finalists, entries, hd)
     best = min(finalists, key=lambda x: x.measured) if len(finalists) > 1 else finalists[0]
-    calib.meta["budget"] = {"target_params": P, "axes": list(cfg.axes), "trunk_params": T, "judge": judge,
+    calib.meta["budget"] = {"target_params": P, "target_speedup": cfg.target_speedup,
+                            "speed_model": None if lat is None else {"source": lat.source, **lat.to_json()},
+                            "axes": list(cfg.axes), "trunk_params": T, "judge": judge,
                             "chosen": best.describe(T), "finalists": [x.describe(T) for x in finalists],
                             "candidates": len(cands), "layer_cost": _finite(layer_cost),
                             "attn_cost": _finite(attn_cost)}
@@ -251,7 +271,7 @@ def _split(calib, cfg, trial) -> Shape:
 def _shape(cfg, x: _Candidate, N: dict) -> Shape:
     """The per-axis settings of candidate x (its MLP sparsity: the share of the kept layers' neurons it removes)."""
     kept_N = sum(N[i] for i in x.widths)
-    resolved = cfg.replace(target_params=None, target_speedup=None, keep=None, head_sparsity=x.level,
+    resolved = cfg.replace(target_params=None, target_speedup=None, latency=None, keep=None, head_sparsity=x.level,
                            drop_layers=len(x.drop), drop_attn=len(x.attn), sparsity=1 - sum(x.widths.values()) / kept_N)
     return Shape(resolved, x.drop, x.widths, no_attn=x.attn)
 

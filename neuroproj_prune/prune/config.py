@@ -17,6 +17,7 @@ from .budget import AXES
 from .layers import LAYER_SELECTORS
 from .reconstruct import RECONSTRUCT_SCOPES
 from .select import SELECTORS
+from .speed import Latency
 
 
 @dataclass
@@ -110,9 +111,14 @@ class PruneConfig(Config):
     target_params: float | None = opt(None, "fraction of the decoder layers' parameters to remove, split across MLP "
                                       "neurons, attention heads and whole layers by measured loss (instead of "
                                       "--sparsity; --axes limits the axes)", kind=float, gt=0.0, lt=1.0)
-    target_speedup: float | None = opt(None, "the decode speed-up to reach, by its proxy: the bytes of weights read "
-                                       "per token (decoder layers + LM head) fall by this factor; becomes "
-                                       "--target-params", kind=float, gt=1.0)
+    target_speedup: float | None = opt(None, "the decode speed-up to reach, priced by --latency (a latency file "
+                                       "measured in llama.cpp) or, without one, by its bytes proxy (the weights read "
+                                       "per token: decoder layers + LM head). With --target-params too, the shape "
+                                       "meets both", kind=float, gt=1.0)
+    latency: str | None = opt(None, "--target-speedup's price list: a latency file written by `neuroproj-prune "
+                              "latency MODEL` (ms per token of an attention sub-layer, an MLP sub-layer and a million "
+                              "weights, measured for this model, runtime, type and thread count)", kind=str,
+                              optional=True)
     axes: tuple = opt(AXES, "what --target-params may remove: a comma subset of mlp, heads, attn (attention sub-layers), "
                                 "layers", AXES,
                       item=str)
@@ -134,7 +140,10 @@ class PruneConfig(Config):
     # -- rules between fields (types, choices and ranges are declared above and checked by Config.validate)
     def check(self) -> None:
         self.refuse_together("sparsity", "keep")
-        self.refuse_together("target_params", "target_speedup")
+        if self.latency is not None:
+            if self.target_speedup is None:
+                raise ConfigError("latency", "a latency file prices --target-speedup: give --target-speedup S too")
+            Latency.load(self.latency)   # its schema now, its model's shape when the model is loaded
         for axis in ("target_params", "target_speedup"):
             self.refuse_together("sparsity", axis)
         budget = self.target_params is not None or self.target_speedup is not None
