@@ -444,8 +444,10 @@ def test_target_speedup_by_a_latency_file(tokenizer, tmp_path):
     before = _predicted_ms(lat, dense)
     lm = _lm(copy.deepcopy(dense), tokenizer)
     _, plan, s = prune(lm, _ids(n=16, T=64), target_speedup=1.3, latency=str(tmp_path / "lat.json"),
-                       axes="mlp,attn,layers", search_samples=4, **SEQ)
+                       axes="mlp,attn,layers", search_samples=4, out=tmp_path / "o", **SEQ)
     b = s["budget"]
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "1.3x decode speed by a latency file measured in llama.cpp f32" in card
     assert b["speed_model"]["source"] == "measured" and b["target_speedup"] == 1.3
     assert plan.no_attn or plan.drop
     after = _predicted_ms(lat, lm.model)

@@ -102,6 +102,8 @@ def description(summary: dict | None, base: str) -> str:
             parts.append(f"{sum(h[0] for h in heads)} of {sum(h[0] for h in before)} attention heads")
         if s.get("dropped_layers"):
             parts.append(f"decoder layers {s['dropped_layers']} removed")
+        if s.get("removed_attention"):
+            parts.append(f"the attention of layers {s['removed_attention']} removed")
         text = (f"{base} with {s.get('actual_sparsity', 0):.1%} of its MLP neurons removed by neuroproj-prune "
                 f"({s.get('select')} selection, {s.get('fold')} fold, {s.get('allocation')} widths, "
                 f"{s.get('calibration')} calibration): {', '.join(parts)}, "
@@ -129,6 +131,9 @@ def _method(s: dict) -> list[str]:
             ("calibration", s.get("calibration")), ("fold target", s.get("target")),
             ("calibration data", s.get("calibration_data")), ("requested sparsity", s.get("sparsity")),
             ("stored dtype", _dtype_text(s))]
+    budget = _budget(s.get("budget"))
+    if budget:
+        rows.append(("budget", budget))
     rec = s.get("recover")
     if rec:
         rows += [("recover", f"{rec.get('method')} distillation from {rec.get('teacher')}, {rec.get('tokens_seen'):,} "
@@ -137,6 +142,22 @@ def _method(s: dict) -> list[str]:
     out += [f"| {k} | {v} |" for k, v in rows if v is not None]
     where = "`config`" + ("; the recovery's: `recover.config`" if rec else "")
     return out + ["", f"Every setting: `prune_summary.json` ({where}).", ""]
+
+
+def _budget(b: dict | None) -> str | None:
+    """The budget a run was given and what its speed model predicts of the chosen shape."""
+    if not b:
+        return None
+    want = [f"{b['target_params']:.0%} of the decoder layers' parameters"] if b.get("target_params") else []
+    if b.get("target_speedup"):
+        sm = b.get("speed_model") or {}
+        m = sm.get("meta") or {}
+        by = ("a latency file measured in llama.cpp " + ", ".join(
+            [str(m.get("type"))] + ([f"{m['threads']} threads"] if m.get("threads") else []))
+            if sm.get("source") == "measured" else "the bytes proxy")
+        got = (b.get("chosen") or {}).get("predicted_speedup")
+        want.append(f"{b['target_speedup']:g}x decode speed by {by}" + (f" (predicted {got:.2f}x)" if got else ""))
+    return "; ".join(want) + f"; axes {', '.join(b.get('axes') or [])}, finalists judged {b.get('judge')}"
 
 
 def _dtype_text(s: dict) -> str | None:
