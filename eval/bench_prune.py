@@ -122,7 +122,7 @@ def profile(a) -> None:
     from bench_gpu import timed   # eval/ is the script's directory; on the CPU its device sync is a no-op
 
     import neuroproj_prune as npp
-    from neuroproj_prune.prune import api, calibrate, fold, measure, select
+    from neuroproj_prune.prune import allocate, api, calibrate, fold, measure, select
     from neuroproj_prune.stats import moments
 
     parts: dict[str, float] = {}
@@ -131,7 +131,12 @@ def profile(a) -> None:
              (moments.Moments, "add", "  moments (Gram)"), (moments.Moments, "finish", "  moments finish"),
              (measure, "weigh_rms", "  token weights"), (api, "select_layer", "select"),
              (fold, "fold_and_slice", "fold + slice"), (select, "layer_plan", "  layer plan (representatives)"),
-             (calibrate.Sequential, "_carry", "carry"), (api, "save_pruned", "write checkpoint")]
+             (calibrate.Sequential, "_carry", "carry"), (api, "save_pruned", "write checkpoint"),
+             # --set allocation=global: the dense pass that measures the error curves (its Grams count above too)
+             (allocate, "measure_curves", "allocation curves (dense pass)"),
+             (allocate, "loss_backward", "  forward + LM head (+ trunk backward)"),
+             (allocate, "_trunk_forward", "  trunk forward (rms weights)"),
+             (allocate, "_finish_layer", "  curves from the Grams (Cholesky)")]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for owner, attr, key in spots:
             stack.enter_context(timed(owner, attr, parts, key, torch.device("cpu")))

@@ -361,7 +361,7 @@ def test_allocation_meets_the_budget_and_beats_uniform():
     assert sum(k.values()) == 15 and all(4 <= w <= 6 for w in k.values())
 
 
-@pytest.mark.parametrize("weights", ["rms", "grad"])
+@pytest.mark.parametrize("weights", ["rms", "grad", "layer-grad"])
 def test_sequential_global_allocation(weights, tokenizer, tmp_path):
     """Per-layer widths from the error curves: the budget is met exactly, the widths differ, and the
     checkpoint reloads to the same logits."""
@@ -374,7 +374,7 @@ def test_sequential_global_allocation(weights, tokenizer, tmp_path):
     assert torch.equal(load_pruned(tmp_path / "g")(ids).logits, lm.model(ids).logits)
 
 
-@pytest.mark.parametrize("weights", ["grad", "rms"])
+@pytest.mark.parametrize("weights", ["grad", "rms", "layer-grad"])
 def test_curves_in_layer_groups_equal_one_pass(weights, tokenizer, monkeypatch):
     """Memory bounded by design: with room for one layer's Grams at a time, the allocation pass measures the token
     weights once and each further group of layers in a forward of its own — and every curve, head moment, fold
@@ -391,7 +391,9 @@ def test_curves_in_layer_groups_equal_one_pass(weights, tokenizer, monkeypatch):
     runs, real = [], allocate._trunk_forward
     monkeypatch.setattr(allocate, "_trunk_forward", lambda *a, **k: runs.append(k.get("upto")) or real(*a, **k))
     per = measure_curves(lm, ids, gram_bytes=1, **kw)   # below one layer: one layer per group
-    first = 3 if weights == "rms" else 0   # the first pass runs the trunk itself only for rms weights
+    # the first pass runs the trunk itself for the batches that take no backward: all (rms), all but the first
+    # quarter's one (layer-grad: 2 of the 6 windows), none (grad)
+    first = {"rms": 3, "layer-grad": 2}.get(weights, 0)
     assert runs == [None] * first + [1] * 3 + [2] * 3   # 3 batches per further group, each up to its last layer
     assert one.mlp.keys() == per.mlp.keys() == {0, 1, 2}
     for i in range(3):
@@ -401,6 +403,53 @@ def test_curves_in_layer_groups_equal_one_pass(weights, tokenizer, monkeypatch):
             for a, b in zip(per.fold[site, i], one.fold[site, i]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
     assert per.block == one.block and per.sub == one.sub and min(one.sub.values()) > 0
+
+
+def test_layer_grad_curves_are_rms_curves_in_each_layers_unit_of_loss(tokenizer):
+    """layer-grad: every curve and cost is the rms-weighted one times s_i = Σ_t ‖∂loss/∂x_i,t‖² / Σ_t 1/mean(x_i,t²)
+    over the first quarter of the windows — the gradients here from plain autograd through the whole model's
+    logits (no chunked head), the rms weights from the layers' outputs."""
+    from neuroproj_prune.prune.allocate import measure_curves
+
+    lm = _lm(gqa_llama(layers=3), tokenizer)
+    ids = _ids(5, n=8, T=32)
+    kw = dict(select="wanda-sp", batch_size=2, progress=False, attn=True, blocks=True, sublayers=True)
+    rms = measure_curves(lm, ids, weights="rms", **kw)
+    lg = measure_curves(lm, ids, weights="layer-grad", **kw)
+    a, model = lm.adapter, lm.model
+    outs = {}
+
+    def keep(i):
+        def hook(mod, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            t.retain_grad()
+            outs[i] = t
+        return hook
+    hooks = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(a.layers(model))]
+    hooks += [a.attn_out_proj(model, i).register_forward_hook(keep(("attn", i))) for i in range(3)]
+    g2 = {k: 0.0 for k in [0, 1, 2, ("attn", 0), ("attn", 1), ("attn", 2)]}
+    r = {i: 0.0 for i in range(3)}
+    try:
+        for b in range(2):   # the first quarter: 2 of the 8 windows
+            x = ids[b:b + 1]
+            emb = model.get_input_embeddings()(x).detach().requires_grad_(True)   # the weights need no gradient
+            logits = model(inputs_embeds=emb).logits
+            torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").backward()
+            for k in g2:
+                g2[k] += float(outs[k].grad.double().pow(2).sum())
+            for i in range(3):
+                r[i] += float((1.0 / (outs[i].detach().double().pow(2).mean(-1) + 1e-6)).sum())
+            model.zero_grad(set_to_none=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in range(3):
+        s_mlp, s_attn = g2[i] / r[i], g2["attn", i] / r[i]
+        torch.testing.assert_close(lg.mlp[i], rms.mlp[i] * s_mlp, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(lg.attn[i].G, rms.attn[i].G * s_attn, rtol=1e-4, atol=1e-12)
+        assert lg.block[i] == pytest.approx(rms.block[i] * s_mlp, rel=1e-4)
+        assert lg.sub[i] == pytest.approx(rms.sub[i] * s_attn, rel=1e-4)
+    assert len({round(g2[i] / r[i], 6) for i in range(3)}) == 3   # the layers' units differ: the test can fail
 
 
 def test_bfloat16_compute_changes_little(tokenizer):

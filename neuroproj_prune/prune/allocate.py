@@ -10,8 +10,8 @@
 
 A new allocation is one function registered here; it reads what the calibration offers (`calib.ids`, the
 calibration windows, `calib.held`, the held-back ones, `calib.moments(i)` for one-shot statistics).
-Cost: uniform nothing; global one forward (+ one backward with `alloc_weights=grad`) of the dense model over
-`alloc_samples` windows, one N² Gram per token and layer, one O(N³) Cholesky per layer (the layers' float32 Grams
+Cost: uniform nothing; global one forward of the dense model over `alloc_samples` windows (+ one backward over a
+quarter of them with `alloc_weights=layer-grad`, over all with `grad`), one N² Gram per token and layer, one O(N³) Cholesky per layer (the layers' float32 Grams
 held at once only up to half the free memory: beyond it, one more inference forward per further group of layers,
 `measure_curves`); search adds
 `search_rounds` forward + backward passes over the held-back windows and O(L·N³) for the supernet.
@@ -276,7 +276,12 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     top-k neurons of `select` (see `error_curve`), with token t weighted so that all layers share one
     unit. `grad`: w_t = ‖∂loss/∂x_i,t‖², the squared gradient of the summed next-token loss with respect to
     the residual stream after layer i; under an isotropic Fisher approximation an error δ_t there costs
-    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `head`: w_t = ‖∂loss/∂x_L,t‖², the gradient at the
+    ΔL ≈ ½·w_t·‖δ_t‖²/d, so e_i(k) is in units of loss. `layer-grad`: w_t = s_i/mean(x_i,t²), each token as the
+    next norm sees it and each layer in units of loss, s_i = Σ_t ‖∂loss/∂x_i,t‖² / Σ_t 1/mean(x_i,t²) over the
+    first quarter of the windows (the only ones that take a backward pass): most of what `grad` buys is the layers'
+    scale, not the per-token weights (SmolLM2 at 20 / 30 / 50 %: perplexity +0.6 / +0.4 / −1.0 % on WikiText-2,
+    +1.3 / +0.4 / +2.3 % on TinyShakespeare against `grad`; eval/results/prune_speed.md).
+    `head`: w_t = ‖∂loss/∂x_L,t‖², the gradient at the
     last layer's output, for every layer (no backward through the trunk: the later layers' own gain is ignored).
     `rms`: w_t = 1/mean(x_i,t²), the error as the next norm sees it (no backward pass, blind to how much later
     layers and the head amplify it). With `attn`, the same for the attention output projection's input (its
@@ -288,7 +293,8 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     of them fit, one pass does everything; otherwise the first pass measures every token weight (and the block
     costs) and the Grams of the first group of layers, and each further group takes one forward of the trunk up
     to its last layer, its tokens weighted by what the first pass stored (tokens·layers floats).
-    Cost: one forward (with grad one backward) of the dense model over `ids`, the LM head in chunks (grad, head),
+    Cost: one forward (with grad one backward; with layer-grad one backward of the first quarter) of the dense
+    model over `ids`, the LM head in chunks (grad, layer-grad's quarter, head),
     one N² Gram per token and layer in float32 products (`Moments`; and one (H·hd)² with `attn`), one O(N³)
     Cholesky per layer, plus one inference forward per further group; memory: one batch's activations, the
     group's Grams, and the finished `fold` moments (float64, host memory)."""
@@ -310,6 +316,10 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     stored = []   # per batch, {(site, i): w, ("rms", i): rms} of the first pass, when there are further groups
     out = Curves({})
     n = 0
+    # layer-grad: the batches of the first quarter of the windows take the backward pass that measures the scales
+    quarter = -(-ids.shape[0] // 4)
+    grad_batches = -(-quarter // batch_size) if weights == "layer-grad" else 0
+    sums = {}   # layer-grad: {(site, i): [Σ‖∂loss/∂·‖², Σ rms]} over those batches
 
     def grab(key, t):
         if key[0] in ("out", "attn_out") and t.requires_grad:
@@ -321,7 +331,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
         points = [((site, i), proj[site](model, i), "in") for site in sites for i in group]
         if first:
             points += [(("out", i), layer, "out") for i, layer in enumerate(a.layers(model))]
-            if (attn and weights == "grad") or sublayers:
+            if (attn and weights in ("grad", "layer-grad")) or sublayers:
                 points += [(("attn_out", i), a.attn_out_proj(model, i), "out") for i in range(L)]
             if blocks:
                 points += [(("in", 0), a.layers(model)[0], "call")]
@@ -333,7 +343,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                 if not first:        # the weights are the first pass's: only the group's activations are made
                     _trunk_forward(model, a, x, compute, upto=group[-1])
                     wb = stored[bi]
-                elif weights == "grad":      # ‖∂loss/∂x_i,t‖²: one backward through the trunk
+                elif weights == "grad" or bi < grad_batches:   # ‖∂loss/∂x_i,t‖²: one backward through the trunk
                     with activations_only(model):
                         loss_backward(model, a, x, compute)
                 elif weights == "head":    # ‖∂loss/∂x_L,t‖², the last layer's, for every layer: no trunk backward
@@ -342,7 +352,8 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                     _trunk_forward(model, a, x, compute)
                 with torch.no_grad():
                     if first:
-                        wb = _token_weights(grabbed, L, sites, weights, g, fold, sub, block)
+                        wb = _token_weights(grabbed, L, sites, weights, g, fold, sub, block,
+                                            sums if bi < grad_batches else None)
                         if len(groups) > 1:
                             stored.append(wb)
                         n += x.numel()
@@ -358,10 +369,11 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                             if fold:
                                 fmom[site, i].add(h, wb["rms", i])
                 grabbed.clear()
+        scale = {k: g / r for k, (g, r) in sums.items()}   # layer-grad: each layer's unit of loss
         for i in group:
-            _finish_layer(out, lm, i, mom, fmom, sites, select, seed, ridge, n, attn, fold)
-    out.block = {i: v / n for i, v in block.items()}
-    out.sub = {i: v / n for i, v in sub.items()}
+            _finish_layer(out, lm, i, mom, fmom, sites, select, seed, ridge, n, attn, fold, scale)
+    out.block = {i: v / n * scale.get(("mlp", i), 1.0) for i, v in block.items()}
+    out.sub = {i: v / n * scale.get(("attn", i), 1.0) for i, v in sub.items()}
     return out
 
 
@@ -377,17 +389,24 @@ def layer_groups(per_layer: list[int], limit: int) -> list[list[int]]:
     return groups
 
 
-def _token_weights(grabbed, L, sites, weights, g, fold, sub, block) -> dict:
+def _token_weights(grabbed, L, sites, weights, g, fold, sub, block, sums=None) -> dict:
     """One batch of the first pass: each layer's and site's token weights {(site, i): w (tokens, 1)} (and the rms
     weights ("rms", i) the fold uses); the attention sub-layers' and whole layers' costs are added to `sub` and
-    `block` on the way."""
+    `block` on the way; with `sums` (layer-grad, a batch that took the backward pass) each site's summed squared
+    gradient and summed rms weight are added to it."""
     wb = {}
     for i in range(L):
         o = grabbed[("out", i)]
         d = o.shape[-1]
         rms = rms_token_weights(o.detach().reshape(-1, d).float()).unsqueeze(1) \
-            if weights == "rms" or fold else None
+            if weights in ("rms", "layer-grad") or fold else None
         wb["rms", i] = rms
+        if sums is not None:
+            for site in sites:
+                src = o if site == "mlp" else grabbed[("attn_out", i)]
+                acc = sums.setdefault((site, i), [0.0, 0.0])
+                acc[0] += float(src.grad.float().pow(2).sum())
+                acc[1] += float(rms.sum())
         if sub:   # the attention's output, under the weight at the point it is added
             at = grabbed[("attn_out", i)]
             wa = at.grad.reshape(-1, d).float().pow(2).sum(-1) if weights == "grad" else \
@@ -407,19 +426,21 @@ def _token_weights(grabbed, L, sites, weights, g, fold, sub, block) -> dict:
     return wb
 
 
-def _finish_layer(out: Curves, lm, i, mom, fmom, sites, select, seed, ridge, n, attn, fold) -> None:
-    """Layer i's curve (and head moments, fold moments) from its Grams, which are then freed."""
+def _finish_layer(out: Curves, lm, i, mom, fmom, sites, select, seed, ridge, n, attn, fold, scale) -> None:
+    """Layer i's curve (and head moments, fold moments) from its Grams, which are then freed; `scale` {(site, i): s}
+    multiplies a site's errors (layer-grad: the Grams were weighted by rms alone)."""
     model, a = lm.model, lm.adapter
     W = a.out_weight(model, i).detach().double().cpu()
     N = W.shape[1]
     Gi, mean = mom["mlp", i].finish()
     # the fold's ridge rule keeps the Cholesky stable on few tokens (its warning belongs to the fold)
     m = LayerMoments(i, Gi, mean, W, a.in_norms(model, i), ridge=effective_ridge(ridge, n, N, warn=False))
-    out.mlp[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom["mlp", i].weight / n)
+    out.mlp[i] = error_curve(m, SELECTORS[select](m, N // 2, seed).scores) * (mom["mlp", i].weight / n) \
+        * scale.get(("mlp", i), 1.0)
     if attn:   # the head costs are read from these moments: scaled so that refit errors share the MLP's unit
         Ga, mean_a = mom["attn", i].finish()
         Wo = a.attn_out_proj(model, i).weight.detach().double().cpu()
-        out.attn[i] = LayerMoments(i, Ga * (mom["attn", i].weight / n), mean_a, Wo, torch.ones(Wo.shape[1]),
+        out.attn[i] = LayerMoments(i, Ga * (mom["attn", i].weight / n * scale.get(("attn", i), 1.0)), mean_a, Wo, torch.ones(Wo.shape[1]),
                                    ridge=effective_ridge(ridge, n, Wo.shape[1], warn=False))
     for site in sites:
         del mom[site, i]

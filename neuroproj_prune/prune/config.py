@@ -56,10 +56,12 @@ class PruneConfig(Config):
                                     "(default min(32, the calibration's windows); more than it has is refused)",
                                     kind=int, ge=1)
     max_shift: float = opt(1.0, "global allocation: each layer's sparsity within ± this of the mean one", gt=0.0, le=1.0)
-    alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units: the loss gradient at each "
-                             "layer's output, one backward pass), head (the loss gradient at the last layer's output "
-                             "for every layer: no backward through the layers) or rms (no loss at all)",
-                             ("grad", "head", "rms"))
+    alloc_weights: str = opt("grad", "global allocation token weights: grad (loss units: every token's loss "
+                             "gradient at each layer's output, one backward pass), layer-grad (each token as the next "
+                             "norm sees it, each layer scaled into loss units by a backward pass over a quarter of "
+                             "the windows: cheaper, measured a little worse), head (the loss gradient at the last "
+                             "layer's output for every layer: no backward through the layers) or rms (no loss at all)",
+                             ("grad", "layer-grad", "head", "rms"))
     search_samples: int = opt(8, "held-back calibration windows that score candidates (allocation search, the layer "
                               "choice by loss, the joint budget) "
                               "(drawn beside the calibration windows, never used to fit)", ge=1)
