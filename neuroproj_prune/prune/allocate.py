@@ -11,10 +11,10 @@
 A new allocation is one function registered here; it reads what the calibration offers (`calib.ids`, the
 calibration windows, `calib.held`, the held-back ones, `calib.moments(i)` for one-shot statistics).
 Cost: uniform nothing; global one forward of the dense model over `alloc_samples` windows (+ one backward over a
-quarter of them with `alloc_weights=layer-grad`, over all with `grad`), one N² Gram per token and layer, one O(N³) Cholesky per layer (the layers' float32 Grams
-held at once only up to half the free memory: beyond it, one more inference forward per further group of layers,
-`measure_curves`); search adds
-`search_rounds` forward + backward passes over the held-back windows and O(L·N³) for the supernet.
+quarter of them with `alloc_weights=layer-grad`, over all with `grad`), one N² Gram per token and layer, one O(N³)
+Cholesky per layer (the layers' float32 Grams held at once only up to half the free memory: beyond it, one more
+inference forward per further group of layers, `measure_curves`); search adds `search_rounds` forward + backward
+passes over the held-back windows and O(L·N³) for the supernet.
 """
 from __future__ import annotations
 
@@ -440,7 +440,8 @@ def _finish_layer(out: Curves, lm, i, mom, fmom, sites, select, seed, ridge, n, 
     if attn:   # the head costs are read from these moments: scaled so that refit errors share the MLP's unit
         Ga, mean_a = mom["attn", i].finish()
         Wo = a.attn_out_proj(model, i).weight.detach().double().cpu()
-        out.attn[i] = LayerMoments(i, Ga * (mom["attn", i].weight / n * scale.get(("attn", i), 1.0)), mean_a, Wo, torch.ones(Wo.shape[1]),
+        unit = mom["attn", i].weight / n * scale.get(("attn", i), 1.0)
+        out.attn[i] = LayerMoments(i, Ga * unit, mean_a, Wo, torch.ones(Wo.shape[1]),
                                    ridge=effective_ridge(ridge, n, Wo.shape[1], warn=False))
     for site in sites:
         del mom[site, i]
