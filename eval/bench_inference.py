@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 import neuroproj_prune as npp  # noqa: E402
 from neuroproj_prune.export import export, features  # noqa: E402
+from neuroproj_prune.export.latency import machine  # noqa: E402
 from neuroproj_prune.export.llamacpp import LlamaCpp, output_weight  # noqa: E402
 
 WIKI = REPO.parent / "shared" / "data" / "wikitext2-test.txt"
@@ -265,16 +265,6 @@ def main():
 
 def _spread(v: list[float], fmt: str = ".1f") -> str:
     return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return cpu
 
 
 def write_report(args, names, specs, types, cells, peaks, ideal, quality, sizes):

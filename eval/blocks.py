@@ -15,7 +15,7 @@ Methods (all sequential wanda-sp + lstsq, uniform MLP widths, unless said):
     layers     --target-params P --axes mlp,layers            whole layers + MLP
     joint      --target-params P                              all four, split by measured loss
     speed      --target-params P --target-speedup S --latency F   the joint allocation that also reaches S by the
-               latency file F (`neuroproj-prune latency`; eval/results/latency.md): --speedup S --latency F
+               latency file F (`neuroproj-prune latency`; eval/results/latency_q8_0.md): --speedup S --latency F
     shortgpt   the round(P·T / layer) layers of lowest block influence removed, nothing refitted (ShortGPT)
     flap       FLAP one-shot (select flap, fold bias) on the MLP at the same parameter count: FLAP's head pruning
                does not run on grouped-query attention (SmolLM2: 9 query heads in 3 groups), so only its MLP part
@@ -32,7 +32,8 @@ import torch
 
 import neuroproj_prune as npp
 from neuroproj_prune.prune import prune
-from neuroproj_prune.prune.budget import neuron_params, trunk_params
+from neuroproj_prune.prune.budget import neuron_params
+from neuroproj_prune.prune.speed import trunk_params
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data"

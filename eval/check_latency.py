@@ -7,7 +7,7 @@ and put the predicted speed-up beside the measured one.
 
 Per round: the latency file's five probes are measured first (`neuroproj-prune latency`'s code, its --rounds) once at
 the start; then each round times dense and every checkpoint back to back, so each checkpoint has one ratio dense /
-pruned per round (median, min–max). Cost (SmolLM2, q8_0, 2 threads): ~75 s for the file, ~2 s per model per round.
+pruned per round (median, min–max). The table's header gives the wall time it took.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 
 import neuroproj_prune as npp  # noqa: E402
 from neuroproj_prune.export.gguf import export_gguf  # noqa: E402
-from neuroproj_prune.export.latency import LatencyConfig, _counts, _time, describe, measure_latency  # noqa: E402
+from neuroproj_prune.export.latency import (LatencyConfig, counts, decode_ms, describe, measure_latency,  # noqa: E402
+                                            prompt_ids)
 
 
 def main():
@@ -48,7 +49,7 @@ def main():
     models = {"dense": dense, **{n: npp.load_model(s, dtype="float32", device="cpu")
                                  for n, s in (m.split("=", 1) for m in a.model)}}
     threads = lat.meta["threads"]
-    ids = dense.tokenizer("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"][:cfg.prompt]
+    ids = prompt_ids(dense.tokenizer, cfg.prompt)
     work = Path(tempfile.mkdtemp(prefix="check-latency-"))
     paths = {}
     for n, lm in models.items():
@@ -57,9 +58,9 @@ def main():
     times = {n: [] for n in models}
     for r in range(a.rounds):
         for n, p in paths.items():
-            times[n].append(_time(p, ids, cfg, threads))
+            times[n].append(decode_ms(p, ids, cfg, threads))
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in times.items()), flush=True)
-    pred = {n: lat.ms(*_counts(lm)) for n, lm in models.items()}
+    pred = {n: lat.ms(*counts(lm)) for n, lm in models.items()}
     lines = [f"# Latency model check: {lat.meta['type']}, {threads} threads",
              "", f"Command: `{' '.join(['python', *sys.argv])}`", "",
              f"Machine: {lat.meta['machine']}; {lat.meta['date']}; {a.rounds} interleaved rounds ({time.time() - t0:.0f} s "
@@ -73,7 +74,7 @@ def main():
              "| model | attention sub-layers | layers | decoder params | predicted ms | measured ms | predicted × | "
              "measured × |", "|---|---|---|---|---|---|---|---|"]
     for n, lm in models.items():
-        na, nm, P = _counts(lm)
+        na, nm, P = counts(lm)
         v = times[n]
         ratios = [d / x for d, x in zip(times["dense"], v)]
         lines.append(f"| {n} | {na} | {nm} | {P / 1e6:.1f} M | {pred[n]:.2f} | {statistics.median(v):.2f} "

@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 import neuroproj_prune as npp
-from neuroproj_prune.prune.budget import trunk_params
+from neuroproj_prune.prune.speed import trunk_params
 from neuroproj_prune.prune.layers import attention_off
 from neuroproj_prune.stats import calibration_ids, hooked
 

@@ -14,7 +14,7 @@ the medians; every probe's prediction is written beside its measurement. A famil
 `mlp` and `attn` is 0 (its attention sub-layers cannot be removed, so the split never prices anything).
 
 Cost: five exports (SmolLM2-135M: ~5 s each in f32, ~10 s in q8_0) and rounds × 5 × (load + 4 + `tokens` decode
-steps); SmolLM2 at q8_0, 7 rounds of 128 tokens, 2 threads: ≈ 75 s in all.
+steps).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from ..config import Config, opt
 from ..errors import NeuroprojError
 from ..io import write_json
 from ..model import LoadedModel, command, api_call, load_model, update_config
-from ..prune.speed import COSTS, Latency, model_shape
+from ..prune.speed import COSTS, Latency, model_shape, trunk_params
 from .gguf import GGUF_TYPES, K_QUANTS, export_gguf, preflight
 from .llamacpp import LlamaCpp
 
@@ -81,15 +81,20 @@ def _probes(lm: LoadedModel, type: str) -> dict[str, LoadedModel]:
     return probes
 
 
-def _counts(lm: LoadedModel) -> tuple[int, int, float]:
-    """(attention sub-layers, MLP sub-layers, decoder-layer parameters) of a probe."""
+def counts(lm: LoadedModel) -> tuple[int, int, float]:
+    """(attention sub-layers, MLP sub-layers, decoder-layer parameters) of a model: what `Latency.ms` prices."""
     model, a = lm.model, lm.adapter
     L = a.num_layers(model)
-    return (sum(a.has_attention(model, i) for i in range(L)), L,
-            float(sum(p.numel() for layer in a.layers(model) for p in layer.parameters())))
+    return sum(a.has_attention(model, i) for i in range(L)), L, float(trunk_params(model, a))
 
 
-def _time(path: Path, prompt: list[int], cfg: LatencyConfig, threads: int) -> float:
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """The `n`-token prompt every timing decodes from (a fixed English sentence, repeated)."""
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"][:n]
+    return (ids * (n // max(len(ids), 1) + 1))[:n]
+
+
+def decode_ms(path: Path, prompt: list[int], cfg: LatencyConfig, threads: int) -> float:
     """ms per decoded token: a fresh llama.cpp server on the GGUF, a 4-token warm-up, then `tokens` greedy tokens
     (llama.cpp's own eval counter)."""
     ll = LlamaCpp(path, threads=threads, ctx=max(cfg.context, len(prompt) + cfg.tokens + 8), precise=False, quiet=True)
@@ -134,8 +139,7 @@ def measure_latency(model, out=None, config: LatencyConfig | None = None, *, ove
         raise NeuroprojError("measure the latency of the dense model (every layer at one MLP width, every attention "
                              "present): the file prices removals from it")
     threads = cfg.threads or len(os.sched_getaffinity(0))
-    ids = lm.tokenizer("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"][:cfg.prompt]
-    prompt = (ids * (cfg.prompt // max(len(ids), 1) + 1))[:cfg.prompt]
+    prompt = prompt_ids(lm.tokenizer, cfg.prompt)
     probes = _probes(lm, cfg.type)
     work = Path(tempfile.mkdtemp(prefix="neuroproj-latency-"))
     try:
@@ -147,26 +151,26 @@ def measure_latency(model, out=None, config: LatencyConfig | None = None, *, ove
         bar = tqdm(total=cfg.rounds * len(probes), desc="decode", unit="run", disable=not progress)
         for _ in range(cfg.rounds):
             for name, path in paths.items():
-                times[name].append(_time(path, prompt, cfg, threads))
+                times[name].append(decode_ms(path, prompt, cfg, threads))
                 bar.update()
         bar.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    counts = {name: _counts(p) for name, p in probes.items()}
-    rows = np.array([[1.0, n_attn, n_mlp, params / 1e6] for n_attn, n_mlp, params in counts.values()])
+    parts = {name: counts(p) for name, p in probes.items()}
+    rows = np.array([[1.0, n_attn, n_mlp, params / 1e6] for n_attn, n_mlp, params in parts.values()])
     med = np.array([statistics.median(times[name]) for name in probes])
-    separate = any(n_attn != n_mlp for n_attn, n_mlp, _ in counts.values())
+    separate = any(n_attn != n_mlp for n_attn, n_mlp, _ in parts.values())
     costs = fit(rows, med, [True, separate, True, True])
     pred = rows @ costs
     meta = {"runtime": "llama.cpp (xllamacpp, defaults: f16 key/value cache, flash attention auto)",
-            "type": cfg.type, "threads": threads, "machine": _machine(),
+            "type": cfg.type, "threads": threads, "machine": machine(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command(api_call("npp.measure_latency", lm.spec, out, **cfg.changed())),
             "settings": cfg.to_dict(), "source_model": lm.spec,
             "attention_separated": separate,
             "probes": [{"name": name, "n_attn": c[0], "n_mlp": c[1], "params": c[2], "ms": float(m),
                         "min": min(times[name]), "max": max(times[name]), "predicted": round(float(p), 4)}
-                       for (name, c), m, p in zip(counts.items(), med, pred)]}
+                       for (name, c), m, p in zip(parts.items(), med, pred)]}
     lat = Latency(**dict(zip(COSTS, (float(x) for x in costs))), model=model_shape(lm.model, a), meta=meta)
     if out is not None:
         write_json(out, lat.to_json())
@@ -184,7 +188,8 @@ def describe(lat: Latency) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> str:
+def machine() -> str:
+    """The CPU's model name and count, as timings record it."""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                    if l.startswith("model name"))

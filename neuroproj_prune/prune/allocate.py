@@ -319,7 +319,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
     # layer-grad: the batches of the first quarter of the windows take the backward pass that measures the scales
     quarter = -(-ids.shape[0] // 4)
     grad_batches = -(-quarter // batch_size) if weights == "layer-grad" else 0
-    sums = {}   # layer-grad: {(site, i): [Σ‖∂loss/∂·‖², Σ rms]} over those batches
+    sums = {}   # layer-grad: {(site, i): Σ‖∂loss/∂·‖², ("rms", i): Σ rms} over those batches
 
     def grab(key, t):
         if key[0] in ("out", "attn_out") and t.requires_grad:
@@ -369,7 +369,7 @@ def measure_curves(lm: LoadedModel, ids: torch.Tensor, *, select: str, weights: 
                             if fold:
                                 fmom[site, i].add(h, wb["rms", i])
                 grabbed.clear()
-        scale = {k: g / r for k, (g, r) in sums.items()}   # layer-grad: each layer's unit of loss
+        scale = {(site, i): g / sums["rms", i] for (site, i), g in sums.items() if site != "rms"}   # layer-grad
         for i in group:
             _finish_layer(out, lm, i, mom, fmom, sites, select, seed, ridge, n, attn, fold, scale)
     out.block = {i: v / n * scale.get(("mlp", i), 1.0) for i, v in block.items()}
@@ -402,11 +402,10 @@ def _token_weights(grabbed, L, sites, weights, g, fold, sub, block, sums=None) -
             if weights in ("rms", "layer-grad") or fold else None
         wb["rms", i] = rms
         if sums is not None:
+            sums["rms", i] = sums.get(("rms", i), 0.0) + float(rms.sum())
             for site in sites:
                 src = o if site == "mlp" else grabbed[("attn_out", i)]
-                acc = sums.setdefault((site, i), [0.0, 0.0])
-                acc[0] += float(src.grad.float().pow(2).sum())
-                acc[1] += float(rms.sum())
+                sums[site, i] = sums.get((site, i), 0.0) + float(src.grad.float().pow(2).sum())
         if sub:   # the attention's output, under the weight at the point it is added
             at = grabbed[("attn_out", i)]
             wa = at.grad.reshape(-1, d).float().pow(2).sum(-1) if weights == "grad" else \

@@ -29,11 +29,11 @@ from .config import PruneConfig
 from .fold import RIDGE, FOLDS, fold_and_slice
 from .layers import mean_loss
 from .offload import LayerStream, open_model
-from .budget import Shape, held_batch, resolve, trunk_params
+from .budget import Shape, held_batch, resolve
 from .heads import choose_heads, fold_heads
 from .plan_file import Plan
 from .select import select_layer
-from .speed import read_latency
+from .speed import read_latency, trunk_params
 
 
 # ------------------------------------------------------------------------------------------------ the loop

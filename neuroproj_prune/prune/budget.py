@@ -48,7 +48,7 @@ from .allocate import alloc_windows, allocate_by_error, layer_width, make_supern
 from .fold import chol_solve
 from .heads import channels, check_heads, head_counts, head_levels, keep_heads, refit_error
 from .layers import choose_layers, mean_loss
-from .speed import Latency, read_latency
+from .speed import Latency, read_latency, trunk_params
 
 AXES = ("mlp", "heads", "attn", "layers")
 LAYER_CANDIDATES = 8   # layers whose removal the budget measures (those of lowest influence); the rest rank after
@@ -68,11 +68,6 @@ class Shape:
 
 
 # ------------------------------------------------------------------------------------------- parameters
-def trunk_params(model, a) -> int:
-    """Parameters of the decoder layers (what `target_params` is a fraction of; embeddings and head excluded)."""
-    return sum(p.numel() for layer in a.layers(model) for p in layer.parameters())
-
-
 def neuron_params(model, a, i) -> float:
     """Parameters one MLP neuron of layer i holds: its input rows (and their biases) and its output column."""
     inputs = sum(p.numel() for proj in a.in_projs(model, i) for p in proj.parameters())

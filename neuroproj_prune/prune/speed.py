@@ -13,13 +13,13 @@ Two sources:
   timed in llama.cpp, the four numbers fitted by least squares; written as `latency.json` (format below), read by
   `prune --latency FILE`;
 - the bytes proxy (no file): attn = mlp = 0, per_param = 1 per parameter and fixed = the LM head's parameters, i.e.
-  the weights read per token. On a 2-core CPU it misses most of the time (eval/results/latency.md: SmolLM2 at q8_0,
-  an attention sub-layer costs 0.35 ms against the 0.08 ms its weights explain).
+  the weights read per token. On a 2-core CPU it misses most of the time (eval/results/latency_q8_0.md: SmolLM2 at
+  q8_0, an attention sub-layer cost 0.28–0.33 ms per token, its weights 0.02–0.03 ms of it).
 
 `latency.json`: {"format": "neuroproj-prune/latency/1", "fixed", "attn", "mlp", "per_param" (ms; per_param per
 million parameters), "model": {"layers", "hidden_size", "width", "trunk_params"} (what it was measured on; `check`
 refuses another shape), "meta": {runtime, type, threads, machine, date, command, probes: [{name, n_attn, n_mlp,
-params, ms, spread, predicted}]}}. Cost: nothing (a few floats).
+params, ms, min, max, predicted}]}}. Cost: nothing (a few floats).
 """
 from __future__ import annotations
 
@@ -97,10 +97,15 @@ class Latency:
                                      f"measure it for this model (`neuroproj-prune latency MODEL`)")
 
 
+def trunk_params(model, a) -> int:
+    """Parameters of the decoder layers (what `target_params` is a fraction of; embeddings and head excluded)."""
+    return sum(p.numel() for layer in a.layers(model) for p in layer.parameters())
+
+
 def model_shape(model, a) -> dict:
     """What a latency file records of the model it was measured on (the dense model, before any removal)."""
     return {"layers": a.num_layers(model), "hidden_size": a.hidden_size(model), "width": a.width(model, 0),
-            "trunk_params": sum(p.numel() for layer in a.layers(model) for p in layer.parameters())}
+            "trunk_params": trunk_params(model, a)}
 
 
 def read_latency(path, model, a) -> Latency:
