@@ -124,6 +124,28 @@ def fit(rows: np.ndarray, ms: np.ndarray, free: list[bool]) -> np.ndarray:
     return best
 
 
+def fit_latency(parts: dict[str, tuple], times: dict[str, list[float]], shape: dict, meta: dict) -> Latency:
+    """The latency model of timed probes: `parts` {name: counts()}, `times` {name: ms per token of each round}; the
+    costs fit the medians (`fit`), every probe's measurement and prediction go into the meta. A fit that gives the
+    weights no cost is refused: `--target-speedup` sizes MLP widths by per_param, and on a noisy machine (or a model
+    whose weights are read faster than the timings vary) the medians can hide it; so is one whose weights' reads
+    come to under 0.1 % of the dense model's token (a least-squares round-off, not a cost)."""
+    rows = np.array([[1.0, n_attn, n_mlp, params / 1e6] for n_attn, n_mlp, params in parts.values()])
+    med = np.array([statistics.median(times[name]) for name in parts])
+    separate = any(n_attn != n_mlp for n_attn, n_mlp, _ in parts.values())
+    costs = fit(rows, med, [True, separate, True, True])
+    if not costs[3] * rows[:, 3].max() > 1e-3 * med.max():   # below 0.1 % of a token: round-off, not a cost
+        raise NeuroprojError("the timings show no cost for the weights (per_param fitted 0: the probes' times vary "
+                             "more than their weights' reads): time again on a quiet machine with more --rounds "
+                             "and --tokens")
+    pred = rows @ costs
+    meta = {**meta, "attention_separated": separate,
+            "probes": [{"name": name, "n_attn": c[0], "n_mlp": c[1], "params": c[2], "ms": float(m),
+                        "min": min(times[name]), "max": max(times[name]), "predicted": round(float(p), 4)}
+                       for (name, c), m, p in zip(parts.items(), med, pred)]}
+    return Latency(**dict(zip(COSTS, (float(x) for x in costs))), model=shape, meta=meta)
+
+
 def measure_latency(model, out=None, config: LatencyConfig | None = None, *, overwrite: bool = False,
                     progress: bool = True, **settings) -> Latency:
     """Measure the latency model of `model` (a LoadedModel or anything `load_model` loads; the dense model, uniform
@@ -157,21 +179,12 @@ def measure_latency(model, out=None, config: LatencyConfig | None = None, *, ove
     finally:
         shutil.rmtree(work, ignore_errors=True)
     parts = {name: counts(p) for name, p in probes.items()}
-    rows = np.array([[1.0, n_attn, n_mlp, params / 1e6] for n_attn, n_mlp, params in parts.values()])
-    med = np.array([statistics.median(times[name]) for name in probes])
-    separate = any(n_attn != n_mlp for n_attn, n_mlp, _ in parts.values())
-    costs = fit(rows, med, [True, separate, True, True])
-    pred = rows @ costs
     meta = {"runtime": "llama.cpp (xllamacpp, defaults: f16 key/value cache, flash attention auto)",
             "type": cfg.type, "threads": threads, "machine": machine(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command(api_call("npp.measure_latency", lm.spec, out, **cfg.changed())),
-            "settings": cfg.to_dict(), "source_model": lm.spec,
-            "attention_separated": separate,
-            "probes": [{"name": name, "n_attn": c[0], "n_mlp": c[1], "params": c[2], "ms": float(m),
-                        "min": min(times[name]), "max": max(times[name]), "predicted": round(float(p), 4)}
-                       for (name, c), m, p in zip(parts.items(), med, pred)]}
-    lat = Latency(**dict(zip(COSTS, (float(x) for x in costs))), model=model_shape(lm.model, a), meta=meta)
+            "settings": cfg.to_dict(), "source_model": lm.spec}
+    lat = fit_latency(parts, times, model_shape(lm.model, a), meta)
     if out is not None:
         write_json(out, lat.to_json())
     return lat
