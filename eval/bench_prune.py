@@ -17,6 +17,7 @@ process and prints the seconds spent in each part of the sequential pass.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import os
 import platform
@@ -116,13 +117,21 @@ def table_row(a, rows) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- profile
+def _value(text: str):
+    """A --set value: a Python literal (25, 0.5, True), else the string itself (global)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def profile(a) -> None:
     """One prune in this process; seconds per part (nested parts are inside their callers' time)."""
     import torch
     from bench_gpu import timed   # eval/ is the script's directory; on the CPU its device sync is a no-op
 
     import neuroproj_prune as npp
-    from neuroproj_prune.prune import allocate, api, calibrate, fold, measure, select
+    from neuroproj_prune.prune import allocate, api, calibrate, fold, measure, reconstruct, select
     from neuroproj_prune.stats import moments
 
     parts: dict[str, float] = {}
@@ -136,7 +145,10 @@ def profile(a) -> None:
              (allocate, "measure_curves", "allocation curves (dense pass)"),
              (allocate, "loss_backward", "  forward + LM head (+ trunk backward)"),
              (allocate, "_trunk_forward", "  trunk forward (rms weights)"),
-             (allocate, "_finish_layer", "  curves from the Grams (Cholesky)")]
+             (allocate, "_finish_layer", "  curves from the Grams (Cholesky)"),
+             # --set reconstruct=N: the block's capture and its training (held-out checks inside); the carry re-runs the layer
+             (reconstruct.Reconstruction, "batch", "  reconstruct: capture"),
+             (reconstruct, "reconstruct", "reconstruct: train")]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for owner, attr, key in spots:
             stack.enter_context(timed(owner, attr, parts, key, torch.device("cpu")))
@@ -144,7 +156,7 @@ def profile(a) -> None:
         lm = npp.load_model(a.model, device="cpu")
         t1 = time.time()
         npp.prune(lm, str(C4), sparsity=a.sparsity, samples=a.samples, seqlen=a.seqlen, out=f"{tmp}/out",
-                  progress=False, **dict(kv.split("=", 1) for kv in a.set))
+                  progress=False, **{k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)})
         total = time.time() - t1
     print(f"load {t1 - t0:.1f} s; prune {total:.1f} s")
     for k, v in parts.items():
@@ -165,7 +177,7 @@ def main():
     ap.add_argument("--md", default=None, help="append the table row to this Markdown file")
     ap.add_argument("--profile", action="store_true", help="time the parts of one prune in this process")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="with --profile: a PruneConfig setting (string values)")
+                    help="with --profile: a PruneConfig setting (a Python literal, else a string)")
     a = ap.parse_args()
     if a.profile:
         profile(a)

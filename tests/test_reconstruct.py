@@ -64,6 +64,35 @@ def test_reconstructed_checkpoint_is_standard_and_reloads_identically(tokenizer,
     assert summary["config"]["reconstruct"] == 10 and "held_out_error_after" in summary["reconstruct"]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_carry_by_the_mlps_change_equals_running_the_layer_again(family, tokenizer, monkeypatch):
+    """After reconstruction (scope mlp) the pass carries out' = out + (MLP'(x) − MLP(x)) instead of running the
+    whole layer again: the same plan and, up to float32 rounding of the addition (none here: the next layers'
+    products round both to the same bfloat16 or float32 values), the same weights and logits."""
+    from neuroproj_prune.prune import reconstruct
+
+    def pruned():
+        lm = LoadedModel(tiny_model(family, hidden=32, inter=128), tokenizer, "tiny", None)
+        _, plan, _ = prune(lm, str(SHAKESPEARE), sparsity=0.5, samples=16, seqlen=64, multiple=1, reconstruct=20,
+                           reconstruct_lr=1e-2, progress=False)
+        return lm.model, plan
+
+    calls = []
+    change = reconstruct.MLPScope.change
+    monkeypatch.setattr(reconstruct.MLPScope, "change", lambda self, *a: calls.append(1) or change(self, *a))
+    carried, plan = pruned()
+    assert len(calls) == 3   # every layer carried by its MLP's change
+    monkeypatch.setattr(reconstruct.MLPScope, "change", lambda self, *a: None)   # the pass runs each layer again
+    rerun, plan_rerun = pruned()
+    assert plan.layers == plan_rerun.layers
+    a, b = dict(carried.named_parameters()), dict(rerun.named_parameters())
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-5), n
+    ids = _held_ids(tokenizer, n=2)
+    with torch.no_grad():
+        assert torch.allclose(carried(ids).logits, rerun(ids).logits, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("flags", [["--reconstruct", "10", "--calibration", "oneshot"], ["--reconstruct", "-1"],
                                    ["--reconstruct", "5", "--reconstruct-lr", "0"],
                                    ["--reconstruct", "5", "--reconstruct-holdout", "1.0"],

@@ -266,9 +266,11 @@ class Sequential(Calibration):
                 b_old = a.out_bias(model, i)
                 work, acts, outs = self._measure(i, layer, W, calls, hidden, dense_step)
                 yield work  # the loop prunes layer i in place and fills work.keep / W_new / b_new
-                if any([h.folded(work, layer) for h in self.hooks]):
+                changed = [h.folded(work, layer) for h in self.hooks]
+                mlp_change = next((c for c in changed if isinstance(c, list)), None)
+                if any(c is True for c in changed):
                     acts.clear()   # the layer changed beyond its output projection: run it again
-                self._carry(work, layer, W, b_old, calls, hidden, acts, outs)
+                self._carry(work, layer, W, b_old, calls, hidden, acts, outs, mlp_change)
                 stream.release(i)
                 bar.update(1)
         finally:
@@ -407,14 +409,23 @@ class Sequential(Calibration):
             h_.measured(work)
         return work, acts, outs
 
-    def _carry(self, work, layer, W, b_old, calls, hidden, acts, outs):
+    def _carry(self, work, layer, W, b_old, calls, hidden, acts, outs, mlp_change=None):
         """Carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when the
-        MLP output is added to the residual as is (one matmul per batch); otherwise run the pruned layer again."""
+        MLP output is added to the residual as is (one matmul per batch); after a hook retrained the whole MLP,
+        out' = out + (MLP'(x) − MLP(x)) from the change it measured; otherwise run the pruned layer again."""
         cdt, stream = self.cdt, self.stream
         with torch.inference_mode():
             if not acts:
                 for bi, (args, kw) in enumerate(calls):
                     hidden[bi] = stream.stash(run_layer(layer, stream.bring(hidden[bi]), args, kw, self.compute))
+                return
+            if mlp_change is not None:
+                for bi in range(len(calls)):
+                    o = stream.bring(outs[bi])
+                    hidden[bi] = stream.stash((o.to(cdt) + mlp_change[bi].to(o.device, cdt).view(o.shape)).to(o.dtype))
+                    mlp_change[bi] = None
+                acts.clear()
+                outs.clear()
                 return
             if work.keep is None:   # a plan that leaves this MLP as it is: its output goes on unchanged
                 hidden[:] = outs

@@ -124,8 +124,9 @@ class PassHook:
     """An optional step of the sequential pass (swaps: swaps.py; block reconstruction: reconstruct.py). For each
     layer: `begin` before its batches, `batch` for each, `end` after them, `measured` once its moments are
     complete; `refine` may change the layer's plan after the selection; `folded` runs after the fold and says
-    whether the layer now computes more than its output projection changed (then the carry runs the layer
-    again); `report` sums up what it did, for the plan's metadata."""
+    whether the layer now computes more than its output projection changed: False (the closed-form carry holds),
+    True (the carry runs the layer again) or, when only the MLP changed, each batch's change of the MLP output
+    (the carry adds it to the stored layer output); `report` sums up what it did, for the plan's metadata."""
 
     name = ""
 
@@ -147,7 +148,7 @@ class PassHook:
     def refine(self, work, layer_plan: dict) -> dict:
         return layer_plan
 
-    def folded(self, work, layer) -> bool:
+    def folded(self, work, layer) -> bool | list:
         return False
 
     def report(self) -> dict | None:

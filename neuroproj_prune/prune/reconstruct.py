@@ -150,6 +150,18 @@ class MLPScope:
     def data(self, b: Batch, grab: dict, tw):
         return grab["x"].float().clone(), grab["y"].float().clone(), tw, (), {}
 
+    def change(self, blocks: list, compute) -> list[torch.Tensor]:
+        """Per batch, what the trained MLP adds to the layer's output beyond the one it was measured with:
+        MLP'(x) − y, on the inputs it kept (emptied as it goes). The pass adds it to the layer output it stored,
+        so only the MLP runs again, at its kept width, not the attention before it."""
+        out = []
+        with torch.inference_mode(), torch.autocast(blocks[0][0].device.type, dtype=compute or torch.bfloat16,
+                                                    enabled=compute is not None):
+            while blocks:
+                x, y, *_ = blocks.pop(0)
+                out.append(self.block(x).float() - y)
+        return out
+
 
 @RECONSTRUCT_SCOPES.register("layer")
 class LayerScope:
@@ -158,6 +170,9 @@ class LayerScope:
 
     def __init__(self, lm, i, layer, cfg):
         self.block, self.points, self.step_rows, self.whole_windows = layer, [], 1, True
+
+    def change(self, blocks: list, compute):
+        return None   # attention changed too: the pass runs the layer again
 
     def data(self, b: Batch, grab: dict, tw):
         return b.x, b.out.float(), tw, b.args, b.kwargs
@@ -186,8 +201,9 @@ class Reconstruction(PassHook):
         self._hooks.__exit__(None, None, None)
         self.grab = {}
 
-    def folded(self, work, layer) -> bool:
-        """Train the block; True: gate/up changed too, so the closed-form carry no longer holds."""
+    def folded(self, work, layer):
+        """Train the block. Gate/up changed too, so the closed-form carry no longer holds: returns the MLP's change
+        of each batch's output (scope mlp), else True (run the layer again)."""
         cfg, blocks = self.cfg, self.blocks
         n = sum(b[0].shape[0] for b in blocks)                   # windows
         k = min(max(1, round(cfg.reconstruct_holdout * n)), n - 1) if n > 1 else 0
@@ -204,8 +220,10 @@ class Reconstruction(PassHook):
         held = held or fit
         self.done[self.i] = reconstruct(self.scope.block, fit, held, steps=cfg.reconstruct, lr=cfg.reconstruct_lr,
                                         batch=self.scope.step_rows, compute=self.compute, seed=cfg.seed + self.i)
+        fit = held = None   # their views of the captured batches go; `change` frees each batch as it goes
+        change = self.scope.change(self.blocks, self.compute)
         self.blocks = []
-        return True
+        return True if change is None else change
 
     def report(self):
         if not self.done:
