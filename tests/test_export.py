@@ -37,19 +37,22 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(_smollm2_dir())
 
 
-def _tiny(tokenizer, widths, seed=0, **cfg_kw):
+def _tiny(tokenizer, widths, seed=0, hidden=64, inter=256, head_dim=16, **cfg_kw):
+    """A Llama of len(widths) layers (4 query / 2 key-value heads), layer i's MLP cut to widths[i] of `inter`
+    neurons at random."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=len(widths),
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.1, **cfg_kw)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=len(widths), num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      initializer_range=0.1, **cfg_kw)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
     a = adapter_for(model)
     g = torch.Generator().manual_seed(seed)
     for i, w in enumerate(widths):
-        if w < 256:
-            a.select_neurons(model, i, torch.randperm(256, generator=g)[:w].sort().values)
+        if w < inter:
+            a.select_neurons(model, i, torch.randperm(inter, generator=g)[:w].sort().values)
     update_config(model)
     return model
 
@@ -537,13 +540,7 @@ def _latency_model(tokenizer):
     """A dense 4-layer Llama whose decoder weights (13.4 M, 54 MB in f32) take most of a decoded token's time (2-core
     VM, one thread: dense 4.8 ms, one layer 2.8 ms): at the export tests' 64 x 256 the weights' reads hid in the
     timing noise of a busy machine and the fit priced them at 0."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=4096, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    return _tiny(tokenizer, [4096] * 4, hidden=256, inter=4096, head_dim=64, tie_word_embeddings=True)
 
 
 def test_latency_probes_fit_and_file(smol_tokenizer, tmp_path, capsys):

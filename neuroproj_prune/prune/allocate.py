@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import NeuroprojError
 from ..model import LoadedModel
 from ..registry import Registry
-from ..stats import Moments, available_memory, cholesky, hooked, ridged
+from ..stats import Moments, available_memory, cholesky, compute_autocast, hooked, ridged
 from .fold import effective_ridge
 from .measure import rms_token_weights
 from .search import Supernet, activations_only, loss_and_grads, loss_backward, search_widths
@@ -227,8 +227,7 @@ def _trunk_forward(model, adapter, x, compute, upto: int | None = None) -> None:
         raise _StopAfterTrunk
 
     last = adapter.layers(model)[-1 if upto is None else upto]
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
-                                                enabled=compute is not None), \
+    with torch.inference_mode(), compute_autocast(x.device, compute), \
             hooked([(0, last, "out")], stop):
         try:
             model(input_ids=x, use_cache=False)

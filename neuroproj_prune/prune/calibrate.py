@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from ..errors import NeuroprojError
 from ..model import LoadedModel, get_skips
 from ..registry import Registry
-from ..stats import (COMPUTE_DTYPES, HEAD_SITE, Moments, calibration_ids, collect, compute_dtype_for, distributed,
-                     hooked, load_stats, nonfinite_hint, products_for)
+from ..stats import (COMPUTE_DTYPES, HEAD_SITE, Moments, calibration_ids, collect, compute_autocast, compute_dtype_for,
+                     distributed, hooked, load_stats, nonfinite_hint, products_for)
 from .fold import FoldInputs, chol_solve, effective_ridge
 from .measure import TARGETS, WEIGHTINGS, Batch, PassHook, TargetInputs, TargetMoments
 from .offload import LayerStream
@@ -187,7 +187,7 @@ def layer_inputs(model, adapter, batches, keep=None):
 def run_layer(layer, hidden, args, kwargs, compute=None):
     """One decoder layer; with `compute` (e.g. torch.bfloat16) its matmuls run under autocast, the residual
     stream it returns keeps the model's dtype."""
-    with torch.autocast(hidden.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None):
+    with compute_autocast(hidden.device, compute):
         out = layer(hidden, *args, **kwargs)
     out = out[0] if isinstance(out, tuple) else out
     return out.to(hidden.dtype)
@@ -419,31 +419,29 @@ class Sequential(Calibration):
                 for bi, (args, kw) in enumerate(calls):
                     hidden[bi] = stream.stash(run_layer(layer, stream.bring(hidden[bi]), args, kw, self.compute))
                 return
-            if mlp_change is not None:
-                for bi in range(len(calls)):
-                    o = stream.bring(outs[bi])
-                    hidden[bi] = stream.stash((o.to(cdt) + mlp_change[bi].to(o.device, cdt).view(o.shape)).to(o.dtype))
-                    mlp_change[bi] = None
-                acts.clear()
-                outs.clear()
-                return
-            if work.keep is None:   # a plan that leaves this MLP as it is: its output goes on unchanged
+            if work.keep is None and mlp_change is None:   # a plan that leaves this MLP as it is
                 hidden[:] = outs
                 acts.clear()
                 outs.clear()
                 return
-            dev = W.device
-            # h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
-            dW = -W.clone()
-            dW[:, work.keep.to(dev)] += work.W_new.to(dev, cdt)
-            dWt = dW.T.contiguous().to(acts[0].dtype)  # the carry's product in the activations' dtype
-            bn = work.b_new
-            db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
+            if mlp_change is not None:   # a hook measured MLP'(x) − MLP(x) per batch
+
+                def delta(bi):
+                    d, mlp_change[bi] = mlp_change[bi], None
+                    return d
+            else:                        # h_K W'ᵀ − h Wᵀ = h (W'_full − W)ᵀ, W' scattered back to full width
+                dev = W.device
+                dW = -W.clone()
+                dW[:, work.keep.to(dev)] += work.W_new.to(dev, cdt)
+                dWt = dW.T.contiguous().to(acts[0].dtype)  # the carry's product in the activations' dtype
+                bn = work.b_new
+                db = None if bn is None else (bn - (0 if b_old is None else b_old.double().cpu())).to(dev, cdt)
+
+                def delta(bi):
+                    d = (stream.bring(acts[bi]) @ dWt).to(cdt)
+                    return d if db is None else d + db
             for bi in range(len(calls)):
-                delta = (stream.bring(acts[bi]) @ dWt).to(cdt)
-                if db is not None:
-                    delta += db
                 o = stream.bring(outs[bi])
-                hidden[bi] = stream.stash((o.to(cdt) + delta.view(o.shape)).to(o.dtype))
+                hidden[bi] = stream.stash((o.to(cdt) + delta(bi).to(o.device, cdt).view(o.shape)).to(o.dtype))
         acts.clear()  # one layer's activations at a time
         outs.clear()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import NeuroprojError
 from ..model import linear_macs
 from ..registry import Registry
-from ..stats import hooked
+from ..stats import compute_autocast, hooked
 from .calibrate import layer_inputs, run_layer
 
 LAYER_SELECTORS = Registry("layer select", "cost(lm, ids, compute, batch_size, progress, candidates, part) -> "
@@ -58,8 +58,7 @@ def head_loss(model, adapter, x: torch.Tensor, ids: torch.Tensor, compute=None, 
     d = x.shape[-1]
     rows, targets = x[:, :-1].reshape(-1, d), ids[:, 1:].reshape(-1).to(x.device)
     total = 0.0
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
-                                                enabled=compute is not None):
+    with torch.inference_mode(), compute_autocast(x.device, compute):
         for c in range(0, rows.shape[0], chunk_tokens):
             z = adapter.logits(model, adapter.head_input(model, rows[c:c + chunk_tokens])).float()
             total += float(torch.nn.functional.cross_entropy(z, targets[c:c + chunk_tokens], reduction="sum"))

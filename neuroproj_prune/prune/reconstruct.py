@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import NeuroprojError
 from ..registry import Registry
-from ..stats import hooked
+from ..stats import compute_autocast, hooked
 from .measure import Batch, PassHook
 
 
@@ -48,7 +48,7 @@ class ReconstructResult:
 
 
 def _loss(block, params, x, y, w, extra, compute):
-    with torch.autocast(x.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None):
+    with compute_autocast(x.device, compute):
         out = functional_call(block, params, (x, *extra[0]), extra[1])
     out = out[0] if isinstance(out, tuple) else out
     err = (out.float() - y).pow(2).sum(-1)
@@ -155,8 +155,7 @@ class MLPScope:
         MLP'(x) − y, on the inputs it kept (emptied as it goes). The pass adds it to the layer output it stored,
         so only the MLP runs again, at its kept width, not the attention before it."""
         out = []
-        with torch.inference_mode(), torch.autocast(blocks[0][0].device.type, dtype=compute or torch.bfloat16,
-                                                    enabled=compute is not None):
+        with torch.inference_mode(), compute_autocast(blocks[0][0].device, compute):
             while blocks:
                 x, y, *_ = blocks.pop(0)
                 out.append(self.block(x).float() - y)

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import NeuroprojError
-from ..stats import hooked, ridged
+from ..stats import compute_autocast, hooked, ridged
 
 
 class Supernet:
@@ -118,7 +118,7 @@ def loss_backward(model, adapter, x: torch.Tensor, compute=None, *, trunk: bool 
         raise _Stop
 
     ctx = torch.enable_grad() if trunk else torch.no_grad()
-    with ctx, torch.autocast(x.device.type, dtype=compute or torch.bfloat16, enabled=compute is not None), \
+    with ctx, compute_autocast(x.device, compute), \
             hooked([(0, last, "out")], stop):
         emb = model.get_input_embeddings()(x).detach().requires_grad_(trunk)
         try:
@@ -130,8 +130,7 @@ def loss_backward(model, adapter, x: torch.Tensor, compute=None, *, trunk: bool 
     d = xs.shape[-1]
     rows, targets = xs[:, :-1].reshape(-1, d), x[:, 1:].reshape(-1)
     total = 0.0
-    with torch.enable_grad(), torch.autocast(x.device.type, dtype=compute or torch.bfloat16,
-                                             enabled=compute is not None):
+    with torch.enable_grad(), compute_autocast(x.device, compute):
         for c in range(0, rows.shape[0], chunk_tokens):
             z = adapter.logits(model, adapter.head_input(model, rows[c:c + chunk_tokens]))
             z = z if z.dtype in (torch.float32, torch.float64) else z.float()   # the softmax never in 16 bits

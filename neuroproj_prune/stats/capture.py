@@ -24,6 +24,7 @@ import torch
 
 from ..errors import NeuroprojError
 from ..model import Adapter, adapter_for
+from .moments import compute_autocast
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
@@ -218,7 +219,7 @@ class ActivationCapture:
         else:
             self._mask = None
         try:
-            with torch.autocast(dev.type, dtype=self.compute or torch.bfloat16, enabled=self.compute is not None):
+            with compute_autocast(dev, self.compute):
                 return self.model(input_ids=input_ids, use_cache=False, **kwargs)
         except _Stop:
             return None

@@ -74,6 +74,11 @@ def column_sums(h: torch.Tensor) -> torch.Tensor:
     return h.sum(0) if h.dtype == torch.float64 else h.sum(0, dtype=torch.float32).double()
 
 
+def compute_autocast(device, compute: torch.dtype | None):
+    """The forward's context: matmuls under autocast with `compute` (e.g. torch.bfloat16), none when it is None."""
+    return torch.autocast(torch.device(device).type, dtype=compute or torch.bfloat16, enabled=compute is not None)
+
+
 def no_autocast(device):
     """A context without autocast on `device`: the totals' products run in the dtype their code names (`gram_`'s
     rounding per GRAM_ROWS tokens, float32 elsewhere), also when the hook that feeds them fires inside a
