@@ -1,0 +1,67 @@
+"""What one batch of `--allocation global`'s dense pass costs, by the token weights it measures (issue 25): the
+trunk forward alone (`rms` and `layer-grad`'s later batches), the forward with the LM head's loss and its gradient
+at the last layer (`head`), and the forward, the head and the backward through the trunk to every layer's output
+(`grad`, and `layer-grad`'s first quarter). The pass's time is about windows/batch × the matching row, plus the
+curves' Grams and Choleskys (`bench_prune.py --profile --set allocation=global`).
+
+    OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --windows 4 --rounds 3
+
+Rounds interleave the three (one call of each per round) after one warm-up call of each; printed per kind: median
+and min–max seconds and the ratio of the medians to the forward's.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import neuroproj_prune as npp
+from neuroproj_prune.prune.allocate import _trunk_forward
+from neuroproj_prune.prune.search import activations_only, loss_backward
+from neuroproj_prune.stats import calibration_ids, compute_dtype_for
+
+C4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4-train-sample-1000.jsonl"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=4, help="calibration windows in the batch (the pass's batch: 4)")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    lm = npp.load_model(a.model, device="cpu")
+    ids, _ = calibration_ids(lm, str(C4), a.windows, a.seqlen, 0)
+    compute = compute_dtype_for("auto", lm.model)
+    m, ad = lm.model, lm.adapter
+
+    def forward():
+        _trunk_forward(m, ad, ids, compute)
+
+    def head():
+        loss_backward(m, ad, ids, compute, trunk=False)
+
+    def backward():
+        with activations_only(m):
+            loss_backward(m, ad, ids, compute)
+
+    kinds = {"forward (rms)": forward, "forward + head (head)": head, "forward + head + trunk backward (grad)": backward}
+    times = {k: [] for k in kinds}
+    for f in kinds.values():
+        f()
+    for _ in range(a.rounds):
+        for k, f in kinds.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    base = statistics.median(times["forward (rms)"])
+    print(f"{a.model}, {a.windows} x {a.seqlen} tokens, {a.rounds} interleaved rounds")
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"  {k:42s} {med:7.3f} s ({min(v):.3f}-{max(v):.3f})  {med / base:5.2f}x the forward")
+
+
+if __name__ == "__main__":
+    main()
