@@ -5,6 +5,10 @@ at the last layer (`head`), and the forward, the head and the backward through t
 curves' Grams and Choleskys (`bench_prune.py --profile --set allocation=global`).
 
     OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --windows 4 --rounds 3
+    OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --geometry qwen2.5-0.5b     # random weights, 152k vocabulary
+
+`--geometry` (one of `bench_gpu.py`'s) builds a float32 model of that shape with random weights and random token
+ids: the seconds depend on the shapes, not on the weights.
 
 Rounds interleave the three (one call of each per round) after one warm-up call of each; printed per kind: median
 and min–max seconds and the ratio of the medians to the forward's.
@@ -15,6 +19,9 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+
+import torch
+from bench_gpu import GEOMETRIES, build_model   # eval/ is the script's directory
 
 import neuroproj_prune as npp
 from neuroproj_prune.prune.allocate import _trunk_forward
@@ -28,12 +35,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), help="a random-weight model of this shape instead")
     ap.add_argument("--windows", type=int, default=4, help="calibration windows in the batch (the pass's batch: 4)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    lm = npp.load_model(a.model, device="cpu")
-    ids, _ = calibration_ids(lm, str(C4), a.windows, a.seqlen, 0)
+    if a.geometry:
+        lm = build_model(a.geometry, torch.device("cpu"), torch.float32, None, 0)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, lm.model.config.vocab_size, (a.windows, a.seqlen), generator=g)
+    else:
+        lm = npp.load_model(a.model, device="cpu")
+        ids, _ = calibration_ids(lm, str(C4), a.windows, a.seqlen, 0)
     compute = compute_dtype_for("auto", lm.model)
     m, ad = lm.model, lm.adapter
 
@@ -57,7 +70,7 @@ def main():
             f()
             times[k].append(time.perf_counter() - t)
     base = statistics.median(times["forward (rms)"])
-    print(f"{a.model}, {a.windows} x {a.seqlen} tokens, {a.rounds} interleaved rounds")
+    print(f"{lm.spec}, {a.windows} x {a.seqlen} tokens, {a.rounds} interleaved rounds")
     for k, v in times.items():
         med = statistics.median(v)
         print(f"  {k:42s} {med:7.3f} s ({min(v):.3f}-{max(v):.3f})  {med / base:5.2f}x the forward")
