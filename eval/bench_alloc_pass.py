@@ -7,6 +7,11 @@ curves' Grams and Choleskys (`bench_prune.py --profile --set allocation=global`)
     OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --windows 4 --rounds 3
     OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --geometry qwen2.5-0.5b     # random weights, 152k vocabulary
 
+    OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --geometry qwen2.5-0.5b --ab   # the head's gradient A/B
+
+`--ab` times instead the head's loss gradient as the pass forms it (`search._cross_entropy_grad`, in place) against
+autograd's cross-entropy of the float32 logits (the code before 2026-12-07's change), interleaved per round for
+the `head` and `grad` kinds, and prints the per-round ratios new/autograd.
 `--geometry` (one of `bench_gpu.py`'s) builds a float32 model of that shape with random weights and random token
 ids: the seconds depend on the shapes, not on the weights.
 
@@ -24,6 +29,7 @@ import torch
 from bench_gpu import GEOMETRIES, build_model   # eval/ is the script's directory
 
 import neuroproj_prune as npp
+from neuroproj_prune.prune import search
 from neuroproj_prune.prune.allocate import _trunk_forward
 from neuroproj_prune.prune.search import activations_only, loss_backward
 from neuroproj_prune.stats import calibration_ids, compute_dtype_for
@@ -39,6 +45,7 @@ def main():
     ap.add_argument("--windows", type=int, default=4, help="calibration windows in the batch (the pass's batch: 4)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ab", action="store_true", help="the head's gradient in place against autograd's")
     a = ap.parse_args()
     if a.geometry:
         lm = build_model(a.geometry, torch.device("cpu"), torch.float32, None, 0)
@@ -60,6 +67,8 @@ def main():
         with activations_only(m):
             loss_backward(m, ad, ids, compute)
 
+    if a.ab:
+        return ab(a, head, backward)
     kinds = {"forward (rms)": forward, "forward + head (head)": head, "forward + head + trunk backward (grad)": backward}
     times = {k: [] for k in kinds}
     for f in kinds.values():
@@ -74,6 +83,37 @@ def main():
     for k, v in times.items():
         med = statistics.median(v)
         print(f"  {k:42s} {med:7.3f} s ({min(v):.3f}-{max(v):.3f})  {med / base:5.2f}x the forward")
+
+
+def _autograd_cross_entropy(z, targets):
+    """The reference: autograd's summed cross-entropy of the float32 logits, its gradient in z's dtype."""
+    with torch.enable_grad():
+        zf = z.detach().float().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(zf, targets, reduction="sum")
+        loss.backward()
+    return float(loss), zf.grad.to(z.dtype)
+
+
+def ab(a, head, backward):
+    fused = search._cross_entropy_grad
+    times = {}
+    try:
+        for r in range(a.rounds + 1):   # round 0 warms up
+            for kind, f in (("head", head), ("grad", backward)):
+                for name, grad in (("autograd", _autograd_cross_entropy), ("in place", fused)):
+                    search._cross_entropy_grad = grad
+                    t = time.perf_counter()
+                    f()
+                    if r:
+                        times.setdefault(kind, {}).setdefault(name, []).append(time.perf_counter() - t)
+    finally:
+        search._cross_entropy_grad = fused
+    print(f"{a.windows} x {a.seqlen} tokens, {a.rounds} interleaved rounds")
+    for kind, t in times.items():
+        ratios = [n / o for o, n in zip(t["autograd"], t["in place"])]
+        print(f"  {kind}: autograd {statistics.median(t['autograd']):.3f} s, in place "
+              f"{statistics.median(t['in place']):.3f} s; in place / autograd per round "
+              f"{' '.join(f'{x:.3f}' for x in ratios)}, median {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,26 @@ def test_chunked_head_loss_equals_the_models_own(family):
         assert torch.allclose(g.double(), g_ref, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cross_entropy_gradient_in_place_is_autograds(dtype):
+    """The head's loss and gradient formed in place (softmax − one-hot in one float32 copy) are autograd's
+    cross-entropy of the float32 logits, its gradient rounded to the logits' dtype; the logits are not touched."""
+    from neuroproj_prune.prune.search import _cross_entropy_grad
+
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(37, 1000, generator=g) * 4).to(dtype)
+    t = torch.randint(0, 1000, (37,), generator=g)
+    before = z.clone()
+    zf = z.float().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(zf, t, reduction="sum")
+    ref.backward()
+    loss, dz = _cross_entropy_grad(z, t)
+    assert torch.equal(z, before) and dz.dtype == dtype
+    assert abs(loss - ref.item()) <= 1e-5 * abs(ref.item())
+    torch.testing.assert_close(dz.float(), zf.grad.to(dtype).float(), rtol=0, atol=1e-6 if dtype == torch.float32
+                               else 2 ** -8)
+
+
 def test_search_keeps_budget_grid_and_never_raises_the_loss():
     """From a lopsided start the search moves neurons: the total and the grid hold, the accepted loss only
     falls, and the loss it reports is the loss of the widths it returns."""

@@ -100,12 +100,28 @@ class _Stop(Exception):
     pass
 
 
+@torch.no_grad()
+def _cross_entropy_grad(z: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(Σ_t −log softmax(z_t)[y_t], ∂/∂z = softmax(z) − onehot(y)) for logits z (rows, vocabulary), the gradient in
+    z's dtype. Formed in one float32 copy (float64 for float64 logits; the softmax never in 16 bits), in place:
+    autograd's log-softmax kept its output, a zero-filled gradient and its float32 result, each rows × vocabulary —
+    on a 151,936-token head about half of the head's time went to those passes (eval/results/prune_speed.md)."""
+    p = z.detach().to(torch.float64 if z.dtype == torch.float64 else torch.float32, copy=True)
+    lse = torch.logsumexp(p, -1, keepdim=True)
+    rows = torch.arange(p.shape[0], device=p.device)
+    loss = float((lse.squeeze(1) - p[rows, targets]).sum())
+    p.sub_(lse).exp_()
+    p[rows, targets] -= 1
+    return loss, p.to(z.dtype)
+
+
 def loss_backward(model, adapter, x: torch.Tensor, compute=None, *, trunk: bool = True,
                   chunk_tokens: int = 2048) -> tuple[float, torch.Tensor]:
     """The summed next-token cross-entropy of token ids x (batch, T), and g_t = ‖∂loss/∂x_L,t‖² per token (batch·T,;
     x_L the last decoder layer's output). The LM head runs on `chunk_tokens` rows at a time, each chunk's loss
     back-propagated to x_L on its own, so the logits held never exceed chunk_tokens × vocabulary whatever the
-    vocabulary (a 151k-token head on 2048 tokens was 1.2 GB of float32 logits plus their gradient at once).
+    vocabulary (a 151k-token head on 2048 tokens was 1.2 GB of float32 logits plus their gradient at once); the
+    chunk's gradient softmax − one-hot is formed in place (`_cross_entropy_grad`).
     `trunk=True`: x_L's gradient then flows back through the decoder layers to the activations (the embeddings'
     output is the leaf; use inside `activations_only`); False: the trunk runs without a graph and only g is made.
     The forward under autocast with `compute`. Cost: one forward (+ one backward of the trunk with `trunk`) and
@@ -133,10 +149,9 @@ def loss_backward(model, adapter, x: torch.Tensor, compute=None, *, trunk: bool 
     with torch.enable_grad(), compute_autocast(x.device, compute):
         for c in range(0, rows.shape[0], chunk_tokens):
             z = adapter.logits(model, adapter.head_input(model, rows[c:c + chunk_tokens]))
-            z = z if z.dtype in (torch.float32, torch.float64) else z.float()   # the softmax never in 16 bits
-            loss = torch.nn.functional.cross_entropy(z, targets[c:c + chunk_tokens], reduction="sum")
-            loss.backward()
-            total += float(loss.detach())
+            loss, dz = _cross_entropy_grad(z, targets[c:c + chunk_tokens])
+            z.backward(dz)
+            total += loss
     g = xs.grad
     if trunk:
         xL.backward(g.to(xL.dtype))
