@@ -6,17 +6,15 @@ curves' Grams and Choleskys (`bench_prune.py --profile --set allocation=global`)
 
     OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --windows 4 --rounds 3
     OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --geometry qwen2.5-0.5b     # random weights, 152k vocabulary
-
     OMP_NUM_THREADS=2 python eval/bench_alloc_pass.py --geometry qwen2.5-0.5b --ab   # the head's gradient A/B
 
-`--ab` times instead the head's loss gradient as the pass forms it (`search._cross_entropy_grad`, in place) against
-autograd's cross-entropy of the float32 logits (the code before 2026-12-07's change), interleaved per round for
-the `head` and `grad` kinds, and prints the per-round ratios new/autograd.
-`--geometry` (one of `bench_gpu.py`'s) builds a float32 model of that shape with random weights and random token
-ids: the seconds depend on the shapes, not on the weights.
-
 Rounds interleave the three (one call of each per round) after one warm-up call of each; printed per kind: median
-and min–max seconds and the ratio of the medians to the forward's.
+and min–max seconds and the ratio of the medians to the forward's. `--geometry` (one of `bench_gpu.py`'s) builds a
+float32 model of that shape with random weights and random token ids: the seconds depend on the shapes, not on the
+weights. `--ab` times instead the head's loss gradient as the pass forms it (`search._cross_entropy_grad`, in
+place) against autograd's cross-entropy of the float32 logits (what the pass did before, but for where the float32
+copy of the logits is made), interleaved per round for the `head` and `grad` kinds, and prints the per-round
+ratios in place / autograd.
 """
 from __future__ import annotations
 
@@ -69,7 +67,8 @@ def main():
 
     if a.ab:
         return ab(a, head, backward)
-    kinds = {"forward (rms)": forward, "forward + head (head)": head, "forward + head + trunk backward (grad)": backward}
+    kinds = {"forward (rms)": forward, "forward + head (head)": head,
+             "forward + head + trunk backward (grad)": backward}
     times = {k: [] for k in kinds}
     for f in kinds.values():
         f()

@@ -67,14 +67,16 @@ GEOMETRIES = {
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
     # a large vocabulary on a small trunk (the issue-25 model "you do not see" has this shape): CPU-sized
     "qwen2.5-0.5b": dict(config="Qwen2Config", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True),
     # the CPU smoke test: the same code paths at a size this 2-core machine runs in seconds
     "tiny": dict(config="LlamaConfig", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
                  tie_word_embeddings=False),
 }
-DEFAULTS = {"llama3-8b": (128, 2048), "qwen2.5-7b": (128, 2048), "qwen2.5-0.5b": (128, 512), "tiny": (4, 64)}   # samples, seqlen
+# samples, seqlen
+DEFAULTS = {"llama3-8b": (128, 2048), "qwen2.5-7b": (128, 2048), "qwen2.5-0.5b": (128, 512), "tiny": (4, 64)}
 SPARSITY = 0.3
 # the issue's goals, per stage (None: no goal, measured for the record)
 GOALS = {"prune": "< 300 s wall", "prune (offload=cpu)": "< 300 s wall, peak < 24 GB",

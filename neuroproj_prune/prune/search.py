@@ -102,8 +102,8 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def _cross_entropy_grad(z: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(Σ_t −log softmax(z_t)[y_t], ∂/∂z = softmax(z) − onehot(y)) for logits z (rows, vocabulary), the gradient in
-    z's dtype. Formed in one float32 copy (float64 for float64 logits; the softmax never in 16 bits), in place:
+    """(Σ_t −log softmax(z_t)[y_t], ∂/∂z = softmax(z) − onehot(y)) for logits z (rows, vocabulary), the
+    gradient in z's dtype. Formed in one float32 copy (float64 for float64 logits; the softmax never in 16 bits), in place:
     autograd's log-softmax kept its output, a zero-filled gradient and its float32 result, each rows × vocabulary —
     on a 151,936-token head about half of the head's time went to those passes (eval/results/prune_speed.md)."""
     p = z.detach().to(torch.float64 if z.dtype == torch.float64 else torch.float32, copy=True)

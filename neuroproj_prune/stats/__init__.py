@@ -11,7 +11,8 @@ from .stats_file import (FORMAT, HEAD_KEYS, Stats, head_layout, head_meta, load_
                          site_width_of)
 
 __all__ = ["COMPUTE_DTYPES", "FORMAT", "HEAD_KEYS", "HEAD_SITE", "SITES", "check_sites", "head_layout", "head_meta",
-           "site_width", "site_width_of", "compute_dtype_for", "nonfinite_hint", "ActivationCapture", "Moments", "products_for", "Stats", "accumulate", "available_memory", "batches",
-           "calibration_ids", "calibration_samples", "cholesky", "collect", "compute_autocast", "correlation", "dead_neurons", "distributed",
-           "energy", "eval_windows", "hooked", "join_processes", "load_stats", "parse_layers", "parse_sites",
-           "read_text", "ridge_lambda", "ridged", "second_moment_diagonals", "tokenize"]
+           "site_width", "site_width_of", "compute_dtype_for", "nonfinite_hint", "ActivationCapture", "Moments",
+           "products_for", "Stats", "accumulate", "available_memory", "batches", "calibration_ids",
+           "calibration_samples", "cholesky", "collect", "compute_autocast", "correlation", "dead_neurons",
+           "distributed", "energy", "eval_windows", "hooked", "join_processes", "load_stats", "parse_layers",
+           "parse_sites", "read_text", "ridge_lambda", "ridged", "second_moment_diagonals", "tokenize"]
