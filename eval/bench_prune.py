@@ -3,16 +3,19 @@
     python eval/bench_prune.py --pairs 5 --md eval/results/prune_speed.md              # the default prune
     python eval/bench_prune.py --pairs 5 --extra '--allocation global' --md ...         # another configuration
     python eval/bench_prune.py --stage collect --pairs 5 --md ...                       # `collect` instead of prune
+    python eval/bench_prune.py --stage prune,floor --pairs 3                            # both in the same rounds
     python eval/bench_prune.py --profile                                                # where one prune's time goes
 
-Each pair runs two fresh processes one after the other, in alternating order: the *reference* — load the model
-(as `prune` loads it), draw and tokenize the same calibration windows, run the decoder trunk over them (every
+Each round runs fresh processes one after the other, in an order rotated each round: the *reference* — load the
+model (as `prune` loads it), draw and tokenize the same calibration windows, run the decoder trunk over them (every
 decoder layer, no final norm or LM head) in the calibration's batches, under the same compute dtype (bfloat16
-autocast where `--compute-dtype auto` would use it) — and the *stage* (`neuroproj-prune prune ...` or `collect`,
-its checkpoint or file written to a temporary directory). The ratio stage / reference of each pair cancels
-most of the machine's noise (a shared 2-core VM); the table gives the median ratio with its min–max over the
-pairs, both wall times, and each process's peak resident memory (VmHWM). `--profile` runs one prune in this
-process and prints the seconds spent in each part of the sequential pass.
+autocast where `--compute-dtype auto` would use it) — and each *stage*: `neuroproj-prune prune ...` or `collect`
+(its checkpoint or file written to a temporary directory), or `floor`, the reference plus every layer's exact Gram of
+the MLP neurons as `collect` accumulates it, nothing written: the work any exact-statistics pass does. The ratio
+stage / reference of each round cancels most of the machine's noise (a shared 2-core VM); the table gives per stage
+the median ratio with its min–max over the rounds, both wall times, and each process's peak resident memory
+(VmHWM). `--profile` runs one prune in this process and prints the seconds spent in each part of the sequential
+pass.
 """
 from __future__ import annotations
 
@@ -48,6 +51,11 @@ class Stop(Exception):
 def stop(key, out):
     raise Stop
 bs = max(1, batch_tokens // seqlen)
+if len(sys.argv) > 6 and sys.argv[6] == "gram":   # the floor: the same forward + every layer's exact neuron Gram
+    from neuroproj_prune.stats.capture import batches
+    from neuroproj_prune.stats.collect import accumulate
+    accumulate(lm.model, batches(ids, bs, 0), compute=compute, progress=False)
+    ids = ids[:0]   # accumulate ran the trunk forward itself (stopped after the last layer, as below)
 with torch.inference_mode(), torch.autocast("cpu", dtype=compute or torch.bfloat16, enabled=compute is not None), \
         hooked([(0, a.layers(lm.model)[-1], "out")], stop):
     for b in range(0, ids.shape[0], bs):
@@ -82,35 +90,49 @@ def child(code: str, args: list[str]) -> tuple[float, float]:
     return wall, int(out[0].split()[2]) / 2**20
 
 
-def stage_args(a, tmp: str) -> list[str]:
+STAGES = ("prune", "collect", "floor")
+
+
+def stage_args(a, stage: str, tmp: str) -> list[str]:
     common = ["--model", a.model, "--data", str(C4), "--samples", str(a.samples), "--seqlen", str(a.seqlen)]
-    if a.stage == "collect":
+    if stage == "collect":
         return ["collect", *common, "--out", f"{tmp}/stats.safetensors", *a.extra.split()]
     return ["prune", *common, "--sparsity", str(a.sparsity), "--out", f"{tmp}/out", *a.extra.split()]
 
 
-def pairs(a) -> list[dict]:
-    rows = []
+def pairs(a) -> dict[str, list[dict]]:
+    """Per stage, one row per round: the round runs the reference and every stage, in an order rotated each round,
+    and each stage's ratio is to that round's reference."""
+    stages = a.stage.split(",")
+    rows = {s: [] for s in stages}
+    ref_args = [a.model, str(C4), str(a.samples), str(a.seqlen), str(a.batch_tokens)]
     for k in range(a.pairs):
+        runs = ["ref", *stages]
+        order = runs[k % len(runs):] + runs[:k % len(runs)]
+        got = {}
         with tempfile.TemporaryDirectory() as tmp:
-            ref_args = [a.model, str(C4), str(a.samples), str(a.seqlen), str(a.batch_tokens)]
-            order = ("ref", "stage") if k % 2 == 0 else ("stage", "ref")
-            got = {}
             for which in order:
-                got[which] = child(REFERENCE, ref_args) if which == "ref" else child(STAGE, stage_args(a, tmp))
-        row = {"ref_s": got["ref"][0], "stage_s": got["stage"][0], "ratio": got["stage"][0] / got["ref"][0],
-               "ref_gib": got["ref"][1], "stage_gib": got["stage"][1]}
-        rows.append(row)
-        print(f"pair {k + 1}: reference {row['ref_s']:.1f} s, {a.stage} {row['stage_s']:.1f} s, ratio "
-              f"{row['ratio']:.3f}; peak {row['ref_gib']:.2f} / {row['stage_gib']:.2f} GiB", flush=True)
+                if which == "ref":
+                    got[which] = child(REFERENCE, ref_args)
+                elif which == "floor":
+                    got[which] = child(REFERENCE, ref_args + ["gram"])
+                else:
+                    got[which] = child(STAGE, stage_args(a, which, tmp))
+        for s in stages:
+            row = {"ref_s": got["ref"][0], "stage_s": got[s][0], "ratio": got[s][0] / got["ref"][0],
+                   "ref_gib": got["ref"][1], "stage_gib": got[s][1]}
+            rows[s].append(row)
+            print(f"round {k + 1} ({' → '.join(order)}): reference {row['ref_s']:.1f} s, {s} {row['stage_s']:.1f} s, "
+                  f"ratio {row['ratio']:.3f}; peak {row['ref_gib']:.2f} / {row['stage_gib']:.2f} GiB", flush=True)
     return rows
 
 
-def table_row(a, rows) -> str:
+def table_row(a, stage, rows) -> str:
     r = [x["ratio"] for x in rows]
     cmd = f"python eval/bench_prune.py --stage {a.stage} --pairs {a.pairs}" + (f" --extra '{a.extra}'" if a.extra else "")
     med = statistics.median
-    return (f"| `{cmd}` | **{med(r):.2f}** ({min(r):.2f}–{max(r):.2f}) | {med([x['stage_s'] for x in rows]):.1f} | "
+    return (f"| `{cmd}`{'' if stage == a.stage else f': {stage}'} | **{med(r):.2f}** ({min(r):.2f}–{max(r):.2f}) | "
+            f"{med([x['stage_s'] for x in rows]):.1f} | "
             f"{med([x['ref_s'] for x in rows]):.1f} | {max(x['stage_gib'] for x in rows):.2f} | "
             f"{max(x['ref_gib'] for x in rows):.2f} | {os.cpu_count()} cores {platform.machine()}, "
             f"{time.strftime('%Y-%m-%d')} |")
@@ -167,7 +189,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--stage", choices=("prune", "collect"), default="prune")
+    ap.add_argument("--stage", default="prune",
+                    help="prune, collect or floor, or a comma list of them timed in the same rounds; floor: the "
+                         "reference plus every layer's exact mlp.neurons Gram (collect's accumulation, nothing "
+                         "written) — the work any exact-statistics pass does")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -182,12 +207,15 @@ def main():
     if a.profile:
         profile(a)
         return
+    bad = [s for s in a.stage.split(",") if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stage {bad[0]!r}, choose from {', '.join(STAGES)}")
     rows = pairs(a)
-    line = table_row(a, rows)
-    print(line)
+    lines = [table_row(a, s, r) for s, r in rows.items()]
+    print("\n".join(lines))
     if a.md:
         with open(a.md, "a") as f:
-            f.write(line + "\n")
+            f.write("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":
