@@ -54,15 +54,15 @@ bs = max(1, batch_tokens // seqlen)
 if len(sys.argv) > 6 and sys.argv[6] == "gram":   # the floor: the same forward + every layer's exact neuron Gram
     from neuroproj_prune.stats.capture import batches
     from neuroproj_prune.stats.collect import accumulate
-    accumulate(lm.model, batches(ids, bs, 0), compute=compute, progress=False)
-    ids = ids[:0]   # accumulate ran the trunk forward itself (stopped after the last layer, as below)
-with torch.inference_mode(), torch.autocast("cpu", dtype=compute or torch.bfloat16, enabled=compute is not None), \
-        hooked([(0, a.layers(lm.model)[-1], "out")], stop):
-    for b in range(0, ids.shape[0], bs):
-        try:
-            lm.model(input_ids=ids[b:b + bs], use_cache=False)
-        except Stop:
-            pass
+    accumulate(lm.model, batches(ids, bs, 0), compute=compute, progress=False)   # stops after the last layer too
+else:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=compute or torch.bfloat16, enabled=compute is not None), \
+            hooked([(0, a.layers(lm.model)[-1], "out")], stop):
+        for b in range(0, ids.shape[0], bs):
+            try:
+                lm.model(input_ids=ids[b:b + bs], use_cache=False)
+            except Stop:
+                pass
 hwm = re.search(r"VmHWM:\s*(\d+)", open("/proc/self/status").read()).group(1)
 print("RESULT", time.time() - t0, hwm)
 """

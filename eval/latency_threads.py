@@ -8,7 +8,9 @@ On a small model a decoded token is mostly per-op work and the synchronisation o
 model depends on the count. Per type, every round times each (thread count, model) once — `latency`'s own protocol
 (`export.latency.decode_ms`: a fresh in-process llama.cpp, 16-token prompt, 128 greedy tokens, n_ctx 4096) — in an
 order reversed every other round; the table gives per thread count the median ms per token (min–max) and the median
-of the per-round ratios dense / checkpoint.
+of the per-round ratios dense / checkpoint, and for dense the per-round ratio to the first thread count. Unlike
+check_latency.py and bench_inference.py it leaves OMP_WAIT_POLICY alone: with PASSIVE, llama.cpp's two-thread decode
+took about twice as long here (eval/results/latency_threads_passive.md).
 """
 from __future__ import annotations
 
@@ -46,10 +48,11 @@ def main():
              f"Command: `{' '.join(['python', *sys.argv])}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {a.rounds} interleaved "
              "rounds per type; ms per decoded token, median (min–max); speed-up: median (min–max) of the per-round "
-             "ratios dense / model at the same thread count.", "",
-             "| type | threads | " + " | ".join(f"{n} ms" for n in models) + " | "
-             + " | ".join(f"{n} ×" for n in models if n != "dense") + " |",
-             "|---|---|" + "---|" * (2 * len(models) - 1)]
+             f"ratios dense / model at the same thread count; dense vs {threads[0]}: the median (min–max) of the "
+             f"per-round ratios dense at {threads[0]} threads / dense at this count (above 1: this count is faster).",
+             "", "| type | threads | dense vs " + str(threads[0]) + " | " + " | ".join(f"{n} ms" for n in models)
+             + " | " + " | ".join(f"{n} ×" for n in models if n != "dense") + " |",
+             "|---|---|---|" + "---|" * (2 * len(models) - 1)]
     for typ in a.types.split(","):
         cfg = LatencyConfig.make(type=typ, rounds=a.rounds)
         ids = prompt_ids(models["dense"].tokenizer, cfg.prompt)
@@ -62,13 +65,15 @@ def main():
             for r in (runs if k % 2 == 0 else runs[::-1]):
                 ms[r].append(decode_ms(paths[r[1]], ids, cfg, r[0]))
             print(f"{typ} round {k + 1}: " + ", ".join(f"{n}@{th} {v[-1]:.2f}" for (th, n), v in ms.items()), flush=True)
-        med = statistics.median
+        def ratio(num, den):   # median (min–max) of the per-round ratios num / den
+            q = [x / y for x, y in zip(num, den)]
+            return f"{statistics.median(q):.2f} ({min(q):.2f}–{max(q):.2f})"
+
         for th in threads:
-            cells = [f"{med(ms[(th, n)]):.2f} ({min(ms[(th, n)]):.2f}–{max(ms[(th, n)]):.2f})" for n in models]
-            for n in models:
-                if n != "dense":
-                    q = [d / x for d, x in zip(ms[(th, "dense")], ms[(th, n)])]
-                    cells.append(f"{med(q):.2f} ({min(q):.2f}–{max(q):.2f})")
+            cells = [ratio(ms[(threads[0], "dense")], ms[(th, "dense")])]
+            cells += [f"{statistics.median(ms[(th, n)]):.2f} ({min(ms[(th, n)]):.2f}–{max(ms[(th, n)]):.2f})"
+                      for n in models]
+            cells += [ratio(ms[(th, "dense")], ms[(th, n)]) for n in models if n != "dense"]
             lines.append(f"| {typ} | {th} | " + " | ".join(cells) + " |")
     lines += ["", f"{time.time() - t0:.0f} s in all."]
     Path(a.out).write_text("\n".join(lines) + "\n")

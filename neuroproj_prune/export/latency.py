@@ -50,8 +50,7 @@ class LatencyConfig(Config):
     type: str = opt("q8_0", "GGUF tensor type to time: the one you will run the pruned model in", GGUF_TYPES)
     threads: int | None = opt(None, "llama.cpp CPU threads (default: every core this process may use); the costs "
                               "hold for this count. On a small model fewer threads can be faster (SmolLM2-135M on "
-                              "a 2-core VM: 1 thread 11.0 ms per q8_0 token, 2 threads 12.9): time the count you "
-                              "deploy", kind=int, ge=1)
+                              "a 2-core VM decoded faster at 1 thread than at 2): time the count you deploy", kind=int, ge=1)
     rounds: int = opt(7, "interleaved rounds: each probe is timed once per round, the medians are fitted", ge=1)
     tokens: int = opt(128, "greedy tokens decoded per timing", ge=4)
     prompt: int = opt(16, "prompt tokens before the decode", ge=1)
