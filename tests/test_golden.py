@@ -1,7 +1,8 @@
 """Refactors that promise "no result changes" keep their promise: every case of tests/golden.py (tiny models of
 three families × default, global and search allocation, reconstruction, swaps, disk offload, one-shot FLAP + bias,
 a written plan, a clustering; SmolLM2-135M at 30 % default and global) prunes to the checkpoint whose digest was
-recorded before issue 24's restructuring — bit for bit, plan and every tensor.
+recorded before issue 24's restructuring — bit for bit, plan and every tensor. (First recorded on an AMD EPYC; when
+the machine became an Intel Xeon, re-recorded there with the code of 73678bf, which had matched the EPYC record.)
 
 The arithmetic is the same only on the platform that recorded the digests (torch version, CPU kernels, bfloat16
 support decide the rounding): elsewhere the test says so and skips rather than compare different roundings."""
