@@ -39,8 +39,11 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # on a shared, oversubscribed CPU, spinning OpenMP threads
-import numpy as np  # noqa: E402  (turn a 135M model's decode into ~3 s per token; set before torch loads)
+# OMP_WAIT_POLICY is left as the environment has it (the report records it). PASSIVE keeps torch's spinning
+# threads from turning a 135M model's decode into seconds per token on a CPU shared with other work, but it also
+# put llama.cpp's two-thread decode at about twice its time here (eval/results/latency_threads_passive.md): on a
+# shared machine set it for the torch rows only, in a separate run.
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

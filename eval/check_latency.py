@@ -7,7 +7,9 @@ and put the predicted speed-up beside the measured one.
 
 Per round: the latency file's five probes are measured first (`neuroproj-prune latency`'s code, its --rounds) once at
 the start; then each round times dense and every checkpoint back to back, so each checkpoint has one ratio dense /
-pruned per round (median, min–max). The table's header gives the wall time it took.
+pruned per round (median, min–max). The table's header gives the wall time it took. OMP_WAIT_POLICY is left as
+the environment has it (recorded in the header): PASSIVE made llama.cpp's two-thread decode about twice as slow here
+(eval/results/latency_threads_passive.md), and the latency files before 2026-12-07 night were measured under it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -64,7 +65,7 @@ def main():
     lines = [f"# Latency model check: {lat.meta['type']}, {threads} threads",
              "", f"Command: `{' '.join(['python', *sys.argv])}`", "",
              f"Machine: {lat.meta['machine']}; {lat.meta['date']}; {a.rounds} interleaved rounds ({time.time() - t0:.0f} s "
-             f"in all). The latency file (`{lat_path.name}`, measured first by the same code as `neuroproj-prune "
+             f"in all), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}. The latency file (`{lat_path.name}`, measured first by the same code as `neuroproj-prune "
              f"latency`): {describe(lat).splitlines()[0]}", "",
              "Its probes (median (min–max) ms per token over its rounds, and the fit):", "", "```",
              *describe(lat).splitlines()[1:], "```", "",

@@ -8,9 +8,9 @@ On a small model a decoded token is mostly per-op work and the synchronisation o
 model depends on the count. Per type, every round times each (thread count, model) once — `latency`'s own protocol
 (`export.latency.decode_ms`: a fresh in-process llama.cpp, 16-token prompt, 128 greedy tokens, n_ctx 4096) — in an
 order reversed every other round; the table gives per thread count the median ms per token (min–max) and the median
-of the per-round ratios dense / checkpoint, and for dense the per-round ratio to the first thread count. Unlike
-check_latency.py and bench_inference.py it leaves OMP_WAIT_POLICY alone: with PASSIVE, llama.cpp's two-thread decode
-took about twice as long here (eval/results/latency_threads_passive.md).
+of the per-round ratios dense / checkpoint, and for dense the per-round ratio to the first thread count. It leaves
+OMP_WAIT_POLICY as the environment has it: with PASSIVE, llama.cpp's two-thread decode took about twice as long here
+(eval/results/latency_threads_passive.md).
 """
 from __future__ import annotations
 
