@@ -8,7 +8,8 @@ appended to --json (a re-run skips what it holds), then the markdown table is pr
 
     OMP_NUM_THREADS=2 python eval/blocks.py --budgets 0.2,0.35,0.5 --json eval/results/blocks.jsonl
 
-Methods (all sequential wanda-sp + lstsq, uniform MLP widths, unless said):
+Methods (all sequential wanda-sp + lstsq; the MLP widths prune's default gives a budget — per-layer, `global` — unless
+--allocation or said; rows before 2026-12-07 late were measured with uniform widths, then the budget's default):
     mlp        --target-params P --axes mlp                   MLP neurons only
     heads      --target-params P --axes mlp,heads             heads (one level in every layer) + MLP
     attn       --target-params P --axes mlp,attn              attention sub-layers + MLP
@@ -90,6 +91,9 @@ def main():
     ap.add_argument("--json", default=str(HERE / "results" / "blocks.jsonl"))
     ap.add_argument("--speedup", type=float, default=None, help="method speed: the decode speed-up to reach")
     ap.add_argument("--latency", default=None, help="method speed: the latency file that prices it")
+    ap.add_argument("--allocation", default=None, choices=("uniform", "global", "search"),
+                    help="the MLP widths of every method that budgets (mlp … speed; default: prune's, global "
+                         "under a budget)")
     a = ap.parse_args()
     if "speed" in a.methods.split(",") and (a.speedup is None or a.latency is None):
         ap.error("method speed needs --speedup S and --latency FILE")
@@ -116,6 +120,8 @@ def main():
             ckpt = None
         else:
             kw = settings(m, P, lm.model, speed)
+            if a.allocation and "target_params" in kw:
+                kw["allocation"] = a.allocation
             row["settings"] = kw
             t = time.time()
             lm, plan, s = prune(lm, str(C4), samples=a.samples, out=ckpt, overwrite=True, progress=False, **kw)

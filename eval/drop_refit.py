@@ -1,4 +1,4 @@
-"""What the MLPs behind a removed layer or attention sub-layer should be refitted to (issue 28): SmolLM2-135M with
+"""What the MLPs behind (and, `drop_fold`, before) a removed layer or attention sub-layer should be refitted to (issue 28): SmolLM2-135M with
 `--drop N` layers (or, `--part attn`, N attention sub-layers) removed and the MLPs kept at --keep neurons per layer
 (default: all), each `--drop-target` (layer: their own output on the stream they see; residual: also the drift
 from the dense stream; dense: the dense MLP outputs), and with nothing refitted (`fold none`, at full width only).
@@ -28,9 +28,10 @@ def main():
     ap.add_argument("--drop", type=int, default=1)
     ap.add_argument("--part", choices=("layer", "attn"), default="layer")
     ap.add_argument("--keep", type=int, default=None, help="MLP neurons kept per layer (default: all)")
+    ap.add_argument("--folds-only", action="store_true", help="only the drop_fold rows (not the drop_target ones)")
     a = ap.parse_args()
     print(f"command: `OMP_NUM_THREADS=2 python eval/drop_refit.py --samples {a.samples} --windows {a.windows} --drop "
-          f"{a.drop} --part {a.part}" + (f" --keep {a.keep}" if a.keep else "") +
+          f"{a.drop} --part {a.part}" + (f" --keep {a.keep}" if a.keep else "") + (" --folds-only" if a.folds_only else "") +
           f"`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     base = npp.load_model("smollm2-135m", dtype="float32", device="cpu")
     ids, _ = calibration_ids(base, str(C4), a.samples, 512, 0, holdout=8)
@@ -40,7 +41,11 @@ def main():
     rows = [("nothing removed", {**width})]
     if not a.keep:
         rows.append(("left alone (fold none)", {**removal, **width, "fold": "none"}))
-    rows += [(f"drop_target {t}", {**removal, **width, "drop_target": t}) for t in ("layer", "residual", "dense")]
+    if a.part == "layer":   # the MLP before the removed layer takes over its work, or not
+        rows += [(f"drop_fold {f}", {**removal, **width, "drop_fold": f}) for f in ("none", "previous")]
+    if not a.folds_only:
+        rows += [(f"drop_target {t}", {**removal, **width, "drop_target": t, "drop_fold": "none"})
+                 for t in ("layer", "residual", "dense")]
     print("| MLPs behind the removal | removed | held-back loss | WikiText-2 |\n|---|---|---|---|")
     for name, kw in rows:
         lm = npp.load_model("smollm2-135m", dtype="float32", device="cpu")

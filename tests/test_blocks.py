@@ -60,7 +60,9 @@ def test_bfloat16_forwards_keep_the_head_refit(tokenizer):
     o_proj's Gram nearly singular: with bfloat16-rounded Gram products the refit amplified the rounding (here o_proj
     came out 8–15× its own norm away from the float32 run's, weights up to 18 against 0.9; on SmolLM2, 30 % MLP + a
     third of the heads: WikiText-2 401.9 against 50.9). Under bfloat16 forwards the heads' Gram keeps float32
-    products, so the refitted o_proj differs from the float32 run's only by the forwards' rounding (≈ 5 %)."""
+    products, so the refitted o_proj differs from the float32 run's only by the forwards' rounding of heads that
+    differ by 1 % — bfloat16 resolves that with two or three bits: a relative difference up to 0.25 on an AMD EPYC,
+    0.38 on an Intel Xeon whose bfloat16 matmuls are native (AVX-512 BF16), far from the 8–15× of the regression."""
     W = {}
     for cd in ("float32", "bfloat16"):
         m = gqa_model(layers=2)
@@ -74,7 +76,7 @@ def test_bfloat16_forwards_keep_the_head_refit(tokenizer):
         prune(lm, C4, head_sparsity=1 / 3, sparsity=0.25, samples=16, seqlen=64, **{**SEQ, "compute_dtype": cd})
         W[cd] = [layer.self_attn.o_proj.weight.clone() for layer in lm.model.model.layers]
     for a, b in zip(W["float32"], W["bfloat16"]):
-        assert float((a - b).norm() / a.norm()) < 0.25
+        assert float((a - b).norm() / a.norm()) < 1.0
 
 
 def test_obs_downdates_equal_the_refit_errors():
@@ -200,6 +202,43 @@ def test_refit_after_a_dropped_layer_beats_no_refit(tokenizer):
     _, plan, _ = prune(lm, ids, drop_layers=1, sparsity=0.0, drop_target="residual", **SEQ)
     adapter_for(plain).drop_layers(plain, plan.drop)
     assert mean_loss(lm, ids) < mean_loss(_lm(plain, tokenizer), ids)
+
+
+def test_dropped_layer_folded_into_the_mlp_before_it(tokenizer):
+    """drop_fold previous: the MLP before a removed layer is refitted to its own output plus what the removed layer
+    added, so the stream leaving it is closer to the dense stream after the removed layer than the dense stream
+    before it is (the least-squares fit can only lower that error; drop_fold none leaves it)."""
+    ids = _ids(n=16, T=64)
+    dense = gqa_model(layers=4, seed=2)   # (the seed whose removed layer has a kept MLP before it)
+    with torch.no_grad():
+        hs = dense(ids, output_hidden_states=True).hidden_states   # hs[k]: the stream entering layer k
+    runs = {}
+    for fold in ("none", "previous"):
+        lm = _lm(copy.deepcopy(dense), tokenizer)
+        _, plan, _ = prune(lm, ids, drop_layers=1, sparsity=0.0, drop_fold=fold, **SEQ)
+        j = plan.drop[0]
+        assert 0 < j < 3, plan.drop   # a layer with a kept MLP before it, and not the last
+        with torch.no_grad():
+            after = lm.model(ids, output_hidden_states=True).hidden_states[j]   # leaving the MLP before j
+        runs[fold] = ((after - hs[j + 1]).norm() / (hs[j] - hs[j + 1]).norm()).item()
+    assert runs["none"] == pytest.approx(1.0, abs=0.02)
+    assert runs["previous"] < 0.9, runs
+    for bad in ({"fold": "none"}, {"reconstruct": 5}):   # no least-squares fold to carry the removed layer's work
+        with pytest.raises(NeuroprojError, match="drop-fold"):
+            prune(_lm(copy.deepcopy(dense), tokenizer), ids, drop_layers=1, drop_fold="previous", **bad, **SEQ)
+
+
+def test_a_budget_takes_per_layer_widths_by_default():
+    """allocation auto: global under a parameter or speed budget (its pass measures the error curves anyway),
+    uniform for a sparsity; an explicit allocation is kept, and the repeat command names only an explicit one."""
+    from neuroproj_prune.prune.config import PruneConfig
+
+    assert PruneConfig.make(target_params=0.3).allocation == "global"
+    assert PruneConfig.make(target_speedup=1.2).allocation == "global"
+    assert PruneConfig.make(sparsity=0.3).allocation == "uniform"
+    assert PruneConfig.make(target_params=0.3, allocation="uniform").allocation == "uniform"
+    assert "allocation" not in PruneConfig.make(target_params=0.3).changed()
+    assert PruneConfig.make(target_params=0.3, allocation="uniform").changed()["allocation"] == "uniform"
 
 
 @pytest.mark.parametrize("axes", ["mlp", "mlp,heads", "mlp,heads,layers", "layers"])

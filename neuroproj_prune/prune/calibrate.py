@@ -211,6 +211,9 @@ class Sequential(Calibration):
         if TARGETS[cfg.target].additive and not lm.adapter.mlp_output_is_added(lm.model):
             raise NeuroprojError(f"target {cfg.target!r} needs an MLP whose output is added to the residual; "
                                  f"{lm.model.config.model_type} normalises it first: use --target layer or dense")
+        if cfg.drop_fold == "previous" and not lm.adapter.mlp_output_is_added(lm.model):
+            raise NeuroprojError(f"--drop-fold previous adds a removed layer's work to the MLP output before it; "
+                                 f"{lm.model.config.model_type} normalises that output first: use --drop-fold none")
         self.hooks: list[PassHook] = []
         if cfg.swaps:
             self.hooks.append(Swaps(cfg))
@@ -312,6 +315,19 @@ class Sequential(Calibration):
             return cfg.drop_target if additive_ok or not TARGETS[cfg.drop_target].additive else "dense"
         return cfg.target
 
+    def _ahead(self, i: int) -> list:
+        """The removed layers right after layer i (i+1, i+2, … while removed) whose work layer i's MLP takes over
+        (`drop_fold` previous): its fold target becomes its own output plus what they add to the stream,
+        y*_t = W h_t + (F(out_t) − out_t), F the removed layers run on layer i's output. Empty where nothing is
+        removed behind i or with `drop_fold` none (the config and __init__ refuse `previous` where it cannot apply)."""
+        if self.cfg.drop_fold != "previous":
+            return []
+        run, j = [], i + 1
+        while j in self.drop:
+            run.append(j)
+            j += 1
+        return run
+
     def _dense_step(self, layer, calls, dense) -> list:
         """Advance the dense model's stream through the (still dense) layer; per batch (its MLP neuron activations,
         its output) for the dense fold targets."""
@@ -358,8 +374,9 @@ class Sequential(Calibration):
         dist = distributed()[0]
         N, d = W.shape[1], W.shape[0]
         weigh, target = WEIGHTINGS[cfg.weighting], TARGETS[self._target(i)]
+        ahead = [stream.fetch(j) for j in self._ahead(i)]   # removed layers whose work this MLP takes over
         mo = Moments(N, stream.device, product_dtype=products_for("mlp.neurons", compute))
-        tm = TargetMoments(d, N, stream.device) if target.dense_stream else None
+        tm = TargetMoments(d, N, stream.device) if target.dense_stream or ahead else None
         closed_form = a.mlp_output_is_added(model)   # else the carry runs the pruned layer again
         acts, outs, grab = [], [], {}
         for h_ in self.hooks:
@@ -377,9 +394,14 @@ class Sequential(Calibration):
                     for h_ in self.hooks:
                         h_.batch(Batch(bi, x, out, h, w, args, kw))
                     if tm is not None:
-                        h_dense, dense_out = (stream.bring(t) for t in dense_step[bi])
                         hc = h.to(cdt)
-                        y = target(TargetInputs(hc, h_dense.reshape(-1, N).to(cdt), out, dense_out, W))
+                        if target.dense_stream:
+                            h_dense, dense_out = (stream.bring(t) for t in dense_step[bi])
+                            y = target(TargetInputs(hc, h_dense.reshape(-1, N).to(cdt), out, dense_out, W))
+                        else:
+                            y = hc @ W.T.to(cdt)
+                        if ahead:
+                            y = y + self._gap(ahead, out, args, kw).reshape(-1, d)
                         tm.add(y, hc, w)
                     if closed_form:  # in the forward's own dtype (bf16 model or autocast: 2 bytes), exact in it
                         acts.append(stream.stash(h))
@@ -408,6 +430,13 @@ class Sequential(Calibration):
         for h_ in self.hooks:
             h_.measured(work)
         return work, acts, outs
+
+    def _gap(self, ahead, out, args, kw) -> torch.Tensor:
+        """What the removed layers `ahead` add to the stream after `out`: F(out) − out (the totals' precision)."""
+        y = out
+        for layer in ahead:
+            y = run_layer(layer, y, args, kw, self.compute)
+        return y.to(self.cdt) - out.to(self.cdt)
 
     def _carry(self, work, layer, W, b_old, calls, hidden, acts, outs, mlp_change=None):
         """Carry the pruned layer's output forward: in closed form, out' = out − W h + W' h_K (+ Δb), when the
