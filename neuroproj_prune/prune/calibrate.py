@@ -208,12 +208,12 @@ class Sequential(Calibration):
                                  "run: prune with --calibration oneshot, or prune before applying skips")
         self.ids, self.held, self.description = self._windows(lm, cfg, data)
         self.compute = compute_dtype_for(cfg.compute_dtype, lm.model)
-        if TARGETS[cfg.target].additive and not lm.adapter.mlp_output_is_added(lm.model):
-            raise NeuroprojError(f"target {cfg.target!r} needs an MLP whose output is added to the residual; "
-                                 f"{lm.model.config.model_type} normalises it first: use --target layer or dense")
-        if cfg.drop_fold == "previous" and not lm.adapter.mlp_output_is_added(lm.model):
-            raise NeuroprojError(f"--drop-fold previous adds a removed layer's work to the MLP output before it; "
-                                 f"{lm.model.config.model_type} normalises that output first: use --drop-fold none")
+        additive = {f"target {cfg.target!r}": TARGETS[cfg.target].additive and "--target layer or dense",
+                    "--drop-fold previous": cfg.drop_fold == "previous" and "--drop-fold none"}
+        for what, fix in additive.items():
+            if fix and not lm.adapter.mlp_output_is_added(lm.model):
+                raise NeuroprojError(f"{what} needs an MLP whose output is added to the residual; "
+                                     f"{lm.model.config.model_type} normalises it first: use {fix}")
         self.hooks: list[PassHook] = []
         if cfg.swaps:
             self.hooks.append(Swaps(cfg))
@@ -399,7 +399,7 @@ class Sequential(Calibration):
                             h_dense, dense_out = (stream.bring(t) for t in dense_step[bi])
                             y = target(TargetInputs(hc, h_dense.reshape(-1, N).to(cdt), out, dense_out, W))
                         else:
-                            y = hc @ W.T.to(cdt)
+                            y = hc @ W.T   # the layer's own output (W is in the totals' precision)
                         if ahead:
                             y = y + self._gap(ahead, out, args, kw).reshape(-1, d)
                         tm.add(y, hc, w)

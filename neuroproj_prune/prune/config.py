@@ -151,8 +151,8 @@ class PruneConfig(Config):
 
     # -- rules between fields (types, choices and ranges are declared above and checked by Config.validate)
     def check(self) -> None:
-        if self.allocation == "auto":   # the budget's pass measures global's error curves: per-layer widths cost nothing
-            self.allocation = "global" if self.budgeted else "uniform"
+        if self.allocation == "auto":
+            self.allocation = self.auto_allocation
         self.refuse_together("sparsity", "keep")
         if self.latency is not None:
             if self.target_speedup is None:
@@ -201,9 +201,15 @@ class PruneConfig(Config):
     def changed(self) -> dict:
         """As Config's, without an allocation that `auto` gives (the command that repeats this run needs none)."""
         c = super().changed()
-        if c.get("allocation") == ("global" if self.budgeted else "uniform"):
+        if c.get("allocation") == self.auto_allocation:
             del c["allocation"]
         return c
+
+    @property
+    def auto_allocation(self) -> str:
+        """What `allocation auto` means: global under a budget (its pass measures global's error curves anyway, so
+        per-layer widths cost nothing more), else uniform (a standard checkpoint)."""
+        return "global" if self.budgeted else "uniform"
 
     @property
     def adds_bias(self) -> bool:
